@@ -1,0 +1,26 @@
+# kmesh-py: see README.md
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export BCC_KERNEL_SOURCE ?= $(CURDIR)/.build/kernel-src
+
+.PHONY: setup test lint protos bench demo demo-down clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -ra tests
+
+lint: setup
+	$(PY) -m ruff check .
+
+protos: setup
+	$(PY) -m daemon.xds.genprotos
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf .build .venv

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh Debian 12 machine, run as root.
+# Installs apt packages, builds the merged kernel-header tree bcc needs, makes the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+APT_PKGS=(python3-bpfcc libbpfcc bpfcc-tools clang bpftool linux-headers-amd64 iproute2
+          wrk python3-venv python3-dev kmod)
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing apt packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2 || true
+    apt-get install -y -q "${missing[@]}" >&2
+fi
+
+# Merged kernel-header tree for bcc: Debian splits headers into -common and -amd64.
+KSRC="$ROOT/.build/kernel-src"
+if [ ! -f "$KSRC/.complete" ]; then
+    common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)
+    arch=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)
+    if [ -z "$common" ] || [ -z "$arch" ]; then
+        echo "setup: linux-headers-amd64 is installed but /usr/src has no -common/-amd64 tree" >&2
+        exit 1
+    fi
+    rm -rf "$KSRC"
+    mkdir -p "$KSRC"
+    cp -rs "$common/." "$KSRC/"
+    cp -rsf "$arch/." "$KSRC/"
+    touch "$KSRC/.complete"
+    echo "setup: merged kernel headers at $KSRC ($common + $arch)" >&2
+fi
+
+# The venv: Debian's python (for bcc) with system site packages.
+if [ ! -x .venv/bin/python ]; then
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >&2
+    .venv/bin/python -m pip install -q -e '.[dev]' >&2
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+echo "setup: ok" >&2
