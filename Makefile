@@ -22,5 +22,14 @@ protos: setup
 bench: setup
 	$(PY) -m benchmarks
 
+demo: setup
+	bash scripts/demo.sh
+
+demo-down:
+	$(VENV)/bin/kmeshctl sandbox down
+
+readme: setup
+	$(PY) scripts/gen_cli_reference.py
+
 clean:
 	rm -rf .build .venv
