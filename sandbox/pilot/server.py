@@ -1,0 +1,322 @@
+"""A delta ADS server with istiod's push semantics, independent of where resources come from.
+
+``ResourceStore`` holds the current resources per type URL (serialized, with a content-hash
+version, like istiod master). ``DeltaAdsServer`` serves them on
+``AggregatedDiscoveryService/DeltaAggregatedResources``:
+
+- a new subscription (first request of a type, no nonce) gets the full set, minus resources
+  whose version equals what the client claimed in ``initial_resource_versions``, plus
+  ``removed_resources`` for claimed names that no longer exist;
+- afterwards only changes are pushed (upserts and removals);
+- every response carries a nonce; ACKs/NACKs are recorded, never answered (istiod does not
+  resend on NACK);
+- resources are wrapped in ``Any`` with the type URL set (Kmesh checks it).
+
+The sandbox pilot feeds it from the Kubernetes API; tests and the benchmark feed it directly.
+Authentication is pluggable (``Authenticator``) so the TLS port can require it and the
+plaintext port not, as istiod does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("sandbox.pilot")
+
+SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
+AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
+
+
+def version_of(value: bytes) -> str:
+    return hashlib.blake2b(value, digest_size=8).hexdigest()
+
+
+class _Subscriber:
+    def __init__(self) -> None:
+        self.pending: dict[str, set[str]] = {}
+        self.event = threading.Event()
+
+
+class ResourceStore:
+    """Current resources: type URL -> name -> (version, Any.value bytes). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resources: dict[str, dict[str, tuple[str, bytes]]] = {}
+        self._subs: list[_Subscriber] = []
+        self._type_urls: dict[str, dict[str, str]] = {}  # per-resource Any type URL override (tests)
+
+    def update(
+        self,
+        type_url: str,
+        upserts: Mapping[str, bytes] | None = None,
+        removed: Iterable[str] = (),
+        any_type_url: Mapping[str, str] | None = None,
+    ) -> None:
+        """Upsert serialized resources and remove names; pushes to every open stream."""
+        with self._lock:
+            current = self._resources.setdefault(type_url, {})
+            overrides = self._type_urls.setdefault(type_url, {})
+            changed: set[str] = set()
+            for name, value in (upserts or {}).items():
+                ver = version_of(value)
+                old = current.get(name)
+                if old is None or old[0] != ver:
+                    current[name] = (ver, value)
+                    changed.add(name)
+                if any_type_url and name in any_type_url:
+                    overrides[name] = any_type_url[name]
+                    changed.add(name)
+            for name in removed:
+                if current.pop(name, None) is not None:
+                    overrides.pop(name, None)
+                    changed.add(name)
+            if changed:
+                for sub in self._subs:
+                    sub.pending.setdefault(type_url, set()).update(changed)
+                    sub.event.set()
+
+    def replace(self, type_url: str, resources: Mapping[str, bytes]) -> None:
+        """Make the set of ``type_url`` exactly ``resources`` (removing everything else)."""
+        with self._lock:
+            stale = set(self._resources.get(type_url, {})) - set(resources)
+        self.update(type_url, resources, stale)
+
+    def snapshot(self, type_url: str) -> dict[str, tuple[str, bytes]]:
+        with self._lock:
+            return dict(self._resources.get(type_url, {}))
+
+    def get(self, type_url: str, names: Iterable[str]) -> dict[str, tuple[str, bytes, str]]:
+        with self._lock:
+            cur = self._resources.get(type_url, {})
+            ov = self._type_urls.get(type_url, {})
+            return {n: (*cur[n], ov.get(n, type_url)) for n in names if n in cur}
+
+    def subscribe(self) -> _Subscriber:
+        sub = _Subscriber()
+        with self._lock:
+            self._subs.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscriber) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+    def take(self, sub: _Subscriber) -> dict[str, set[str]]:
+        with self._lock:
+            pending, sub.pending = sub.pending, {}
+            sub.event.clear()
+            return pending
+
+
+class AuthError(Exception):
+    """Rejects a stream with a gRPC status (UNAUTHENTICATED / PERMISSION_DENIED)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Authenticator:
+    """Hook: ``authenticate`` sees the call metadata, ``authorize`` the first request's node."""
+
+    def authenticate(self, metadata: Mapping[str, str]) -> Any:
+        return None
+
+    def authorize(self, identity: Any, node: Any) -> None:
+        return None
+
+
+@dataclass
+class StreamRecord:
+    """What one stream did, for tests: peer, node id, ACK/NACK log."""
+
+    peer: str
+    node_id: str = ""
+    initial_versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    acks: list[tuple[str, str, str]] = field(default_factory=list)  # (type, nonce, error message)
+    sent: int = 0
+    closed: bool = False
+
+
+class DeltaAdsServer:
+    """The servicer. ``add_to(server)`` registers it on a grpc.Server."""
+
+    def __init__(self, store: ResourceStore, authenticator: Authenticator | None = None,
+                 on_send: Callable[[str, int], None] | None = None) -> None:
+        self.store = store
+        self.authenticator = authenticator
+        self.on_send = on_send  # (type_url, resource count) just before a response is handed to gRPC
+        self.streams: list[StreamRecord] = []
+        self._nonce = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def handler(self) -> Any:
+        import grpc
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        method = grpc.stream_stream_rpc_method_handler(
+            self._delta,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=None,  # responses are serialized by us (bytes)
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"DeltaAggregatedResources": method})
+
+    def add_to(self, server: Any) -> None:
+        server.add_generic_rpc_handlers((self.handler(),))
+
+    def _abort(self, context: Any, code_name: str, message: str) -> None:
+        import grpc
+
+        context.abort(getattr(grpc.StatusCode, code_name), message)
+
+    def _delta(self, request_iterator: Iterator[Any], context: Any) -> Iterator[bytes]:
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        record = StreamRecord(peer=context.peer())
+        with self._lock:
+            self.streams.append(record)
+        identity = None
+        if self.authenticator is not None:
+            md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            try:
+                identity = self.authenticator.authenticate(md)
+            except AuthError as e:
+                record.closed = True
+                self._abort(context, e.code, e.message)
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            record.closed = True
+            return
+        if not first.node.id:
+            record.closed = True
+            self._abort(context, "INVALID_ARGUMENT", "missing node information")
+        record.node_id = first.node.id
+        if self.authenticator is not None:
+            try:
+                self.authenticator.authorize(identity, first.node)
+            except AuthError as e:
+                record.closed = True
+                self._abort(context, e.code, e.message)
+
+        sub = self.store.subscribe()
+        lock = threading.Lock()
+        initial: dict[str, dict[str, str]] = {}  # type -> claimed versions, pending full push
+        subscribed: set[str] = set()
+        closed = threading.Event()
+
+        def on_request(req: Any) -> None:
+            if req.response_nonce:
+                record.acks.append((req.type_url, req.response_nonce, req.error_detail.message))
+                if req.error_detail.message:
+                    log.warning("NACK from %s for %s: %s", record.node_id, req.type_url,
+                                req.error_detail.message)
+                return
+            with lock:
+                if req.type_url not in subscribed:
+                    subscribed.add(req.type_url)
+                    initial[req.type_url] = dict(req.initial_resource_versions)
+                    record.initial_versions[req.type_url] = dict(req.initial_resource_versions)
+            sub.event.set()
+
+        def reader() -> None:
+            try:
+                for req in request_iterator:
+                    on_request(req)
+            except Exception:  # noqa: BLE001 - client went away
+                pass
+            finally:
+                closed.set()
+                sub.event.set()
+
+        on_request(first)
+        threading.Thread(target=reader, name="ads-reader", daemon=True).start()
+        sent: dict[str, dict[str, str]] = {}  # type -> name -> version the client has
+        try:
+            while context.is_active() and not closed.is_set():
+                sub.event.wait(timeout=1.0)
+                pending = self.store.take(sub)
+                with lock:
+                    fresh, initial_now = dict(initial), initial.copy()
+                    initial.clear()
+                    active = set(subscribed)
+                for type_url, claimed in initial_now.items():
+                    snap = self.store.snapshot(type_url)
+                    names = [n for n, (v, _) in snap.items() if claimed.get(n) != v]
+                    removed = sorted(set(claimed) - set(snap))
+                    have = sent.setdefault(type_url, {})
+                    have.update({n: v for n, v in claimed.items() if n in snap})
+                    yield self._response(discovery_pb2, type_url, names, removed, have)
+                    pending.pop(type_url, None)
+                for type_url, names in pending.items():
+                    if type_url not in active or type_url in fresh:
+                        continue
+                    have = sent.setdefault(type_url, {})
+                    current = self.store.get(type_url, names)
+                    ups = [n for n in names if n in current and have.get(n) != current[n][0]]
+                    gone = sorted(n for n in names if n not in current and n in have)
+                    if ups or gone:
+                        yield self._response(discovery_pb2, type_url, sorted(ups), gone, have)
+        finally:
+            record.closed = True
+            self.store.unsubscribe(sub)
+
+    def _response(self, pb: Any, type_url: str, names: list[str], removed: list[str],
+                  have: dict[str, str]) -> bytes:
+        resp = pb.DeltaDiscoveryResponse(type_url=type_url, nonce=f"n{next(self._nonce)}",
+                                         system_version_info=f"v{next(self._nonce)}")
+        current = self.store.get(type_url, names)
+        add = resp.resources.add
+        for name in names:
+            item = current.get(name)
+            if item is None:
+                continue
+            ver, value, any_type = item
+            r = add(name=name, version=ver)
+            r.resource.type_url = any_type
+            r.resource.value = value
+            have[name] = ver
+        for name in removed:
+            have.pop(name, None)
+        resp.removed_resources.extend(removed)
+        data = resp.SerializeToString()
+        if self.on_send is not None:
+            self.on_send(type_url, len(resp.resources))
+        return data
+
+
+def serve(store: ResourceStore, port: int, authenticator: Authenticator | None = None,
+          tls: tuple[bytes, bytes] | None = None, host: str = "127.0.0.1",
+          on_send: Callable[[str, int], None] | None = None,
+          workers: int = 16) -> tuple[Any, int, DeltaAdsServer]:
+    """Start a grpc.Server on host:port (0 = pick); returns (server, bound port, servicer)."""
+    from concurrent import futures
+
+    import grpc
+
+    opts = [("grpc.max_send_message_length", 256 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=opts)
+    servicer = DeltaAdsServer(store, authenticator, on_send)
+    servicer.add_to(server)
+    if tls is not None:
+        key, chain = tls
+        creds = grpc.ssl_server_credentials([(key, chain)])
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound, servicer
