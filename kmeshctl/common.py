@@ -152,6 +152,21 @@ def load_kube(kubeconfig: str | None = None, context: str | None = None) -> ApiC
     return client.ApiClient(configuration=cfg)
 
 
+def context_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace of the kubeconfig context (kubectl's default for -n), else ``default``."""
+    from kubernetes import config
+
+    path = kubeconfig or _default_kubeconfig()
+    if path is None:
+        return "default"
+    try:
+        contexts, active = config.list_kube_config_contexts(config_file=path)
+    except Exception:  # an unreadable kubeconfig is reported by load_kube
+        return "default"
+    chosen = next((c for c in contexts or [] if c.get("name") == context), None) if context else active
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
+
+
 def api_host(api: ApiClient) -> str:
     """The API server URL the client talks to (for messages)."""
     return str(api.configuration.host)
