@@ -1,0 +1,5 @@
+"""``python -m daemon``: the same as the ``kmesh-daemon`` console script."""
+
+from daemon.main import run
+
+run()

@@ -1,0 +1,286 @@
+"""``kmesh-daemon``: the node agent process (``python -m daemon`` until the console script exists).
+
+Startup order, each step only after the previous one worked:
+admin + metrics listeners bound (so a port conflict fails in a second, before the BPF
+compile, and ``kmeshctl status`` can say what is still starting) -> ``Dataplane.open``
+(compile, reuse pins, attach) -> ``State`` + ``XdsClient`` + ``DataplaneSync`` -> enrollment
+controller -> event hub (metrics, traces).
+
+Exit: on SIGTERM the pins and attachments stay when the daemon's DaemonSet still exists (a
+restart or rolling update: traffic keeps flowing through the pinned maps), and are removed
+when the DaemonSet is gone (uninstall). ``kmesh-daemon uninstall`` removes them explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.config import ConfigError, DaemonConfig, parse_config
+from daemon.logging_setup import setup_logging
+from daemon.version import version_info
+
+log = logging.getLogger("daemon")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ensure_kernel_source() -> None:
+    """bcc needs kernel headers; use the merged tree the setup builds when the distro's is absent."""
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return
+    if Path(f"/lib/modules/{os.uname().release}/build").exists():
+        return
+    built = REPO / ".build" / "kernel-src"
+    if built.is_dir():
+        os.environ["BCC_KERNEL_SOURCE"] = str(built)
+
+
+def load_kube_client(cfg: DaemonConfig) -> Any:
+    """ApiClient from KUBECONFIG/--kubeconfig, else the in-cluster service account."""
+    from kubernetes import client, config
+
+    conf = client.Configuration()
+    if cfg.kubeconfig:
+        config.load_kube_config(config_file=cfg.kubeconfig, client_configuration=conf, persist_config=False)
+    else:
+        config.load_incluster_config(client_configuration=conf)
+    conf.retries = 1
+    return client.ApiClient(configuration=conf)
+
+
+def daemonset_still_exists(api: Any, cfg: DaemonConfig) -> bool | None:
+    """True/False when known; None when it cannot be told (no POD_NAME, API unreachable).
+
+    The DaemonSet is named by the Pod's owner reference, else by POD_NAME without its random
+    suffix, else by its first dash-separated segment (Kmesh's rule).
+    """
+    if api is None or not cfg.pod_name:
+        return None
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    candidates: list[str] = []
+    try:
+        pod = core.read_namespaced_pod(cfg.pod_name, cfg.pod_namespace)
+        for ref in pod.metadata.owner_references or []:
+            if ref.kind == "DaemonSet":
+                candidates.append(ref.name)
+    except ApiException as exc:
+        if exc.status != 404:
+            return None
+    except Exception:  # noqa: BLE001 - API unreachable: unknown
+        return None
+    if not candidates:
+        candidates = [cfg.pod_name.rsplit("-", 1)[0], cfg.pod_name.split("-", 1)[0]]
+    for name in dict.fromkeys(candidates):
+        try:
+            ds = apps.read_namespaced_daemon_set(name, cfg.pod_namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                continue
+            return None
+        except Exception:  # noqa: BLE001
+            return None
+        return ds.metadata.deletion_timestamp is None
+    return False
+
+
+class Daemon:
+    """Owns every component and their start/stop order."""
+
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.api: Any = None
+        self.dataplane: Any = None
+        self.state: Any = None
+        self.xds: Any = None
+        self.sync: Any = None
+        self.enroll: Any = None
+        self.hub: Any = None
+        self.admin: Any = None
+        self.metrics: Any = None
+
+    def start(self) -> None:
+        from daemon.admin import AdminContext, AdminServer
+        from daemon.events import EventHub, NameResolver
+        from daemon.metrics import ConnectionMetrics, MetricsServer, MetricsSource
+
+        cfg = self.cfg
+        if cfg.enable_bypass:
+            log.warning("--enable-bypass is accepted for the seed's manifest but has no effect")
+        self.ctx = AdminContext(config=cfg, started=time.time())
+        self.admin = AdminServer(cfg.admin_host, cfg.admin_port, self.ctx)
+        self.metrics_source = MetricsSource(None, xds_status=self.ctx.xds_status)
+        self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port, self.metrics_source)
+        self.admin.start()
+        self.metrics.start()
+        log.info("admin and metrics listening", extra={
+            "admin": f"{cfg.admin_host}:{self.admin.server_address[1]}",
+            "metrics": f"{cfg.metrics_host or '*'}:{self.metrics.server_address[1]}"})
+
+        if cfg.enroll or cfg.pod_name:
+            self.api = load_kube_client(cfg)
+
+        _ensure_kernel_source()
+        from daemon.dataplane import Dataplane
+
+        t0 = time.monotonic()
+        self.dataplane = Dataplane.open(cfg.cgroup_root, cfg.pin_dir)
+        self.ctx.dataplane = self.dataplane
+        self.metrics_source.pressure = self.dataplane.map_pressure
+        log.info("data plane loaded", extra={"cgroup": str(cfg.cgroup_root), "pin_dir": str(cfg.pin_dir),
+                                             "seconds": round(time.monotonic() - t0, 2)})
+
+        from daemon.state import State
+        from daemon.wiring import DataplaneSync
+        from daemon.xds import XdsClient, XdsConfig
+
+        self.state = State(node_name=cfg.node_name, cluster_id=cfg.cluster_id)
+        self.ctx.state = self.state
+        xds_cfg = XdsConfig(
+            address=cfg.xds_address, cluster_id=cfg.cluster_id, token_path=cfg.token_path,
+            ca_path=cfg.root_ca, server_name=cfg.server_name, plaintext=cfg.plaintext,
+            pod_name=cfg.pod_name, pod_namespace=cfg.pod_namespace, instance_ip=cfg.instance_ip,
+            node_name=cfg.node_name, service_account=cfg.service_account)
+        self.xds = XdsClient(xds_cfg, self.state)
+        self.sync = DataplaneSync(self.state, self.dataplane)
+        self.ctx.xds = self.xds
+        self.xds.start()
+
+        if cfg.enroll:
+            from daemon.enroll import EnrollmentController
+
+            self.enroll = EnrollmentController(self.api, cfg.node_name, cfg.proc_root)
+            self.ctx.enroll = self.enroll
+            self.enroll.start()
+
+        resolver = NameResolver(self.state, self.enroll)
+        self.hub = EventHub(self.dataplane, log_events=cfg.enable_bpf_log)
+        conn = ConnectionMetrics(resolver, self.enroll)
+        self.hub.add_sink(conn.on_event)
+        self.metrics_source.conn = conn
+        self.ctx.hub, self.ctx.resolver = self.hub, resolver
+        self.hub.start()
+        log.info("kmesh-daemon started", extra={"xds": cfg.xds_address, "cluster_id": cfg.cluster_id,
+                                                "node": cfg.node_name})
+
+    def stop(self, reason: str = "signal") -> int:
+        """Stop every component; keep or remove the data plane as the DaemonSet's existence says."""
+        for name in ("admin", "metrics"):
+            server = getattr(self, name)
+            if server is not None:
+                try:
+                    if name == "admin":
+                        server.stop()
+                    else:
+                        server.shutdown()
+                        server.server_close()
+                except Exception:  # noqa: BLE001
+                    pass
+        for comp in (self.hub, self.enroll, self.xds):
+            if comp is not None:
+                try:
+                    comp.stop()
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping a component failed")
+        if self.dataplane is None:
+            return 0
+        exists = daemonset_still_exists(self.api, self.cfg)
+        if exists is False:
+            log.info("DaemonSet is gone: detaching programs and removing pins", extra={"reason": reason})
+            self._clear_annotations()
+            self.dataplane.uninstall()
+        else:
+            why = "DaemonSet still exists" if exists else "DaemonSet state unknown"
+            log.info(f"{why}: leaving pins and attachments for the next daemon "
+                     "(run `kmesh-daemon uninstall` to remove them)", extra={"reason": reason})
+            self.dataplane.close()
+        return 0
+
+    def _clear_annotations(self) -> None:
+        if self.enroll is None or self.api is None:
+            return
+        from kubernetes import client
+
+        from daemon.enroll import MERGE_PATCH, REDIRECT_ANNOTATION
+
+        core = client.CoreV1Api(self.api)
+        for pod in self.enroll.enrolled():
+            try:
+                core.patch_namespaced_pod(pod.name, pod.namespace,
+                                          {"metadata": {"annotations": {REDIRECT_ANNOTATION: None}}},
+                                          _content_type=MERGE_PATCH)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+
+    def run(self) -> int:
+        def _on_signal(signum: int, _frame: Any) -> None:
+            self.stop_event.set()
+            self._signal = signal.Signals(signum).name
+
+        self._signal = "exit"
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        try:
+            self.start()
+        except OSError as exc:
+            log.error("startup failed", extra={"error": str(exc)})
+            self.stop("startup failure")
+            return 1
+        except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+            log.exception("startup failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+            self.stop("startup failure")
+            return 1
+        self.stop_event.wait()
+        log.info("shutting down", extra={"signal": self._signal})
+        return self.stop(self._signal)
+
+
+def uninstall(cfg: DaemonConfig) -> int:
+    """Detach our programs from the cgroup and remove the pin directory."""
+    _ensure_kernel_source()
+    from daemon import dataplane as dp
+
+    if not cfg.pin_dir.exists():
+        log.info("nothing to uninstall", extra={"pin_dir": str(cfg.pin_dir)})
+        return 0
+    fn = getattr(dp, "uninstall", None)
+    if callable(fn):
+        fn(cfg.cgroup_root, cfg.pin_dir)
+    else:
+        dp.Dataplane.open(cfg.cgroup_root, cfg.pin_dir).uninstall()
+    log.info("uninstalled", extra={"pin_dir": str(cfg.pin_dir), "cgroup": str(cfg.cgroup_root)})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as exc:
+        print(f"kmesh-daemon: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_levels, cfg.log_format)
+    if cfg.command == "version":
+        print(json.dumps(version_info(), indent=2))
+        return 0
+    if cfg.command == "uninstall":
+        try:
+            return uninstall(cfg)
+        except Exception as exc:  # noqa: BLE001
+            print(f"kmesh-daemon: error: uninstall failed: {exc}", file=sys.stderr)
+            return 1
+    return Daemon(cfg).run()
+
+
+def run() -> None:
+    """Console-script entry point (``kmesh-daemon = "daemon.main:run"``)."""
+    sys.exit(main())
