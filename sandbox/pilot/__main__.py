@@ -1,0 +1,82 @@
+"""``python -m sandbox.pilot``: the sandbox's istiod stand-in (workload xDS over delta ADS).
+
+Serves TLS (authenticated: TokenReview + cluster id + node identity) and plaintext (no
+authentication, like istiod :15010) on 127.0.0.1. Prints ``ready tls=<port> plaintext=<port>``
+on stderr once its caches are synced and both ports listen; stops on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sandbox.pilot", description=__doc__.splitlines()[0])
+    p.add_argument("--kubeconfig", required=True, type=Path, help="kubeconfig of the sandbox API server")
+    p.add_argument("--cluster-id", default="Kubernetes", help="cluster id accepted")
+    p.add_argument("--revision", default="default", help="istio revision: Service istiod-<rev>")
+    p.add_argument("--namespace", default="istio-system", help="istio namespace (default istio-system)")
+    p.add_argument("--tls-port", type=int, default=15012, help="TLS xDS port (0 = any free port)")
+    p.add_argument("--plaintext-port", type=int, default=15010, help="plaintext xDS port (0 = any; -1 = off)")
+    p.add_argument("--state-dir", required=True, type=Path, help="CA and serving certificate live here")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.kubeconfig.is_file():
+        print(f"error: kubeconfig {args.kubeconfig} not found; pass the file the sandbox API server wrote",
+              file=sys.stderr)
+        return 2
+    from kubernetes import config
+
+    from sandbox.pilot import ca
+    from sandbox.pilot.auth import KubeJwtAuthenticator
+    from sandbox.pilot.controller import Controller
+    from sandbox.pilot.server import ResourceStore, serve
+
+    try:
+        api_client = config.new_client_from_config(config_file=str(args.kubeconfig))
+    except Exception as e:  # noqa: BLE001
+        print(f"error: cannot load kubeconfig {args.kubeconfig}: {e}", file=sys.stderr)
+        return 2
+    cert = ca.load_or_create(args.state_dir, args.namespace, args.revision)
+    store = ResourceStore()
+    controller = Controller(api_client, store, args.cluster_id, cert.root_pem)
+    controller.start()
+    if not controller.wait_synced(60):
+        print("error: could not list namespaces/services/pods from the API server in 60s", file=sys.stderr)
+        return 1
+    auth = KubeJwtAuthenticator(api_client, args.cluster_id)
+    servers = []
+    tls_server, tls_port, _ = serve(store, args.tls_port, auth, tls=(cert.key_pem, cert.cert_pem))
+    servers.append(tls_server)
+    plain_port = -1
+    if args.plaintext_port >= 0:
+        plain_server, plain_port, _ = serve(store, args.plaintext_port)
+        servers.append(plain_server)
+    controller.ensure_istiod_service(args.namespace, args.revision, tls_port, max(plain_port, 0))
+    (args.state_dir / "ports.json").write_text(json.dumps({"tls": tls_port, "plaintext": plain_port}))
+    print(f"ready tls={tls_port} plaintext={plain_port}", file=sys.stderr, flush=True)
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    controller.stop()
+    for s in servers:
+        s.stop(grace=0.5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
