@@ -1,0 +1,266 @@
+"""How kmeshctl reaches the daemons' admin API (loopback port 15200 on each node).
+
+Three ways, tried in this order:
+
+1. ``--admin-addr HOST:PORT``: straight HTTP (on the node itself, or through your own tunnel).
+2. The sandbox: when ``$KMESH_SANDBOX_DIR`` (default ``~/.kmesh/sandbox``) holds a kubeconfig and
+   ``127.0.0.1:15200`` answers ``/version``, the daemon pod is host-network on this machine.
+   Skipped when ``--kubeconfig``/``--context`` name another cluster.
+3. A Kubernetes port-forward (``kubernetes.stream.portforward``, the same API ``kubectl
+   port-forward`` uses) to port 15200 of each ``app=kmesh`` pod in ``kmesh-system``;
+   ``--node`` picks the daemon of one node.
+
+Each HTTP request gets its own connection (one port-forward stream per request), so a
+daemon restart between two requests is harmless.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kmeshctl.common import KmeshctlError, UsageError
+
+ADMIN_PORT = 15200
+DAEMON_NAMESPACE = "kmesh-system"
+DAEMON_SELECTOR = "app=kmesh"
+
+AdminAddrOpt = Annotated[
+    str | None,
+    typer.Option("--admin-addr", help="Reach the daemon's admin API at HOST:PORT directly "
+                 "(default: the sandbox, else a port-forward through the Kubernetes API).",
+                 show_default=False, envvar="KMESH_ADMIN_ADDR"),
+]
+NodeOpt = Annotated[
+    str | None,
+    typer.Option("--node", help="Only the daemon on this node.", show_default=False),
+]
+
+
+def sandbox_dir() -> Path:
+    return Path(os.environ.get("KMESH_SANDBOX_DIR") or "~/.kmesh/sandbox").expanduser()
+
+
+@dataclass
+class Daemon:
+    """One daemon's admin API: direct (host, port) or a pod to port-forward to."""
+
+    label: str  # how to name it in output: pod name, or host:port
+    node: str = ""
+    host: str = ""
+    port: int = ADMIN_PORT
+    pod: tuple[str, str] | None = None  # (namespace, name) for port-forward
+    api: Any = None  # kubernetes ApiClient (port-forward)
+    ready: bool | None = None  # the pod's Ready condition, when known from the API
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        if self.pod is not None:
+            return f"pod {self.pod[0]}/{self.pod[1]} (port-forward to {ADMIN_PORT})"
+        return f"{self.host}:{self.port}"
+
+    # ----- transport ---------------------------------------------------------------------
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self.host or "127.0.0.1", self.port, timeout=timeout)
+        if self.pod is not None:
+            from kubernetes import client
+            from kubernetes.stream import portforward
+
+            core = client.CoreV1Api(self.api)
+            try:
+                pf = portforward(core.connect_get_namespaced_pod_portforward, self.pod[1], self.pod[0],
+                                 ports=str(ADMIN_PORT))
+            except Exception as exc:  # noqa: BLE001 - one line for any client/websocket error
+                raise KmeshctlError(f"cannot port-forward to {self.where}: {_short(exc)}") from None
+            sock = pf.socket(ADMIN_PORT)
+            sock.settimeout(timeout)
+            conn.sock = sock
+            self.extra["portforward"] = pf
+        return conn
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 15.0
+                ) -> tuple[int, bytes]:
+        """(status, body); KmeshctlError when the daemon cannot be reached."""
+        conn = self._connection(timeout)
+        try:
+            headers = {"Connection": "close"}
+            data = None
+            if body is not None:
+                data = json.dumps(body).encode()
+                headers["Content-Type"] = "application/json"
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise KmeshctlError(f"cannot reach the kmesh daemon at {self.where}: {_short(exc)}; "
+                                "is it running? (kmeshctl status)") from None
+        finally:
+            conn.close()
+            pf = self.extra.pop("portforward", None)
+            if pf is not None:
+                pf.close()
+
+    def get_json(self, path: str, timeout: float = 30.0) -> Any:
+        status, data = self.request("GET", path, timeout=timeout)
+        return _decode(self, path, status, data)
+
+    def post_json(self, path: str, body: Any) -> Any:
+        status, data = self.request("POST", path, body=body)
+        return _decode(self, path, status, data)
+
+    def stream_lines(self, path: str, idle_timeout: float = 10.0) -> Iterator[str]:
+        """Lines of a chunked response (the trace stream); blank keep-alive lines skipped."""
+        conn = self._connection(idle_timeout)
+        try:
+            conn.request("GET", path, headers={"Accept": "application/x-ndjson"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                _decode(self, path, resp.status, resp.read())
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                text = line.decode().strip()
+                if text:
+                    yield text
+        except (OSError, http.client.HTTPException) as exc:
+            raise KmeshctlError(f"trace stream from {self.where} ended: {_short(exc)}") from None
+        finally:
+            conn.close()
+            pf = self.extra.pop("portforward", None)
+            if pf is not None:
+                pf.close()
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+
+def _decode(daemon: Daemon, path: str, status: int, data: bytes) -> Any:
+    if status >= 400:
+        try:
+            message = json.loads(data).get("error") or data.decode().strip()
+        except (ValueError, AttributeError):
+            message = data.decode(errors="replace").strip()
+        raise KmeshctlError(f"daemon {daemon.label}: {path}: HTTP {status}: {message}")
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise KmeshctlError(f"daemon {daemon.label}: {path}: not JSON: {data[:80]!r}") from None
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--admin-addr {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:15200")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _probe(host: str, port: int, timeout: float = 1.0) -> dict[str, Any] | None:
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.request("GET", "/version", headers={"Connection": "close"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return json.loads(data) if resp.status == 200 else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+
+
+def _sandbox_daemon(kubeconfig: str | None, context: str | None) -> Daemon | None:
+    sdir = sandbox_dir()
+    sandbox_kc = sdir / "kubeconfig"
+    if not sandbox_kc.exists():
+        return None
+    if context is not None:
+        return None
+    if kubeconfig is not None and Path(kubeconfig).expanduser().resolve() != sandbox_kc.resolve():
+        return None
+    env_kc = os.environ.get("KUBECONFIG")
+    if kubeconfig is None and env_kc and Path(env_kc).expanduser().resolve() != sandbox_kc.resolve():
+        return None
+    info = _probe("127.0.0.1", ADMIN_PORT)
+    if info is None:
+        return None
+    return Daemon(label=info.get("pod") or f"127.0.0.1:{ADMIN_PORT}", node=info.get("node", ""),
+                  host="127.0.0.1", port=ADMIN_PORT)
+
+
+def _pod_ready(pod: Any) -> bool:
+    for cond in (pod.status.conditions or []) if pod.status else []:
+        if cond.type == "Ready":
+            return cond.status == "True"
+    return False
+
+
+def list_daemon_pods(api: Any) -> list[Any]:
+    from kubernetes import client
+
+    pods = client.CoreV1Api(api).list_namespaced_pod(DAEMON_NAMESPACE, label_selector=DAEMON_SELECTOR).items
+    return sorted(pods, key=lambda p: (p.spec.node_name or "", p.metadata.name))
+
+
+def find_daemons(admin_addr: str | None = None, node: str | None = None, kubeconfig: str | None = None,
+                 context: str | None = None, pod_name: str | None = None) -> list[Daemon]:
+    """The daemons to talk to, in a stable order; KmeshctlError when there is none."""
+    if admin_addr:
+        host, port = parse_addr(admin_addr)
+        info = _probe(host, port) or {}
+        return [Daemon(label=info.get("pod") or f"{host}:{port}", node=info.get("node", ""), host=host,
+                       port=port)]
+    direct = _sandbox_daemon(kubeconfig, context)
+    if direct is not None:
+        if node and direct.node and node != direct.node:
+            raise KmeshctlError(f"no kmesh daemon on node {node!r}; "
+                                f"the sandbox's daemon runs on {direct.node!r}")
+        if pod_name and pod_name != direct.label:
+            raise KmeshctlError(f"no kmesh daemon pod {pod_name!r}; the sandbox's is {direct.label!r}")
+        return [direct]
+    from kmeshctl.common import load_kube
+
+    api = load_kube(kubeconfig, context)
+    pods = list_daemon_pods(api)
+    if not pods:
+        raise KmeshctlError(f"no kmesh daemon pods ({DAEMON_SELECTOR}) in namespace {DAEMON_NAMESPACE}; "
+                            "install with `kmeshctl install`")
+    if pod_name:
+        pods = [p for p in pods if p.metadata.name == pod_name]
+        if not pods:
+            raise KmeshctlError(f"no kmesh daemon pod {pod_name!r} in {DAEMON_NAMESPACE}")
+    if node:
+        nodes = sorted({p.spec.node_name or "" for p in list_daemon_pods(api)})
+        pods = [p for p in pods if p.spec.node_name == node]
+        if not pods:
+            raise KmeshctlError(f"no kmesh daemon on node {node!r}; daemons run on: {', '.join(nodes)}")
+    return [Daemon(label=p.metadata.name, node=p.spec.node_name or "",
+                   pod=(DAEMON_NAMESPACE, p.metadata.name), api=api, ready=_pod_ready(p)) for p in pods]
+
+
+def find_one(admin_addr: str | None, node: str | None, kubeconfig: str | None, context: str | None,
+             need_node: bool = False) -> Daemon:
+    """A single daemon: the one asked for, or the first ready one when the data is cluster-wide.
+
+    ``need_node``: the answer differs per node (BPF maps), so several daemons without
+    ``--node`` is a usage error naming the nodes.
+    """
+    daemons = find_daemons(admin_addr, node, kubeconfig, context)
+    if len(daemons) > 1 and need_node:
+        nodes = ", ".join(d.node for d in daemons)
+        raise UsageError(f"{len(daemons)} kmesh daemons run; pick one with --node ({nodes})")
+    ready = [d for d in daemons if d.ready is not False]
+    return (ready or daemons)[0]
