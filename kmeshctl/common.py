@@ -122,6 +122,9 @@ def _default_kubeconfig() -> str | None:
     return str(home) if home.exists() else None
 
 
+_last_api_host: str | None = None  # for "cannot reach the Kubernetes API at <host>"
+
+
 def load_kube(kubeconfig: str | None = None, context: str | None = None) -> ApiClient:
     """An ApiClient for --kubeconfig/--context ($KUBECONFIG, ~/.kube/config, in-cluster).
 
@@ -149,6 +152,8 @@ def load_kube(kubeconfig: str | None = None, context: str | None = None) -> ApiC
     except ConfigException as e:
         raise KmeshctlError(f"invalid kubeconfig {path}: {_one_line(str(e))}") from None
     cfg.retries = False
+    global _last_api_host
+    _last_api_host = str(cfg.host)
     return client.ApiClient(configuration=cfg)
 
 
@@ -222,12 +227,8 @@ def describe_exception(exc: BaseException) -> str | None:
     if isinstance(exc, KmeshctlError):
         return str(exc)
     module = type(exc).__module__
-    if module.startswith("urllib3"):
-        pool = getattr(exc, "pool", None)
-        if pool is not None:
-            where = f"{pool.scheme}://{pool.host}:{pool.port}"
-        else:
-            where = "the configured server"
+    if module.startswith("urllib3") or isinstance(exc, ConnectionError):
+        where = _last_api_host or "the configured server"
         return f"cannot reach the Kubernetes API at {where}: {_connection_reason(exc)}"
     msg = api_error_message(exc)
     if msg is not None:

@@ -26,6 +26,11 @@ app = typer.Typer(
 _COMMAND_MODULES: list[str] = [
     "install",
     "enroll",
+    "dump",
+    "trace",
+    "status",
+    "logcmd",
+    "version",
 ]
 
 
@@ -81,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the last line of defence: one line, no traceback
         if os.environ.get("KMESHCTL_DEBUG"):
             raise
-        msg = describe_exception(e)
+        try:
+            msg = describe_exception(e)
+        except Exception:
+            msg = None
         return _fail(msg if msg is not None else f"unexpected {type(e).__name__}: {e}", 1)
 
 
