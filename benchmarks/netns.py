@@ -1,0 +1,206 @@
+"""A throw-away three-namespace topology and cgroups for the HTTP benchmark.
+
+Why its own module: the benchmark must never put traffic on the root namespace, so every
+address lives in namespaces created here (a bridge namespace, a client namespace, a server
+namespace), joined by veth pairs created directly inside them; no namespace has a route off
+the machine. The cgroups are a unique benchmark cgroup with two children: ``mesh`` (where our
+data-plane programs are attached) and ``plain`` (no programs: the floor and the proxy).
+Everything is removed in ``close()``, which is idempotent and also runs on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CGROUP2_ROOT = Path(os.environ.get("KMESH_CGROUP2_ROOT", "/sys/fs/cgroup/unified"))
+
+SUBNET_PREFIX = "10.250.0."
+CLIENT_IP = SUBNET_PREFIX + "2"
+POD_IP = SUBNET_PREFIX + "3"
+PREFIX_LEN = 24
+
+
+def _ip(*args: str) -> None:
+    """Run one `ip` command; raise with its stderr on failure."""
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+# Per-namespace sysctls (never the root namespace's). With a new connection per request the
+# closing side keeps a TIME_WAIT per connection; with the default port range and no reuse the
+# client exhausts its ~28k ephemeral ports within seconds and connect() then spends
+# milliseconds searching for a free port, which would measure the port allocator, not the path.
+NETNS_SYSCTLS = {
+    "net.ipv4.tcp_tw_reuse": "1",
+    "net.ipv4.ip_local_port_range": "1024 65000",
+}
+
+
+def _tune_netns(ns: str) -> None:
+    for key, value in NETNS_SYSCTLS.items():
+        proc = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"],
+                              capture_output=True, text=True, timeout=20)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sysctl {key} in netns {ns}: {proc.stderr.strip()}")
+
+
+def own_cgroup() -> Path:
+    """This process's cgroup v2 directory."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return CGROUP2_ROOT / line[3:].lstrip("/")
+    return CGROUP2_ROOT
+
+
+def _kill_cgroup(path: Path) -> None:
+    """Kill what is left in a cgroup tree (only our own processes live there) and remove it."""
+    if not path.exists():
+        return
+    for child in sorted((p for p in path.iterdir() if p.is_dir()), key=str):
+        _kill_cgroup(child)
+    for _ in range(100):
+        try:
+            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except OSError:
+            pids = []
+        pids = [p for p in pids if p != os.getpid()]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+@dataclass
+class Topology:
+    """client netns -- bridge netns -- server netns, plus the benchmark cgroups."""
+
+    prefix: str
+    cgroup_parent: Path = CGROUP2_ROOT
+    ns_bridge: str = ""
+    ns_client: str = ""
+    ns_server: str = ""
+    cgroup: Path = field(default_factory=Path)
+    _created_ns: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ns_bridge = f"{self.prefix}-br"
+        self.ns_client = f"{self.prefix}-cli"
+        self.ns_server = f"{self.prefix}-srv"
+        self.cgroup = self.cgroup_parent / f"kmesh-bench-{self.prefix}"
+
+    @property
+    def mesh_cgroup(self) -> Path:
+        return self.cgroup / "mesh"
+
+    @property
+    def plain_cgroup(self) -> Path:
+        return self.cgroup / "plain"
+
+    def netns_path(self, name: str) -> Path:
+        return Path("/run/netns") / name
+
+    def open(self) -> Topology:
+        if self.cgroup_parent.resolve() == CGROUP2_ROOT.resolve() and self.cgroup == CGROUP2_ROOT:
+            raise ValueError("refusing to use the cgroup v2 root")
+        try:
+            self.cgroup.mkdir()
+            self.mesh_cgroup.mkdir()
+            self.plain_cgroup.mkdir()
+            for ns in (self.ns_bridge, self.ns_client, self.ns_server):
+                _ip("netns", "add", ns)
+                self._created_ns.append(ns)
+                _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", self.ns_bridge, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.ns_bridge, "link", "set", "br0", "up")
+            for side, ns, addr in (("cli", self.ns_client, CLIENT_IP), ("srv", self.ns_server, POD_IP)):
+                _ip("-n", self.ns_bridge, "link", "add", f"v{side}", "type", "veth",
+                    "peer", "name", "eth0", "netns", ns)
+                _ip("-n", self.ns_bridge, "link", "set", f"v{side}", "master", "br0", "up")
+                _ip("-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+                _tune_netns(ns)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Remove namespaces and cgroups (killing our processes left in them). Idempotent."""
+        _kill_cgroup(self.cgroup)
+        for ns in (self.ns_client, self.ns_server, self.ns_bridge):
+            if (Path("/run/netns") / ns).exists():
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        self._created_ns.clear()
+
+    def __enter__(self) -> Topology:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _enter_cgroup(cgroup: Path) -> None:
+    """preexec_fn: move the child into `cgroup` before it execs."""
+    (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def netns_argv(argv: Sequence[str], netns: str, cpus: str | None = None) -> list[str]:
+    """The command line running `argv` inside `netns`, pinned to `cpus` when given."""
+    cmd = ["ip", "netns", "exec", netns]
+    if cpus:
+        cmd += ["taskset", "-c", cpus]
+    return cmd + list(argv)
+
+
+def spawn(argv: Sequence[str], netns: str, cgroup: Path, cpus: str | None = None,
+          log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-running process inside `netns` and `cgroup` (stdout/stderr to `log`)."""
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(netns_argv(argv, netns, cpus), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=lambda: _enter_cgroup(cgroup))
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def run(argv: Sequence[str], netns: str, cgroup: Path, cpus: str | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion inside `netns` and `cgroup`, capturing its output."""
+    return subprocess.run(netns_argv(argv, netns, cpus), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, preexec_fn=lambda: _enter_cgroup(cgroup))
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 5) -> None:
+    """Terminate one process we started, by pid, escalating to SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def in_cgroup(cgroup: Path) -> Iterator[None]:
+    """Temporarily move this process into `cgroup` (for control connects made in-process)."""
+    original = own_cgroup()
+    (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        (original / "cgroup.procs").write_text(str(os.getpid()))
