@@ -1,0 +1,917 @@
+"""REST semantics of the API server, independent of the HTTP transport.
+
+``Api.handle(Request) -> Response`` routes a request to discovery, a verb on a resource, or a
+subresource (status, scale, token, log) and returns a JSON body, plain text, or a stream of
+watch events. All writes go through one path: decode -> defaults -> validation -> store, with
+``dryRun=All`` stopping just before the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import discovery, errors, fieldmanager, kinds, patching, tables
+from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults, initial_status
+from .errors import ApiError
+from .kinds import ResourceType
+from .objects import LOG_PATH_ANNOTATION, IpAllocator, generate_name, new_uid, now_rfc3339, strip_for_compare
+from .selectors import parse_field_selector, parse_label_selector
+from .store import Store
+from .tokens import API_AUDIENCE, TokenIssuer
+from .validation import validate
+
+LogResolver = Callable[[str, str, str], "str | Path | None"]
+WATCH_DEFAULT_TIMEOUT = 1800.0
+SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+    user: str = "system:anonymous"
+
+
+@dataclass
+class Response:
+    code: int
+    body: Any = None
+    content_type: str = "application/json"
+    stream: Iterator[bytes] | None = None
+
+
+@dataclass
+class Target:
+    rt: ResourceType
+    version: str
+    namespace: str | None
+    name: str | None
+    sub: str | None
+
+
+def _json(code: int, body: Any) -> Response:
+    return Response(code, body)
+
+
+class Api:
+    def __init__(self, store: Store, issuer: TokenIssuer, ips: IpAllocator, admin_token: str,
+                 log_resolver: LogResolver | None = None, watch_timeout: float = WATCH_DEFAULT_TIMEOUT) -> None:
+        self.store = store
+        self.issuer = issuer
+        self.ips = ips
+        self.admin_token = admin_token
+        self.log_resolver = log_resolver
+        self.watch_timeout = watch_timeout
+        self.stopping = False
+
+    # ---------------------------------------------------------------- bootstrap / auth
+
+    def bootstrap(self) -> None:
+        """The namespaces and the ``kubernetes`` Service every cluster starts with."""
+        ns_rt = kinds.by_kind("Namespace")
+        svc_rt = kinds.by_kind("Service")
+        assert ns_rt and svc_rt
+        for ns in SYSTEM_NAMESPACES:
+            if self.store.get(ns_rt, "", ns) is None:
+                self._create(ns_rt, "v1", None, {"metadata": {"name": ns}}, {}, "kube-apiserver")
+        if self.store.get(svc_rt, "default", "kubernetes") is None:
+            svc = {"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+                   "spec": {"clusterIP": self.ips.first(),
+                            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}
+            self._create(svc_rt, "v1", "default", svc, {}, "kube-apiserver")
+
+    def authenticate(self, token: str | None) -> str | None:
+        """Username for a bearer token, or None (-> 401)."""
+        if not token:
+            return None
+        if token == self.admin_token:
+            return "sandbox-admin"
+        claims = self.issuer.verify(token)
+        if claims is None:
+            return None
+        aud = claims.get("aud") or []
+        aud = [aud] if isinstance(aud, str) else aud
+        if API_AUDIENCE not in aud or not self._sa_claims_live(claims):
+            return None
+        return str(claims["sub"])
+
+    def _sa_claims_live(self, claims: dict[str, Any]) -> bool:
+        k8s = claims.get("kubernetes.io") or {}
+        sa = k8s.get("serviceaccount") or {}
+        rt = kinds.by_kind("ServiceAccount")
+        assert rt
+        obj = self.store.get(rt, k8s.get("namespace", ""), sa.get("name", ""))
+        if obj is None or obj["metadata"].get("uid") != sa.get("uid"):
+            return False
+        pod = k8s.get("pod")
+        if pod:
+            prt = kinds.by_kind("Pod")
+            assert prt
+            p = self.store.get(prt, k8s.get("namespace", ""), pod.get("name", ""))
+            if p is None or p["metadata"].get("uid") != pod.get("uid"):
+                return False
+        return True
+
+    # ---------------------------------------------------------------- routing
+
+    def handle(self, req: Request) -> Response:
+        try:
+            return self._route(req)
+        except ApiError as e:
+            return _json(e.code, e.status())
+
+    def _route(self, req: Request) -> Response:
+        path = req.path.rstrip("/") or "/"
+        if path in ("/healthz", "/livez", "/readyz"):
+            return Response(200, "ok", "text/plain")
+        if path == "/version":
+            return _json(200, discovery.VERSION)
+        if path == "/.well-known/openid-configuration":
+            return _json(200, {"issuer": self.issuer.issuer, "jwks_uri": "/openid/v1/jwks",
+                               "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+                               "id_token_signing_alg_values_supported": ["RS256"]})
+        if path == "/openid/v1/jwks":
+            return _json(200, self.issuer.jwks())
+        if path == "/api":
+            return _json(200, discovery.api_versions())
+        if path == "/apis":
+            return _json(200, discovery.api_group_list())
+        if path == "/openapi/v3":
+            return _json(200, discovery.openapi_v3_root())
+        if path.startswith("/openapi/v3/"):
+            parts = path[len("/openapi/v3/"):].split("/")
+            doc = None
+            if parts[0] == "api" and len(parts) == 2:
+                doc = discovery.openapi_v3_gv("", parts[1])
+            elif parts[0] == "apis" and len(parts) == 3:
+                doc = discovery.openapi_v3_gv(parts[1], parts[2])
+            if doc is None:
+                raise errors.path_not_found()
+            return _json(200, doc)
+        segs = [s for s in path.split("/") if s]
+        if segs[0] == "api" and len(segs) >= 2:
+            group, version, rest = "", segs[1], segs[2:]
+        elif segs[0] == "apis" and len(segs) >= 2:
+            if len(segs) == 2:
+                doc = discovery.api_group(segs[1])
+                if doc is None:
+                    raise errors.path_not_found()
+                return _json(200, doc)
+            group, version, rest = segs[1], segs[2], segs[3:]
+        else:
+            raise errors.path_not_found()
+        if not rest:
+            doc = discovery.resource_list(group, version)
+            if doc is None:
+                raise errors.path_not_found()
+            return _json(200, doc)
+        watch_prefix = rest[0] == "watch"
+        if watch_prefix:
+            rest = rest[1:]
+        target = self._target(group, version, rest)
+        if watch_prefix:
+            if req.method != "GET":
+                raise errors.method_not_allowed()
+            return self._watch(req, target)
+        return self._dispatch(req, target)
+
+    def _target(self, group: str, version: str, rest: list[str]) -> Target:
+        namespace = None
+        if rest and rest[0] == "namespaces" and len(rest) >= 3:
+            rt = kinds.lookup(group, version, rest[2])
+            if rt is not None and rt.namespaced:
+                namespace, rest = rest[1], rest[2:]
+        rt = kinds.lookup(group, version, rest[0]) if rest else None
+        if rt is None or len(rest) > 3:
+            raise errors.path_not_found()
+        if rt.namespaced is False and namespace is not None:
+            raise errors.path_not_found()
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        if sub is not None and sub not in rt.subresources:
+            raise errors.path_not_found()
+        return Target(rt, version, namespace, name, sub)
+
+    def _dispatch(self, req: Request, t: Target) -> Response:
+        m = req.method
+        if t.sub == "log":
+            if m != "GET":
+                raise errors.method_not_allowed()
+            return self._log(req, t)
+        if t.sub == "token":
+            if m != "POST":
+                raise errors.method_not_allowed()
+            return self._token_request(req, t)
+        if t.rt.kind == "TokenReview":
+            if m != "POST" or t.name:
+                raise errors.method_not_allowed()
+            return self._token_review(req)
+        if t.name is None:
+            if m == "GET":
+                if _truthy(req.query.get("watch")):
+                    return self._watch(req, t)
+                return self._list(req, t)
+            if m == "POST":
+                return self._create_request(req, t)
+            if m == "DELETE":
+                return self._delete_collection(req, t)
+            raise errors.method_not_allowed()
+        if m == "GET":
+            if _truthy(req.query.get("watch")):
+                return self._watch(req, t)
+            return self._get(req, t)
+        if m == "PUT":
+            return self._update_request(req, t)
+        if m == "PATCH":
+            return self._patch_request(req, t)
+        if m == "DELETE":
+            return self._delete_request(req, t)
+        raise errors.method_not_allowed()
+
+    # ---------------------------------------------------------------- output helpers
+
+    def _out(self, t: Target, obj: dict[str, Any]) -> dict[str, Any]:
+        out = dict(obj)
+        out["apiVersion"] = t.rt.api_version(t.version)
+        out["kind"] = t.rt.kind
+        return out
+
+    def _render(self, req: Request, t: Target, obj: dict[str, Any], code: int = 200) -> Response:
+        if t.sub == "scale":
+            return _json(code, self._scale_of(t, obj))
+        if tables.wants_table(req.headers.get("accept", "")):
+            return _json(code, tables.to_table(t.rt, [self._out(t, obj)], str(self.store.resource_version)))
+        return _json(code, self._out(t, obj))
+
+    def _ns(self, t: Target) -> str:
+        return t.namespace or ""
+
+    def _require(self, t: Target) -> dict[str, Any]:
+        assert t.name is not None
+        obj = self.store.get(t.rt, self._ns(t), t.name)
+        if obj is None:
+            raise errors.not_found(t.rt, t.name)
+        return obj
+
+    # ---------------------------------------------------------------- reads
+
+    def _get(self, req: Request, t: Target) -> Response:
+        return self._render(req, t, self._require(t))
+
+    def _selected(self, req: Request, t: Target) -> tuple[list[dict[str, Any]], int]:
+        label = parse_label_selector(req.query.get("labelSelector"))
+        fields = parse_field_selector(req.query.get("fieldSelector"))
+        items, rv = self.store.list(t.rt, t.namespace)
+        return [o for o in items if label(o) and fields(o)], rv
+
+    def _list(self, req: Request, t: Target) -> Response:
+        items, rv = self._selected(req, t)
+        meta: dict[str, Any] = {"resourceVersion": str(rv)}
+        cont = req.query.get("continue")
+        if cont:
+            try:
+                after = tuple(json.loads(base64.urlsafe_b64decode(cont.encode())))
+            except (ValueError, TypeError) as e:
+                raise errors.bad_request("continue key is not valid: " + str(e)) from e
+            items = [o for o in items if (o["metadata"].get("namespace", ""), o["metadata"]["name"]) > after]
+        limit = int(req.query.get("limit") or 0)
+        if limit > 0 and len(items) > limit:
+            items = items[:limit]
+            last = items[-1]["metadata"]
+            key = json.dumps([last.get("namespace", ""), last["name"]]).encode()
+            meta["continue"] = base64.urlsafe_b64encode(key).decode()
+        if tables.wants_table(req.headers.get("accept", "")):
+            table = tables.to_table(t.rt, [self._out(t, o) for o in items], str(rv))
+            table["metadata"].update(meta)
+            return _json(200, table)
+        return _json(200, {"kind": f"{t.rt.kind}List", "apiVersion": t.rt.api_version(t.version), "metadata": meta,
+                           "items": [self._out(t, o) for o in items]})
+
+    def _watch(self, req: Request, t: Target) -> Response:
+        label = parse_label_selector(req.query.get("labelSelector"))
+        fields = parse_field_selector(req.query.get("fieldSelector"))
+        if t.name:
+            name = t.name
+            fields_base = fields
+            fields = lambda o: o["metadata"].get("name") == name and fields_base(o)  # noqa: E731
+        rv_text = req.query.get("resourceVersion") or ""
+        if rv_text and not rv_text.isdigit():
+            raise errors.bad_request(f"invalid resource version: {rv_text!r}")
+        since = int(rv_text) if rv_text and rv_text != "0" else None
+        timeout = float(req.query.get("timeoutSeconds") or self.watch_timeout)
+        table = tables.wants_table(req.headers.get("accept", ""))
+        try:
+            watcher = self.store.watch(t.rt, t.namespace, lambda o: label(o) and fields(o), since)
+        except ApiError as e:
+            # Like the watch cache: a 200 stream whose single event is an ERROR carrying the Status.
+            body = json.dumps({"type": "ERROR", "object": e.status()}).encode() + b"\n"
+            return Response(200, None, "application/json", iter([body]))
+
+        def events() -> Iterator[bytes]:
+            deadline = time.monotonic() + timeout
+            try:
+                while not self.stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    item = watcher.next(min(left, 1.0))
+                    if item is None:
+                        if watcher.closed:
+                            return
+                        yield b""  # lets the transport notice a closed connection
+                        continue
+                    typ, obj = item
+                    out = self._out(t, obj)
+                    if table:
+                        out = tables.to_table(t.rt, [out], obj["metadata"].get("resourceVersion", ""))
+                    yield json.dumps({"type": typ, "object": out}, separators=(",", ":")).encode() + b"\n"
+            finally:
+                watcher.close()
+
+        return Response(200, None, "application/json", events())
+
+    # ---------------------------------------------------------------- body decoding
+
+    @staticmethod
+    def _decode(req: Request) -> Any:
+        ctype = req.headers.get("content-type", "application/json").split(";")[0].strip()
+        if not req.body:
+            raise errors.bad_request("the body of the request was empty")
+        try:
+            if "yaml" in ctype:
+                return yaml.safe_load(req.body)
+            return json.loads(req.body)
+        except (ValueError, yaml.YAMLError) as e:
+            raise errors.bad_request(f"the object provided is unrecognized: {e}") from e
+
+    def _check_type(self, t: Target, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise errors.bad_request("the object provided is unrecognized (must be a JSON object)")
+        kind, api_version = body.get("kind"), body.get("apiVersion")
+        if kind and kind != t.rt.kind:
+            raise errors.bad_request(f"the API version in the data ({api_version}) does not match the expected API "
+                                     f"version ({t.rt.api_version(t.version)})" if kind is None else
+                                     f'{kind} in version "{t.version}" cannot be handled as a {t.rt.kind}: '
+                                     f"the object kind does not match")
+        if api_version and api_version.rsplit("/", 1)[0] != (t.rt.group or api_version) and t.rt.group:
+            raise errors.bad_request(f"the API version in the data ({api_version}) does not match the expected API "
+                                     f"version ({t.rt.api_version(t.version)})")
+        meta = body.get("metadata")
+        if meta is not None and not isinstance(meta, dict):
+            raise errors.bad_request("metadata must be an object")
+        return body
+
+    @staticmethod
+    def _manager(req: Request) -> str:
+        m = req.query.get("fieldManager")
+        if m:
+            return m
+        return req.headers.get("user-agent", "unknown").split("/")[0] or "unknown"
+
+    @staticmethod
+    def _dry_run(req: Request) -> bool:
+        v = req.query.get("dryRun")
+        if v and v != "All":
+            raise errors.bad_request(f'unsupported dry run value "{v}"; supported value is "All"')
+        return v == "All"
+
+    # ---------------------------------------------------------------- writes
+
+    def _admit(self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """Defaults, immutability and validation; raises 422 with all causes."""
+        apply_defaults(rt.kind, obj)
+        name = obj["metadata"].get("name") or obj["metadata"].get("generateName") or ""
+        causes = validate(rt.kind, obj, self.ips.contains)
+        if old is not None:
+            causes += _immutable(rt, old, obj)
+        if causes:
+            raise errors.invalid(rt, name, causes)
+
+    def _namespace_must_exist(self, ns: str) -> None:
+        ns_rt = kinds.by_kind("Namespace")
+        assert ns_rt
+        if self.store.get(ns_rt, "", ns) is None:
+            raise errors.not_found(ns_rt, ns)
+
+    def _create_request(self, req: Request, t: Target) -> Response:
+        body = self._check_type(t, self._decode(req))
+        obj = self._create(t.rt, t.version, t.namespace, body, req.query, self._manager(req), self._dry_run(req))
+        return self._render(req, t, obj, 201)
+
+    def _create(self, rt: ResourceType, version: str, namespace: str | None, body: dict[str, Any],
+                query: dict[str, str], manager: str, dry_run: bool = False,
+                managed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        if rt.namespaced:
+            body_ns = meta.get("namespace")
+            if namespace is None:
+                raise errors.bad_request("the server could not find the requested resource (namespace required)")
+            if body_ns and body_ns != namespace:
+                raise errors.bad_request("the namespace of the provided object does not match the namespace "
+                                         "sent on the request")
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = generate_name(meta["generateName"])
+        for k in ("uid", "resourceVersion", "creationTimestamp", "deletionTimestamp", "selfLink", "generation"):
+            meta.pop(k, None)
+        obj["apiVersion"] = rt.api_version(version)
+        obj["kind"] = rt.kind
+        if rt.kind in STATUS_SUBRESOURCE_KINDS:
+            status = initial_status(rt.kind)
+            if status is None:
+                obj.pop("status", None)
+            else:
+                obj["status"] = status
+        with self.store.lock:
+            self._admit(rt, obj, None)
+            if rt.namespaced:
+                self._namespace_must_exist(namespace or "")
+            if self.store.get(rt, namespace or "", meta["name"]) is not None:
+                raise errors.already_exists(rt, meta["name"])
+            meta["uid"] = new_uid()
+            meta["creationTimestamp"] = now_rfc3339()
+            if rt.kind in GENERATION_KINDS:
+                meta["generation"] = 1
+            if managed is not None:
+                meta["managedFields"] = managed
+            else:
+                meta.pop("managedFields", None)
+                fieldmanager.record_update(None, obj, manager, rt.builtin, obj["apiVersion"])
+            if rt.kind == "Service":
+                self._allocate_ip(rt, obj, dry_run)
+            if dry_run:
+                return obj
+            stored = self.store.put(rt, obj)
+            if rt.kind == "Namespace":
+                self._namespace_created(meta["name"])
+            return stored
+
+    def _namespace_created(self, ns: str) -> None:
+        """What the service-account controller does for a new namespace."""
+        sa_rt = kinds.by_kind("ServiceAccount")
+        assert sa_rt
+        if self.store.get(sa_rt, ns, "default") is None:
+            self._create(sa_rt, "v1", ns, {"metadata": {"name": "default"}}, {}, "kube-controller-manager")
+
+    def _allocate_ip(self, rt: ResourceType, obj: dict[str, Any], dry_run: bool) -> None:
+        spec = obj["spec"]
+        if spec.get("type") == "ExternalName":
+            return
+        ip = spec.get("clusterIP") or (spec.get("clusterIPs") or [None])[0]
+        if ip == "None":
+            spec["clusterIP"] = "None"
+            spec["clusterIPs"] = ["None"]
+            return
+        if ip:
+            if not self.ips.is_free(ip):
+                raise errors.invalid(rt, obj["metadata"]["name"], [(
+                    "spec.clusterIPs", "FieldValueInvalid",
+                    f'Invalid value: []string{{"{ip}"}}: failed to allocate IP {ip}: provided IP is already allocated')])
+            if not dry_run:
+                self.ips.reserve(ip)
+        else:
+            ip = self.ips.peek() if dry_run else self.ips.allocate()
+        spec["clusterIP"] = ip
+        spec["clusterIPs"] = [ip]
+
+    def _update_request(self, req: Request, t: Target) -> Response:
+        body = self._decode(req)
+        if t.sub == "scale":
+            return self._scale_update(req, t, body)
+        body = self._check_type(t, body)
+        name = (body.get("metadata") or {}).get("name")
+        if name != t.name:
+            raise errors.bad_request(f"the name of the object ({name}) does not match the name on the URL ({t.name})")
+        obj = self._update(req, t, body)
+        return self._render(req, t, obj)
+
+    def _update(self, req: Request, t: Target, body: dict[str, Any], check_rv: bool = True,
+                apply_managed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Replace the object at ``t`` by ``body`` (status-only for /status)."""
+        rt = t.rt
+        dry_run = self._dry_run(req)
+        with self.store.lock:
+            old = self._require(t)
+            new = copy.deepcopy(body)
+            meta = new.setdefault("metadata", {})
+            rv = meta.get("resourceVersion")
+            if check_rv and rv and rv != old["metadata"]["resourceVersion"]:
+                raise errors.conflict(rt, t.name or "", "the object has been modified; please apply your changes "
+                                      "to the latest version and try again")
+            if rt.kind in STATUS_SUBRESOURCE_KINDS or t.sub == "status":
+                if t.sub == "status":
+                    status = new.get("status")
+                    new = copy.deepcopy(old)
+                    if status is None:
+                        new.pop("status", None)
+                    else:
+                        new["status"] = status
+                    meta = new["metadata"]
+                elif "status" in old:
+                    new["status"] = copy.deepcopy(old["status"])
+                else:
+                    new.pop("status", None)
+            for k in ("uid", "creationTimestamp", "deletionTimestamp", "generation", "namespace", "name"):
+                if k in old["metadata"]:
+                    meta[k] = old["metadata"][k]
+                else:
+                    meta.pop(k, None)
+            new["apiVersion"] = rt.api_version(t.version)
+            new["kind"] = rt.kind
+            if rt.kind == "Service":
+                _keep_cluster_ip(old, new)
+            self._admit(rt, new, old)
+            if rt.kind in GENERATION_KINDS and _spec_of(new) != _spec_of(old):
+                meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
+            if apply_managed is not None:
+                meta["managedFields"] = apply_managed
+            else:
+                meta["managedFields"] = copy.deepcopy(old["metadata"].get("managedFields") or [])
+                fieldmanager.record_update(old, new, self._manager(req), rt.builtin, new["apiVersion"],
+                                           "status" if t.sub == "status" else "")
+            if strip_for_compare(new) == strip_for_compare(old):
+                if apply_managed is None or _managers_equal(old, new):
+                    return old
+            if dry_run:
+                meta["resourceVersion"] = old["metadata"]["resourceVersion"]
+                return new
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                return self._remove(rt, self._ns(t), t.name or "", "Background")
+            return self.store.put(rt, new)
+
+    def _patch_request(self, req: Request, t: Target) -> Response:
+        ctype = req.headers.get("content-type", "").split(";")[0].strip()
+        patch = self._decode(req)
+        if ctype == "application/apply-patch+yaml":
+            return self._apply(req, t, patch)
+        with self.store.lock:
+            old = self._require(t)
+            base = self._scale_of(t, old) if t.sub == "scale" else self._out(t, old)
+            if ctype == "application/merge-patch+json":
+                new = patching.json_merge_patch(base, patch)
+            elif ctype == "application/json-patch+json":
+                try:
+                    new = patching.json_patch(base, patch)
+                except patching.ApiTestFailed as e:
+                    raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our "
+                                   f"request: testing value {e} failed") from e
+            elif ctype == "application/strategic-merge-patch+json":
+                if not t.rt.builtin:
+                    raise errors.unsupported_media(ctype)
+                new = patching.strategic_merge_patch(base, patch)
+            else:
+                raise errors.unsupported_media(ctype)
+            if t.sub == "scale":
+                return self._scale_update(req, t, new)
+            if not isinstance(new, dict):
+                raise errors.bad_request("the patch produced a non-object")
+            new.setdefault("metadata", {})
+            if new["metadata"].get("name") != old["metadata"]["name"]:
+                raise errors.bad_request("metadata.name: the name of the object may not be changed by a patch")
+            patch_rv = (patch.get("metadata") or {}).get("resourceVersion") if isinstance(patch, dict) else None
+            if patch_rv is None:
+                new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+            obj = self._update(req, t, new)
+        return self._render(req, t, obj)
+
+    def _apply(self, req: Request, t: Target, config: Any) -> Response:
+        manager = req.query.get("fieldManager")
+        if not manager:
+            raise errors.bad_request("PATCH, fieldManager is required for apply requests")
+        config = self._check_type(t, config)
+        if not config.get("apiVersion") or not config.get("kind"):
+            raise errors.bad_request("invalid object type: apiVersion and kind must be set")
+        meta = config.setdefault("metadata", {})
+        if meta.get("managedFields"):
+            raise errors.bad_request("metadata.managedFields must be nil")
+        if meta.get("name") != t.name:
+            raise errors.bad_request(f"the name of the object ({meta.get('name')}) does not match the name on "
+                                     f"the URL ({t.name})")
+        if t.rt.namespaced:
+            if meta.get("namespace") and meta["namespace"] != t.namespace:
+                raise errors.bad_request("the namespace of the provided object does not match the namespace sent "
+                                         "on the request")
+            meta["namespace"] = t.namespace
+        force = _truthy(req.query.get("force"))
+        sub = "status" if t.sub == "status" else ""
+        api_version = t.rt.api_version(t.version)
+        with self.store.lock:
+            old = self.store.get(t.rt, self._ns(t), t.name or "")
+            if old is None:
+                if sub:
+                    raise errors.not_found(t.rt, t.name or "")
+                new = fieldmanager.server_side_apply(None, config, manager, force, t.rt.builtin, api_version)
+                managed = new["metadata"].pop("managedFields")
+                obj = self._create(t.rt, t.version, t.namespace, new, req.query, manager, self._dry_run(req),
+                                   managed=managed)
+                return self._render(req, t, obj, 201)
+            current = self._out(t, old)
+            new = fieldmanager.server_side_apply(current, config, manager, force, t.rt.builtin, api_version, sub)
+            managed = new["metadata"].pop("managedFields")
+            new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+            obj = self._update(req, t, new, apply_managed=managed)
+        return self._render(req, t, obj)
+
+    # ---------------------------------------------------------------- scale
+
+    def _scale_of(self, t: Target, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        sel = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        return {
+            "kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                         if k in meta},
+            "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
+            "status": {"replicas": (obj.get("status") or {}).get("replicas", 0),
+                       "selector": ",".join(f"{k}={v}" for k, v in sel.items())},
+        }
+
+    def _scale_update(self, req: Request, t: Target, scale: Any) -> Response:
+        if not isinstance(scale, dict) or not isinstance((scale.get("spec") or {}).get("replicas", 0), int):
+            raise errors.bad_request("invalid Scale object")
+        with self.store.lock:
+            old = self._require(t)
+            new = copy.deepcopy(old)
+            new["spec"]["replicas"] = scale.get("spec", {}).get("replicas", 0)
+            rv = (scale.get("metadata") or {}).get("resourceVersion")
+            if rv:
+                new["metadata"]["resourceVersion"] = rv
+            main = Target(t.rt, t.version, t.namespace, t.name, None)
+            obj = self._update(req, main, new)
+        return _json(200, self._scale_of(t, obj))
+
+    # ---------------------------------------------------------------- delete
+
+    def _delete_options(self, req: Request) -> dict[str, Any]:
+        if not req.body:
+            return {}
+        try:
+            opts = json.loads(req.body)
+        except ValueError as e:
+            raise errors.bad_request(f"invalid DeleteOptions: {e}") from e
+        return opts if isinstance(opts, dict) else {}
+
+    def _delete_request(self, req: Request, t: Target) -> Response:
+        if t.sub:
+            raise errors.method_not_allowed()
+        opts = self._delete_options(req)
+        policy = req.query.get("propagationPolicy") or opts.get("propagationPolicy") or "Background"
+        if policy not in ("Background", "Foreground", "Orphan"):
+            raise errors.bad_request(f'unsupported propagationPolicy "{policy}"')
+        dry = self._dry_run(req) or "All" in (opts.get("dryRun") or [])
+        with self.store.lock:
+            obj = self._require(t)
+            pre = opts.get("preconditions") or {}
+            if pre.get("uid") and pre["uid"] != obj["metadata"].get("uid"):
+                raise errors.conflict(t.rt, t.name or "", f"Precondition failed: UID in precondition: {pre['uid']}, "
+                                      f"UID in object meta: {obj['metadata'].get('uid')}")
+            if pre.get("resourceVersion") and pre["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+                raise errors.conflict(t.rt, t.name or "", "the object has been modified; please apply your changes "
+                                      "to the latest version and try again")
+            if dry:
+                return self._render(req, t, obj)
+            if obj["metadata"].get("finalizers"):
+                if not obj["metadata"].get("deletionTimestamp"):
+                    marked = copy.deepcopy(obj)
+                    marked["metadata"]["deletionTimestamp"] = now_rfc3339()
+                    marked["metadata"]["deletionGracePeriodSeconds"] = 0
+                    obj = self.store.put(t.rt, marked)
+                return self._render(req, t, obj)
+            gone = self._remove(t.rt, self._ns(t), t.name or "", policy)
+        return self._render(req, t, gone)
+
+    def _remove(self, rt: ResourceType, namespace: str, name: str, policy: str) -> dict[str, Any]:
+        """Delete one object and what depends on it (namespace contents, owner references)."""
+        with self.store.lock:
+            gone = self.store.remove(rt, namespace, name)
+            if gone is None:
+                raise errors.not_found(rt, name)
+            if rt.kind == "Service":
+                self.ips.release((gone.get("spec") or {}).get("clusterIP"))
+            if rt.kind == "Namespace":
+                for other in kinds.RESOURCES:
+                    if other.namespaced:
+                        for o in self.store.list(other, name)[0]:
+                            if self.store.get(other, name, o["metadata"]["name"]) is not None:
+                                self._remove(other, name, o["metadata"]["name"], "Background")
+            uid = gone["metadata"].get("uid")
+            for (group, plural), o in list(self.store.all_objects()):
+                refs = o["metadata"].get("ownerReferences") or []
+                if not any(r.get("uid") == uid for r in refs):
+                    continue
+                ort = next(r for r in kinds.RESOURCES if r.group == group and r.plural == plural)
+                ons = o["metadata"].get("namespace", "")
+                if self.store.get(ort, ons, o["metadata"]["name"]) is None:
+                    continue
+                if policy == "Orphan":
+                    orphan = copy.deepcopy(o)
+                    orphan["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != uid]
+                    if not orphan["metadata"]["ownerReferences"]:
+                        del orphan["metadata"]["ownerReferences"]
+                    self.store.put(ort, orphan)
+                else:
+                    self._remove(ort, ons, o["metadata"]["name"], "Background")
+            return gone
+
+    def _delete_collection(self, req: Request, t: Target) -> Response:
+        dry = self._dry_run(req)
+        with self.store.lock:
+            items, _ = self._selected(req, t)
+            out = []
+            for o in items:
+                if dry:
+                    out.append(self._out(t, o))
+                    continue
+                if self.store.get(t.rt, o["metadata"].get("namespace", ""), o["metadata"]["name"]) is None:
+                    continue
+                out.append(self._out(t, self._remove(t.rt, o["metadata"].get("namespace", ""),
+                                                     o["metadata"]["name"], "Background")))
+        return _json(200, {"kind": f"{t.rt.kind}List", "apiVersion": t.rt.api_version(t.version),
+                           "metadata": {"resourceVersion": str(self.store.resource_version)}, "items": out})
+
+    # ---------------------------------------------------------------- tokens
+
+    def _token_request(self, req: Request, t: Target) -> Response:
+        body = self._decode(req)
+        if not isinstance(body, dict):
+            raise errors.bad_request("invalid TokenRequest")
+        sa = self._require(t)
+        spec = body.get("spec") or {}
+        audiences = spec.get("audiences") or [API_AUDIENCE]
+        expiration = int(spec.get("expirationSeconds") or 3600)
+        tr_rt = kinds.ResourceType("authentication.k8s.io", ("v1",), "TokenRequest", "tokenrequests", True)
+        if expiration < 600:
+            raise errors.invalid(tr_rt, t.name or "", [("spec.expirationSeconds", "FieldValueInvalid",
+                                                       "Invalid value: may not specify a duration less than 10 "
+                                                       "minutes")])
+        bound = spec.get("boundObjectRef")
+        if bound:
+            brt = kinds.by_kind(bound.get("kind", ""))
+            target = self.store.get(brt, t.namespace or "", bound.get("name", "")) if brt else None
+            if target is None or (bound.get("uid") and bound["uid"] != target["metadata"]["uid"]):
+                raise errors.not_found(brt or tr_rt, bound.get("name", ""))
+            bound = {"kind": bound.get("kind"), "name": bound.get("name"), "uid": target["metadata"]["uid"]}
+        token, exp = self.issuer.issue(t.namespace or "", t.name or "", sa["metadata"]["uid"], audiences,
+                                       expiration, bound)
+        exp_ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
+        out = {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+               "metadata": {"name": t.name, "namespace": t.namespace, "creationTimestamp": None},
+               "spec": {"audiences": audiences, "expirationSeconds": expiration, "boundObjectRef": spec.get(
+                   "boundObjectRef")},
+               "status": {"token": token, "expirationTimestamp": exp_ts}}
+        return _json(201, out)
+
+    def _token_review(self, req: Request) -> Response:
+        body = self._decode(req)
+        if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+            raise errors.bad_request("invalid TokenReview")
+        spec = body["spec"]
+        token = spec.get("token") or ""
+        wanted = spec.get("audiences") or [API_AUDIENCE]
+        status: dict[str, Any] = {"user": {}}
+        if token == self.admin_token:
+            status.update(authenticated=True, audiences=wanted,
+                          user={"username": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]})
+        else:
+            claims = self.issuer.verify(token)
+            aud = (claims or {}).get("aud") or []
+            aud = [aud] if isinstance(aud, str) else aud
+            matched = [a for a in wanted if a in aud]
+            if claims is None:
+                status.update(authenticated=False, error="invalid bearer token, token could not be validated")
+            elif not matched:
+                status.update(authenticated=False, error="invalid bearer token, token audiences "
+                              f"{json.dumps(aud)} is invalid for the target audiences {json.dumps(wanted)}")
+            elif not self._sa_claims_live(claims):
+                status.update(authenticated=False, error="invalid bearer token, service account or bound "
+                              "object no longer exists")
+            else:
+                k8s = claims.get("kubernetes.io") or {}
+                extra: dict[str, list[str]] = {}
+                if k8s.get("pod"):
+                    extra["authentication.kubernetes.io/pod-name"] = [k8s["pod"]["name"]]
+                    extra["authentication.kubernetes.io/pod-uid"] = [k8s["pod"]["uid"]]
+                status.update(authenticated=True, audiences=matched, user={
+                    "username": claims["sub"], "uid": (k8s.get("serviceaccount") or {}).get("uid", ""),
+                    "groups": ["system:serviceaccounts", f"system:serviceaccounts:{k8s.get('namespace', '')}",
+                               "system:authenticated"], **({"extra": extra} if extra else {})})
+        out = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+               "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
+        return _json(201, out)
+
+    # ---------------------------------------------------------------- logs
+
+    def _log(self, req: Request, t: Target) -> Response:
+        pod = self._require(t)
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        containers += [c.get("name") for c in (pod.get("spec") or {}).get("initContainers") or []]
+        container = req.query.get("container") or ""
+        if container and container not in containers:
+            raise errors.bad_request(f"container {container} is not valid for pod {t.name}")
+        if not container:
+            if len(containers) > 1:
+                raise errors.bad_request(f"a container name must be specified for pod {t.name}, choose one of: "
+                                         f"[{' '.join(str(c) for c in containers)}]")
+            container = containers[0] if containers else ""
+        path: str | Path | None = None
+        if self.log_resolver is not None:
+            path = self.log_resolver(t.namespace or "", t.name or "", container)
+        if path is None:
+            ann = pod["metadata"].get("annotations") or {}
+            path = ann.get(f"{LOG_PATH_ANNOTATION}.{container}") or ann.get(LOG_PATH_ANNOTATION)
+        data = b""
+        if path:
+            try:
+                data = Path(path).read_bytes()
+            except OSError:
+                data = b""
+        tail = req.query.get("tailLines")
+        if tail is not None and tail.lstrip("-").isdigit():
+            n = int(tail)
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-n:]) if n > 0 else b""
+        limit = req.query.get("limitBytes")
+        if limit and limit.isdigit():
+            data = data[: int(limit)]
+        if _truthy(req.query.get("follow")) and path:
+            return Response(200, None, "text/plain", self._follow(t, Path(path), data))
+        return Response(200, data, "text/plain")
+
+    def _follow(self, t: Target, path: Path, first: bytes) -> Iterator[bytes]:
+        """Stream the log file as it grows until the pod is deleted or the client goes away."""
+        yield first
+        try:
+            offset = path.stat().st_size
+        except OSError:
+            offset = len(first)
+        while not self.stopping and self.store.get(t.rt, t.namespace or "", t.name or "") is not None:
+            try:
+                size = path.stat().st_size
+                if size > offset:
+                    with path.open("rb") as f:
+                        f.seek(offset)
+                        chunk = f.read(size - offset)
+                    offset = size
+                    yield chunk
+                    continue
+            except OSError:
+                pass
+            time.sleep(0.2)
+            yield b""
+
+
+def _truthy(v: str | None) -> bool:
+    return (v or "").lower() in ("1", "true", "yes")
+
+
+def _spec_of(obj: dict[str, Any]) -> Any:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+def _managers_equal(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    def sets(o: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return sorted((e.get("manager"), e.get("operation"), json.dumps(e.get("fieldsV1"), sort_keys=True))
+                      for e in o["metadata"].get("managedFields") or [])
+
+    return sets(old) == sets(new)
+
+
+def _keep_cluster_ip(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """An update that leaves clusterIP empty keeps the allocated one (as the real server does)."""
+    ospec, nspec = old.get("spec") or {}, new.setdefault("spec", {})
+    if not nspec.get("clusterIP") and ospec.get("clusterIP"):
+        nspec["clusterIP"] = ospec["clusterIP"]
+    if not nspec.get("clusterIPs") and ospec.get("clusterIPs"):
+        nspec["clusterIPs"] = ospec["clusterIPs"]
+
+
+def _immutable(rt: ResourceType, old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    if rt.kind == "Service":
+        o, n = (old.get("spec") or {}).get("clusterIP"), (new.get("spec") or {}).get("clusterIP")
+        if o and n != o:
+            out.append(("spec.clusterIPs[0]", "FieldValueInvalid",
+                        f'Invalid value: []string{{"{n}"}}: may not change once set'))
+    if rt.kind in ("Deployment", "DaemonSet", "ReplicaSet", "StatefulSet"):
+        if (old.get("spec") or {}).get("selector") != (new.get("spec") or {}).get("selector"):
+            out.append(("spec.selector", "FieldValueInvalid",
+                        f"Invalid value: {json.dumps((new.get('spec') or {}).get('selector'))}: field is immutable"))
+    if rt.kind in ("ClusterRoleBinding", "RoleBinding") and old.get("roleRef") != new.get("roleRef"):
+        out.append(("roleRef", "FieldValueInvalid",
+                    f"Invalid value: {json.dumps(new.get('roleRef'))}: cannot change roleRef"))
+    return out

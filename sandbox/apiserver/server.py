@@ -1,0 +1,209 @@
+"""HTTP transport and the in-process handle ``ApiServer``.
+
+HTTP/1.1 with keep-alive on 127.0.0.1 (a thread per connection); watch and ``logs -f``
+responses use chunked transfer encoding. A request with ``Authorization: Bearer <token>`` must
+carry the admin token or a ServiceAccount token this server issued for the API audience,
+else 401. A request without credentials is served as ``system:anonymous`` (``anonymous=True``,
+the default) because kubectl never sends credentials over plain HTTP: client-go's clientcmd
+loads a kubeconfig user's token only for TLS transports. With ``anonymous=False`` only health,
+version and the OIDC documents are public.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from .errors import unauthorized
+from .objects import IpAllocator
+from .rest import Api, LogResolver, Request, Response
+from .store import Store
+from .tokens import TokenIssuer
+
+log = logging.getLogger("sandbox.apiserver")
+
+PUBLIC_PATHS = {"/version", "/healthz", "/livez", "/readyz", "/.well-known/openid-configuration",
+                "/openid/v1/jwks"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sandbox-apiserver"
+    api: Api  # set on the subclass made per server
+    anonymous: bool = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0] or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _handle(self) -> None:
+        url = urlsplit(self.path)
+        body = self._read_body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        req = Request(self.command, url.path, dict(parse_qsl(url.query, keep_blank_values=True)), headers, body)
+        auth = headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        user = self.api.authenticate(token) if token else ("system:anonymous" if self.anonymous else None)
+        if user is None and url.path.rstrip("/") not in PUBLIC_PATHS:
+            err = unauthorized()
+            self._send(Response(err.code, err.status()))
+            return
+        req.user = user or "system:anonymous"
+        self._send(self.api.handle(req))
+
+    def _send(self, resp: Response) -> None:
+        if resp.stream is not None:
+            self._send_stream(resp)
+            return
+        if isinstance(resp.body, (bytes, bytearray)):
+            data = bytes(resp.body)
+        elif isinstance(resp.body, str):
+            data = resp.body.encode()
+        else:
+            data = json.dumps(resp.body, separators=(",", ":")).encode()
+        self.send_response(resp.code)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_stream(self, resp: Response) -> None:
+        assert resp.stream is not None
+        self.send_response(resp.code)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        self.wfile.flush()
+        stream = resp.stream
+        try:
+            for chunk in stream:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    # Heartbeat: probe the socket so a vanished client ends the stream.
+                    if _peer_closed(self.connection):
+                        return
+                    continue
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+    do_GET = _handle
+    do_POST = _handle
+    do_PUT = _handle
+    do_PATCH = _handle
+    do_DELETE = _handle
+    do_HEAD = _handle
+
+
+def _peer_closed(sock: Any) -> bool:
+    import select
+    import socket
+
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class ApiServer:
+    """An API server in this process: ``port = ApiServer(port=0).start()``; ``.stop()``.
+
+    ``token`` is the static admin bearer token (random if not given); ``state_dir`` keeps the
+    ServiceAccount signing key across restarts; ``log_resolver(namespace, pod, container)``
+    may return the path of a container's log file for ``pods/log`` (checked before the
+    ``sandbox.kmesh.io/log-path`` annotation).
+    """
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", token: str | None = None,
+                 state_dir: Path | None = None, service_cidr: str = "10.96.0.0/16", watch_history: int = 10000,
+                 log_resolver: LogResolver | None = None, anonymous: bool = True) -> None:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the sandbox API server listens on loopback only")
+        self.host = host
+        self.requested_port = port
+        self.token = token or secrets.token_urlsafe(24)
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.store = Store(history=watch_history)
+        self.issuer = TokenIssuer(self.state_dir)
+        self.ips = IpAllocator(service_cidr)
+        self.api = Api(self.store, self.issuer, self.ips, self.token, log_resolver)
+        self.api.bootstrap()
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+        self.anonymous = anonymous
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def set_log_resolver(self, resolver: LogResolver | None) -> None:
+        self.api.log_resolver = resolver
+
+    def start(self) -> int:
+        """Bind and serve in a background thread; returns the bound port."""
+        handler = type("Handler", (_Handler,), {"api": self.api, "anonymous": self.anonymous})
+        self._httpd = _Server((self.host, self.requested_port), handler)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="apiserver", daemon=True)
+        self._thread.start()
+        return self.port
+
+    def stop(self) -> None:
+        self.api.stopping = True
+        self.store.close_watchers()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def write_kubeconfig(self, path: Path, context: str = "sandbox") -> Path:
+        from .kubeconfig import write_kubeconfig
+
+        return write_kubeconfig(Path(path), self.url, self.token, context)
+
+    def __enter__(self) -> ApiServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
