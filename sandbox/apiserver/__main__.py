@@ -26,14 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", default="sandbox", help="kubeconfig context name")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(message)s",
+    )
     if not 0 <= args.port <= 65535:
         print(f"error: --port {args.port} is out of range; give 0-65535", file=sys.stderr)
         return 2
     try:
-        server = ApiServer(port=args.port, token=args.token, state_dir=args.state_dir,
-                           service_cidr=args.service_cidr)
+        server = ApiServer(
+            port=args.port, token=args.token, state_dir=args.state_dir, service_cidr=args.service_cidr
+        )
         server.start()
     except (OSError, ValueError) as e:
         print(f"error: cannot start the API server on 127.0.0.1:{args.port}: {e}", file=sys.stderr)

@@ -126,8 +126,12 @@ def initial_status(kind: str) -> dict[str, Any] | None:
     if kind == "Pod":
         return {"phase": "Pending", "qosClass": "BestEffort"}
     if kind == "DaemonSet":
-        return {"currentNumberScheduled": 0, "numberMisscheduled": 0, "desiredNumberScheduled": 0,
-                "numberReady": 0}
+        return {
+            "currentNumberScheduled": 0,
+            "numberMisscheduled": 0,
+            "desiredNumberScheduled": 0,
+            "numberReady": 0,
+        }
     if kind in ("Deployment", "ReplicaSet", "StatefulSet"):
         return {} if kind == "Deployment" else {"replicas": 0}
     if kind == "Namespace":
@@ -140,8 +144,26 @@ def initial_status(kind: str) -> dict[str, Any] | None:
 
 
 # Kinds whose status is only writable through /status (main-resource writes keep the old status).
-STATUS_SUBRESOURCE_KINDS = {"Pod", "Service", "Deployment", "DaemonSet", "ReplicaSet", "StatefulSet",
-                            "Namespace", "Node", "Gateway"}
+STATUS_SUBRESOURCE_KINDS = {
+    "Pod",
+    "Service",
+    "Deployment",
+    "DaemonSet",
+    "ReplicaSet",
+    "StatefulSet",
+    "Namespace",
+    "Node",
+    "Gateway",
+}
 # Kinds whose metadata.generation tracks spec changes.
-GENERATION_KINDS = {"Deployment", "DaemonSet", "ReplicaSet", "StatefulSet", "Pod", "EnvoyFilter",
-                    "VirtualService", "DestinationRule", "Gateway"}
+GENERATION_KINDS = {
+    "Deployment",
+    "DaemonSet",
+    "ReplicaSet",
+    "StatefulSet",
+    "Pod",
+    "EnvoyFilter",
+    "VirtualService",
+    "DestinationRule",
+    "Gateway",
+}

@@ -16,9 +16,15 @@ from typing import Any
 from . import kinds
 
 VERSION = {
-    "major": "1", "minor": "32", "gitVersion": "v1.32.0-sandbox", "gitCommit": "sandbox",
-    "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23",
-    "compiler": "gc", "platform": "linux/amd64",
+    "major": "1",
+    "minor": "32",
+    "gitVersion": "v1.32.0-sandbox",
+    "gitCommit": "sandbox",
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.23",
+    "compiler": "gc",
+    "platform": "linux/amd64",
 }
 
 _SERVER_ADDR = [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]
@@ -52,7 +58,10 @@ def resource_list(group: str, version: str) -> dict[str, Any] | None:
     out: list[dict[str, Any]] = []
     for rt in rts:
         entry: dict[str, Any] = {
-            "name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced, "kind": rt.kind,
+            "name": rt.plural,
+            "singularName": rt.singular,
+            "namespaced": rt.namespaced,
+            "kind": rt.kind,
             "verbs": list(rt.verbs),
         }
         if rt.short_names:
@@ -62,15 +71,22 @@ def resource_list(group: str, version: str) -> dict[str, Any] | None:
         entry["storageVersionHash"] = hashlib.sha256(f"{rt.group}/{rt.kind}".encode()).hexdigest()[:12]
         out.append(entry)
         for sub in rt.subresources:
-            sub_entry: dict[str, Any] = {"name": f"{rt.plural}/{sub}", "singularName": "",
-                                         "namespaced": rt.namespaced, "kind": rt.kind}
+            sub_entry: dict[str, Any] = {
+                "name": f"{rt.plural}/{sub}",
+                "singularName": "",
+                "namespaced": rt.namespaced,
+                "kind": rt.kind,
+            }
             if sub == "status":
                 sub_entry["verbs"] = ["get", "patch", "update"]
             elif sub == "scale":
-                sub_entry.update(group="autoscaling", version="v1", kind="Scale", verbs=["get", "patch", "update"])
+                sub_entry.update(
+                    group="autoscaling", version="v1", kind="Scale", verbs=["get", "patch", "update"]
+                )
             elif sub == "token":
-                sub_entry.update(group="authentication.k8s.io", version="v1", kind="TokenRequest",
-                                 verbs=["create"])
+                sub_entry.update(
+                    group="authentication.k8s.io", version="v1", kind="TokenRequest", verbs=["create"]
+                )
             elif sub == "log":
                 sub_entry["verbs"] = ["get"]
             out.append(sub_entry)
@@ -98,17 +114,30 @@ def openapi_v3_gv(group: str, version: str) -> dict[str, Any] | None:
         return None
     prefix = "/" + _gv_path(group, version)
     paths: dict[str, Any] = {}
-    params = [{"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
-              {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
-              {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": True}},
-              {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": True}}]
+    params = [
+        {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
+        {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
+        {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": True}},
+        {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": True}},
+    ]
     for rt in rts:
         gvk = {"group": group, "version": version, "kind": rt.kind}
-        path = f"{prefix}/namespaces/{{namespace}}/{rt.plural}/{{name}}" if rt.namespaced \
+        path = (
+            f"{prefix}/namespaces/{{namespace}}/{rt.plural}/{{name}}"
+            if rt.namespaced
             else f"{prefix}/{rt.plural}/{{name}}"
-        op = {"operationId": f"patch{rt.kind}", "parameters": params,
-              "x-kubernetes-action": "patch", "x-kubernetes-group-version-kind": gvk,
-              "responses": {"200": {"description": "OK"}}}
+        )
+        op = {
+            "operationId": f"patch{rt.kind}",
+            "parameters": params,
+            "x-kubernetes-action": "patch",
+            "x-kubernetes-group-version-kind": gvk,
+            "responses": {"200": {"description": "OK"}},
+        }
         paths[path] = {"patch": op}
-    return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": VERSION["gitVersion"]},
-            "paths": paths, "components": {"schemas": {}}}
+    return {
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": VERSION["gitVersion"]},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }

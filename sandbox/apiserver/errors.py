@@ -59,7 +59,10 @@ def already_exists(rt: ResourceType, name: str) -> ApiError:
 
 def conflict(rt: ResourceType, name: str, why: str) -> ApiError:
     return ApiError(
-        409, "Conflict", f'Operation cannot be fulfilled on {rt.group_kind} "{name}": {why}', _details(rt, name)
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {rt.group_kind} "{name}": {why}',
+        _details(rt, name),
     )
 
 
@@ -80,7 +83,9 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
 
 
-def method_not_allowed(message: str = "the server does not allow this method on the requested resource") -> ApiError:
+def method_not_allowed(
+    message: str = "the server does not allow this method on the requested resource",
+) -> ApiError:
     return ApiError(405, "MethodNotAllowed", message, {})
 
 
@@ -97,6 +102,10 @@ def unauthorized() -> ApiError:
 
 
 def unsupported_media(content_type: str) -> ApiError:
-    return ApiError(415, "UnsupportedMediaType", f'the body of the request was in an unknown format - '
-                    f'accepted media types include: application/json-patch+json, application/merge-patch+json, '
-                    f'application/apply-patch+yaml, application/strategic-merge-patch+json; got "{content_type}"')
+    return ApiError(
+        415,
+        "UnsupportedMediaType",
+        f"the body of the request was in an unknown format - "
+        f"accepted media types include: application/json-patch+json, application/merge-patch+json, "
+        f'application/apply-patch+yaml, application/strategic-merge-patch+json; got "{content_type}"',
+    )

@@ -28,8 +28,17 @@ Path = tuple[str, ...]
 MISSING = object()
 
 _META_SKIP = {
-    "name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "managedFields",
-    "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "generateName",
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "selfLink",
+    "generateName",
 }
 
 
@@ -129,7 +138,7 @@ def get_path(obj: Any, path: Path) -> Any:
         elif kind == "k":
             if not isinstance(cur, list):
                 return MISSING
-            (key, value), = json.loads(rest).items()
+            ((key, value),) = json.loads(rest).items()
             cur = next((x for x in cur if isinstance(x, dict) and x.get(key) == value), MISSING)
             if cur is MISSING:
                 return MISSING
@@ -153,7 +162,7 @@ def remove_path(obj: Any, path: Path) -> None:
     if kind == "f" and isinstance(parent, dict):
         parent.pop(rest, None)
     elif kind == "k" and isinstance(parent, list):
-        (key, value), = json.loads(rest).items()
+        ((key, value),) = json.loads(rest).items()
         parent[:] = [x for x in parent if not (isinstance(x, dict) and x.get(key) == value)]
     elif kind == "v" and isinstance(parent, list):
         value = json.loads(rest)
@@ -199,8 +208,11 @@ class Managers:
 
     def _entry(self, manager: str, operation: str, api_version: str, subresource: str) -> dict[str, Any]:
         for e in self.entries:
-            if (e.get("manager"), e.get("operation"), e.get("subresource", "")) == (manager, operation,
-                                                                                      subresource):
+            if (e.get("manager"), e.get("operation"), e.get("subresource", "")) == (
+                manager,
+                operation,
+                subresource,
+            ):
                 return e
         e = {"manager": manager, "operation": operation, "apiVersion": api_version, "_set": set()}
         if subresource:
@@ -209,9 +221,12 @@ class Managers:
         return e
 
     def others(self, manager: str, operation: str, subresource: str) -> list[dict[str, Any]]:
-        return [e for e in self.entries
-                if (e.get("manager"), e.get("operation"), e.get("subresource", "")) != (manager, operation,
-                                                                                          subresource)]
+        return [
+            e
+            for e in self.entries
+            if (e.get("manager"), e.get("operation"), e.get("subresource", ""))
+            != (manager, operation, subresource)
+        ]
 
     def render(self) -> list[dict[str, Any]]:
         out = []
@@ -298,8 +313,10 @@ def _conflict_error(conflicts: list[tuple[str, Path]], api_version: str) -> ApiE
         msg = f"Apply failed with 1 conflict: {lines[0]}"
     else:
         msg = f"Apply failed with {n} conflicts: " + "\n".join(lines)
-    causes = [{"reason": "FieldManagerConflict", "message": f'conflict with "{m}"', "field": _describe(p)}
-              for m, p in conflicts]
+    causes = [
+        {"reason": "FieldManagerConflict", "message": f'conflict with "{m}"', "field": _describe(p)}
+        for m, p in conflicts
+    ]
     return ApiError(409, "Conflict", msg, {"causes": causes})
 
 

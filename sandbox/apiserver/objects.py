@@ -103,7 +103,9 @@ class IpAllocator:
 
 def strip_for_compare(obj: dict[str, Any]) -> dict[str, Any]:
     """The object without fields that change on every write (for no-op detection)."""
-    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in ("managedFields", "resourceVersion")}
+    meta = {
+        k: v for k, v in (obj.get("metadata") or {}).items() if k not in ("managedFields", "resourceVersion")
+    }
     out = dict(obj)
     out["metadata"] = meta
     return out

@@ -73,12 +73,16 @@ def _parent(doc: Any, parts: list[str]) -> tuple[Any, str]:
             try:
                 cur = cur[int(p)]
             except (ValueError, IndexError) as e:
-                raise bad_request(f"the server rejected our request due to an error in our request: {e}") from e
+                raise bad_request(
+                    f"the server rejected our request due to an error in our request: {e}"
+                ) from e
         elif isinstance(cur, dict) and p in cur:
             cur = cur[p]
         else:
-            raise bad_request(f"the server rejected our request due to an error in our request: "
-                              f"missing path component {p!r}")
+            raise bad_request(
+                f"the server rejected our request due to an error in our request: "
+                f"missing path component {p!r}"
+            )
     return cur, parts[-1]
 
 
@@ -89,8 +93,10 @@ def _get(doc: Any, parts: list[str]) -> Any:
     try:
         return parent[int(last)] if isinstance(parent, list) else parent[last]
     except (KeyError, ValueError, IndexError, TypeError) as e:
-        raise bad_request(f"the server rejected our request due to an error in our request: "
-                          f"path {'/'.join(parts)!r} not found") from e
+        raise bad_request(
+            f"the server rejected our request due to an error in our request: "
+            f"path {'/'.join(parts)!r} not found"
+        ) from e
 
 
 def _remove(doc: Any, parts: list[str]) -> Any:
@@ -100,8 +106,10 @@ def _remove(doc: Any, parts: list[str]) -> Any:
             return parent.pop(int(last))
         return parent.pop(last)
     except (KeyError, ValueError, IndexError, TypeError) as e:
-        raise bad_request(f"the server rejected our request due to an error in our request: "
-                          f"unable to remove nonexistent key: {last}") from e
+        raise bad_request(
+            f"the server rejected our request due to an error in our request: "
+            f"unable to remove nonexistent key: {last}"
+        ) from e
 
 
 def _add(doc: Any, parts: list[str], value: Any) -> Any:
@@ -117,14 +125,18 @@ def _add(doc: Any, parts: list[str], value: Any) -> Any:
             except ValueError as e:
                 raise bad_request(f"invalid list index {last!r}") from e
             if idx < 0 or idx > len(parent):
-                raise bad_request(f"the server rejected our request due to an error in our request: "
-                                  f"index {idx} out of bounds")
+                raise bad_request(
+                    f"the server rejected our request due to an error in our request: "
+                    f"index {idx} out of bounds"
+                )
             parent.insert(idx, value)
     elif isinstance(parent, dict):
         parent[last] = value
     else:
-        raise bad_request("the server rejected our request due to an error in our request: "
-                          f"cannot add to a scalar at {last!r}")
+        raise bad_request(
+            "the server rejected our request due to an error in our request: "
+            f"cannot add to a scalar at {last!r}"
+        )
     return doc
 
 

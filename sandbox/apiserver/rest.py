@@ -66,8 +66,15 @@ def _json(code: int, body: Any) -> Response:
 
 
 class Api:
-    def __init__(self, store: Store, issuer: TokenIssuer, ips: IpAllocator, admin_token: str,
-                 log_resolver: LogResolver | None = None, watch_timeout: float = WATCH_DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        store: Store,
+        issuer: TokenIssuer,
+        ips: IpAllocator,
+        admin_token: str,
+        log_resolver: LogResolver | None = None,
+        watch_timeout: float = WATCH_DEFAULT_TIMEOUT,
+    ) -> None:
         self.store = store
         self.issuer = issuer
         self.ips = ips
@@ -87,9 +94,16 @@ class Api:
             if self.store.get(ns_rt, "", ns) is None:
                 self._create(ns_rt, "v1", None, {"metadata": {"name": ns}}, {}, "kube-apiserver")
         if self.store.get(svc_rt, "default", "kubernetes") is None:
-            svc = {"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
-                   "spec": {"clusterIP": self.ips.first(),
-                            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}
+            svc = {
+                "metadata": {
+                    "name": "kubernetes",
+                    "labels": {"component": "apiserver", "provider": "kubernetes"},
+                },
+                "spec": {
+                    "clusterIP": self.ips.first(),
+                    "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}],
+                },
+            }
             self._create(svc_rt, "v1", "default", svc, {}, "kube-apiserver")
 
     def authenticate(self, token: str | None) -> str | None:
@@ -139,9 +153,16 @@ class Api:
         if path == "/version":
             return _json(200, discovery.VERSION)
         if path == "/.well-known/openid-configuration":
-            return _json(200, {"issuer": self.issuer.issuer, "jwks_uri": "/openid/v1/jwks",
-                               "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
-                               "id_token_signing_alg_values_supported": ["RS256"]})
+            return _json(
+                200,
+                {
+                    "issuer": self.issuer.issuer,
+                    "jwks_uri": "/openid/v1/jwks",
+                    "response_types_supported": ["id_token"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                },
+            )
         if path == "/openid/v1/jwks":
             return _json(200, self.issuer.jwks())
         if path == "/api":
@@ -151,7 +172,7 @@ class Api:
         if path == "/openapi/v3":
             return _json(200, discovery.openapi_v3_root())
         if path.startswith("/openapi/v3/"):
-            parts = path[len("/openapi/v3/"):].split("/")
+            parts = path[len("/openapi/v3/") :].split("/")
             doc = None
             if parts[0] == "api" and len(parts) == 2:
                 doc = discovery.openapi_v3_gv("", parts[1])
@@ -296,8 +317,15 @@ class Api:
             table = tables.to_table(t.rt, [self._out(t, o) for o in items], str(rv))
             table["metadata"].update(meta)
             return _json(200, table)
-        return _json(200, {"kind": f"{t.rt.kind}List", "apiVersion": t.rt.api_version(t.version), "metadata": meta,
-                           "items": [self._out(t, o) for o in items]})
+        return _json(
+            200,
+            {
+                "kind": f"{t.rt.kind}List",
+                "apiVersion": t.rt.api_version(t.version),
+                "metadata": meta,
+                "items": [self._out(t, o) for o in items],
+            },
+        )
 
     def _watch(self, req: Request, t: Target) -> Response:
         label = parse_label_selector(req.query.get("labelSelector"))
@@ -361,13 +389,18 @@ class Api:
             raise errors.bad_request("the object provided is unrecognized (must be a JSON object)")
         kind, api_version = body.get("kind"), body.get("apiVersion")
         if kind and kind != t.rt.kind:
-            raise errors.bad_request(f"the API version in the data ({api_version}) does not match the expected API "
-                                     f"version ({t.rt.api_version(t.version)})" if kind is None else
-                                     f'{kind} in version "{t.version}" cannot be handled as a {t.rt.kind}: '
-                                     f"the object kind does not match")
+            raise errors.bad_request(
+                f"the API version in the data ({api_version}) does not match the expected API "
+                f"version ({t.rt.api_version(t.version)})"
+                if kind is None
+                else f'{kind} in version "{t.version}" cannot be handled as a {t.rt.kind}: '
+                f"the object kind does not match"
+            )
         if api_version and api_version.rsplit("/", 1)[0] != (t.rt.group or api_version) and t.rt.group:
-            raise errors.bad_request(f"the API version in the data ({api_version}) does not match the expected API "
-                                     f"version ({t.rt.api_version(t.version)})")
+            raise errors.bad_request(
+                f"the API version in the data ({api_version}) does not match the expected API "
+                f"version ({t.rt.api_version(t.version)})"
+            )
         meta = body.get("metadata")
         if meta is not None and not isinstance(meta, dict):
             raise errors.bad_request("metadata must be an object")
@@ -407,27 +440,47 @@ class Api:
 
     def _create_request(self, req: Request, t: Target) -> Response:
         body = self._check_type(t, self._decode(req))
-        obj = self._create(t.rt, t.version, t.namespace, body, req.query, self._manager(req), self._dry_run(req))
+        obj = self._create(
+            t.rt, t.version, t.namespace, body, req.query, self._manager(req), self._dry_run(req)
+        )
         return self._render(req, t, obj, 201)
 
-    def _create(self, rt: ResourceType, version: str, namespace: str | None, body: dict[str, Any],
-                query: dict[str, str], manager: str, dry_run: bool = False,
-                managed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _create(
+        self,
+        rt: ResourceType,
+        version: str,
+        namespace: str | None,
+        body: dict[str, Any],
+        query: dict[str, str],
+        manager: str,
+        dry_run: bool = False,
+        managed: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
             body_ns = meta.get("namespace")
             if namespace is None:
-                raise errors.bad_request("the server could not find the requested resource (namespace required)")
+                raise errors.bad_request(
+                    "the server could not find the requested resource (namespace required)"
+                )
             if body_ns and body_ns != namespace:
-                raise errors.bad_request("the namespace of the provided object does not match the namespace "
-                                         "sent on the request")
+                raise errors.bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request"
+                )
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = generate_name(meta["generateName"])
-        for k in ("uid", "resourceVersion", "creationTimestamp", "deletionTimestamp", "selfLink", "generation"):
+        for k in (
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "selfLink",
+            "generation",
+        ):
             meta.pop(k, None)
         obj["apiVersion"] = rt.api_version(version)
         obj["kind"] = rt.kind
@@ -479,9 +532,18 @@ class Api:
             return
         if ip:
             if not self.ips.is_free(ip):
-                raise errors.invalid(rt, obj["metadata"]["name"], [(
-                    "spec.clusterIPs", "FieldValueInvalid",
-                    f'Invalid value: []string{{"{ip}"}}: failed to allocate IP {ip}: provided IP is already allocated')])
+                raise errors.invalid(
+                    rt,
+                    obj["metadata"]["name"],
+                    [
+                        (
+                            "spec.clusterIPs",
+                            "FieldValueInvalid",
+                            f'Invalid value: []string{{"{ip}"}}: failed to allocate IP {ip}: '
+                            "provided IP is already allocated",
+                        )
+                    ],
+                )
             if not dry_run:
                 self.ips.reserve(ip)
         else:
@@ -496,12 +558,20 @@ class Api:
         body = self._check_type(t, body)
         name = (body.get("metadata") or {}).get("name")
         if name != t.name:
-            raise errors.bad_request(f"the name of the object ({name}) does not match the name on the URL ({t.name})")
+            raise errors.bad_request(
+                f"the name of the object ({name}) does not match the name on the URL ({t.name})"
+            )
         obj = self._update(req, t, body)
         return self._render(req, t, obj)
 
-    def _update(self, req: Request, t: Target, body: dict[str, Any], check_rv: bool = True,
-                apply_managed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _update(
+        self,
+        req: Request,
+        t: Target,
+        body: dict[str, Any],
+        check_rv: bool = True,
+        apply_managed: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Replace the object at ``t`` by ``body`` (status-only for /status)."""
         rt = t.rt
         dry_run = self._dry_run(req)
@@ -511,8 +581,12 @@ class Api:
             meta = new.setdefault("metadata", {})
             rv = meta.get("resourceVersion")
             if check_rv and rv and rv != old["metadata"]["resourceVersion"]:
-                raise errors.conflict(rt, t.name or "", "the object has been modified; please apply your changes "
-                                      "to the latest version and try again")
+                raise errors.conflict(
+                    rt,
+                    t.name or "",
+                    "the object has been modified; please apply your changes "
+                    "to the latest version and try again",
+                )
             if rt.kind in STATUS_SUBRESOURCE_KINDS or t.sub == "status":
                 if t.sub == "status":
                     status = new.get("status")
@@ -542,8 +616,14 @@ class Api:
                 meta["managedFields"] = apply_managed
             else:
                 meta["managedFields"] = copy.deepcopy(old["metadata"].get("managedFields") or [])
-                fieldmanager.record_update(old, new, self._manager(req), rt.builtin, new["apiVersion"],
-                                           "status" if t.sub == "status" else "")
+                fieldmanager.record_update(
+                    old,
+                    new,
+                    self._manager(req),
+                    rt.builtin,
+                    new["apiVersion"],
+                    "status" if t.sub == "status" else "",
+                )
             if strip_for_compare(new) == strip_for_compare(old):
                 if apply_managed is None or _managers_equal(old, new):
                     return old
@@ -568,8 +648,12 @@ class Api:
                 try:
                     new = patching.json_patch(base, patch)
                 except patching.ApiTestFailed as e:
-                    raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our "
-                                   f"request: testing value {e} failed") from e
+                    raise ApiError(
+                        422,
+                        "Invalid",
+                        f"the server rejected our request due to an error in our "
+                        f"request: testing value {e} failed",
+                    ) from e
             elif ctype == "application/strategic-merge-patch+json":
                 if not t.rt.builtin:
                     raise errors.unsupported_media(ctype)
@@ -582,8 +666,12 @@ class Api:
                 raise errors.bad_request("the patch produced a non-object")
             new.setdefault("metadata", {})
             if new["metadata"].get("name") != old["metadata"]["name"]:
-                raise errors.bad_request("metadata.name: the name of the object may not be changed by a patch")
-            patch_rv = (patch.get("metadata") or {}).get("resourceVersion") if isinstance(patch, dict) else None
+                raise errors.bad_request(
+                    "metadata.name: the name of the object may not be changed by a patch"
+                )
+            patch_rv = (
+                (patch.get("metadata") or {}).get("resourceVersion") if isinstance(patch, dict) else None
+            )
             if patch_rv is None:
                 new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
             obj = self._update(req, t, new)
@@ -600,12 +688,14 @@ class Api:
         if meta.get("managedFields"):
             raise errors.bad_request("metadata.managedFields must be nil")
         if meta.get("name") != t.name:
-            raise errors.bad_request(f"the name of the object ({meta.get('name')}) does not match the name on "
-                                     f"the URL ({t.name})")
+            raise errors.bad_request(
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({t.name})"
+            )
         if t.rt.namespaced:
             if meta.get("namespace") and meta["namespace"] != t.namespace:
-                raise errors.bad_request("the namespace of the provided object does not match the namespace sent "
-                                         "on the request")
+                raise errors.bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request"
+                )
             meta["namespace"] = t.namespace
         force = _truthy(req.query.get("force"))
         sub = "status" if t.sub == "status" else ""
@@ -617,11 +707,14 @@ class Api:
                     raise errors.not_found(t.rt, t.name or "")
                 new = fieldmanager.server_side_apply(None, config, manager, force, t.rt.builtin, api_version)
                 managed = new["metadata"].pop("managedFields")
-                obj = self._create(t.rt, t.version, t.namespace, new, req.query, manager, self._dry_run(req),
-                                   managed=managed)
+                obj = self._create(
+                    t.rt, t.version, t.namespace, new, req.query, manager, self._dry_run(req), managed=managed
+                )
                 return self._render(req, t, obj, 201)
             current = self._out(t, old)
-            new = fieldmanager.server_side_apply(current, config, manager, force, t.rt.builtin, api_version, sub)
+            new = fieldmanager.server_side_apply(
+                current, config, manager, force, t.rt.builtin, api_version, sub
+            )
             managed = new["metadata"].pop("managedFields")
             new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
             obj = self._update(req, t, new, apply_managed=managed)
@@ -633,12 +726,18 @@ class Api:
         meta = obj["metadata"]
         sel = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
         return {
-            "kind": "Scale", "apiVersion": "autoscaling/v1",
-            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
-                         if k in meta},
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                k: meta[k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in meta
+            },
             "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
-            "status": {"replicas": (obj.get("status") or {}).get("replicas", 0),
-                       "selector": ",".join(f"{k}={v}" for k, v in sel.items())},
+            "status": {
+                "replicas": (obj.get("status") or {}).get("replicas", 0),
+                "selector": ",".join(f"{k}={v}" for k, v in sel.items()),
+            },
         }
 
     def _scale_update(self, req: Request, t: Target, scale: Any) -> Response:
@@ -678,11 +777,19 @@ class Api:
             obj = self._require(t)
             pre = opts.get("preconditions") or {}
             if pre.get("uid") and pre["uid"] != obj["metadata"].get("uid"):
-                raise errors.conflict(t.rt, t.name or "", f"Precondition failed: UID in precondition: {pre['uid']}, "
-                                      f"UID in object meta: {obj['metadata'].get('uid')}")
+                raise errors.conflict(
+                    t.rt,
+                    t.name or "",
+                    f"Precondition failed: UID in precondition: {pre['uid']}, "
+                    f"UID in object meta: {obj['metadata'].get('uid')}",
+                )
             if pre.get("resourceVersion") and pre["resourceVersion"] != obj["metadata"]["resourceVersion"]:
-                raise errors.conflict(t.rt, t.name or "", "the object has been modified; please apply your changes "
-                                      "to the latest version and try again")
+                raise errors.conflict(
+                    t.rt,
+                    t.name or "",
+                    "the object has been modified; please apply your changes "
+                    "to the latest version and try again",
+                )
             if dry:
                 return self._render(req, t, obj)
             if obj["metadata"].get("finalizers"):
@@ -739,10 +846,23 @@ class Api:
                     continue
                 if self.store.get(t.rt, o["metadata"].get("namespace", ""), o["metadata"]["name"]) is None:
                     continue
-                out.append(self._out(t, self._remove(t.rt, o["metadata"].get("namespace", ""),
-                                                     o["metadata"]["name"], "Background")))
-        return _json(200, {"kind": f"{t.rt.kind}List", "apiVersion": t.rt.api_version(t.version),
-                           "metadata": {"resourceVersion": str(self.store.resource_version)}, "items": out})
+                out.append(
+                    self._out(
+                        t,
+                        self._remove(
+                            t.rt, o["metadata"].get("namespace", ""), o["metadata"]["name"], "Background"
+                        ),
+                    )
+                )
+        return _json(
+            200,
+            {
+                "kind": f"{t.rt.kind}List",
+                "apiVersion": t.rt.api_version(t.version),
+                "metadata": {"resourceVersion": str(self.store.resource_version)},
+                "items": out,
+            },
+        )
 
     # ---------------------------------------------------------------- tokens
 
@@ -756,9 +876,17 @@ class Api:
         expiration = int(spec.get("expirationSeconds") or 3600)
         tr_rt = kinds.ResourceType("authentication.k8s.io", ("v1",), "TokenRequest", "tokenrequests", True)
         if expiration < 600:
-            raise errors.invalid(tr_rt, t.name or "", [("spec.expirationSeconds", "FieldValueInvalid",
-                                                       "Invalid value: may not specify a duration less than 10 "
-                                                       "minutes")])
+            raise errors.invalid(
+                tr_rt,
+                t.name or "",
+                [
+                    (
+                        "spec.expirationSeconds",
+                        "FieldValueInvalid",
+                        "Invalid value: may not specify a duration less than 10 minutes",
+                    )
+                ],
+            )
         bound = spec.get("boundObjectRef")
         if bound:
             brt = kinds.by_kind(bound.get("kind", ""))
@@ -766,14 +894,21 @@ class Api:
             if target is None or (bound.get("uid") and bound["uid"] != target["metadata"]["uid"]):
                 raise errors.not_found(brt or tr_rt, bound.get("name", ""))
             bound = {"kind": bound.get("kind"), "name": bound.get("name"), "uid": target["metadata"]["uid"]}
-        token, exp = self.issuer.issue(t.namespace or "", t.name or "", sa["metadata"]["uid"], audiences,
-                                       expiration, bound)
+        token, exp = self.issuer.issue(
+            t.namespace or "", t.name or "", sa["metadata"]["uid"], audiences, expiration, bound
+        )
         exp_ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
-        out = {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
-               "metadata": {"name": t.name, "namespace": t.namespace, "creationTimestamp": None},
-               "spec": {"audiences": audiences, "expirationSeconds": expiration, "boundObjectRef": spec.get(
-                   "boundObjectRef")},
-               "status": {"token": token, "expirationTimestamp": exp_ts}}
+        out = {
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": t.name, "namespace": t.namespace, "creationTimestamp": None},
+            "spec": {
+                "audiences": audiences,
+                "expirationSeconds": expiration,
+                "boundObjectRef": spec.get("boundObjectRef"),
+            },
+            "status": {"token": token, "expirationTimestamp": exp_ts},
+        }
         return _json(201, out)
 
     def _token_review(self, req: Request) -> Response:
@@ -785,8 +920,11 @@ class Api:
         wanted = spec.get("audiences") or [API_AUDIENCE]
         status: dict[str, Any] = {"user": {}}
         if token == self.admin_token:
-            status.update(authenticated=True, audiences=wanted,
-                          user={"username": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]})
+            status.update(
+                authenticated=True,
+                audiences=wanted,
+                user={"username": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]},
+            )
         else:
             claims = self.issuer.verify(token)
             aud = (claims or {}).get("aud") or []
@@ -795,23 +933,43 @@ class Api:
             if claims is None:
                 status.update(authenticated=False, error="invalid bearer token, token could not be validated")
             elif not matched:
-                status.update(authenticated=False, error="invalid bearer token, token audiences "
-                              f"{json.dumps(aud)} is invalid for the target audiences {json.dumps(wanted)}")
+                status.update(
+                    authenticated=False,
+                    error="invalid bearer token, token audiences "
+                    f"{json.dumps(aud)} is invalid for the target audiences {json.dumps(wanted)}",
+                )
             elif not self._sa_claims_live(claims):
-                status.update(authenticated=False, error="invalid bearer token, service account or bound "
-                              "object no longer exists")
+                status.update(
+                    authenticated=False,
+                    error="invalid bearer token, service account or bound object no longer exists",
+                )
             else:
                 k8s = claims.get("kubernetes.io") or {}
                 extra: dict[str, list[str]] = {}
                 if k8s.get("pod"):
                     extra["authentication.kubernetes.io/pod-name"] = [k8s["pod"]["name"]]
                     extra["authentication.kubernetes.io/pod-uid"] = [k8s["pod"]["uid"]]
-                status.update(authenticated=True, audiences=matched, user={
-                    "username": claims["sub"], "uid": (k8s.get("serviceaccount") or {}).get("uid", ""),
-                    "groups": ["system:serviceaccounts", f"system:serviceaccounts:{k8s.get('namespace', '')}",
-                               "system:authenticated"], **({"extra": extra} if extra else {})})
-        out = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
-               "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
+                status.update(
+                    authenticated=True,
+                    audiences=matched,
+                    user={
+                        "username": claims["sub"],
+                        "uid": (k8s.get("serviceaccount") or {}).get("uid", ""),
+                        "groups": [
+                            "system:serviceaccounts",
+                            f"system:serviceaccounts:{k8s.get('namespace', '')}",
+                            "system:authenticated",
+                        ],
+                        **({"extra": extra} if extra else {}),
+                    },
+                )
+        out = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
         return _json(201, out)
 
     # ---------------------------------------------------------------- logs
@@ -825,8 +983,10 @@ class Api:
             raise errors.bad_request(f"container {container} is not valid for pod {t.name}")
         if not container:
             if len(containers) > 1:
-                raise errors.bad_request(f"a container name must be specified for pod {t.name}, choose one of: "
-                                         f"[{' '.join(str(c) for c in containers)}]")
+                raise errors.bad_request(
+                    f"a container name must be specified for pod {t.name}, choose one of: "
+                    f"[{' '.join(str(c) for c in containers)}]"
+                )
             container = containers[0] if containers else ""
         path: str | Path | None = None
         if self.log_resolver is not None:
@@ -885,8 +1045,10 @@ def _spec_of(obj: dict[str, Any]) -> Any:
 
 def _managers_equal(old: dict[str, Any], new: dict[str, Any]) -> bool:
     def sets(o: dict[str, Any]) -> list[tuple[Any, ...]]:
-        return sorted((e.get("manager"), e.get("operation"), json.dumps(e.get("fieldsV1"), sort_keys=True))
-                      for e in o["metadata"].get("managedFields") or [])
+        return sorted(
+            (e.get("manager"), e.get("operation"), json.dumps(e.get("fieldsV1"), sort_keys=True))
+            for e in o["metadata"].get("managedFields") or []
+        )
 
     return sets(old) == sets(new)
 
@@ -905,13 +1067,29 @@ def _immutable(rt: ResourceType, old: dict[str, Any], new: dict[str, Any]) -> li
     if rt.kind == "Service":
         o, n = (old.get("spec") or {}).get("clusterIP"), (new.get("spec") or {}).get("clusterIP")
         if o and n != o:
-            out.append(("spec.clusterIPs[0]", "FieldValueInvalid",
-                        f'Invalid value: []string{{"{n}"}}: may not change once set'))
+            out.append(
+                (
+                    "spec.clusterIPs[0]",
+                    "FieldValueInvalid",
+                    f'Invalid value: []string{{"{n}"}}: may not change once set',
+                )
+            )
     if rt.kind in ("Deployment", "DaemonSet", "ReplicaSet", "StatefulSet"):
         if (old.get("spec") or {}).get("selector") != (new.get("spec") or {}).get("selector"):
-            out.append(("spec.selector", "FieldValueInvalid",
-                        f"Invalid value: {json.dumps((new.get('spec') or {}).get('selector'))}: field is immutable"))
+            out.append(
+                (
+                    "spec.selector",
+                    "FieldValueInvalid",
+                    f"Invalid value: {json.dumps((new.get('spec') or {}).get('selector'))}: "
+                    "field is immutable",
+                )
+            )
     if rt.kind in ("ClusterRoleBinding", "RoleBinding") and old.get("roleRef") != new.get("roleRef"):
-        out.append(("roleRef", "FieldValueInvalid",
-                    f"Invalid value: {json.dumps(new.get('roleRef'))}: cannot change roleRef"))
+        out.append(
+            (
+                "roleRef",
+                "FieldValueInvalid",
+                f"Invalid value: {json.dumps(new.get('roleRef'))}: cannot change roleRef",
+            )
+        )
     return out

@@ -110,7 +110,7 @@ def parse_field_selector(text: str | None) -> Predicate:
             continue
         m = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(==|!=|=)\s*(.*)", part)
         if not m:
-            raise bad_request(f'invalid selector: \'{text}\'; can\'t understand \'{part}\'')
+            raise bad_request(f"invalid selector: '{text}'; can't understand '{part}'")
         clauses.append((m.group(1), m.group(2) == "!=", m.group(3)))
 
     def pred(obj: dict[str, Any]) -> bool:

@@ -28,8 +28,14 @@ from .tokens import TokenIssuer
 
 log = logging.getLogger("sandbox.apiserver")
 
-PUBLIC_PATHS = {"/version", "/healthz", "/livez", "/readyz", "/.well-known/openid-configuration",
-                "/openid/v1/jwks"}
+PUBLIC_PATHS = {
+    "/version",
+    "/healthz",
+    "/livez",
+    "/readyz",
+    "/.well-known/openid-configuration",
+    "/openid/v1/jwks",
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -58,7 +64,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         body = self._read_body()
         headers = {k.lower(): v for k, v in self.headers.items()}
-        req = Request(self.command, url.path, dict(parse_qsl(url.query, keep_blank_values=True)), headers, body)
+        req = Request(
+            self.command, url.path, dict(parse_qsl(url.query, keep_blank_values=True)), headers, body
+        )
         auth = headers.get("authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         user = self.api.authenticate(token) if token else ("system:anonymous" if self.anonymous else None)
@@ -150,9 +158,17 @@ class ApiServer:
     ``sandbox.kmesh.io/log-path`` annotation).
     """
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", token: str | None = None,
-                 state_dir: Path | None = None, service_cidr: str = "10.96.0.0/16", watch_history: int = 10000,
-                 log_resolver: LogResolver | None = None, anonymous: bool = True) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+        state_dir: Path | None = None,
+        service_cidr: str = "10.96.0.0/16",
+        watch_history: int = 10000,
+        log_resolver: LogResolver | None = None,
+        anonymous: bool = True,
+    ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the sandbox API server listens on loopback only")
         self.host = host

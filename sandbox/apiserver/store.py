@@ -158,7 +158,9 @@ class Store:
                         w.queue.put(("ADDED", obj))
             else:
                 if since < self._evicted_upto:
-                    raise ApiError(410, "Expired", f"too old resource version: {since} ({self._evicted_upto + 1})")
+                    raise ApiError(
+                        410, "Expired", f"too old resource version: {since} ({self._evicted_upto + 1})"
+                    )
                 for ev in self._history:
                     if ev.rv > since:
                         w.offer(ev)

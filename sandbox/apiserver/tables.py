@@ -57,7 +57,9 @@ def _pod_ready(obj: dict[str, Any]) -> str:
 
 
 def _pod_restarts(obj: dict[str, Any]) -> int:
-    return sum(int(s.get("restartCount", 0)) for s in (obj.get("status") or {}).get("containerStatuses") or [])
+    return sum(
+        int(s.get("restartCount", 0)) for s in (obj.get("status") or {}).get("containerStatuses") or []
+    )
 
 
 def _pod_status(obj: dict[str, Any]) -> str:
@@ -83,57 +85,142 @@ def _selector(obj: dict[str, Any]) -> str:
 
 
 COLUMNS: dict[str, list[Column]] = {
-    "Pod": [("Ready", "string", _pod_ready), ("Status", "string", _pod_status),
-            ("Restarts", "integer", _pod_restarts), ("Age", "string", _age),
-            ("IP", "string", lambda o: (o.get("status") or {}).get("podIP") or "<none>"),
-            ("Node", "string", lambda o: (o.get("spec") or {}).get("nodeName") or "<none>")],
-    "Service": [("Type", "string", lambda o: (o.get("spec") or {}).get("type", "")),
-                ("Cluster-IP", "string", lambda o: (o.get("spec") or {}).get("clusterIP", "")),
-                ("External-IP", "string", lambda o: "<none>"), ("Port(s)", "string", _ports),
-                ("Age", "string", _age), ("Selector", "string", _selector)],
-    "Deployment": [("Ready", "string", lambda o: f"{_st(o, 'readyReplicas')}/{(o.get('spec') or {}).get('replicas', 0)}"),
-                   ("Up-to-date", "integer", lambda o: _st(o, "updatedReplicas")),
-                   ("Available", "integer", lambda o: _st(o, "availableReplicas")), ("Age", "string", _age)],
-    "DaemonSet": [("Desired", "integer", lambda o: _st(o, "desiredNumberScheduled")),
-                  ("Current", "integer", lambda o: _st(o, "currentNumberScheduled")),
-                  ("Ready", "integer", lambda o: _st(o, "numberReady")),
-                  ("Up-to-date", "integer", lambda o: _st(o, "updatedNumberScheduled")),
-                  ("Available", "integer", lambda o: _st(o, "numberAvailable")),
-                  ("Node Selector", "string", lambda o: ",".join(
-                      f"{k}={v}" for k, v in (((o.get("spec") or {}).get("template") or {}).get("spec") or {})
-                      .get("nodeSelector", {}).items()) or "<none>"),
-                  ("Age", "string", _age)],
-    "Namespace": [("Status", "string", lambda o: (o.get("status") or {}).get("phase", "")), ("Age", "string", _age)],
-    "Node": [("Status", "string", lambda o: next(
-        ("Ready" if c.get("status") == "True" else "NotReady"
-         for c in (o.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), "Unknown")),
-             ("Age", "string", _age)],
-    "ConfigMap": [("Data", "integer", lambda o: len(o.get("data") or {}) + len(o.get("binaryData") or {})),
-                  ("Age", "string", _age)],
-    "Secret": [("Type", "string", lambda o: o.get("type", "")),
-               ("Data", "integer", lambda o: len(o.get("data") or {})), ("Age", "string", _age)],
-    "ServiceAccount": [("Secrets", "integer", lambda o: len(o.get("secrets") or [])), ("Age", "string", _age)],
-    "ClusterRoleBinding": [("Role", "string", lambda o: f"{(o.get('roleRef') or {}).get('kind')}/"
-                            f"{(o.get('roleRef') or {}).get('name')}"), ("Age", "string", _age)],
-    "Event": [("Last Seen", "string", _age), ("Type", "string", lambda o: o.get("type", "")),
-              ("Reason", "string", lambda o: o.get("reason", "")),
-              ("Object", "string", lambda o: f"{(o.get('involvedObject') or {}).get('kind', '').lower()}/"
-               f"{(o.get('involvedObject') or {}).get('name', '')}"),
-              ("Message", "string", lambda o: o.get("message", ""))],
+    "Pod": [
+        ("Ready", "string", _pod_ready),
+        ("Status", "string", _pod_status),
+        ("Restarts", "integer", _pod_restarts),
+        ("Age", "string", _age),
+        ("IP", "string", lambda o: (o.get("status") or {}).get("podIP") or "<none>"),
+        ("Node", "string", lambda o: (o.get("spec") or {}).get("nodeName") or "<none>"),
+    ],
+    "Service": [
+        ("Type", "string", lambda o: (o.get("spec") or {}).get("type", "")),
+        ("Cluster-IP", "string", lambda o: (o.get("spec") or {}).get("clusterIP", "")),
+        ("External-IP", "string", lambda o: "<none>"),
+        ("Port(s)", "string", _ports),
+        ("Age", "string", _age),
+        ("Selector", "string", _selector),
+    ],
+    "Deployment": [
+        (
+            "Ready",
+            "string",
+            lambda o: f"{_st(o, 'readyReplicas')}/{(o.get('spec') or {}).get('replicas', 0)}",
+        ),
+        ("Up-to-date", "integer", lambda o: _st(o, "updatedReplicas")),
+        ("Available", "integer", lambda o: _st(o, "availableReplicas")),
+        ("Age", "string", _age),
+    ],
+    "DaemonSet": [
+        ("Desired", "integer", lambda o: _st(o, "desiredNumberScheduled")),
+        ("Current", "integer", lambda o: _st(o, "currentNumberScheduled")),
+        ("Ready", "integer", lambda o: _st(o, "numberReady")),
+        ("Up-to-date", "integer", lambda o: _st(o, "updatedNumberScheduled")),
+        ("Available", "integer", lambda o: _st(o, "numberAvailable")),
+        (
+            "Node Selector",
+            "string",
+            lambda o: (
+                ",".join(
+                    f"{k}={v}"
+                    for k, v in (((o.get("spec") or {}).get("template") or {}).get("spec") or {})
+                    .get("nodeSelector", {})
+                    .items()
+                )
+                or "<none>"
+            ),
+        ),
+        ("Age", "string", _age),
+    ],
+    "Namespace": [
+        ("Status", "string", lambda o: (o.get("status") or {}).get("phase", "")),
+        ("Age", "string", _age),
+    ],
+    "Node": [
+        (
+            "Status",
+            "string",
+            lambda o: next(
+                (
+                    "Ready" if c.get("status") == "True" else "NotReady"
+                    for c in (o.get("status") or {}).get("conditions") or []
+                    if c.get("type") == "Ready"
+                ),
+                "Unknown",
+            ),
+        ),
+        ("Age", "string", _age),
+    ],
+    "ConfigMap": [
+        ("Data", "integer", lambda o: len(o.get("data") or {}) + len(o.get("binaryData") or {})),
+        ("Age", "string", _age),
+    ],
+    "Secret": [
+        ("Type", "string", lambda o: o.get("type", "")),
+        ("Data", "integer", lambda o: len(o.get("data") or {})),
+        ("Age", "string", _age),
+    ],
+    "ServiceAccount": [
+        ("Secrets", "integer", lambda o: len(o.get("secrets") or [])),
+        ("Age", "string", _age),
+    ],
+    "ClusterRoleBinding": [
+        (
+            "Role",
+            "string",
+            lambda o: f"{(o.get('roleRef') or {}).get('kind')}/{(o.get('roleRef') or {}).get('name')}",
+        ),
+        ("Age", "string", _age),
+    ],
+    "Event": [
+        ("Last Seen", "string", _age),
+        ("Type", "string", lambda o: o.get("type", "")),
+        ("Reason", "string", lambda o: o.get("reason", "")),
+        (
+            "Object",
+            "string",
+            lambda o: (
+                f"{(o.get('involvedObject') or {}).get('kind', '').lower()}/"
+                f"{(o.get('involvedObject') or {}).get('name', '')}"
+            ),
+        ),
+        ("Message", "string", lambda o: o.get("message", "")),
+    ],
 }
+
+
+# Columns kubectl shows only with ``-o wide``.
+WIDE_ONLY = {"IP", "Node", "Selector", "Node Selector"}
 
 
 def to_table(rt: ResourceType, objs: list[dict[str, Any]], rv: str) -> dict[str, Any]:
     cols = COLUMNS.get(rt.kind, [("Age", "string", _age)])
-    defs = [{"name": "Name", "type": "string", "format": "name", "description": "Name of the object",
-             "priority": 0}]
-    defs += [{"name": n, "type": t, "format": "", "description": n, "priority": 0} for n, t, _ in cols]
+    defs = [
+        {
+            "name": "Name",
+            "type": "string",
+            "format": "name",
+            "description": "Name of the object",
+            "priority": 0,
+        }
+    ]
+    defs += [
+        {"name": n, "type": t, "format": "", "description": n, "priority": 1 if n in WIDE_ONLY else 0}
+        for n, t, _ in cols
+    ]
     rows = []
     for o in objs:
         meta = o.get("metadata") or {}
-        rows.append({
-            "cells": [meta.get("name", "")] + [fn(o) for _, _, fn in cols],
-            "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta},
-        })
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv},
-            "columnDefinitions": defs, "rows": rows}
+        rows.append(
+            {
+                "cells": [meta.get("name", "")] + [fn(o) for _, _, fn in cols],
+                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta},
+            }
+        )
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv},
+        "columnDefinitions": defs,
+        "rows": rows,
+    }

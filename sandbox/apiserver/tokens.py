@@ -31,15 +31,29 @@ class TokenIssuer:
             self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             if key_path is not None:
                 key_path.parent.mkdir(parents=True, exist_ok=True)
-                key_path.write_bytes(self._key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+                key_path.write_bytes(
+                    self._key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
                 key_path.chmod(0o600)
         self._public = self._key.public_key()
-        der = self._public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        der = self._public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         self.key_id = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
-    def issue(self, namespace: str, name: str, sa_uid: str, audiences: list[str], expiration_seconds: int,
-              bound: dict[str, Any] | None = None) -> tuple[str, int]:
+    def issue(
+        self,
+        namespace: str,
+        name: str,
+        sa_uid: str,
+        audiences: list[str],
+        expiration_seconds: int,
+        bound: dict[str, Any] | None = None,
+    ) -> tuple[str, int]:
         """A signed token and its expiry (unix seconds)."""
         import jwt
 
@@ -49,8 +63,13 @@ class TokenIssuer:
         if bound and bound.get("kind") in ("Pod", "Secret", "Node"):
             k8s[bound["kind"].lower()] = {"name": bound.get("name", ""), "uid": bound.get("uid", "")}
         claims = {
-            "iss": self.issuer, "sub": f"system:serviceaccount:{namespace}:{name}", "aud": audiences,
-            "iat": now, "nbf": now, "exp": exp, "kubernetes.io": k8s,
+            "iss": self.issuer,
+            "sub": f"system:serviceaccount:{namespace}:{name}",
+            "aud": audiences,
+            "iat": now,
+            "nbf": now,
+            "exp": exp,
+            "kubernetes.io": k8s,
         }
         token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.key_id})
         return token, exp
@@ -60,8 +79,13 @@ class TokenIssuer:
         import jwt
 
         try:
-            return jwt.decode(token, self._public, algorithms=["RS256"], issuer=self.issuer,
-                              options={"verify_aud": False, "require": ["exp", "sub", "iss"]})
+            return jwt.decode(
+                token,
+                self._public,
+                algorithms=["RS256"],
+                issuer=self.issuer,
+                options={"verify_aud": False, "require": ["exp", "sub", "iss"]},
+            )
         except jwt.PyJWTError:
             return None
 
@@ -69,7 +93,19 @@ class TokenIssuer:
         nums = self._public.public_numbers()
 
         def b64(n: int) -> str:
-            return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+            return (
+                base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+            )
 
-        return {"keys": [{"use": "sig", "kty": "RSA", "kid": self.key_id, "alg": "RS256",
-                          "n": b64(nums.n), "e": b64(nums.e)}]}
+        return {
+            "keys": [
+                {
+                    "use": "sig",
+                    "kty": "RSA",
+                    "kid": self.key_id,
+                    "alg": "RS256",
+                    "n": b64(nums.n),
+                    "e": b64(nums.e),
+                }
+            ]
+        }

@@ -22,15 +22,21 @@ CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 
-_SUBDOMAIN_MSG = ("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
-                  "'.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used "
-                  "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")
-_LABEL_MSG = ("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must "
-              "start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for "
-              "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')")
-_DNS1035_MSG = ("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
-                "alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', "
-                "regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')")
+_SUBDOMAIN_MSG = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used "
+    "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+_LABEL_MSG = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must "
+    "start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for "
+    "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+)
+_DNS1035_MSG = (
+    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
+    "alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', "
+    "regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"
+)
 _PORT_MSG = "must be between 1 and 65535, inclusive"
 
 
@@ -49,8 +55,11 @@ def invalid(field: str, value: Any, detail: str) -> Cause:
 
 
 def unsupported(field: str, value: Any, allowed: list[str]) -> Cause:
-    return (field, "FieldValueNotSupported",
-            f"Unsupported value: {_q(value)}: supported values: " + ", ".join(f'"{a}"' for a in allowed))
+    return (
+        field,
+        "FieldValueNotSupported",
+        f"Unsupported value: {_q(value)}: supported values: " + ", ".join(f'"{a}"' for a in allowed),
+    )
 
 
 def not_found(field: str, value: Any) -> Cause:
@@ -69,8 +78,11 @@ def check_name(kind: str, name: str | None, field: str = "metadata.name") -> lis
     elif kind == "Service":
         ok, msg, limit = DNS1035_LABEL.match(name), _DNS1035_MSG, 63
     elif kind in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
-        ok, msg, limit = ("/" not in name and "%" not in name and name not in (".", "..")), \
-            'may not contain "/"', 253
+        ok, msg, limit = (
+            ("/" not in name and "%" not in name and name not in (".", "..")),
+            'may not contain "/"',
+            253,
+        )
     else:
         ok, msg, limit = DNS1123_SUBDOMAIN.match(name), _SUBDOMAIN_MSG, 253
     if len(name) > limit:
@@ -93,12 +105,24 @@ def check_labels(labels: Any, field: str) -> list[Cause]:
         return [invalid(field, labels, "must be a map of strings")]
     for k, v in labels.items():
         if not _qualified_key(str(k)):
-            out.append(invalid(field, k, "name part must consist of alphanumeric characters, '-', '_' or '.', "
-                               "and must start and end with an alphanumeric character"))
+            out.append(
+                invalid(
+                    field,
+                    k,
+                    "name part must consist of alphanumeric characters, '-', '_' or '.', "
+                    "and must start and end with an alphanumeric character",
+                )
+            )
         if not isinstance(v, str) or len(v) > 63 or not LABEL_VALUE.match(v):
-            out.append(invalid(f"{field}", v, "a valid label must be an empty string or consist of "
-                               "alphanumeric characters, '-', '_' or '.', and must start and end with an "
-                               "alphanumeric character"))
+            out.append(
+                invalid(
+                    f"{field}",
+                    v,
+                    "a valid label must be an empty string or consist of "
+                    "alphanumeric characters, '-', '_' or '.', and must start and end with an "
+                    "alphanumeric character",
+                )
+            )
     return out
 
 
@@ -121,7 +145,9 @@ def check_metadata(kind: str, obj: dict[str, Any]) -> list[Cause]:
 def _port(field: str, value: Any, allow_zero: bool = False) -> list[Cause]:
     lo = 0 if allow_zero else 1
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= 65535:
-        return [invalid(field, value, _PORT_MSG if not allow_zero else "must be between 0 and 65535, inclusive")]
+        return [
+            invalid(field, value, _PORT_MSG if not allow_zero else "must be between 0 and 65535, inclusive")
+        ]
     return []
 
 
@@ -158,8 +184,13 @@ def check_container(c: Any, field: str, volumes: set[str]) -> list[Cause]:
         pname = p.get("name")
         if pname is not None:
             if not IANA_SVC_NAME.match(str(pname)) or not re.search("[a-z]", str(pname)):
-                out.append(invalid(f"{pf}.name", pname, "must be no more than 15 characters and contain only "
-                                   "lowercase alphanumerics and '-'"))
+                out.append(
+                    invalid(
+                        f"{pf}.name",
+                        pname,
+                        "must be no more than 15 characters and contain only lowercase alphanumerics and '-'",
+                    )
+                )
             elif pname in seen_ports:
                 out.append(duplicate(f"{pf}.name", pname))
             seen_ports.add(str(pname))
@@ -168,8 +199,14 @@ def check_container(c: Any, field: str, volumes: set[str]) -> list[Cause]:
         if not isinstance(e, dict) or not e.get("name"):
             out.append(required(f"{ef}.name"))
         elif not ENV_NAME.match(str(e["name"])):
-            out.append(invalid(f"{ef}.name", e["name"], "a valid environment variable name must consist of "
-                               "alphabetic characters, digits, '_', '-', or '.', and must not start with a digit"))
+            out.append(
+                invalid(
+                    f"{ef}.name",
+                    e["name"],
+                    "a valid environment variable name must consist of "
+                    "alphabetic characters, digits, '_', '-', or '.', and must not start with a digit",
+                )
+            )
         elif "value" in e and "valueFrom" in e:
             out.append(invalid(f"{ef}.valueFrom", "", "may not be specified when `value` is not empty"))
     for i, m in enumerate(c.get("volumeMounts") or []):
@@ -203,8 +240,13 @@ def check_pod_spec(spec: Any, field: str, template: bool = False) -> list[Cause]
         volumes.add(v["name"])
         sources = [k for k in v if k != "name"]
         if len(sources) > 1:
-            out.append((f"{vf}.{sources[1]}", "FieldValueForbidden", "Forbidden: may not specify more than 1 "
-                        "volume type"))
+            out.append(
+                (
+                    f"{vf}.{sources[1]}",
+                    "FieldValueForbidden",
+                    "Forbidden: may not specify more than 1 volume type",
+                )
+            )
         if "hostPath" in v and not (v.get("hostPath") or {}).get("path"):
             out.append(required(f"{vf}.hostPath.path"))
     containers = spec.get("containers")
@@ -223,8 +265,11 @@ def check_pod_spec(spec: Any, field: str, template: bool = False) -> list[Cause]
         out.append(unsupported(f"{field}.restartPolicy", rp, ["Always", "OnFailure", "Never"]))
     dns = spec.get("dnsPolicy")
     if dns is not None and dns not in ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"):
-        out.append(unsupported(f"{field}.dnsPolicy", dns,
-                               ["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"]))
+        out.append(
+            unsupported(
+                f"{field}.dnsPolicy", dns, ["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"]
+            )
+        )
     return out
 
 
@@ -237,17 +282,29 @@ def _check_workload(kind: str, obj: dict[str, Any]) -> list[Cause]:
     tmpl = spec.get("template") or {}
     tlabels = (tmpl.get("metadata") or {}).get("labels") or {}
     if not sel or not isinstance(sel, dict) or not (sel.get("matchLabels") or sel.get("matchExpressions")):
-        out.append(required("spec.selector"))
-        if not sel:
-            pass
+        if sel is None:
+            out.append(required("spec.selector"))
+        else:
+            out.append(
+                (
+                    "spec.selector",
+                    "FieldValueInvalid",
+                    f"Invalid value: {sel!r}: empty selector is invalid for {kind.lower()}",
+                )
+            )
     else:
         from .selectors import match_label_selector_object
 
         out += check_labels(sel.get("matchLabels"), "spec.selector.matchLabels")
         if not match_label_selector_object(sel, tlabels):
             labels_txt = "map[" + " ".join(f"{k}:{v}" for k, v in sorted(tlabels.items())) + "]"
-            out.append(("spec.template.metadata.labels", "FieldValueInvalid",
-                        f"Invalid value: {labels_txt}: `selector` does not match template `labels`"))
+            out.append(
+                (
+                    "spec.template.metadata.labels",
+                    "FieldValueInvalid",
+                    f"Invalid value: {labels_txt}: `selector` does not match template `labels`",
+                )
+            )
     out += check_labels(tlabels, "spec.template.metadata.labels")
     if not tmpl:
         out.append(required("spec.template"))
@@ -298,15 +355,27 @@ def _check_service(obj: dict[str, Any], service_cidr_contains: Any) -> list[Caus
             if tp.isdigit():
                 out += _port(f"{pf}.targetPort", int(tp))
             else:
-                out.append(invalid(f"{pf}.targetPort", tp, "must contain only alpha-numeric characters (a-z, "
-                                   "0-9), and hyphens (-)"))
+                out.append(
+                    invalid(
+                        f"{pf}.targetPort",
+                        tp,
+                        "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)",
+                    )
+                )
         if "nodePort" in p:
             out += _port(f"{pf}.nodePort", p["nodePort"], allow_zero=True)
         out += _protocol(f"{pf}.protocol", p.get("protocol"))
     cip = spec.get("clusterIP")
     if cip not in (None, "", "None") and not service_cidr_contains(cip):
-        out.append(invalid("spec.clusterIPs", [cip], "failed to allocate IP " + str(cip) +
-                           ": provided IP is not in the valid range. The range of valid IPs is the service CIDR"))
+        out.append(
+            invalid(
+                "spec.clusterIPs",
+                [cip],
+                "failed to allocate IP "
+                + str(cip)
+                + ": provided IP is not in the valid range. The range of valid IPs is the service CIDR",
+            )
+        )
     out += check_labels(spec.get("selector"), "spec.selector")
     return out
 
@@ -322,11 +391,15 @@ def _check_rbac(kind: str, obj: dict[str, Any]) -> list[Cause]:
             if not r.get("verbs"):
                 out.append(required(f"{rf}.verbs", "verbs must contain at least one value"))
             if r.get("resources") and r.get("apiGroups") is None:
-                out.append(required(f"{rf}.apiGroups",
-                                    "resource rules must supply at least one api group"))
+                out.append(required(f"{rf}.apiGroups", "resource rules must supply at least one api group"))
             if r.get("nonResourceURLs") and kind == "Role":
-                out.append(invalid(f"{rf}.nonResourceURLs", r["nonResourceURLs"],
-                                   "namespaced rules cannot apply to non-resource URLs"))
+                out.append(
+                    invalid(
+                        f"{rf}.nonResourceURLs",
+                        r["nonResourceURLs"],
+                        "namespaced rules cannot apply to non-resource URLs",
+                    )
+                )
     else:
         ref = obj.get("roleRef")
         if not isinstance(ref, dict):
@@ -338,7 +411,9 @@ def _check_rbac(kind: str, obj: dict[str, Any]) -> list[Cause]:
             if ref.get("kind") not in allowed:
                 out.append(unsupported("roleRef.kind", ref.get("kind"), allowed))
             if ref.get("apiGroup") != "rbac.authorization.k8s.io":
-                out.append(unsupported("roleRef.apiGroup", ref.get("apiGroup"), ["rbac.authorization.k8s.io"]))
+                out.append(
+                    unsupported("roleRef.apiGroup", ref.get("apiGroup"), ["rbac.authorization.k8s.io"])
+                )
         for i, s in enumerate(obj.get("subjects") or []):
             sf = f"subjects[{i}]"
             if not isinstance(s, dict) or not s.get("name"):
@@ -362,8 +437,13 @@ def _check_data(kind: str, obj: dict[str, Any]) -> list[Cause]:
             continue
         for k, v in data.items():
             if not CONFIG_KEY.match(str(k)):
-                out.append(invalid(f"{section}[{k}]", k, "a valid config key must consist of alphanumeric "
-                                   "characters, '-', '_' or '.'"))
+                out.append(
+                    invalid(
+                        f"{section}[{k}]",
+                        k,
+                        "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+                    )
+                )
             if (kind == "Secret" and section == "data") or section == "binaryData":
                 try:
                     base64.b64decode(str(v), validate=True)
