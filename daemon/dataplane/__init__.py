@@ -1,0 +1,21 @@
+"""The eBPF data plane: bcc-compiled cgroup programs, pinned maps and the reconciler.
+
+Public API (docs/interfaces "Data plane"):
+
+    Dataplane.open(cgroup, pin_dir, capacity=None) -> Dataplane
+    Dataplane.sync(projection) / .update(projection, services, backends) -> ReconcileResult
+    Dataplane.read_back() / .raw_maps() / .map_pressure() / .poll_events(cb, timeout_ms)
+    Dataplane.close() (restart: keep pins and attachments) / .uninstall()
+    control_connect(netns, enable, ipv6=False, cgroup=None) ; netns_cookie(netns)
+    read_pins(gen_dir) -> same shape as read_back(), from pins alone (no compile)
+
+Nothing here imports bcc at import time; compiling happens in Dataplane.open.
+"""
+
+from daemon.dataplane.dataplane import Dataplane, generation_name
+from daemon.dataplane.netns import control_connect, netns_cookie
+from daemon.dataplane.readback import read_pins
+from daemon.dataplane.types import Capacity, ConnEvent, ReconcileResult
+
+__all__ = ["Capacity", "ConnEvent", "Dataplane", "ReconcileResult", "control_connect", "generation_name",
+           "netns_cookie", "read_pins"]

@@ -1,0 +1,66 @@
+/* cgroup/connect4: control connects (enrolment) and service translation for IPv4 TCP. */
+#include "km_lb.h"
+
+int connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->protocol != KM_IPPROTO_TCP)
+        return 1;
+    volatile __u32 dst = ctx->user_ip4;
+    volatile __u32 uport = ctx->user_port;
+    __u16 dport = (__u16)uport;
+    __u64 netns = bpf_get_netns_cookie(ctx);
+
+    if (dst == KM_HTONL(2)) { /* 0.0.0.2: control address */
+        __u16 p = KM_HTONS(dport);
+        if (p == KM_CTL_ENABLE) {
+            __u32 one = 1;
+            /* EPERM tells the caller it was recorded; on failure the connect goes on to
+             * 0.0.0.2, which fails by itself, and the caller sees another errno. */
+            if (km_manage.update(&netns, &one))
+                return 1;
+            return 0;
+        }
+        if (p == KM_CTL_DISABLE) {
+            km_manage.delete(&netns);
+            return 0;
+        }
+        return 1;
+    }
+    if (!km_manage.lookup(&netns))
+        return 1; /* unmanaged netns: fail open, untouched */
+
+    struct km_fe_key key = {};
+    key.addr[0] = dst;
+    key.port = dport;
+    key.family = KM_AF_INET;
+    struct km_choice c = {};
+    struct km_sock s = {};
+    s.orig_addr[0] = dst;
+    s.orig_port = dport;
+    s.backend_addr[0] = dst;
+    s.backend_port = dport;
+    s.family = KM_AF_INET;
+    s.connect_ns = bpf_ktime_get_ns();
+    if (!km_choose(&key, &c)) {
+        km_record(ctx, netns, &s, KM_V_PASSTHROUGH, 0);
+        return 1;
+    }
+    s.service_id = c.service_id;
+    s.backend_id = c.backend_id;
+    __u8 verdict = c.verdict;
+    if (verdict == KM_V_TRANSLATED) {
+        struct km_backend *be = c.be;
+        if (be && (be->flags & KM_BE_HAS_V4)) {
+            __u32 ip = be->ip4;
+            ctx->user_ip4 = ip;
+            ctx->user_port = (__u32)c.port;
+            s.backend_addr[0] = ip;
+            s.backend_port = c.port;
+            s.flags = KM_SK_TRANSLATED;
+        } else {
+            verdict = KM_V_NO_HEALTHY; /* chosen backend has no IPv4 address */
+        }
+    }
+    km_record(ctx, netns, &s, verdict, 1);
+    return 1;
+}

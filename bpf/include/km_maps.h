@@ -1,0 +1,173 @@
+/* Shared map layouts of the kmesh-py data plane.
+ *
+ * Every struct here has a ctypes twin in daemon/dataplane/layout.py; change both together and
+ * bump KM_LAYOUT_VERSION there (the loader then builds fresh maps in a new pin subdirectory
+ * instead of running new programs against old maps).
+ *
+ * The loader prepends these macros before this header:
+ *   KM_PIN_DIR        string, the pin subdirectory, e.g. "/sys/fs/bpf/kmesh/v1-0123abcd"
+ *   KM_MAX_FRONTEND, KM_MAX_SERVICE, KM_MAX_ENDPOINT, KM_MAX_BACKEND, KM_MAX_MANAGE,
+ *   KM_MAX_SOCK, KM_MAX_NAMES  (map capacities)
+ *
+ * Byte order: addresses and ports are network order everywhere (as the kernel hands them to
+ * sock_addr programs); ids, counts and flags are host order.
+ */
+#ifndef KM_MAPS_H
+#define KM_MAPS_H
+
+#define KM_IPPROTO_TCP 6
+#define KM_AF_INET 2
+#define KM_AF_INET6 10
+
+/* frontend value kinds */
+#define KM_FE_SERVICE 1 /* id is a service-port id (km_service key) */
+#define KM_FE_BACKEND 2 /* id is a backend id: direct pod access, no rewrite */
+
+/* lb modes (daemon/dataplane/model.py LbMode) */
+#define KM_LB_RANDOM 0
+#define KM_LB_STRICT 1
+#define KM_LB_FAILOVER 2
+#define KM_PRIOS 7
+
+/* backend flags */
+#define KM_BE_HAS_V4 1
+#define KM_BE_HAS_V6 2
+
+/* socket record flags */
+#define KM_SK_TRANSLATED 1
+
+/* event kinds / verdicts (daemon/dataplane/layout.py decodes them) */
+#define KM_EV_CONNECT 1
+#define KM_EV_ESTABLISHED 2
+#define KM_EV_CLOSE 3
+#define KM_V_TRANSLATED 1
+#define KM_V_PASSTHROUGH 2
+#define KM_V_NO_HEALTHY 3
+
+/* control addresses: 0.0.0.2 and ::2, ports 929 (enable) / 930 (disable) */
+#define KM_CTL_ENABLE 929
+#define KM_CTL_DISABLE 930
+
+/* km_frontend key: one service VIP:port (port = service port), or one pod IP (port 0). */
+struct km_fe_key {
+    __u32 addr[4];   /* v4: addr[0] only, rest 0; v6: 16 bytes */
+    __u16 port;      /* network order; 0 for a pod IP */
+    __u8 family;     /* KM_AF_INET / KM_AF_INET6 */
+    __u8 pad;        /* always 0 */
+};
+
+/* km_frontend value */
+struct km_fe_val {
+    __u32 kind; /* KM_FE_SERVICE or KM_FE_BACKEND */
+    __u32 id;   /* service-port id or backend id */
+};
+
+/* km_service key: u32 service-port id (allocated by userspace, >= 1).
+ * value: the load-balancing header of one service port. */
+struct km_service {
+    __u32 lb_mode;         /* KM_LB_* */
+    __u32 count[KM_PRIOS]; /* number of endpoint slots at each priority */
+    __u32 flags;           /* reserved, 0 */
+};
+
+/* km_endpoint key: slot `slot` (0-based, < count[prio]) of priority `prio` of a service port.
+ * An endpoint with capacity weight w occupies several slots (see reconciler), so a uniform
+ * pick of a slot is a weighted pick of an endpoint. */
+struct km_ep_key {
+    __u32 svc_id;
+    __u32 prio;
+    __u32 slot;
+};
+
+/* km_endpoint value */
+struct km_ep_val {
+    __u32 backend_id; /* km_backend key */
+    __u16 port;       /* target port, network order */
+    __u16 pad;
+};
+
+/* km_backend key: u32 backend id (>= 1). value: */
+struct km_backend {
+    __u32 ip4;    /* network order, valid if flags & KM_BE_HAS_V4 */
+    __u32 ip6[4]; /* valid if flags & KM_BE_HAS_V6 */
+    __u32 flags;
+};
+
+/* km_sock key: u64 socket cookie. value: what connect() decided, for getpeername (restore the
+ * VIP) and for sockops events. LRU so that sockets that never reach close age out. */
+struct km_sock {
+    __u32 orig_addr[4];    /* the address the application connected to */
+    __u32 backend_addr[4]; /* where the socket really goes */
+    __u16 orig_port;       /* network order */
+    __u16 backend_port;    /* network order */
+    __u8 family;
+    __u8 flags;            /* KM_SK_* */
+    __u16 pad;
+    __u32 service_id;      /* 0 for direct pod access */
+    __u32 backend_id;
+    __u64 connect_ns;
+};
+
+/* km_names key: {kind, id}; value: NUL-padded name. Written by userspace only, so that a new
+ * daemon process (or `kmeshctl dump bpf`) can decode ids without its predecessor's memory.
+ * kind 1 = service port ("ns/host:port"), kind 2 = backend ("uid\0name\0namespace"). */
+struct km_name_key {
+    __u32 kind;
+    __u32 id;
+};
+struct km_name {
+    char name[256];
+};
+
+/* km_layout (array, 1 entry): the layout version the maps in this directory were made for. */
+struct km_layout {
+    __u32 version;
+    __u32 reserved[7];
+};
+
+/* ring buffer record */
+struct km_event {
+    __u64 ts_ns;
+    __u64 netns_cookie;
+    __u64 sock_cookie;
+    __u64 bytes_sent;
+    __u64 bytes_received;
+    __u64 duration_ns;
+    __u32 orig_addr[4];
+    __u32 backend_addr[4];
+    __u32 service_id;
+    __u32 backend_id;
+    __u32 srtt_us;
+    __u16 orig_port;    /* network order */
+    __u16 backend_port; /* network order */
+    __u8 kind;          /* KM_EV_* */
+    __u8 verdict;       /* KM_V_* */
+    __u8 family;
+    __u8 pad[5];
+};
+
+BPF_TABLE_PINNED("hash", struct km_fe_key, struct km_fe_val, km_frontend, KM_MAX_FRONTEND,
+                 KM_PIN_DIR "/frontend", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct km_service, km_service, KM_MAX_SERVICE,
+                 KM_PIN_DIR "/service", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct km_ep_key, struct km_ep_val, km_endpoint, KM_MAX_ENDPOINT,
+                 KM_PIN_DIR "/endpoint", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct km_backend, km_backend, KM_MAX_BACKEND,
+                 KM_PIN_DIR "/backend", BPF_F_NO_PREALLOC);
+/* km_manage: u64 netns cookie -> u32 1 (managed). Written by the control connects. */
+BPF_TABLE_PINNED("hash", __u64, __u32, km_manage, KM_MAX_MANAGE, KM_PIN_DIR "/manage",
+                 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", __u64, struct km_sock, km_sock, KM_MAX_SOCK, KM_PIN_DIR "/sock");
+BPF_TABLE_PINNED("hash", struct km_name_key, struct km_name, km_names, KM_MAX_NAMES,
+                 KM_PIN_DIR "/names", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, struct km_layout, km_layout, 1, KM_PIN_DIR "/layout");
+
+/* Connection events; not pinned: each loader reads its own programs' buffer. 256 KiB. */
+BPF_RINGBUF_OUTPUT(km_events, 64);
+
+static __always_inline void km_emit(struct km_event *ev)
+{
+    km_events.ringbuf_output(ev, sizeof(*ev), 0);
+}
+
+#endif /* KM_MAPS_H */

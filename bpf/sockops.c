@@ -1,0 +1,60 @@
+/* sockops: established and close events (bytes, srtt) for sockets connect4/6 recorded in
+ * km_sock. Untracked sockets are ignored. */
+#include "km_maps.h"
+
+#define KM_TCP_CLOSE 7
+
+static __always_inline void km_sock_event(struct bpf_sock_ops *skops, struct km_sock *s,
+                                          __u64 ck, __u8 kind)
+{
+    struct km_event ev = {};
+    __u64 now = bpf_ktime_get_ns();
+    ev.ts_ns = now;
+    ev.netns_cookie = bpf_get_netns_cookie(skops);
+    ev.sock_cookie = ck;
+    __builtin_memcpy(ev.orig_addr, s->orig_addr, 16);
+    __builtin_memcpy(ev.backend_addr, s->backend_addr, 16);
+    ev.orig_port = s->orig_port;
+    ev.backend_port = s->backend_port;
+    ev.service_id = s->service_id;
+    ev.backend_id = s->backend_id;
+    ev.family = s->family;
+    ev.kind = kind;
+    ev.verdict = (s->flags & KM_SK_TRANSLATED) ? KM_V_TRANSLATED : KM_V_PASSTHROUGH;
+    ev.duration_ns = now - s->connect_ns;
+    if (kind == KM_EV_CLOSE) {
+        ev.bytes_sent = skops->bytes_acked;
+        ev.bytes_received = skops->bytes_received;
+        volatile __u32 srtt = skops->srtt_us;
+        ev.srtt_us = srtt >> 3; /* the kernel keeps srtt scaled by 8 */
+    }
+    km_emit(&ev);
+}
+
+int sockops(struct bpf_sock_ops *skops)
+{
+    volatile __u32 op = skops->op;
+    if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+        op != BPF_SOCK_OPS_STATE_CB)
+        return 1;
+    __u64 ck = bpf_get_socket_cookie(skops);
+    struct km_sock *s = km_sock.lookup(&ck);
+    if (!s)
+        return 1;
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+        /* ask for state callbacks now, so a connect that never establishes still closes */
+        volatile __u32 cbf = skops->bpf_sock_ops_cb_flags;
+        bpf_sock_ops_cb_flags_set(skops, cbf | BPF_SOCK_OPS_STATE_CB_FLAG);
+        return 1;
+    }
+    if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        km_sock_event(skops, s, ck, KM_EV_ESTABLISHED);
+        return 1;
+    }
+    volatile __u32 newstate = skops->args[1];
+    if (newstate != KM_TCP_CLOSE)
+        return 1;
+    km_sock_event(skops, s, ck, KM_EV_CLOSE);
+    km_sock.delete(&ck);
+    return 1;
+}

@@ -1,0 +1,221 @@
+"""Dataplane: load, pin, attach, reconcile, read back, stream events.
+
+Pin layout (everything under ``pin_dir``)::
+
+    <pin_dir>/v<LAYOUT_VERSION>-<capacity digest>/   one "generation" of maps
+        frontend service endpoint backend    reconciled maps (see bpf/include/km_maps.h)
+        names                                ids -> names, so any process can decode the maps
+        manage                               enrolled netns cookies (written by the programs)
+        sock                                 LRU: socket cookie -> original destination
+        layout                               array[1]: the layout version these maps are for
+
+Attachments are plain BPF_PROG_ATTACH (flags 0) on the cgroup: they outlive the process, and a
+new process attaching the same types replaces each program atomically, so a restart over the
+same generation never leaves a connect untranslated. A different generation (layout version or
+capacity changed) gets new maps, filled by the first sync() *before* the new programs are
+attached; the manage map is carried over and the old generation's pins are removed after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from daemon.dataplane import bpfsys, events, layout, readback
+from daemon.dataplane.loader import ATTACH_TYPES, Loaded, check_cgroup, compile_programs
+from daemon.dataplane.mapio import MapIO
+from daemon.dataplane.model import Projection
+from daemon.dataplane.reconciler import Reconciler, decode_name
+from daemon.dataplane.types import Capacity, ConnEvent, ReconcileResult
+
+log = logging.getLogger(__name__)
+GEN_RE = re.compile(r"^v\d+-[0-9a-f]{8}$")
+
+
+def generation_name(capacity: Capacity) -> str:
+    return f"v{layout.LAYOUT_VERSION}-{capacity.digest()}"
+
+
+def _check_pin_dir(pin_dir: Path) -> Path:
+    pin_dir = Path(pin_dir).absolute()
+    probe = pin_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not bpfsys.is_bpffs(str(probe)):
+        raise ValueError(f"{pin_dir} is not on a bpf filesystem; mount one first "
+                         f"(mount -t bpf bpf /sys/fs/bpf) or pick a pin directory under one")
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    return pin_dir
+
+
+def _remove_generation(gen_dir: Path) -> None:
+    for f in gen_dir.iterdir():
+        f.unlink()
+    gen_dir.rmdir()
+
+
+class Dataplane:
+    """See daemon/dataplane/__init__.py for the contract."""
+
+    def __init__(self, cgroup: Path, pin_dir: Path, capacity: Capacity, loaded: Loaded,
+                 gen_dir: Path, old_generations: list[Path]) -> None:
+        self.cgroup = cgroup
+        self.pin_dir = pin_dir
+        self.capacity = capacity
+        self.gen_dir = gen_dir
+        self._loaded = loaded
+        self._old = old_generations
+        self._lock = threading.RLock()
+        self._cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        self.reconciler = Reconciler(loaded.maps, capacity)
+        self.reconciler.load()
+        self.attached = False
+        self._ring_open = False
+        self._callback: Callable[[ConnEvent], None] | None = None
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, cgroup: Path, pin_dir: Path, capacity: Capacity | None = None) -> Dataplane:
+        cap = capacity or Capacity()
+        cap.validate()
+        cg = check_cgroup(cgroup)
+        pins = _check_pin_dir(pin_dir)
+        gen_dir = pins / generation_name(cap)
+        if gen_dir.exists() and _layout_version(gen_dir) != layout.LAYOUT_VERSION:
+            log.warning("pin generation %s is incomplete or foreign; recreating it", gen_dir)
+            _remove_generation(gen_dir)
+        old = sorted(d for d in pins.iterdir() if d.is_dir() and GEN_RE.match(d.name) and d != gen_dir)
+        loaded = compile_programs(gen_dir, cap)
+        loaded.maps["layout"].update(layout.U32.pack(0), bytes(layout.LayoutVal(layout.LAYOUT_VERSION)))
+        dp = cls(cg, pins, cap, loaded, gen_dir, old)
+        if old:
+            # Another generation exists: it may be what is attached now. Carry enrolment over,
+            # and attach only once the first sync() has filled the new maps.
+            dp._carry_manage(old)
+        else:
+            dp._attach()
+        return dp
+
+    def _carry_manage(self, old: list[Path]) -> None:
+        keys, vals = [], []
+        for gen in old:
+            try:
+                m = MapIO.open_pinned("manage", str(gen / "manage"))
+            except OSError:
+                continue
+            try:
+                if (m.key_size, m.value_size) == (8, 4):
+                    for k, v in m.dump():
+                        keys.append(k)
+                        vals.append(v)
+            finally:
+                m.close()
+        if keys:
+            self._loaded.maps["manage"].update_batch(keys, vals)
+
+    def _attach(self) -> None:
+        self._loaded.attach(self._cgroup_fd)
+        self.attached = True
+        for gen in self._old:
+            _remove_generation(gen)
+        self._old = []
+
+    # ------------------------------------------------------------- reconcile
+    def sync(self, projection: Projection) -> ReconcileResult:
+        with self._lock:
+            res = self.reconciler.sync(projection)
+            if not self.attached:
+                self._attach()
+            return res
+
+    def update(self, projection: Projection, services: Iterable[str], backends: Iterable[str]
+               ) -> ReconcileResult:
+        with self._lock:
+            return self.reconciler.update(projection, services, backends)
+
+    # --------------------------------------------------------------- inspect
+    def read_back(self) -> dict:
+        return readback.decode(self._loaded.maps)
+
+    def raw_maps(self) -> dict[str, list[tuple[str, str]]]:
+        return {name: sorted((k.hex(), v.hex()) for k, v in m.dump())
+                for name, m in self._loaded.maps.items()}
+
+    def map_pressure(self) -> dict[str, dict]:
+        with self._lock:
+            counts = self.reconciler.counts()
+        for name in ("manage", "sock"):
+            counts[name] = len(self._loaded.maps[name].dump())
+        out = {}
+        for name, n in counts.items():
+            mx = self._loaded.maps[name].max_entries
+            out[name] = {"entries": n, "max": mx, "ratio": round(n / mx, 6) if mx else 0.0}
+        return out
+
+    def prog_ids(self) -> dict[str, int]:
+        return self._loaded.prog_ids()
+
+    # ---------------------------------------------------------------- events
+    def _service_name(self, sid: int) -> str:
+        p = self.reconciler.port_by_id.get(sid)
+        if p is not None:
+            return p.service
+        v = self._loaded.maps["names"].lookup(layout.NAME_KEY.pack(layout.NAME_SERVICE, sid))
+        return decode_name(v)[0].rpartition(":")[0] if v else f"#{sid}"
+
+    def _backend_uid(self, bid: int) -> str:
+        b = self.reconciler.back_by_id.get(bid)
+        if b is not None:
+            return b.uid
+        v = self._loaded.maps["names"].lookup(layout.NAME_KEY.pack(layout.NAME_BACKEND, bid))
+        return decode_name(v)[0] if v else f"#{bid}"
+
+    def _on_event(self, _ctx: object, data: int, _size: int) -> None:
+        cb = self._callback
+        if cb is not None:
+            cb(events.decode(data, self._service_name, self._backend_uid))
+
+    def poll_events(self, callback: Callable[[ConnEvent], None], timeout_ms: int = 100) -> None:
+        """Deliver ring-buffer events to callback, waiting up to timeout_ms for the first."""
+        self._callback = callback
+        if not self._ring_open:
+            self._loaded.bpf[b"km_events"].open_ring_buffer(self._on_event)
+            self._ring_open = True
+        self._loaded.bpf.ring_buffer_poll(timeout_ms)
+
+    # ------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Release this process's handles; programs stay attached and maps pinned."""
+        self._loaded.cleanup()
+        if self._cgroup_fd >= 0:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = -1
+
+    def uninstall(self) -> None:
+        """Detach our programs from the cgroup and remove every pin under pin_dir."""
+        if self._cgroup_fd >= 0:
+            for name, attach_type in ATTACH_TYPES.items():
+                try:
+                    bpfsys.prog_detach(self._cgroup_fd, attach_type, self._loaded.functions[name].fd)
+                except OSError as exc:
+                    log.debug("detach %s: %s", name, exc)
+        self.attached = False
+        self.close()
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+
+def _layout_version(gen_dir: Path) -> int:
+    try:
+        m = MapIO.open_pinned("layout", str(gen_dir / "layout"))
+    except OSError:
+        return 0
+    try:
+        v = m.lookup(layout.U32.pack(0))
+        return layout.U32.unpack(v[:4])[0] if v else 0
+    finally:
+        m.close()
