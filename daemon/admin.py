@@ -38,6 +38,7 @@ class AdminContext:
     enroll: Any = None
     hub: Any = None
     resolver: Any = None
+    sync: Any = None
     started: float = 0.0
 
     def xds_status(self) -> dict[str, Any]:
@@ -59,6 +60,8 @@ class AdminContext:
             problems.append("xDS connected but initial resources not received yet")
         if self.dataplane is None:
             problems.append("data plane not loaded")
+        elif self.sync is not None and getattr(self.sync, "last_error", ""):
+            problems.append(f"writing the BPF maps failed: {self.sync.last_error}")
         else:
             for name, p in sorted(self.pressure().items()):
                 if p.get("ratio", 0) >= PRESSURE_WARN:
@@ -87,6 +90,8 @@ class AdminContext:
             "xds": {k: v for k, v in xs.items() if k != "history"},
             "xds_history": list(xs.get("history", []))[-20:],
             "enrollment": enroll,
+            "dataplane_sync": self.sync.status() if self.sync is not None and hasattr(self.sync, "status")
+            else {},
             "maps": self.pressure() if self.dataplane is not None else {},
             "events": {"total": getattr(self.hub, "events_total", 0),
                        "trace_subscribers": getattr(self.hub, "subscribers", 0)},

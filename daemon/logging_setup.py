@@ -23,8 +23,23 @@ _NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+# Subsystem -> logger trees it covers. Modules log under ``daemon.<pkg>`` (``__name__``) or
+# under ``kmesh.<name>``; both trees are routed here.
+ROOTS = ("daemon", "kmesh")
+_TREES: dict[str, tuple[str, ...]] = {
+    "default": ROOTS,
+    "xds": ("daemon.xds", "kmesh.xds", "daemon.state", "kmesh.state"),
+    "dataplane": ("daemon.dataplane", "kmesh.dataplane", "daemon.wiring", "kmesh.wiring"),
+    "enroll": ("daemon.enroll", "kmesh.enroll"),
+    "admin": ("daemon.admin", "kmesh.admin", "daemon.metrics", "daemon.events"),
+    "bpf": ("daemon.bpf", "kmesh.bpf"),
+}
+_BY_PREFIX = sorted(((name, sub) for sub, names in _TREES.items() for name in names if sub != "default"),
+                    key=lambda x: -len(x[0]))
+
+
 def logger_name(subsystem: str) -> str:
-    return "daemon" if subsystem == "default" else f"daemon.{subsystem}"
+    return _TREES[subsystem][0]
 
 
 def get_logger(subsystem: str) -> logging.Logger:
@@ -33,10 +48,10 @@ def get_logger(subsystem: str) -> logging.Logger:
 
 
 def _subsys(record: logging.LogRecord) -> str:
-    parts = record.name.split(".")
-    if parts[0] == "daemon" and len(parts) > 1 and parts[1] in SUBSYSTEMS:
-        return parts[1]
-    return "default" if parts[0] == "daemon" else record.name
+    for prefix, sub in _BY_PREFIX:
+        if record.name == prefix or record.name.startswith(prefix + "."):
+            return sub
+    return "default" if record.name.split(".")[0] in ROOTS else record.name
 
 
 def _quote(value: object) -> str:
@@ -77,17 +92,19 @@ class StructuredFormatter(logging.Formatter):
 def setup_logging(levels: dict[str, str] | None = None, fmt: str = "logfmt",
                   stream: TextIO | None = None) -> None:
     """Route every ``daemon.*`` logger to stderr; default level info."""
-    root = logging.getLogger("daemon")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(StructuredFormatter(fmt))
-    root.addHandler(handler)
-    root.propagate = False
-    root.setLevel(logging.INFO)
+    for root_name in ROOTS:
+        root = logging.getLogger(root_name)
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        root.addHandler(handler)
+        root.propagate = False
+        root.setLevel(logging.INFO)
     for name in SUBSYSTEMS:
         if name != "default":
-            get_logger(name).setLevel(logging.NOTSET)
+            for lname in _TREES[name]:
+                logging.getLogger(lname).setLevel(logging.NOTSET)
     for name, level in (levels or {}).items():
         set_level(name, level)
 
@@ -99,7 +116,8 @@ def set_level(subsystem: str, level: str) -> None:
     value = _LEVELS.get(str(level).lower())
     if value is None:
         raise ValueError(f"unknown level {level!r}; levels: debug, info, warn, error")
-    get_logger(subsystem).setLevel(value)
+    for lname in _TREES[subsystem]:
+        logging.getLogger(lname).setLevel(value)
 
 
 def get_levels() -> dict[str, str]:

@@ -42,6 +42,25 @@ def _ensure_kernel_source() -> None:
         os.environ["BCC_KERNEL_SOURCE"] = str(built)
 
 
+def inside_cgroup(cgroup_root: Path) -> bool:
+    """Is this process in ``cgroup_root`` or below it? (The control connect must be.)"""
+    own = ""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            own = line[3:]
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup2":
+            mount = Path(parts[1])
+            full = mount / own.lstrip("/")
+            try:
+                if full.resolve().is_relative_to(Path(cgroup_root).resolve()):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def load_kube_client(cfg: DaemonConfig) -> Any:
     """ApiClient from KUBECONFIG/--kubeconfig, else the in-cluster service account."""
     from kubernetes import client, config
@@ -142,7 +161,7 @@ class Daemon:
 
         from daemon.state import State
         from daemon.wiring import DataplaneSync
-        from daemon.xds import XdsClient, XdsConfig
+        from daemon.xds.client import XdsClient, XdsConfig
 
         self.state = State(node_name=cfg.node_name, cluster_id=cfg.cluster_id)
         self.ctx.state = self.state
@@ -153,13 +172,21 @@ class Daemon:
             node_name=cfg.node_name, service_account=cfg.service_account)
         self.xds = XdsClient(xds_cfg, self.state)
         self.sync = DataplaneSync(self.state, self.dataplane)
-        self.ctx.xds = self.xds
+        self.ctx.xds, self.ctx.sync = self.xds, self.sync
         self.xds.start()
 
         if cfg.enroll:
+            import functools
+
+            from daemon import dataplane as dp
             from daemon.enroll import EnrollmentController
 
-            self.enroll = EnrollmentController(self.api, cfg.node_name, cfg.proc_root)
+            connect = dp.control_connect
+            if not inside_cgroup(cfg.cgroup_root):
+                # Control connects must come from inside the attached cgroup: a helper joins it.
+                connect = functools.partial(dp.control_connect, cgroup=cfg.cgroup_root)
+            self.enroll = EnrollmentController(self.api, cfg.node_name, cfg.proc_root,
+                                               control_connect=connect, netns_cookie=dp.netns_cookie)
             self.ctx.enroll = self.enroll
             self.enroll.start()
 
@@ -186,7 +213,7 @@ class Daemon:
                         server.server_close()
                 except Exception:  # noqa: BLE001
                     pass
-        for comp in (self.hub, self.enroll, self.xds):
+        for comp in (self.hub, self.enroll, self.xds, self.sync):
             if comp is not None:
                 try:
                     comp.stop()
