@@ -18,10 +18,12 @@ client (and the sidecar-like proxy, which shares its pod's CPU) on the other.
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,8 +88,11 @@ class BpfVip:
             if result.rejected:
                 raise RuntimeError(f"projection rejected: {result.rejected}")
             # The control connect must come from a socket whose cgroup has our programs.
-            with netns.in_cgroup(topo.mesh_cgroup):
-                control_connect(topo.netns_path(topo.ns_client), True)
+            if "cgroup" in inspect.signature(control_connect).parameters:
+                control_connect(topo.netns_path(topo.ns_client), True, cgroup=topo.mesh_cgroup)
+            else:
+                with netns.in_cgroup(topo.mesh_cgroup):
+                    control_connect(topo.netns_path(topo.ns_client), True)
         except BaseException:
             self.close()
             raise
@@ -101,6 +106,29 @@ def _probe(topo: netns.Topology, cgroup: Path, url: str) -> None:
     res = netns.run(["curl", "-sf", "--max-time", "2", url], topo.ns_client, cgroup, timeout=10)
     if res.returncode != 0 or res.stdout.strip() != "ok":
         raise RuntimeError(f"probe {url} failed: curl exit {res.returncode} {res.stderr.strip()[:200]}")
+
+
+def _bpffs_mounted(path: Path) -> bool:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[1] == str(path) and parts[2] == "bpf":
+            return True
+    return False
+
+
+def _pin_dir(settings: Settings, workdir: Path, stack: ExitStack) -> Path:
+    """Where our maps are pinned: /sys/fs/bpf/<prefix>-bench when /sys/fs/bpf is a bpffs,
+    else a private bpffs mounted for this run under `workdir` (unmounted on exit)."""
+    sys_bpf = Path("/sys/fs/bpf")
+    if _bpffs_mounted(sys_bpf):
+        return sys_bpf / f"{settings.prefix}-bench"
+    mnt = workdir / "bpffs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cannot mount a bpf filesystem at {mnt}: {proc.stderr.strip()}")
+    stack.callback(lambda: subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20))
+    return mnt / f"{settings.prefix}-bench"
 
 
 @contextmanager
@@ -120,6 +148,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
         stack.callback(backend.stop)
         targets: dict[str, tuple[str, Path]] = {}
         unavailable: dict[str, str] = {}
+        pin_dir: Path | None = None
         pod_url = f"http://{netns.POD_IP}:{POD_PORT}/"
         if "direct" in settings.modes:
             targets["direct"] = (pod_url, topo.plain_cgroup)
@@ -131,7 +160,8 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
             targets["envoy_proxy"] = (f"http://127.0.0.1:{PROXY_PORT}/", topo.plain_cgroup)
         if "bpf_vip" in settings.modes:
             try:
-                bpf = BpfVip(topo, Path("/sys/fs/bpf") / f"{settings.prefix}-bench")
+                pin_dir = _pin_dir(settings, workdir, stack)
+                bpf = BpfVip(topo, pin_dir)
                 stack.callback(bpf.close)
                 targets["bpf_vip"] = (f"http://{VIP}:{VIP_PORT}/", topo.mesh_cgroup)
             except ImportError as exc:
@@ -145,7 +175,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
                 unavailable[mode] = f"not available: {exc}"
                 del targets[mode]
         yield {"topo": topo, "backend": backend, "targets": targets, "unavailable": unavailable,
-               "cpus": cpus, "envoy": envoy}
+               "cpus": cpus, "envoy": envoy, "pin_dir": pin_dir}
 
 
 def _median(results: list[WrkResult], key: str) -> float:
@@ -182,7 +212,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             return run_wrk(url, topo.ns_client, cgroup, script, duration_s=duration,
                            connections=settings.connections, keepalive=keepalive, cpus=env["cpus"]["client"])
 
-        for mode in order:  # warm-up: caches, Envoy worker, connection pools
+        for mode in order if settings.warmup_s > 0 else ():  # warm-up: caches, Envoy worker, pools
             for keepalive in (False, True):
                 one(mode, keepalive, settings.warmup_s)
         for rnd in range(settings.rounds):
@@ -217,6 +247,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             "proxy": "envoy tcp_proxy in the client netns, 1 worker",
             "client": f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)",
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
+            "netns_sysctls": netns.NETNS_SYSCTLS, "pin_dir": str(env["pin_dir"] or ""),
             "seconds": round(time.monotonic() - t0, 1),
         }
         return out

