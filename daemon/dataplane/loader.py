@@ -122,7 +122,7 @@ def compile_programs(gen_dir: Path, cap: Capacity) -> Loaded:
     from bcc import BPF
 
     gen_dir.mkdir(parents=True, exist_ok=True)
-    bpf = BPF(text=build_text(gen_dir, cap), cflags=["-Wno-unused-value", "-Wno-pointer-sign"])
+    bpf = BPF(text=build_text(gen_dir, cap).encode(), cflags=["-Wno-unused-value", "-Wno-pointer-sign"])
     loaded = Loaded(bpf)
     for name, (key_t, val_t) in layout.MAP_LAYOUTS.items():
         table = bpf[layout.MAP_SYMBOLS[name].encode()]
