@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -129,11 +130,12 @@ def _xds_port(svc: dict) -> int | None:
     return None
 
 
-def discover_xds(api: ApiClient, revision: str | None) -> str:
+def discover_xds(api: ApiClient, revision: str | None) -> tuple[str, str]:
     """The seed's `kubectl get svc -n istio-system | grep istiod`, done properly.
 
     Services in istio-system labelled app=istiod with an istio.io/rev label; exactly one
     (or the one of --revision) is used; several without --revision is an error (never guess).
+    Returns (address, a note saying which Service was chosen).
     """
     from kmeshctl import kubeapi
 
@@ -162,8 +164,7 @@ def discover_xds(api: ApiClient, revision: str | None) -> str:
                             "pass --xds HOST:PORT")
     address = f"{name}.{ISTIO_NAMESPACE}.svc:{port}"
     rev = svc["metadata"]["labels"]["istio.io/rev"]
-    note(f"using control plane {address} (Service {ISTIO_NAMESPACE}/{name}, revision {rev})")
-    return address
+    return address, f"using control plane {address} (Service {ISTIO_NAMESPACE}/{name}, revision {rev})"
 
 
 # --- apply -------------------------------------------------------------------------------------
@@ -238,8 +239,12 @@ def _preflight(api: ApiClient, objects: list[dict], envoyfilters: bool) -> None:
                             "pass --no-envoyfilters to skip the EnvoyFilters")
 
 
-def apply_all(api: ApiClient, objects: list[dict], envoyfilters: bool = True) -> list[dict]:
-    """Dry-run every object, then apply them all; returns [{kind, namespace, name, result}]."""
+def apply_all(api: ApiClient, objects: list[dict], envoyfilters: bool = True,
+              validated: Callable[[], None] | None = None) -> list[dict]:
+    """Dry-run every object, then apply them all; returns [{kind, namespace, name, result}].
+
+    ``validated`` is called once every dry run has passed, before the first real apply (so a
+    failed install prints nothing but its one error line)."""
     from kubernetes.client.exceptions import ApiException
 
     from kmeshctl import kubeapi
@@ -282,6 +287,8 @@ def apply_all(api: ApiClient, objects: list[dict], envoyfilters: bool = True) ->
                         warn(f"could not remove {object_ref(ns_obj)} created for validation")
                 raise _rejected(obj, e) from None
 
+    if validated is not None:
+        validated()
     results: list[dict] = []
     for i, obj in enumerate(objects):
         force = id(obj) in forced
@@ -422,11 +429,13 @@ def install(
     from kmeshctl.common import load_kube
 
     api = load_kube(kubeconfig, context)
+    chosen = ""
     if xds is None:
-        xds = discover_xds(api, revision)
+        xds, chosen = discover_xds(api, revision)
     elif revision is not None:
         warn("--revision is ignored because --xds is given")
-    results = apply_all(api, objects(xds), envoyfilters=not no_envoyfilters)
+    results = apply_all(api, objects(xds), envoyfilters=not no_envoyfilters,
+                        validated=(lambda: note(chosen)) if chosen else None)
     if output:
         emit([{k: r[k] for k in ("kind", "namespace", "name", "result")} for r in results], output)
     else:

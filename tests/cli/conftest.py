@@ -113,3 +113,54 @@ def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
         except subprocess.TimeoutExpired:
             srv.proc.kill()
             srv.proc.wait()
+
+
+@pytest.fixture
+def fresh_apiserver(tmp_path: Path) -> Iterator[ApiServer]:
+    """A new, empty sandbox API server for one test (install tests need a clean cluster)."""
+    srv = start_apiserver(tmp_path)
+    try:
+        yield srv
+    finally:
+        srv.proc.terminate()
+        try:
+            srv.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
+SNAPSHOT_KINDS = [
+    ("", "v1", "namespaces", False), ("", "v1", "serviceaccounts", True), ("", "v1", "services", True),
+    ("", "v1", "configmaps", True), ("", "v1", "pods", True),
+    ("rbac.authorization.k8s.io", "v1", "clusterroles", False),
+    ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", False),
+    ("apps", "v1", "daemonsets", True), ("networking.istio.io", "v1alpha3", "envoyfilters", True),
+]
+
+
+def snapshot(srv: ApiServer) -> dict[tuple[str, str, str], str]:
+    """(resource, namespace, name) -> resourceVersion of everything install/enroll could touch,
+    read with the official client, to prove that a failed command changed nothing."""
+    from kubernetes import client
+
+    api = srv.client()
+    custom = client.CustomObjectsApi(api)
+    out: dict[tuple[str, str, str], str] = {}
+    for group, version, plural, _ in SNAPSHOT_KINDS:
+        if group == "":
+            core = client.CoreV1Api(api)
+            items = {
+                "namespaces": core.list_namespace,
+                "serviceaccounts": core.list_service_account_for_all_namespaces,
+                "services": core.list_service_for_all_namespaces,
+                "configmaps": core.list_config_map_for_all_namespaces,
+                "pods": core.list_pod_for_all_namespaces,
+            }[plural]().items
+            for it in items:
+                out[(plural, it.metadata.namespace or "", it.metadata.name)] = it.metadata.resource_version
+        else:
+            for it in custom.list_cluster_custom_object(group, version, plural)["items"]:
+                m = it["metadata"]
+                out[(plural, m.get("namespace", ""), m["name"])] = m["resourceVersion"]
+    return out
