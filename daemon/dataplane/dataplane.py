@@ -191,6 +191,8 @@ class Dataplane:
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Release this process's handles; programs stay attached and maps pinned."""
+        if self._cgroup_fd < 0:
+            return
         self._loaded.cleanup()
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import VIP4, backends, ep, service
+
 from daemon.dataplane.model import LbMode, Projection
 
 N = 600
