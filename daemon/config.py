@@ -114,6 +114,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                    help="allow attaching at the machine's cgroup v2 root (node-wide redirection)")
     p.add_argument("--pin-prefix", default=env("KMESH_PIN_PREFIX", "kmesh"),
                    help="pin directory name under /sys/fs/bpf (env KMESH_PIN_PREFIX)")
+    p.add_argument("--bpf-fs", default=env("KMESH_BPF_FS", str(BPF_FS)),
+                   help="bpf filesystem the pin directory lives on (env KMESH_BPF_FS; default /sys/fs/bpf)")
     p.add_argument("--proc-root", default=None, help="host /proc (default /host/proc if present)")
     p.add_argument("--admin-addr", default=DEFAULT_ADMIN_ADDR, help="admin API, loopback only")
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, help="Prometheus /status/metric")
@@ -163,10 +165,12 @@ def validate_cgroup_root(value: str | None, allow_node_root: bool) -> Path:
     return path
 
 
-def validate_pin_prefix(prefix: str) -> Path:
+def validate_pin_prefix(prefix: str, bpf_fs: str | Path = BPF_FS) -> Path:
     if not prefix or "/" in prefix or prefix in (".", ".."):
         raise ConfigError(f"--pin-prefix {prefix!r}: expected a single directory name, e.g. kmesh")
-    return BPF_FS / prefix
+    if not Path(bpf_fs).is_absolute():
+        raise ConfigError(f"--bpf-fs {bpf_fs!r}: must be an absolute path")
+    return Path(bpf_fs) / prefix
 
 
 def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> DaemonConfig:
@@ -207,7 +211,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
         enroll=not ns.no_enroll,
         command=ns.command,
     )
-    cfg.pin_dir = validate_pin_prefix(ns.pin_prefix)
+    cfg.pin_dir = validate_pin_prefix(ns.pin_prefix, ns.bpf_fs)
     if cfg.command == "version":
         return cfg
     cfg.cgroup_root = validate_cgroup_root(ns.cgroup_root, ns.i_know_this_is_the_node_root)
