@@ -81,6 +81,29 @@ class LocalPod:
     started: bool = False
 
 
+def _read(path: str, default: str) -> str:
+    try:
+        return Path(path).read_text().strip() or default
+    except OSError:
+        return default
+
+
+def _node_info() -> dict:
+    machine_id = _read("/etc/machine-id", "0" * 32)
+    return {
+        "machineID": machine_id,
+        "systemUUID": machine_id,
+        "bootID": _read("/proc/sys/kernel/random/boot_id", ""),
+        "kernelVersion": os.uname().release,
+        "osImage": "kmesh sandbox",
+        "containerRuntimeVersion": "sandbox://1",
+        "kubeletVersion": "v1.30.0-sandbox",
+        "kubeProxyVersion": "",
+        "operatingSystem": "linux",
+        "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine),
+    }
+
+
 class Kubelet:
     def __init__(
         self,
@@ -90,12 +113,14 @@ class Kubelet:
         prefix: str,
         node_name: str | None = None,
         cidr: str = "10.244.0.0/24",
+        bpffs: str = "/sys/fs/bpf",
     ) -> None:
         self.kubeconfig = str(Path(kubeconfig).resolve())
         self.api = Api(self.kubeconfig)
         self.node = node_name or socket.gethostname().split(".")[0].lower()
         self.runtime = Runtime(state_dir, cgroup_root, prefix, cidr)
         self.prefix = prefix
+        self.host_aliases = {} if bpffs == "/sys/fs/bpf" else {"/sys/fs/bpf": bpffs}
         self.ctx = NodeContext(
             cgroup_root=str(self.runtime.cgroup_root),
             pin_prefix=prefix,
@@ -194,14 +219,7 @@ class Kubelet:
             ],
             "capacity": {"cpu": str(os.cpu_count() or 1), "pods": "110"},
             "allocatable": {"cpu": str(os.cpu_count() or 1), "pods": "110"},
-            "nodeInfo": {
-                "kubeletVersion": "v1.30.0-sandbox",
-                "operatingSystem": "linux",
-                "architecture": "amd64",
-                "containerRuntimeVersion": "sandbox://1",
-                "kernelVersion": os.uname().release,
-                "osImage": "kmesh sandbox",
-            },
+            "nodeInfo": _node_info(),
         }
         body = {
             "apiVersion": "v1",
@@ -348,7 +366,12 @@ class Kubelet:
             lp.pod.setdefault("status", {})["podIP"] = lp.sandbox.ip or NODE_IP
             lp.pod["status"]["hostIP"] = NODE_IP
             volumes = podspec.prepare_volumes(
-                lp.pod, lp.sandbox.dir / "volumes", self._get_cm, self._get_secret, self._token
+                lp.pod,
+                lp.sandbox.dir / "volumes",
+                self._get_cm,
+                self._get_secret,
+                self._token,
+                self.host_aliases,
             )
         except podspec.VolumeError as e:
             if lp.pending is None or lp.pending[1] != str(e):

@@ -102,11 +102,12 @@ def _write_items(target: Path, data: dict[str, str], items: list[dict] | None, b
 
 
 def prepare_volumes(pod: dict, volumes_dir: Path, get_cm: Getter, get_secret: Getter,
-                    token: TokenFn) -> dict[str, str]:
+                    token: TokenFn, host_aliases: dict[str, str] | None = None) -> dict[str, str]:
     """Write every volume's content under volumes_dir; returns volume name -> host path.
 
     hostPath sources that do not exist are replaced by an empty per-pod directory: the sandbox never
-    creates anything on the machine outside its state dir.
+    creates anything on the machine outside its state dir. `host_aliases` maps a host path to the
+    one the sandbox uses instead (/sys/fs/bpf -> a private bpffs when the machine has none there).
     """
     ns = pod["metadata"]["namespace"]
     sa = pod.get("spec", {}).get("serviceAccountName") or "default"
@@ -116,6 +117,9 @@ def prepare_volumes(pod: dict, volumes_dir: Path, get_cm: Getter, get_secret: Ge
         target = volumes_dir / name
         if "hostPath" in vol:
             src = vol["hostPath"].get("path", "")
+            for original, alias in (host_aliases or {}).items():
+                if src == original or src.startswith(original.rstrip("/") + "/"):
+                    src = alias + src[len(original.rstrip("/")):]
             if os.path.exists(src):
                 paths[name] = src
                 continue
