@@ -6,9 +6,16 @@ last because it kills the daemon.
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 
-from tests.daemon.conftest import Env, wait_for
+from tests.daemon.conftest import POD_IPS, PY, REPO, Env, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -46,3 +53,193 @@ def test_unenrolling_reverts_both(env: Env) -> None:
     env.label_namespace("kmesh")  # lower case works too; later tests need it enrolled
     wait_for(lambda: {"cli", "be1", "be2"} <= env.enrolled(), 30, "pods re-enrolled")
     wait_for(lambda: env.connect("cli", f"{env.vip}:80")["ok"] == 1, 30, "VIP translated again")
+
+
+def _fresh_dump_from_pilot(env: Env) -> dict:
+    """An independent subscription to the pilot (same protocol, new client + state)."""
+    from daemon.state import State
+    from daemon.xds.client import XdsClient, XdsConfig
+
+    state = State(node_name=env.node, cluster_id="Kubernetes")
+    client = XdsClient(XdsConfig(address=f"127.0.0.1:{env.pilot_ports[1]}", plaintext=True,
+                                 pod_name="dump-check", pod_namespace="kmesh-system", node_name=env.node),
+                       state)
+    client.start()
+    try:
+        wait_for(lambda: client.status()["ready"], 30, "fresh xDS client ready")
+        return state.config_dump()
+    finally:
+        client.stop()
+
+
+def test_dump_tables_and_json_agree_with_pilot(env: Env) -> None:
+    from kmeshctl.dump import json_section
+
+    r = env.kmeshctl("dump", "workloads", "-o", "json", check=True)
+    workloads = json.loads(r.stdout)
+    services = json.loads(env.kmeshctl("dump", "services", "-o", "json", check=True).stdout)
+    pilot = _fresh_dump_from_pilot(env)
+    assert workloads == json_section(pilot, "workloads")
+    assert services == json_section(pilot, "services")
+    ours = {w["name"]: w for w in workloads if w["namespace"] == env.namespace}
+    assert set(ours) == {"cli", "optout", "be1", "be2"}
+    for pod, i in POD_IPS.items():
+        assert ours[pod]["workloadIps"] == [f"10.66.0.{i}"] and ours[pod]["node"] == env.node
+
+    table = env.kmeshctl("dump", "workloads", check=True).stdout.splitlines()
+    header = ["NAMESPACE", "POD", "NAME", "ADDRESS", "NODE", "WAYPOINT", "PROTOCOL", "STATUS"]
+    assert table[0].split() == header
+    rows = {line.split()[1]: line.split() for line in table[1:] if line.startswith(env.namespace + " ")}
+    assert rows["be1"] == [env.namespace, "be1", "10.66.0.3", env.node, "None", "TCP", "Healthy"]
+    assert len(table) == len(workloads) + 1
+    svc_table = env.kmeshctl("dump", "services", check=True).stdout.splitlines()
+    assert svc_table[0].split() == ["NAMESPACE", "SERVICE", "NAME", "SERVICE", "VIP", "WAYPOINT", "ENDPOINTS"]
+    assert [env.namespace, "echo", env.vip, "None", "2/2"] in [line.split() for line in svc_table[1:]]
+    pol = env.kmeshctl("dump", "policies", check=True).stdout
+    assert pol.splitlines()[0].split() == ["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE"]
+    bad = env.kmeshctl("dump", "nonsense")
+    assert bad.returncode == 2 and "unknown dump kind" in bad.stderr and bad.stdout == ""
+
+
+def _bpftool_entries(path: Path) -> list[tuple[str, str]]:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(path)], capture_output=True,
+                         text=True, check=True, timeout=30)
+    entries = []
+    for e in json.loads(out.stdout):
+        k = "".join(b[2:] for b in e["key"])
+        v = "".join(b[2:] for b in e["value"])
+        entries.append((k, v))
+    return sorted(entries)
+
+
+def test_dump_bpf_json_agrees_with_bpftool(env: Env) -> None:
+    data = json.loads(env.kmeshctl("dump", "bpf", "-o", "json", check=True).stdout)
+    gens = [d for d in env.pin_dir.iterdir() if d.is_dir()]
+    assert len(gens) == 1, gens
+    compared = 0
+    for name, entries in data["raw"].items():
+        pin = gens[0] / name
+        if name == "sock" or not pin.exists():
+            continue  # sock: LRU of live sockets, changes with any connection
+        assert sorted(tuple(e) for e in entries) == _bpftool_entries(pin), name
+        compared += 1
+    assert compared >= 5, data["raw"].keys()
+    fes = [f for f in data["maps"]["frontends"] if f["address"] == env.vip]
+    assert fes and fes[0]["port"] == 80 and fes[0]["service"].startswith(f"{env.namespace}/echo")
+    cli_cookie = next(p["netns_cookie"] for p in data["enrolled"] if p["name"] == "cli")
+    assert {"netns_cookie": cli_cookie} in data["maps"]["manage"]
+    tree = env.kmeshctl("dump", "bpf", check=True).stdout
+    assert f"{env.vip}:80" in tree
+    assert f"10.66.0.3:8080 ({env.namespace}/be1)" in tree and f"10.66.0.4:8080 ({env.namespace}/be2)" in tree
+    assert f"{cli_cookie}" in tree and f"{env.namespace}/cli" in tree
+
+
+def test_trace_pod_shows_vip_and_backend(env: Env) -> None:
+    cmd = [PY, "-m", "kmeshctl.main", "trace", "pod", "cli", "-n", env.namespace, "--count", "3",
+           "--timeout", "15", "-o", "json", "--admin-addr", env.admin]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: env.status()["events"]["trace_subscribers"] >= 1, 20, "trace subscribed")
+        assert env.connect("cli", f"{env.vip}:80")["ok"] == 1
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    recs = [json.loads(x) for x in out.splitlines()]
+    assert recs, err
+    connect = next(r for r in recs if r["kind"] == "connect")
+    assert connect["source"]["pod"] == "cli" and connect["source"]["namespace"] == env.namespace
+    assert connect["original"]["ip"] == env.vip and connect["original"]["port"] == 80
+    assert connect["original"]["service"].startswith(f"{env.namespace}/echo")
+    assert connect["backend"]["pod"] in ("be1", "be2") and connect["backend"]["port"] == 8080
+    assert connect["backend"]["ip"] == {"be1": "10.66.0.3", "be2": "10.66.0.4"}[connect["backend"]["pod"]]
+    assert connect["verdict"] == "translated"
+    # compact form: one hubble-like line
+    from kmeshctl.trace import format_event
+
+    line = format_event(connect)
+    assert f"{env.namespace}/cli -> {env.vip}:80 ({env.namespace}/echo" in line and "TRANSLATED" in line
+    assert f"=> {env.namespace}/{connect['backend']['pod']} " in line
+
+
+def test_metrics_count_connections_with_istio_labels(env: Env) -> None:
+    assert env.connect("cli", f"{env.vip}:80", n=3)["ok"] == 3
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/status/metric", timeout=5) as resp:
+            return resp.read().decode()
+
+    def closed_line() -> str | None:
+        for line in scrape().splitlines():
+            if (line.startswith("kmesh_tcp_connections_closed_total{")
+                    and 'destination_service_name="echo"' in line):
+                return line
+        return None
+
+    line = wait_for(closed_line, 15, "closed-connection counter")
+    assert 'source_workload_namespace="' + env.namespace + '"' in line and "reporter=\"source\"" in line
+    assert f'destination_workload_namespace="{env.namespace}"' in line
+    assert float(line.rsplit(" ", 1)[1]) >= 3
+    text = scrape()
+    assert "kmesh_tcp_connections_opened_total{" in text and "kmesh_tcp_sent_bytes_total{" in text
+    assert 'kmesh_xds_connected{' in text and "kmesh_bpf_map_pressure{map=\"frontend\"}" in text
+
+
+def test_log_and_version(env: Env) -> None:
+    out = env.kmeshctl("log", "--set", "xds:debug", check=True).stdout
+    assert ["xds", "debug"] in [line.split() for line in out.splitlines()]
+    out = env.kmeshctl("log", "--set", "xds:info", check=True).stdout
+    assert ["xds", "info"] in [line.split() for line in out.splitlines()]
+    bad = env.kmeshctl("log", "--set", "xds:loud")
+    assert bad.returncode == 1 and "unknown level" in bad.stderr
+    v = env.kmeshctl("version", check=True).stdout
+    assert v.startswith("client version: v") and "kmesh-daemon version: v" in v and "(1 daemons)" in v
+
+
+def test_status_fails_while_pilot_down(env: Env) -> None:
+    wait_for(lambda: env.kmeshctl("status").returncode == 0, 30, "status healthy")
+    ok = env.kmeshctl("status")
+    assert "READY" in ok.stdout and f"{env.namespace}/cli" in ok.stdout
+    env.pilot.stop(signal.SIGKILL)
+    try:
+        down = wait_for(lambda: (r := env.kmeshctl("status")).returncode != 0 and r, 30, "status unhealthy")
+        assert "NOT connected" in down.stdout and "NOT READY" in down.stdout
+        js = json.loads(env.kmeshctl("status", "-o", "json").stdout)
+        assert js["healthy"] is False
+        # Maps stay as they were while disconnected: traffic still translated.
+        assert env.connect("cli", f"{env.vip}:80")["ok"] == 1
+    finally:
+        env.pilot.start("ready tls=", timeout=60)
+    wait_for(lambda: env.kmeshctl("status").returncode == 0, 60, "status healthy again")
+
+
+def _maps(env: Env) -> dict:
+    raw = env.get("/debug/bpf")["raw"]
+    return {k: sorted(map(tuple, v)) for k, v in raw.items() if k != "sock"}
+
+
+def test_sigkill_and_restart_under_connection_loop(env: Env) -> None:
+    wait_for(lambda: env.status()["ready"], 30, "daemon ready")
+    before = _maps(env)
+    loop = subprocess.Popen(env.client_cmd("cli", f"{env.vip}:80", n=150, interval=0.03, timeout=2,
+                                           max_seconds=90), stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        env.daemon.stop(signal.SIGKILL)
+        env.start_daemon()
+        wait_for(lambda: env.status()["ready"], 60, "restarted daemon ready")
+        out, _ = loop.communicate(timeout=120)
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.wait()
+    r = json.loads(out)
+    assert r["fail"] == 0 and r["ok"] == 150, r
+    assert set(r["replies"]) == {"be1", "be2"}
+    assert {"cli", "be1", "be2"} <= env.enrolled()
+    wait_for(lambda: _maps(env) == before, 20, "maps equal to before the restart")
+    after = _maps(env)
+    for name, entries in after.items():
+        keys = [k for k, _ in entries]
+        assert len(keys) == len(set(keys)), name
