@@ -108,7 +108,8 @@ def apply_defaults(kind: str, obj: dict[str, Any]) -> None:
             spec.setdefault("replicas", 1)
         _template(obj)
     elif kind == "Secret":
-        obj.setdefault("type", "Opaque")
+        if not obj.get("type"):
+            obj["type"] = "Opaque"
     elif kind in ("ClusterRoleBinding", "RoleBinding"):
         for s in obj.get("subjects") or []:
             if isinstance(s, dict) and s.get("kind") in ("User", "Group"):

@@ -71,12 +71,17 @@ def invalid(rt: ResourceType, name: str, causes: list[tuple[str, str, str]]) -> 
     kind_group = f"{rt.kind}.{rt.group}" if rt.group else rt.kind
     texts = [f"{f}: {t}" for f, _, t in causes]
     joined = texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]"
-    return ApiError(
-        422,
-        "Invalid",
-        f'{kind_group} "{name}" is invalid: {joined}',
-        _details(rt, name, causes=[{"reason": r, "message": t, "field": f} for f, r, t in causes]),
-    )
+    # Unlike NotFound/AlreadyExists, Invalid names the Kind (not the resource) in details.kind.
+    details: dict[str, Any] = {"name": name}
+    if rt.group:
+        details["group"] = rt.group
+    details["kind"] = rt.kind
+    details["causes"] = [{"reason": r, "message": t, "field": f} for f, r, t in causes]
+    return ApiError(422, "Invalid", f'{kind_group} "{name}" is invalid: {joined}', details)
+
+
+def forbidden(rt: ResourceType, name: str, why: str) -> ApiError:
+    return ApiError(403, "Forbidden", f'{rt.group_kind} "{name}" is forbidden: {why}', _details(rt, name))
 
 
 def bad_request(message: str) -> ApiError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import discovery, errors, fieldmanager, kinds, patching, tables
+from . import discovery, errors, fieldmanager, kinds, patching, protobuf, tables
 from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults, initial_status
 from .errors import ApiError
 from .kinds import ResourceType
@@ -82,6 +83,7 @@ class Api:
         self.log_resolver = log_resolver
         self.watch_timeout = watch_timeout
         self.stopping = False
+        self.namespace_grace = 1.0
 
     # ---------------------------------------------------------------- bootstrap / auth
 
@@ -377,6 +379,22 @@ class Api:
         ctype = req.headers.get("content-type", "application/json").split(";")[0].strip()
         if not req.body:
             raise errors.bad_request("the body of the request was empty")
+        if ctype == "application/vnd.kubernetes.protobuf":
+            try:
+                obj = protobuf.decode(req.body)
+            except (protobuf.ProtobufError, UnicodeDecodeError) as e:
+                raise errors.bad_request(f"the object provided is unrecognized: {e}") from e
+            if obj is None:
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the sandbox API server decodes protobuf bodies only "
+                    "for Namespace, ConfigMap, Secret and ServiceAccount; send JSON instead "
+                    "(e.g. kubectl apply/create -f)",
+                )
+            return obj
+        if "protobuf" in ctype or "cbor" in ctype:
+            raise errors.unsupported_media(ctype)
         try:
             if "yaml" in ctype:
                 return yaml.safe_load(req.body)
@@ -432,11 +450,16 @@ class Api:
         if causes:
             raise errors.invalid(rt, name, causes)
 
-    def _namespace_must_exist(self, ns: str) -> None:
+    def _namespace_must_exist(self, ns: str, rt: ResourceType, name: str) -> None:
         ns_rt = kinds.by_kind("Namespace")
         assert ns_rt
-        if self.store.get(ns_rt, "", ns) is None:
+        obj = self.store.get(ns_rt, "", ns)
+        if obj is None:
             raise errors.not_found(ns_rt, ns)
+        if obj["metadata"].get("deletionTimestamp"):
+            raise errors.forbidden(
+                rt, name, f"unable to create new content in namespace {ns} because it is being terminated"
+            )
 
     def _create_request(self, req: Request, t: Target) -> Response:
         body = self._check_type(t, self._decode(req))
@@ -493,7 +516,7 @@ class Api:
         with self.store.lock:
             self._admit(rt, obj, None)
             if rt.namespaced:
-                self._namespace_must_exist(namespace or "")
+                self._namespace_must_exist(namespace or "", rt, meta["name"])
             if self.store.get(rt, namespace or "", meta["name"]) is not None:
                 raise errors.already_exists(rt, meta["name"])
             meta["uid"] = new_uid()
@@ -792,6 +815,8 @@ class Api:
                 )
             if dry:
                 return self._render(req, t, obj)
+            if t.rt.kind == "Namespace":
+                return self._render(req, t, self._terminate_namespace(obj))
             if obj["metadata"].get("finalizers"):
                 if not obj["metadata"].get("deletionTimestamp"):
                     marked = copy.deepcopy(obj)
@@ -801,6 +826,36 @@ class Api:
                 return self._render(req, t, obj)
             gone = self._remove(t.rt, self._ns(t), t.name or "", policy)
         return self._render(req, t, gone)
+
+    def _terminate_namespace(self, ns_obj: dict[str, Any]) -> dict[str, Any]:
+        """Mark a namespace Terminating; its contents and then itself go after ``namespace_grace``.
+
+        Asynchronous like the real namespace controller, so that ``kubectl delete -f`` of a file
+        holding a namespace and objects in it can still delete those objects one by one.
+        """
+        if ns_obj["metadata"].get("deletionTimestamp"):
+            return ns_obj
+        ns_rt = kinds.by_kind("Namespace")
+        assert ns_rt
+        marked = copy.deepcopy(ns_obj)
+        marked["metadata"]["deletionTimestamp"] = now_rfc3339()
+        marked["status"] = {"phase": "Terminating"}
+        stored = self.store.put(ns_rt, marked)
+        name, uid = marked["metadata"]["name"], marked["metadata"]["uid"]
+
+        def finalize() -> None:
+            with self.store.lock:
+                current = self.store.get(ns_rt, "", name)
+                if current is not None and current["metadata"]["uid"] == uid and not self.stopping:
+                    self._remove(ns_rt, "", name, "Background")
+
+        if self.namespace_grace <= 0:
+            finalize()
+            return stored
+        timer = threading.Timer(self.namespace_grace, finalize)
+        timer.daemon = True
+        timer.start()
+        return stored
 
     def _remove(self, rt: ResourceType, namespace: str, name: str, policy: str) -> dict[str, Any]:
         """Delete one object and what depends on it (namespace contents, owner references)."""

@@ -155,7 +155,8 @@ class ApiServer:
     ``token`` is the static admin bearer token (random if not given); ``state_dir`` keeps the
     ServiceAccount signing key across restarts; ``log_resolver(namespace, pod, container)``
     may return the path of a container's log file for ``pods/log`` (checked before the
-    ``sandbox.kmesh.io/log-path`` annotation).
+    ``sandbox.kmesh.io/log-path`` annotation); a deleted namespace stays Terminating for
+    ``namespace_grace`` seconds before it and its contents go (0: at once).
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class ApiServer:
         watch_history: int = 10000,
         log_resolver: LogResolver | None = None,
         anonymous: bool = True,
+        namespace_grace: float = 1.0,
     ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the sandbox API server listens on loopback only")
@@ -179,6 +181,7 @@ class ApiServer:
         self.issuer = TokenIssuer(self.state_dir)
         self.ips = IpAllocator(service_cidr)
         self.api = Api(self.store, self.issuer, self.ips, self.token, log_resolver)
+        self.api.namespace_grace = namespace_grace
         self.api.bootstrap()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None

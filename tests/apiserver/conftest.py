@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ class Cluster:
         name = f"{prefix}-{next(_ns_counter)}"
         client.CoreV1Api(self.api_client()).create_namespace({"metadata": {"name": name}})
         return name
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 def _start(tmp: Path, **kwargs: Any) -> Iterator[Cluster]:

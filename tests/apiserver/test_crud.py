@@ -9,7 +9,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from .conftest import Cluster
+from .conftest import Cluster, wait_until
 
 
 def _body(exc: ApiException) -> dict[str, Any]:
@@ -399,9 +399,19 @@ def test_namespace_deletion_cascades(cluster: Cluster) -> None:
     svc = core.create_namespaced_service(ns, {"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}})
     apps.create_namespaced_deployment(ns, _deployment("web"))
     core.delete_namespace(ns)
+    assert core.read_namespace(ns).status.phase == "Terminating"
     with pytest.raises(ApiException) as e:
-        core.read_namespace(ns)
-    assert e.value.status == 404
+        core.create_namespaced_config_map(ns, {"metadata": {"name": "late"}})
+    assert e.value.status == 403 and "because it is being terminated" in _body(e.value)["message"]
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(ns)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_until(gone, what=f"namespace {ns} to go")
     assert not [c for c in core.list_config_map_for_all_namespaces().items if c.metadata.namespace == ns]
     assert not [d for d in apps.list_deployment_for_all_namespaces().items if d.metadata.namespace == ns]
     # The Service's ClusterIP went back to the pool.

@@ -1,0 +1,222 @@
+"""The real kubectl against the server: discovery, get, label, apply --server-side, describe, logs, delete."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from kubernetes import client
+
+from sandbox.apiserver import LOG_PATH_ANNOTATION
+
+from .conftest import Cluster
+
+
+def _manifest(ns: str) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Namespace
+        metadata:
+          name: {ns}
+        ---
+        apiVersion: apps/v1
+        kind: DaemonSet
+        metadata:
+          name: agent
+          namespace: {ns}
+          labels: {{app.kubernetes.io/managed-by: kmeshctl}}
+        spec:
+          selector:
+            matchLabels: {{app: agent}}
+          template:
+            metadata:
+              labels: {{app: agent}}
+            spec:
+              containers:
+              - name: agent
+                image: example/agent:1
+                env:
+                - {{name: XDS_ADDRESS, value: "istiod.istio-system.svc:15012"}}
+                volumeMounts:
+                - {{name: bpf, mountPath: /sys/fs/bpf}}
+              volumes:
+              - name: bpf
+                hostPath: {{path: /sys/fs/bpf}}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata:
+          name: web
+          namespace: {ns}
+        spec:
+          selector: {{app: web}}
+          ports:
+          - {{name: http, port: 80, targetPort: 8080}}
+        ---
+        apiVersion: networking.istio.io/v1alpha3
+        kind: EnvoyFilter
+        metadata:
+          name: skip-tunneling
+          namespace: {ns}
+        spec:
+          configPatches: []
+        """)
+
+
+def test_api_resources_lists_the_kinds(cluster: Cluster) -> None:
+    out = cluster.kubectl("api-resources", "-o", "name").stdout.split()
+    for name in (
+        "pods",
+        "services",
+        "namespaces",
+        "configmaps",
+        "secrets",
+        "serviceaccounts",
+        "events",
+        "daemonsets.apps",
+        "deployments.apps",
+        "clusterroles.rbac.authorization.k8s.io",
+        "clusterrolebindings.rbac.authorization.k8s.io",
+        "envoyfilters.networking.istio.io",
+        "virtualservices.networking.istio.io",
+        "destinationrules.networking.istio.io",
+        "gateways.gateway.networking.k8s.io",
+        "tokenreviews.authentication.k8s.io",
+    ):
+        assert name in out, name
+    versions = cluster.kubectl("api-versions").stdout.split()
+    assert {"v1", "apps/v1", "networking.istio.io/v1alpha3", "networking.istio.io/v1beta1"} <= set(versions)
+    assert "Server Version: v1.32" in cluster.kubectl("version").stdout
+
+
+def test_apply_server_side_get_label_delete(cluster: Cluster, tmp_path: Path) -> None:
+    ns = "kubectl-apply"
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(_manifest(ns))
+    out = cluster.kubectl("apply", "--server-side", "--field-manager", "kmeshctl", "-f", str(manifest)).stdout
+    assert "daemonset.apps/agent serverside-applied" in out
+    assert "envoyfilter.networking.istio.io/skip-tunneling serverside-applied" in out
+    ds = json.loads(cluster.kubectl("get", "ds", "agent", "-n", ns, "-o", "json").stdout)
+    rv = ds["metadata"]["resourceVersion"]
+    # Re-applying the same manifest changes nothing.
+    cluster.kubectl("apply", "--server-side", "--field-manager", "kmeshctl", "-f", str(manifest))
+    assert (
+        json.loads(cluster.kubectl("get", "ds", "agent", "-n", ns, "-o", "json").stdout)["metadata"][
+            "resourceVersion"
+        ]
+        == rv
+    )
+
+    table = cluster.kubectl("get", "svc", "-n", ns).stdout.splitlines()
+    assert table[0].split()[:4] == ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP"]
+    assert table[1].split()[0:2] == ["web", "ClusterIP"] and table[1].split()[2].startswith("10.96.")
+
+    cluster.kubectl("label", "ns", ns, "istio.io/dataplane-mode=Kmesh")
+    assert cluster.kubectl(
+        "get", "ns", "-l", "istio.io/dataplane-mode=Kmesh", "-o", "name"
+    ).stdout.split() == [f"namespace/{ns}"]
+    out = cluster.kubectl("label", "ns", ns, "istio.io/dataplane-mode-").stdout
+    assert "unlabeled" in out
+    names = cluster.kubectl(
+        "get", "all,envoyfilters", "-n", ns, "-l", "app.kubernetes.io/managed-by=kmeshctl", "-o", "name"
+    ).stdout.split()
+    assert names == ["daemonset.apps/agent"]
+
+    assert "Name:         skip-tunneling" in cluster.kubectl("describe", "envoyfilter", "-n", ns).stdout
+    assert (
+        "XDS_ADDRESS:  istiod.istio-system.svc:15012"
+        in cluster.kubectl("describe", "ds", "agent", "-n", ns).stdout
+    )
+
+    out = cluster.kubectl("delete", "-f", str(manifest)).stdout
+    assert f'namespace "{ns}" deleted' in out
+    gone = cluster.kubectl("get", "ns", ns, check=False)
+    assert gone.returncode == 1
+    assert gone.stderr.strip() == f'Error from server (NotFound): namespaces "{ns}" not found'
+
+
+def test_server_side_dry_run_and_errors(cluster: Cluster, tmp_path: Path) -> None:
+    ns = cluster.new_namespace("dry")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: bad, namespace: {ns}}}
+        spec:
+          containers:
+          - name: c
+            ports: [{{containerPort: 99999}}]
+        """)
+    )
+    res = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", str(bad), check=False)
+    assert res.returncode == 1
+    assert (
+        'The Pod "bad" is invalid' in res.stderr and "spec.containers[0].image: Required value" in res.stderr
+    )
+    assert "spec.containers[0].ports[0].containerPort: Invalid value: 99999" in res.stderr
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c, namespace: {ns}}}\ndata: {{a: b}}\n"
+    )
+    out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", str(good)).stdout
+    assert "configmap/c serverside-applied (server dry run)" in out
+    assert cluster.kubectl("get", "cm", "c", "-n", ns, check=False).returncode == 1
+
+    missing = cluster.kubectl("create", "configmap", "x", "-n", "no-such-ns", check=False)
+    assert missing.stderr.strip() == 'error: failed to create configmap: namespaces "no-such-ns" not found'
+
+    cluster.kubectl("apply", "--server-side", "-f", str(good))
+    dup = cluster.kubectl("create", "-f", str(good), check=False)
+    assert (
+        dup.stderr.strip()
+        == 'Error from server (AlreadyExists): error when creating "'
+        + str(good)
+        + '": configmaps "c" already exists'
+    )
+
+    # Another manager changing the same field conflicts, --force-conflicts takes it over.
+    other = tmp_path / "other.yaml"
+    other.write_text(good.read_text().replace("a: b", "a: z"))
+    res = cluster.kubectl("apply", "--server-side", "--field-manager", "other", "-f", str(other), check=False)
+    assert res.returncode == 1 and 'conflict with "kubectl"' in res.stderr and ".data.a" in res.stderr
+    cluster.kubectl(
+        "apply", "--server-side", "--field-manager", "other", "--force-conflicts", "-f", str(other)
+    )
+    assert cluster.kubectl("get", "cm", "c", "-n", ns, "-o", "jsonpath={.data.a}").stdout == "z"
+
+
+def test_logs_from_annotation_and_hook(cluster: Cluster, tmp_path: Path) -> None:
+    ns = cluster.new_namespace("logs")
+    log = tmp_path / "c.log"
+    log.write_text("line 1\nline 2\nline 3\n")
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "p", "annotations": {LOG_PATH_ANNOTATION: str(log)}},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+        },
+    )
+    assert cluster.kubectl("logs", "p", "-n", ns).stdout == "line 1\nline 2\nline 3\n"
+    assert cluster.kubectl("logs", "p", "-n", ns, "--tail", "1").stdout == "line 3\n"
+
+    core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "q"},
+            "spec": {"containers": [{"name": "a", "image": "i"}, {"name": "b", "image": "i"}]},
+        },
+    )
+    assert cluster.kubectl("logs", "q", "-n", ns, "-c", "b").stdout == ""
+    hooked = tmp_path / "hook.log"
+    hooked.write_text("from the kubelet\n")
+    cluster.server.set_log_resolver(lambda n, pod, c: hooked if (n, pod, c) == (ns, "q", "b") else None)
+    try:
+        assert cluster.kubectl("logs", "q", "-n", ns, "-c", "b").stdout == "from the kubelet\n"
+    finally:
+        cluster.server.set_log_resolver(None)
+    bad = cluster.kubectl("logs", "q", "-n", ns, "-c", "nope", check=False)
+    assert bad.returncode == 1 and "container nope is not valid for pod q" in bad.stderr
