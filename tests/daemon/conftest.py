@@ -189,6 +189,9 @@ class Env:
         self.daemon = Proc("daemon", self.daemon_cmd(), self.work / "daemon.log", self.daemon_env())
         self.daemon.start("kmesh-daemon started", timeout=120)
 
+    def daemon_log(self) -> str:
+        return (self.work / "daemon.log").read_text()
+
     def get(self, path: str, timeout: float = 10) -> Any:
         with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=timeout) as resp:
             return json.loads(resp.read())

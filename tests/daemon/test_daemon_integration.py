@@ -61,9 +61,16 @@ def _fresh_dump_from_pilot(env: Env) -> dict:
     from daemon.xds.client import XdsClient, XdsConfig
 
     state = State(node_name=env.node, cluster_id="Kubernetes")
-    client = XdsClient(XdsConfig(address=f"127.0.0.1:{env.pilot_ports[1]}", plaintext=True,
-                                 pod_name="dump-check", pod_namespace="kmesh-system", node_name=env.node),
-                       state)
+    client = XdsClient(
+        XdsConfig(
+            address=f"127.0.0.1:{env.pilot_ports[1]}",
+            plaintext=True,
+            pod_name="dump-check",
+            pod_namespace="kmesh-system",
+            node_name=env.node,
+        ),
+        state,
+    )
     client.start()
     try:
         wait_for(lambda: client.status()["ready"], 30, "fresh xDS client ready")
@@ -102,8 +109,13 @@ def test_dump_tables_and_json_agree_with_pilot(env: Env) -> None:
 
 
 def _bpftool_entries(path: Path) -> list[tuple[str, str]]:
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(path)], capture_output=True,
-                         text=True, check=True, timeout=30)
+    out = subprocess.run(
+        ["bpftool", "-j", "map", "dump", "pinned", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     entries = []
     for e in json.loads(out.stdout):
         k = "".join(b[2:] for b in e["key"])
@@ -135,8 +147,24 @@ def test_dump_bpf_json_agrees_with_bpftool(env: Env) -> None:
 
 
 def test_trace_pod_shows_vip_and_backend(env: Env) -> None:
-    cmd = [PY, "-m", "kmeshctl.main", "trace", "pod", "cli", "-n", env.namespace, "--count", "3",
-           "--timeout", "15", "-o", "json", "--admin-addr", env.admin]
+    cmd = [
+        PY,
+        "-m",
+        "kmeshctl.main",
+        "trace",
+        "pod",
+        "cli",
+        "-n",
+        env.namespace,
+        "--count",
+        "3",
+        "--timeout",
+        "15",
+        "-o",
+        "json",
+        "--admin-addr",
+        env.admin,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: env.status()["events"]["trace_subscribers"] >= 1, 20, "trace subscribed")
@@ -172,18 +200,20 @@ def test_metrics_count_connections_with_istio_labels(env: Env) -> None:
 
     def closed_line() -> str | None:
         for line in scrape().splitlines():
-            if (line.startswith("kmesh_tcp_connections_closed_total{")
-                    and 'destination_service_name="echo"' in line):
+            if (
+                line.startswith("kmesh_tcp_connections_closed_total{")
+                and 'destination_service_name="echo"' in line
+            ):
                 return line
         return None
 
     line = wait_for(closed_line, 15, "closed-connection counter")
-    assert 'source_workload_namespace="' + env.namespace + '"' in line and "reporter=\"source\"" in line
+    assert 'source_workload_namespace="' + env.namespace + '"' in line and 'reporter="source"' in line
     assert f'destination_workload_namespace="{env.namespace}"' in line
     assert float(line.rsplit(" ", 1)[1]) >= 3
     text = scrape()
     assert "kmesh_tcp_connections_opened_total{" in text and "kmesh_tcp_sent_bytes_total{" in text
-    assert 'kmesh_xds_connected{' in text and "kmesh_bpf_map_pressure{map=\"frontend\"}" in text
+    assert "kmesh_xds_connected{" in text and 'kmesh_bpf_map_pressure{map="frontend"}' in text
 
 
 def test_log_and_version(env: Env) -> None:
@@ -222,8 +252,11 @@ def _maps(env: Env) -> dict:
 def test_sigkill_and_restart_under_connection_loop(env: Env) -> None:
     wait_for(lambda: env.status()["ready"], 30, "daemon ready")
     before = _maps(env)
-    loop = subprocess.Popen(env.client_cmd("cli", f"{env.vip}:80", n=150, interval=0.03, timeout=2,
-                                           max_seconds=90), stdout=subprocess.PIPE, text=True)
+    loop = subprocess.Popen(
+        env.client_cmd("cli", f"{env.vip}:80", n=150, interval=0.03, timeout=2, max_seconds=90),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(0.5)
         env.daemon.stop(signal.SIGKILL)
@@ -243,3 +276,51 @@ def test_sigkill_and_restart_under_connection_loop(env: Env) -> None:
     for name, entries in after.items():
         keys = [k for k, _ in entries]
         assert len(keys) == len(set(keys)), name
+
+
+def _daemonset(env: Env) -> dict:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "kmesh", "namespace": "kmesh-system"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "kmesh"}},
+            "template": {
+                "metadata": {"labels": {"app": "kmesh"}},
+                "spec": {
+                    "nodeSelector": {"kmesh-test": "never"},
+                    "containers": [{"name": "kmesh", "image": "kmesh"}],
+                },
+            },
+        },
+    }
+
+
+def test_sigterm_keeps_pins_while_daemonset_exists_and_removes_them_after(env: Env) -> None:
+    """SIGTERM with the DaemonSet present = restart: pins stay, traffic still translated with no
+    daemon; SIGTERM after the DaemonSet is deleted = uninstall: pins gone, traffic untranslated."""
+    from kubernetes import client
+
+    apps = client.AppsV1Api(env.api)
+    try:
+        env.core.create_namespace(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kmesh-system"}}
+        )
+    except client.exceptions.ApiException as exc:
+        assert exc.status == 409
+    apps.create_namespaced_daemon_set("kmesh-system", _daemonset(env))
+    try:
+        wait_for(lambda: env.status()["ready"], 30, "daemon ready")
+        assert env.daemon.stop(signal.SIGTERM) == 0
+        assert any(env.pin_dir.iterdir())
+        r = env.connect("cli", f"{env.vip}:80", n=5)
+        assert r["ok"] == 5, r
+    finally:
+        apps.delete_namespaced_daemon_set("kmesh", "kmesh-system")
+    env.start_daemon()
+    wait_for(lambda: env.status()["ready"], 60, "daemon ready again")
+    assert env.daemon.stop(signal.SIGTERM) == 0
+    assert not env.pin_dir.exists()
+    assert "uninstall" in env.daemon_log() or "removing pins" in env.daemon_log()
+    r = env.connect("cli", f"{env.vip}:80", timeout=1)
+    assert r["ok"] == 0, r
