@@ -21,6 +21,7 @@ Slots are ordered by (backend uid, target port), so the same input always gives 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import defaultdict
@@ -180,17 +181,18 @@ class Reconciler:
         self.svc_ids = _IdPool()
         self.be_ids = _IdPool()
         self.dirty = False
+        # entries per map held by named owners (frontends are len(fe_owner)); orphans added on top
+        self._n = {"service": 0, "endpoint": 0, "backend": 0, "names": 0}
+        # last rendered input per service / backend: an unchanged input is skipped cheaply
+        self._src: dict[str, tuple[Service, tuple[int | None, ...]]] = {}
+        self._bsrc: dict[str, Backend] = {}
 
     def counts(self) -> dict[str, int]:
         """Entries per reconciled map, as the mirror knows them."""
-        return {
-            "frontend": len(self.fe_owner) + len(self.orphans["frontend"]),
-            "service": sum(1 for p in self.ports.values() if p.value) + len(self.orphans["service"]),
-            "endpoint": sum(len(p.slots) for p in self.ports.values()) + len(self.orphans["endpoint"]),
-            "backend": sum(1 for b in self.backs.values() if b.value) + len(self.orphans["backend"]),
-            "names": sum(1 for p in self.ports.values() if p.named)
-            + sum(1 for b in self.backs.values() if b.name) + len(self.orphans["names"]),
-        }
+        out = {"frontend": len(self.fe_owner) + len(self.orphans["frontend"])}
+        for m, n in self._n.items():
+            out[m] = n + len(self.orphans[m])
+        return out
 
     def load(self) -> None:
         """Rebuild the mirror from the live maps; entries nobody can name become orphans."""
@@ -246,6 +248,9 @@ class Reconciler:
         self.svc_ids.mark(p.id)
         for bid in p.bids:
             self.users[bid].add(p.name)
+        self._n["service"] += 1 if p.value else 0
+        self._n["endpoint"] += len(p.slots)
+        self._n["names"] += 1 if p.named else 0
 
     def _drop_port(self, p: _Port) -> None:
         self.ports.pop(p.name, None)
@@ -260,11 +265,16 @@ class Reconciler:
         for k in p.fes:
             if self.fe_owner.get(k) == (L.FE_SERVICE, p.id):
                 del self.fe_owner[k]
+        self._n["service"] -= 1 if p.value else 0
+        self._n["endpoint"] -= len(p.slots)
+        self._n["names"] -= 1 if p.named else 0
 
     def _add_back(self, b: _Back) -> None:
         self.backs[b.uid] = b
         self.back_by_id[b.id] = b
         self.be_ids.mark(b.id)
+        self._n["backend"] += 1 if b.value else 0
+        self._n["names"] += 1 if b.name else 0
 
     def _drop_back(self, b: _Back) -> None:
         self.backs.pop(b.uid, None)
@@ -272,6 +282,8 @@ class Reconciler:
         for k in b.fes:
             if self.fe_owner.get(k) == (L.FE_BACKEND, b.id):
                 del self.fe_owner[k]
+        self._n["backend"] -= 1 if b.value else 0
+        self._n["names"] -= 1 if b.name else 0
 
     # ------------------------------------------------------------ rendering
     @staticmethod
@@ -325,6 +337,17 @@ class Reconciler:
 
     def _reconcile(self, proj: Projection, svc_scope: set[str], be_scope: set[str], orphans: bool
                    ) -> ReconcileResult:
+        # hundreds of thousands of small objects: keep the cyclic GC from rescanning them mid-pass
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._reconcile_inner(proj, svc_scope, be_scope, orphans)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _reconcile_inner(self, proj: Projection, svc_scope: set[str], be_scope: set[str], orphans: bool
+                         ) -> ReconcileResult:
         t0 = time.perf_counter()
         res = ReconcileResult()
         plan = _Plan()
@@ -391,15 +414,25 @@ class Reconciler:
 
         # --- backends (adds and changes; removals are decided after the services)
         removed_backs: list[_Back] = []
-        live_bids: dict[str, int] = {uid: b.id for uid, b in self.backs.items()}
+        bid_override: dict[str, int | None] = {}  # in-scope backends whose id changes in this pass
+        new_bsrc: dict[str, Backend] = {}
+
+        def live_bid(uid: str) -> int | None:
+            if uid in bid_override:
+                return bid_override[uid]
+            cur = self.backs.get(uid)
+            return cur.id if cur is not None else None
+
         for uid in sorted(be_scope):
             cur = self.backs.get(uid)
             b = proj.backends.get(uid)
             if b is None:
                 if cur is not None:
                     removed_backs.append(cur)
-                    live_bids.pop(uid, None)
+                    bid_override[uid] = None
                 continue
+            if cur is not None and self._bsrc.get(uid) == b:
+                continue  # unchanged since we last wrote it
             if cur is None:
                 bid = self.be_ids.take()
                 allocated.append((self.be_ids, bid))
@@ -418,11 +451,12 @@ class Reconciler:
                 if cur is None:
                     self.be_ids.release(bid)
                     allocated.remove((self.be_ids, bid))
-                    live_bids.pop(uid, None)
+                bid_override[uid] = None if cur is None else cur.id
                 continue
             for m, n in need.items():
                 usage[m] += n
-            live_bids[uid] = bid
+            bid_override[uid] = bid
+            new_bsrc[uid] = b
             if cur is None or cur.value != value:
                 plan.write("backend", L.U32.pack(bid), value)
             if cur is None or cur.name != name:
@@ -435,10 +469,14 @@ class Reconciler:
             new_backs[uid] = _Back(bid, uid, value, fes, name)
 
         # --- services: kept and new ports
+        new_src: dict[str, tuple[Service, tuple[int | None, ...]]] = {}
         for sname, want in wanted_ports.items():
             if not want:
                 continue
             svc = proj.services[sname]
+            sig = (svc, tuple(live_bid(e.backend_uid) for sp in svc.ports for e in sp.endpoints))
+            if self._src.get(sname) == sig:
+                continue  # same input, same backend ids: nothing to write
             staged: list[tuple[str, _Port, _Port | None]] = []
             need: dict[str, int] = defaultdict(int)
             reason = ""
@@ -455,8 +493,8 @@ class Reconciler:
                     allocated.append((self.svc_ids, sid))
                 else:
                     sid = cur.id
-                eps = [(e.backend_uid, e.target_port, e.weight, e.priority, live_bids[e.backend_uid])
-                       for e in sp.endpoints if e.backend_uid in live_bids]
+                eps = [(e.backend_uid, e.target_port, e.weight, e.priority, bid)
+                       for e in sp.endpoints if (bid := live_bid(e.backend_uid)) is not None]
                 value, slots, bids = self._render_slots(sid, svc.lb_mode, eps)
                 fes: dict[bytes, bytes] = {}
                 for vip in svc.vips:
@@ -490,6 +528,7 @@ class Reconciler:
                 continue
             for cur in dropped:
                 drop_port(cur, count_usage=False)  # already in `need`
+            new_src[sname] = sig
             for m, n in need.items():
                 usage[m] += n
             for pname, p, cur in staged:
@@ -510,19 +549,15 @@ class Reconciler:
                     plan.p3["endpoint"].extend(k for k in cur.slots if k not in p.slots)
 
         # --- backend removals: only once nothing references them any more
-        users_after: dict[int, set[str]] = defaultdict(set)
-        for bid, names_ in self.users.items():
-            users_after[bid] = set(names_)
-        for pname, p in new_ports.items():
-            cur = self.ports.get(pname)
-            for bid in cur.bids if cur else ():
-                users_after[bid].discard(pname)
-            for bid in p.bids if p else ():
-                users_after[bid].add(pname)
         for cur in removed_backs:
-            if users_after.get(cur.id):
-                log.warning("backend %s removed but still used by %s; kept", cur.uid,
-                            sorted(users_after[cur.id])[:3])
+            users_after = set(self.users.get(cur.id, ()))
+            for pname, p in new_ports.items():
+                if p is not None and cur.id in p.bids:
+                    users_after.add(pname)
+                else:
+                    users_after.discard(pname)
+            if users_after:
+                log.warning("backend %s removed but still used by %s; kept", cur.uid, sorted(users_after)[:3])
                 continue
             new_backs[cur.uid] = None
             plan.p1["frontend"].extend(k for k in cur.fes if self.fe_owner.get(k) == (L.FE_BACKEND, cur.id))
@@ -581,6 +616,14 @@ class Reconciler:
                 self._add_back(b)
                 for k in b.fes:
                     self.fe_owner[k] = (L.FE_BACKEND, b.id)
+        for sname, want in wanted_ports.items():
+            if not want:
+                self._src.pop(sname, None)
+        self._src.update(new_src)
+        for uid, b in new_backs.items():
+            if b is None:
+                self._bsrc.pop(uid, None)
+        self._bsrc.update(new_bsrc)
         res.seconds = time.perf_counter() - t0
         return res
 
