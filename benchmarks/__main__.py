@@ -29,8 +29,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", choices=SECTIONS,
                    help="run only this section (repeatable); default: all")
-    p.add_argument("--rounds", type=int, default=3, help="data-plane rounds per mode (default 3)")
-    p.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
+    p.add_argument("--rounds", type=int, default=5, help="data-plane rounds per mode (default 5)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
     p.add_argument("--no-pin", action="store_true", help="do not pin server/client to separate CPUs")
     p.add_argument("--quick", action="store_true",

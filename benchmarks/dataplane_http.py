@@ -48,14 +48,14 @@ BACKEND_UID = "Kubernetes//Pod/bench/echo-0"
 class Settings:
     """Knobs of one data-plane run; defaults keep the whole run around two minutes."""
 
-    rounds: int = 3
-    duration_s: float = 4.0
+    rounds: int = 5
+    duration_s: float = 3.0
     warmup_s: float = 1.0
     connections: int = 4
     pin: bool = True
     modes: tuple[str, ...] = MODES
     cgroup_parent: Path = netns.CGROUP2_ROOT
-    prefix: str = field(default_factory=lambda: "kb" + secrets.token_hex(3))
+    prefix: str = field(default_factory=lambda: "kh" + secrets.token_hex(3))
 
 
 def _log(msg: str) -> None:
@@ -143,7 +143,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
         stack.callback(topo.close)
         topo.open()
         backend = envoy_proc.start(envoy, envoy_proc.backend_config(POD_PORT), workdir, "backend",
-                                   topo.ns_server, topo.plain_cgroup, envoy_proc.BACKEND_ADMIN_PORT,
+                                   topo.ns_server, topo.server_cgroup, envoy_proc.BACKEND_ADMIN_PORT,
                                    cpus["server"])
         stack.callback(backend.stop)
         targets: dict[str, tuple[str, Path]] = {}
@@ -154,7 +154,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
             targets["direct"] = (pod_url, topo.plain_cgroup)
         if "envoy_proxy" in settings.modes:
             proxy = envoy_proc.start(envoy, envoy_proc.proxy_config(PROXY_PORT, netns.POD_IP, POD_PORT),
-                                     workdir, "proxy", topo.ns_client, topo.plain_cgroup,
+                                     workdir, "proxy", topo.ns_client, topo.proxy_cgroup,
                                      envoy_proc.PROXY_ADMIN_PORT, cpus["proxy"])
             stack.callback(proxy.stop)
             targets["envoy_proxy"] = (f"http://127.0.0.1:{PROXY_PORT}/", topo.plain_cgroup)
@@ -178,6 +178,14 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
                "cpus": cpus, "envoy": envoy, "pin_dir": pin_dir}
 
 
+def _loadavg() -> str:
+    """The 1/5/15-minute load averages: how busy the machine was besides us."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
+
+
 def _median(results: list[WrkResult], key: str) -> float:
     return statistics.median(getattr(r, key) for r in results)
 
@@ -186,8 +194,10 @@ def _summarise(results: list[WrkResult]) -> dict:
     return {
         "p50_ms": round(_median(results, "p50_ms"), 4),
         "p99_ms": round(_median(results, "p99_ms"), 4),
+        "p50_ms_range": [round(min(r.p50_ms for r in results), 4), round(max(r.p50_ms for r in results), 4)],
         "rps": round(_median(results, "rps"), 1),
         "cycle_ms": round(_median(results, "cycle_ms"), 4),
+        "cpu_us_per_req": round(_median(results, "cpu_us_per_req"), 2),
         "errors": sum(r.errors for r in results),
         "rounds": [r.as_dict() for r in results],
     }
@@ -197,6 +207,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
     """Measure every mode; returns {"dataplane": {...}, "dataplane_keepalive": {...}, "meta": {...}}."""
     settings = settings or Settings()
     t0 = time.monotonic()
+    load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="kmesh-bench-") as tmp, _bench_env(settings, Path(tmp)) as env:
         script = write_script(Path(tmp) / "done.lua")
         topo: netns.Topology = env["topo"]
@@ -220,8 +231,12 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             for keepalive in (False, True):
                 for mode in rotated:
                     before = backend.counters(counters)
+                    cpu_groups = (targets[mode][1], topo.proxy_cgroup, topo.server_cgroup)
+                    cpu_before = [netns.cpu_usage_us(g) for g in cpu_groups]
                     res = one(mode, keepalive, settings.duration_s)
+                    cpu = [netns.cpu_usage_us(g) - b for g, b in zip(cpu_groups, cpu_before, strict=True)]
                     after = backend.counters(counters)
+                    res.cpu_us_per_req = round(sum(cpu) / res.requests, 2) if res.requests else 0.0
                     raw[(mode, keepalive)].append(res)
                     if not keepalive:
                         cx = after[counters[0]] - before[counters[0]]
@@ -229,7 +244,8 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                         conn_checks[mode].append(round(cx / rq, 4) if rq else 0.0)
                     progress(f"round {rnd + 1}/{settings.rounds} {mode:<11} "
                              f"{'keepalive' if keepalive else 'close':<9} p50={res.p50_ms:.3f}ms "
-                             f"p99={res.p99_ms:.3f}ms rps={res.rps:.0f} err={res.errors}")
+                             f"p99={res.p99_ms:.3f}ms rps={res.rps:.0f} cpu/req={res.cpu_us_per_req}us "
+                             f"err={res.errors}")
         out: dict = {"dataplane": {}, "dataplane_keepalive": {}}
         for mode in MODES:
             for keepalive, section in ((False, "dataplane"), (True, "dataplane_keepalive")):
@@ -249,25 +265,36 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
             "netns_sysctls": netns.NETNS_SYSCTLS, "pin_dir": str(env["pin_dir"] or ""),
             "seconds": round(time.monotonic() - t0, 1),
+            "loadavg_before": load_before, "loadavg_after": _loadavg(),
         }
         return out
 
 
 def ratios(out: dict) -> dict:
-    """bpf_vip/direct and envoy_proxy/bpf_vip on p50 (and on cycle time), per connection mode."""
-    def ratio(section: str, num: str, den: str, key: str) -> float | None:
-        a, b = out.get(section, {}).get(num), out.get(section, {}).get(den)
-        if isinstance(a, dict) and isinstance(b, dict) and b.get(key):
-            return round(a[key] / b[key], 3)
-        return None
+    """bpf_vip/direct and envoy_proxy/bpf_vip, per connection mode.
+
+    ``*_p50``: ratio of the reported (median over rounds) p50s, consistent with the table.
+    ``*_p50_paired``: median over rounds of the ratio within each round; the two runs of a round
+    are close in time, so this cancels slow drifts of background load. ``*_cycle``: the same on
+    the per-request cycle time (connections / rps), which includes connect() and the handshake.
+    """
+    def figs(section: str, mode: str) -> dict | None:
+        fig = out.get(section, {}).get(mode)
+        return fig if isinstance(fig, dict) else None
 
     res: dict[str, float | None] = {}
+    pairs = (("bpf_vip_over_direct", "bpf_vip", "direct"),
+             ("envoy_proxy_over_bpf_vip", "envoy_proxy", "bpf_vip"))
     for section, suffix in (("dataplane", ""), ("dataplane_keepalive", "_keepalive")):
-        res[f"bpf_vip_over_direct_p50{suffix}"] = ratio(section, "bpf_vip", "direct", "p50_ms")
-        res[f"envoy_proxy_over_bpf_vip_p50{suffix}"] = ratio(section, "envoy_proxy", "bpf_vip", "p50_ms")
-        res[f"bpf_vip_over_direct_cycle{suffix}"] = ratio(section, "bpf_vip", "direct", "cycle_ms")
-        res[f"envoy_proxy_over_bpf_vip_cycle{suffix}"] = ratio(section, "envoy_proxy", "bpf_vip", "cycle_ms")
-        res[f"envoy_proxy_over_direct_p50{suffix}"] = ratio(section, "envoy_proxy", "direct", "p50_ms")
+        for name, num, den in pairs:
+            a, b = figs(section, num), figs(section, den)
+            ok = a is not None and b is not None
+            res[f"{name}_p50{suffix}"] = round(a["p50_ms"] / b["p50_ms"], 3) if ok and b["p50_ms"] else None
+            res[f"{name}_cycle{suffix}"] = (round(a["cycle_ms"] / b["cycle_ms"], 3)
+                                           if ok and b.get("cycle_ms") else None)
+            paired = [x["p50_ms"] / y["p50_ms"] for x, y in zip(a["rounds"], b["rounds"], strict=False)
+                      if y["p50_ms"]] if ok and "rounds" in a and "rounds" in b else []
+            res[f"{name}_p50_paired{suffix}"] = round(statistics.median(paired), 3) if paired else None
     return res
 
 

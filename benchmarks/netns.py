@@ -4,7 +4,8 @@ Why its own module: the benchmark must never put traffic on the root namespace, 
 address lives in namespaces created here (a bridge namespace, a client namespace, a server
 namespace), joined by veth pairs created directly inside them; no namespace has a route off
 the machine. The cgroups are a unique benchmark cgroup with two children: ``mesh`` (where our
-data-plane programs are attached) and ``plain`` (no programs: the floor and the proxy).
+data-plane programs are attached), ``plain`` (no programs: the floor, and the client behind the
+proxy), ``proxy`` and ``server``; each one's ``cpu.stat`` tells what its processes cost.
 Everything is removed in ``close()``, which is idempotent and also runs on failure.
 """
 
@@ -108,6 +109,14 @@ class Topology:
     def plain_cgroup(self) -> Path:
         return self.cgroup / "plain"
 
+    @property
+    def proxy_cgroup(self) -> Path:
+        return self.cgroup / "proxy"
+
+    @property
+    def server_cgroup(self) -> Path:
+        return self.cgroup / "server"
+
     def netns_path(self, name: str) -> Path:
         return Path("/run/netns") / name
 
@@ -116,8 +125,8 @@ class Topology:
             raise ValueError("refusing to use the cgroup v2 root")
         try:
             self.cgroup.mkdir()
-            self.mesh_cgroup.mkdir()
-            self.plain_cgroup.mkdir()
+            for child in (self.mesh_cgroup, self.plain_cgroup, self.proxy_cgroup, self.server_cgroup):
+                child.mkdir()
             for ns in (self.ns_bridge, self.ns_client, self.ns_server):
                 _ip("netns", "add", ns)
                 self._created_ns.append(ns)
@@ -193,6 +202,15 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 5) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout)
+
+
+def cpu_usage_us(cgroup: Path) -> int:
+    """usage_usec from the cgroup's cpu.stat (present in cgroup v2 without any controller)."""
+    for line in (cgroup / "cpu.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+            return int(value)
+    return 0
 
 
 @contextlib.contextmanager

@@ -134,6 +134,10 @@ def _fmt(value: object, digits: int = 3) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _detail(doc: dict, section: str, mode: str, key: str) -> object:
+    return lookup(doc, f"details.dataplane_http.{section}.{mode}.{key}")
+
+
 def markdown(doc: dict) -> str:
     """The README section: machine, command, data-plane tables, ratios, control plane, CLI, targets."""
     m = doc["machine"]
@@ -148,17 +152,33 @@ def markdown(doc: dict) -> str:
     if meta:
         lines += [f"HTTP: {meta.get('client')}; backend {meta.get('backend')}; proxy {meta.get('proxy')}; "
                   f"{meta.get('rounds')} interleaved rounds x {meta.get('duration_s')} s per mode, median "
-                  f"of rounds; CPUs {meta.get('cpus')}.", ""]
+                  f"of rounds; CPUs {meta.get('cpus')}; load average before/after "
+                  f"{meta.get('loadavg_before')} / {meta.get('loadavg_after')}. wrk's latency clock starts "
+                  "once the connection is established, so connect() costs show in req/s.", ""]
     for section, title in (("dataplane", "new connection per request (`Connection: close`)"),
                            ("dataplane_keepalive", "keep-alive")):
-        lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s |", "|---|---:|---:|---:|"]
+        lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s | CPU µs/req |", "|---|---:|---:|---:|---:|"]
         for mode in MODES:
             fig = doc[section][mode]
             if isinstance(fig, dict):
                 cells = " | ".join(_fmt(fig[k]) for k in DP_KEYS)
-                lines.append(f"| {mode} | {cells} |")
+                cpu = _fmt(_detail(doc, section, mode, "cpu_us_per_req"), 1)
+                lines.append(f"| {mode} | {cells} | {cpu} |")
             else:
-                lines.append(f"| {mode} | {_fmt(fig)} | | |")
+                lines.append(f"| {mode} | {_fmt(fig)} | | | |")
+        lines.append("")
+    r = doc.get("ratios") or {}
+    lines += ["| Ratio of p50 (paired: median of per-round ratios) | new connection | keep-alive |",
+              "|---|---:|---:|"]
+    for name, label in (("bpf_vip_over_direct", "bpf_vip / direct"),
+                        ("envoy_proxy_over_bpf_vip", "envoy_proxy / bpf_vip")):
+        cells = [f"{_fmt(r.get(f'{name}_p50{sfx}'))} (paired {_fmt(r.get(f'{name}_p50_paired{sfx}'))})"
+                 for sfx in ("", "_keepalive")]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    for section, title in (("control_plane", "Control plane"), ("cli", "CLI")):
+        lines += [f"| {title} | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in doc[section].items() if not isinstance(v, dict | list)]
         lines.append("")
     lines += ["| Target | Bound | Measured | Met |", "|---|---|---:|---|"]
     for t in doc["targets"]:
@@ -179,12 +199,13 @@ def table(doc: dict) -> str:
     """Plain-text table for stdout."""
     out = []
     for section in ("dataplane", "dataplane_keepalive"):
-        out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
+        out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9} {'CPU us/req':>11}")
         for mode in MODES:
             fig = doc[section][mode]
             if isinstance(fig, dict):
                 cells = " ".join(f"{_fmt(fig[k]):>9}" for k in DP_KEYS)
-                out.append(f"  {mode:<20} {cells}")
+                cpu = _fmt(_detail(doc, section, mode, "cpu_us_per_req"), 1)
+                out.append(f"  {mode:<20} {cells} {cpu:>11}")
             else:
                 out.append(f"  {mode:<20} {_fmt(fig)}")
     out.append("ratios")

@@ -51,6 +51,7 @@ class WrkResult:
     connections: int
     errors: int
     cycle_ms: float  # connections / rps: the full per-request time including connect and handshake
+    cpu_us_per_req: float = 0.0  # filled by the caller: CPU of client, proxy and server per request
 
     def as_dict(self) -> dict:
         return asdict(self)

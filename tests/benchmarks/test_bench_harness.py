@@ -84,7 +84,7 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
     json_path, md_path = report.write(doc, tmp_path)
     assert json.loads(json_path.read_text())["cli"]["help_s"] == 0.2
     md = md_path.read_text()
-    assert "| envoy_proxy | 0.500 | 0.500 | 1,000 |" in md and "**no**" in md
+    assert "| envoy_proxy | 0.500 | 0.500 | 1,000 | n/a |" in md and "**no**" in md
     assert "make bench" in md
 
 
@@ -132,11 +132,14 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str) -> None:
             fig = out[section][mode]
             assert isinstance(fig, dict), f"{section}.{mode}: {fig}"
             assert fig["rps"] > 0 and fig["errors"] == 0 and 0 < fig["p50_ms"] <= fig["p99_ms"]
+            assert fig["cpu_us_per_req"] > 0
         # Connection: close must mean one backend connection per request (wrk reconnects).
         assert all(r > 0.9 for r in out["dataplane"][mode]["backend_connections_per_request"])
     if "bpf_vip" not in measured:
         assert out["dataplane"]["bpf_vip"].startswith("not available:")
-    assert out["ratios"]["envoy_proxy_over_direct_p50"] is not None
+    if "bpf_vip" in measured:
+        assert out["ratios"]["bpf_vip_over_direct_p50_paired"] is not None
+        assert out["ratios"]["envoy_proxy_over_bpf_vip_p50"] is not None
     # Everything created is gone: namespaces, the benchmark cgroup, pins.
     assert not any(Path("/run/netns").glob(f"{prefix}-*"))
     assert not (test_cgroup / f"kmesh-bench-{prefix}").exists()
