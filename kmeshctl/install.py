@@ -512,13 +512,16 @@ def uninstall(
                 continue
             raise
         for item in listing.get("items") or []:
+            if item.get("metadata", {}).get("deletionTimestamp"):
+                continue  # already being deleted (e.g. a Terminating namespace)
             item.setdefault("kind", kind_name)
             item.setdefault("apiVersion", kind.api_version)
             targets.append(item)
     rows: list[dict] = []
     for obj in targets:
         meta = obj["metadata"]
-        row = {"kind": obj["kind"], "namespace": meta.get("namespace") or "", "name": meta["name"]}
+        row = {"kind": obj["kind"], "namespace": meta.get("namespace") or "", "name": meta["name"],
+               "ref": _short_ref(obj)}
         if obj["kind"] == "Namespace":
             others = foreign_objects(api, meta["name"])
             if others:
@@ -537,13 +540,13 @@ def uninstall(
                 done = ", ".join(f"{r['kind'].lower()}/{r['name']}" for r in rows if r["result"] == "deleted")
                 raise KmeshctlError(f"cannot delete {object_ref(obj)}: {kubeapi.status_of(e)[2]} "
                                     f"(already deleted: {done or 'none'})") from None
-            rows.append({**row, "result": "already gone"})
+            continue  # deleted meanwhile by someone else: nothing to report
     if output:
-        emit(rows, output)
+        emit([{k: v for k, v in r.items() if k != "ref"} for r in rows], output)
     else:
-        for obj, row in zip(targets, rows, strict=True):
-            print(f"{_short_ref(obj)} {row['result']}")
-    if not targets:
+        for row in rows:
+            print(f"{row['ref']} {row['result']}")
+    if not rows:
         note(f"nothing to uninstall: no objects labelled {MANAGED_BY_SELECTOR}")
 
 

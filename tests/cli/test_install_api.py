@@ -264,3 +264,29 @@ def test_wait_until_daemonset_ready_and_timeout(fresh_apiserver: ApiServer) -> N
     assert p.returncode == 0, p.stderr
     assert "DaemonSet kmesh-system/kmesh ready" in p.stderr and "1/1 pods ready" in p.stderr
     assert "daemonset.apps/kmesh created" in p.stdout
+
+
+def test_conflict_with_an_own_manager_is_forced_and_custom_namespace(fresh_apiserver: ApiServer) -> None:
+    """Fields held by another kmeshctl manager (e.g. an older tool version) are taken over
+    (force), unlike a foreign manager's; install into a non-default namespace; uninstall
+    --dry-run lists and deletes nothing."""
+    srv = fresh_apiserver
+    _kubectl_apply(srv, [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                          "metadata": {"name": "kmesh"},
+                          "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}],
+                   "kmeshctl-0.0.1")
+    r = run_cli("install", "--xds", "10.0.0.1:15012", "--cluster-id", CID, "--no-envoyfilters",
+                "-n", "mesh-agents", kubeconfig=srv.kubeconfig)
+    assert r.code == 0, r.err
+    assert "clusterrole.rbac.authorization.k8s.io/kmesh configured" in r.out.splitlines()
+    role = _get_json(srv, "clusterrole", "kmesh")
+    assert any("patch" in rule["verbs"] for rule in role["rules"])
+    binding = _get_json(srv, "clusterrolebinding", "kmesh")
+    assert binding["subjects"][0]["namespace"] == "mesh-agents"
+    srv.kubectl("get", "daemonset", "kmesh", "-n", "mesh-agents")
+
+    before = snapshot(srv)
+    r = run_cli("uninstall", "--dry-run", kubeconfig=srv.kubeconfig)
+    assert r.code == 0, r.err
+    assert len(r.out.splitlines()) == 5 and all(x.endswith(" would be deleted") for x in r.out.splitlines())
+    assert snapshot(srv) == before
