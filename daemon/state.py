@@ -196,29 +196,45 @@ class State:
         # endpoints are kept in _members: a re-added service gets them back (ztunnel does too)
 
     def _put_workload(self, rec: WorkloadRecord, change: Change) -> None:
-        old = self.workloads.get(rec.uid)
+        uid = rec.uid
+        old = self.workloads.get(uid)
+        touched = change.services
+        members = self._members
         if old is not None:  # an update replaces the old entry entirely
             for svc in old.services:
-                self._unlink(svc, rec.uid)
-                change.services.add(svc)
-        self.workloads[rec.uid] = rec
+                self._unlink(svc, uid)
+                touched.add(svc)
+        self.workloads[uid] = rec
         for svc in rec.services:
-            self._members.setdefault(svc, set()).add(rec.uid)
-            change.services.add(svc)
+            m = members.get(svc)
+            if m is None:
+                members[svc] = {uid}
+            else:
+                m.add(uid)
+            touched.add(svc)
         if (
-            not self._explicit_locality
-            and self.node_name
+            self.node_name
             and rec.node == self.node_name
-            and (self._locality is None or self._locality_uid == rec.uid)
+            and not self._explicit_locality
+            and (self._locality is None or self._locality_uid == uid)
         ):
             self._set_node_locality(rec, change)
-        backend = _backend_of(rec)
-        if backend != self._backend_cache.get(rec.uid):
-            if backend is None:
-                self._backend_cache.pop(rec.uid, None)
-            else:
-                self._backend_cache[rec.uid] = backend
-            change.backends.add(rec.uid)
+        v4 = v6 = None
+        for a in rec.addresses:
+            if len(a) == 4:
+                if v4 is None:
+                    v4 = a
+            elif v6 is None:
+                v6 = a
+        cached = self._backend_cache.get(uid)
+        if v4 is None and v6 is None:  # hostname-only workloads cannot be written as a backend
+            if cached is not None:
+                del self._backend_cache[uid]
+                change.backends.add(uid)
+        elif (cached is None or cached.ipv4 != v4 or cached.ipv6 != v6 or cached.name != rec.name
+              or cached.namespace != rec.namespace):
+            self._backend_cache[uid] = Backend(uid, rec.name, rec.namespace, v4, v6)
+            change.backends.add(uid)
 
     _locality_uid: str = ""
 
@@ -282,37 +298,49 @@ class State:
                 SCOPE_CLUSTER: self.cluster_id, SCOPE_NETWORK: self.network}
 
     def _build_service(self, name: str) -> Service | None:
+        """One service's projection. Hot path at scale: plain loops, positional construction."""
         rec = self.services.get(name)
         if rec is None or rec.lb_mode == MODE_PASSTHROUGH:
             return None  # PASSTHROUGH: connect to the original destination, nothing to translate
         uids = self._members.get(name, ())
         allow_all = rec.health_policy == HEALTH_ALLOW_ALL
         ranked = rec.lb_mode in (MODE_STRICT, MODE_FAILOVER) and bool(rec.routing)
+        strict = rec.lb_mode == MODE_STRICT
         src = self._source_scopes() if ranked else {}
-        members: list[tuple[WorkloadRecord, int]] = []
+        workloads = self.workloads
+        backends = self._backend_cache
+        members: list[tuple[int, str, WorkloadRecord]] = []
         for uid in uids:
-            w = self.workloads.get(uid)
-            if w is None or uid not in self._backend_cache or w.capacity <= 0:
+            w = workloads.get(uid)
+            if w is None or w.capacity <= 0 or uid not in backends:
                 continue
             if w.status != STATUS_HEALTHY and not allow_all:
                 continue
             prio = 0
             if ranked:
                 prio = _priority(rec.routing, src, w)
-                if rec.lb_mode == MODE_STRICT and prio != 0:
+                if strict and prio != 0:
                     continue  # STRICT: every scope must match
-            members.append((w, prio))
-        members.sort(key=lambda m: (m[1], m[0].uid))
+            members.append((prio, uid, w))
+        members.sort(key=_first_two)
         ports: list[ServicePort] = []
         for sport, starget in rec.ports:
             eps: list[Endpoint] = []
-            for w, prio in members:
-                tp = resolve_target_port(name, sport, starget, w)
+            for prio, uid, w in members:
+                tp = 0
+                own = w.services.get(name)
+                if own:
+                    for p_sport, p_target in own:
+                        if p_sport == sport and p_target:
+                            tp = p_target
+                            break
+                if not tp:
+                    tp = starget if starget > 0 else (sport if w.app_tunnel_port else 0)
                 if tp:
-                    eps.append(Endpoint(backend_uid=w.uid, target_port=tp, weight=w.capacity, priority=prio))
-            ports.append(ServicePort(port=sport, endpoints=tuple(eps)))
-        mode = {MODE_STRICT: LbMode.STRICT, MODE_FAILOVER: LbMode.FAILOVER}.get(rec.lb_mode, LbMode.RANDOM)
-        return Service(name=name, vips=rec.vips, ports=tuple(ports), lb_mode=mode)
+                    eps.append(Endpoint(uid, tp, w.capacity, prio))
+            ports.append(ServicePort(sport, tuple(eps)))
+        mode = _LB_MODES.get(rec.lb_mode, LbMode.RANDOM)
+        return Service(name, rec.vips, tuple(ports), mode)
 
     # ---- config dump -----------------------------------------------------------------------
     def config_dump(self) -> dict:
@@ -325,6 +353,13 @@ class State:
     def members(self, service: str) -> list[str]:
         with self._lock:
             return sorted(self._members.get(service, ()))
+
+
+_LB_MODES = {MODE_STRICT: LbMode.STRICT, MODE_FAILOVER: LbMode.FAILOVER}
+
+
+def _first_two(m: tuple[int, str, WorkloadRecord]) -> tuple[int, str]:
+    return m[0], m[1]
 
 
 def resolve_target_port(service: str, sport: int, starget: int, w: WorkloadRecord) -> int:
@@ -349,11 +384,3 @@ def _priority(routing: tuple[int, ...], src: dict[int, str], w: WorkloadRecord) 
             break
         matched += 1
     return min(len(routing) - matched, MAX_PRIORITY)
-
-
-def _backend_of(w: WorkloadRecord) -> Backend | None:
-    v4 = next((a for a in w.addresses if len(a) == 4), None)
-    v6 = next((a for a in w.addresses if len(a) == 16), None)
-    if v4 is None and v6 is None:
-        return None  # hostname-only workloads cannot be written as a backend
-    return Backend(uid=w.uid, name=w.name, namespace=w.namespace, ipv4=v4, ipv6=v6)

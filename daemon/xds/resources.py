@@ -7,6 +7,7 @@ them in the NACK's error_detail as ``name: reason; ...``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from daemon.state import PolicyRecord, ServiceRecord, WorkloadRecord
@@ -58,26 +59,54 @@ def service_record(name: str, svc: workload_pb2.Service, raw: bytes, version: st
     )
 
 
+_NO_LOCALITY = ("", "", "")
+_intern = sys.intern
+_PORTS: dict[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] = {}  # shared port lists
+
+
+def _shared_ports(ports: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """Most workloads of a service carry the same PortList: keep one copy (memory at 100k)."""
+    got = _PORTS.get(ports)
+    if got is None:
+        if len(_PORTS) > 65536:
+            _PORTS.clear()
+        _PORTS[ports] = got = ports
+    return got
+
+
 def workload_record(name: str, w: workload_pb2.Workload, raw: bytes, version: str) -> WorkloadRecord:
+    """Hot path (100k workloads per initial push): plain loops, positional construction."""
     uid = w.uid
     if not uid:
         raise Invalid("workload without uid")
     if name and name != uid:
         raise Invalid(f"resource name does not match workload uid {uid}")
-    addrs = tuple(_check_ip(a, "workload address") for a in w.addresses)
+    addrs = tuple(w.addresses)
+    for a in addrs:
+        if len(a) != 4 and len(a) != 16:
+            raise Invalid(f"workload address has {len(a)} bytes, want 4 or 16")
     services: dict[str, tuple[tuple[int, int], ...]] = {}
-    for key, plist in w.services.items():
-        if "/" not in key:
-            raise Invalid(f"service key {key!r} is not namespace/hostname")
-        services[key] = _check_ports(plist.ports, f"port of {key}")
-    loc = w.locality
-    capacity = w.capacity.value if w.HasField("capacity") else 1
-    return WorkloadRecord(
-        uid=uid, name=w.name, namespace=w.namespace, addresses=addrs, status=w.status, node=w.node,
-        cluster_id=w.cluster_id, network=w.network, locality=(loc.region, loc.zone, loc.subzone),
-        capacity=capacity, app_tunnel_port=w.application_tunnel.port, services=services,
-        raw=raw, version=version,
-    )
+    svcs = w.services
+    if svcs:
+        for key, plist in svcs.items():
+            if "/" not in key:
+                raise Invalid(f"service key {key!r} is not namespace/hostname")
+            ports = tuple([(p.service_port, p.target_port) for p in plist.ports])
+            for sp, tp in ports:
+                if not 0 < sp < 65536 or tp > 65535:
+                    raise Invalid(f"port of {key} {sp}->{tp} out of range")
+            services[_intern(key)] = _shared_ports(ports)
+    has = w.HasField
+    if has("locality"):
+        loc = w.locality
+        locality = (_intern(loc.region), _intern(loc.zone), _intern(loc.subzone))
+    else:
+        locality = _NO_LOCALITY
+    capacity = w.capacity.value if has("capacity") else 1
+    app_port = w.application_tunnel.port if has("application_tunnel") else 0
+    return WorkloadRecord(uid, w.name, _intern(w.namespace), addrs, w.status, _intern(w.node),
+                          _intern(w.cluster_id), _intern(w.network), locality, capacity, app_port, services,
+                          raw, version)
 
 
 def decode_address(

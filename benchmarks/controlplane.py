@@ -1,0 +1,353 @@
+"""Control-plane figures: 10,000 services x 10 endpoints over real gRPC delta ADS.
+
+Two child processes, so neither's memory or CPU pollutes the other's figure:
+
+- ``serve``: a generator speaking the protocol (sandbox.pilot.server with synthetic resources,
+  the same delta semantics the pilot uses). It prints ``sent <type> <count> <t>`` (monotonic
+  clock, shared by processes on one machine) just before handing each response to gRPC, and
+  on ``update <i>`` (stdin) changes workload i's address.
+- ``daemon``: what the kmesh daemon runs: XdsClient -> State -> DataplaneSync -> Dataplane
+  (the real BPF reconciler when importable and root, else a null sink that walks the
+  projection, reported as such). It prints JSON lines with monotonic times.
+
+Figures: parse = first response sent -> state applied; write = state applied -> maps written;
+converge = the sum; single update = server sends one changed workload -> maps written (median of
+several); RSS of the daemon child after convergence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
+CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- server child
+def _workload(i: int, services: int, endpoints: int, bump: int = 0) -> tuple[str, bytes]:
+    from daemon.xds.gen.istio.workload import workload_pb2 as wl
+
+    s = i // endpoints
+    uid = f"Kubernetes//Pod/bench/p{i}"
+    n = i + bump * 200_000
+    w = wl.Workload(uid=uid, name=f"p{i}", namespace="bench", node="node-1", service_account="default",
+                    trust_domain="cluster.local", cluster_id="Kubernetes",
+                    addresses=[bytes([10, 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255])])
+    w.services[f"bench/s{s}.bench.svc.cluster.local"].ports.add(service_port=80, target_port=8080)
+    return uid, wl.Address(workload=w).SerializeToString()
+
+
+def serve_main(services: int, endpoints: int) -> int:
+    from daemon.xds.gen.istio.workload import workload_pb2 as wl
+    from sandbox.pilot.server import ResourceStore, serve
+
+    store = ResourceStore()
+    res: dict[str, bytes] = {}
+    for s in range(services):
+        svc = wl.Service(name=f"s{s}", namespace="bench", hostname=f"s{s}.bench.svc.cluster.local",
+                         addresses=[wl.NetworkAddress(address=bytes([10, 96, (s >> 8) & 255, s & 255]))],
+                         ports=[wl.Port(service_port=80, target_port=8080)])
+        res[f"bench/s{s}.bench.svc.cluster.local"] = wl.Address(service=svc).SerializeToString()
+    for i in range(services * endpoints):
+        uid, raw = _workload(i, services, endpoints)
+        res[uid] = raw
+    store.update(ADDRESS_TYPE, res)
+    del res
+    def on_send(type_url: str, n: int) -> None:
+        _out(f"sent {type_url.rsplit('.', 1)[-1].lower()} {n} {time.monotonic()}")
+
+    server, port, _ = serve(store, 0, on_send=on_send)
+    _out(f"port {port}")
+    bumps: dict[int, int] = {}
+    for line in sys.stdin:
+        parts = line.split()
+        if parts and parts[0] == "update":
+            i = int(parts[1])
+            bumps[i] = bumps.get(i, 0) + 1
+            uid, raw = _workload(i, services, endpoints, bumps[i])
+            store.update(ADDRESS_TYPE, {uid: raw})
+        elif parts and parts[0] == "quit":
+            break
+    server.stop(0)
+    return 0
+
+
+# ---------------------------------------------------------------------------- daemon child
+class NullDataplane:
+    """Stand-in when the BPF data plane is unavailable: walks what would be written."""
+
+    kind = "null (projection walk only; BPF data plane not available)"
+
+    def _walk(self, projection: Any, services: Any = None) -> Any:
+        names = projection.services if services is None else services
+        n = 0
+        for name in names:
+            svc = projection.services.get(name)
+            if svc is not None:
+                n += sum(len(p.endpoints) for p in svc.ports)
+        return type("R", (), {"written": n, "deleted": 0, "rejected": {}, "seconds": 0.0})()
+
+    def sync(self, projection: Any) -> Any:
+        return self._walk(projection)
+
+    def update(self, projection: Any, services: Any, backends: Any) -> Any:
+        return self._walk(projection, services)
+
+    def close(self) -> None:
+        pass
+
+
+def _rss_mib() -> tuple[float, float]:
+    rss = hwm = 0.0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) / 1024
+    return round(rss, 1), round(hwm, 1)
+
+
+def _malloc_trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _open_dataplane(prefix: str) -> tuple[Any, Any]:
+    """The real Dataplane in a dedicated child cgroup, or NullDataplane with the reason."""
+    try:
+        if os.environ.get("KMESH_BENCH_NULL_DATAPLANE"):
+            raise ImportError("KMESH_BENCH_NULL_DATAPLANE is set")
+        from daemon.dataplane import Dataplane
+    except ImportError as e:
+        dp = NullDataplane()
+        dp.kind += f" ({e})"
+        return dp, None
+    if os.geteuid() != 0:
+        dp = NullDataplane()
+        dp.kind += " (not root)"
+        return dp, None
+    # this child runs in a private mount namespace (see run()): a bpffs mounted here is ours alone
+    pins = Path(f"/tmp/{prefix}-bpffs")
+    pins.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
+    cgroup = CGROUP2_ROOT / f"kmesh-bench-{prefix}"
+    cgroup.mkdir(exist_ok=True)
+    dp = Dataplane.open(cgroup, pins / "kmesh")
+    _malloc_trim()  # return the compiler's freed heap (bcc/LLVM) to the OS, as the daemon should
+    dp.kind = "bpf"
+    return dp, cgroup
+
+
+def daemon_main(address: str, prefix: str) -> int:
+    from daemon.state import Change, State
+    from daemon.wiring import DataplaneSync
+    from daemon.xds.client import XdsClient, XdsConfig
+
+    base_rss, _ = _rss_mib()
+    dp, cgroup = _open_dataplane(prefix)
+    _out(json.dumps({"ev": "dataplane", "kind": getattr(dp, "kind", "bpf"), "rss_mib": _rss_mib()[0],
+                     "rss_before_dataplane_mib": base_rss}))
+    state = State(node_name="node-1")
+
+    def on_change(change: Change) -> None:
+        if change.services or change.backends:
+            _out(json.dumps({"ev": "applied", "t": time.monotonic(), "services": len(change.services),
+                             "backends": len(change.backends), "received": client.last_received_monotonic}))
+
+    state.subscribe(on_change)
+
+    def on_applied(kind: str, result: Any, t: float) -> None:
+        _out(json.dumps({"ev": "written", "kind": kind, "t": t, "written": getattr(result, "written", None),
+                         "rejected": len(getattr(result, "rejected", {}) or {})}))
+
+    sync = DataplaneSync(state, dp, on_applied=on_applied)
+    client = XdsClient(XdsConfig(address=address, plaintext=True, pod_name="kmesh-bench",
+                                 pod_namespace="kmesh-system", node_name="node-1"), state)
+    client.start()
+    try:
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "rss":
+                rss, hwm = _rss_mib()
+                counts = client.status()["resources"]
+                _out(json.dumps({"ev": "rss", "rss_mib": rss, "hwm_mib": hwm, "status": counts}))
+            elif cmd == "quit":
+                break
+    finally:
+        client.stop()
+        sync.stop()
+        if cgroup is not None:
+            dp.uninstall()
+            pins = Path(f"/tmp/{prefix}-bpffs")
+            subprocess.run(["umount", str(pins)], capture_output=True)
+            for path in (cgroup, pins):
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+        else:
+            dp.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------- orchestration
+class _Child:
+    def __init__(self, args: list[str], wrapper: list[str] | None = None) -> None:
+        cmd = [*(wrapper or []), sys.executable, "-m", "benchmarks.controlplane", *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append("<eof>")
+            self.cond.notify_all()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, pred: Any, start: int = 0, timeout: float = 120.0) -> tuple[int, str]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    if self.lines[i] == "<eof>":
+                        raise RuntimeError(f"benchmark child {self.proc.args} exited early")
+                    if pred(self.lines[i]):
+                        return i, self.lines[i]
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"benchmark child {self.proc.args}: timed out")
+                self.cond.wait(left)
+
+    def close(self) -> None:
+        try:
+            self.send("quit")
+            self.proc.wait(30)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _ev(line: str) -> dict[str, Any]:
+    try:
+        v = json.loads(line)
+        return v if isinstance(v, dict) else {}
+    except ValueError:
+        return {}
+
+
+def run(services: int = 10_000, endpoints: int = 10, updates: int = 15) -> dict:
+    prefix = "kb" + secrets.token_hex(3)
+    server = _Child(["serve", "--services", str(services), "--endpoints", str(endpoints)])
+    daemon = None
+    try:
+        _, line = server.wait(lambda s: s.startswith("port "), timeout=300)
+        port = int(line.split()[1])
+        mark = len(server.lines)
+        wrapper = ["unshare", "--mount", "--propagation", "private", "--"] if os.geteuid() == 0 else None
+        daemon = _Child(["daemon", "--address", f"127.0.0.1:{port}", "--prefix", prefix], wrapper)
+        _, dline = daemon.wait(lambda s: _ev(s).get("ev") == "dataplane", timeout=300)
+        dinfo = _ev(dline)
+        _, sent = server.wait(lambda s: s.startswith("sent address"), start=mark)
+        t_sent = float(sent.split()[3])
+        n_sent = int(sent.split()[2])
+        i_app, app = daemon.wait(lambda s: _ev(s).get("ev") == "applied" and _ev(s)["services"] >= services)
+        t_applied = _ev(app)["t"]
+        i_wr, wr = daemon.wait(lambda s: _ev(s).get("ev") == "written" and _ev(s)["kind"] == "sync",
+                               start=i_app)
+        t_written = _ev(wr)["t"]
+        lat: list[float] = []
+        pos = i_wr + 1
+        for k in range(updates):
+            smark = len(server.lines)
+            server.send(f"update {(k * 7919) % (services * endpoints)}")
+            _, s_line = server.wait(lambda s: s.startswith("sent address 1 "), start=smark, timeout=30)
+            pos, w_line = daemon.wait(lambda s: _ev(s).get("ev") == "written" and _ev(s)["kind"] == "update",
+                                      start=pos, timeout=30)
+            pos += 1
+            lat.append((_ev(w_line)["t"] - float(s_line.split()[3])) * 1000)
+            time.sleep(0.02)
+        rmark = len(daemon.lines)
+        daemon.send("rss")
+        _, r_line = daemon.wait(lambda s: _ev(s).get("ev") == "rss", start=rmark)
+        rss = _ev(r_line)
+        return {
+            "converge_100k_endpoints_s": round(t_written - t_sent, 3),
+            "single_update_ms": round(statistics.median(lat), 2),
+            "daemon_rss_mib": rss["rss_mib"],
+            "parse_s": round(t_applied - t_sent, 3),
+            "parse_transfer_s": round(_ev(app)["received"] - t_sent, 3),
+            "parse_decode_apply_s": round(t_applied - _ev(app)["received"], 3),
+            "write_s": round(t_written - t_applied, 3),
+            "single_update_p90_ms": round(sorted(lat)[int(len(lat) * 0.9) - 1], 2),
+            "daemon_peak_rss_mib": rss["hwm_mib"],
+            "rss_before_dataplane_mib": dinfo.get("rss_before_dataplane_mib"),
+            "rss_after_dataplane_open_mib": dinfo.get("rss_mib"),
+            "dataplane": dinfo.get("kind"),
+            "resources_sent": n_sent,
+            "scale": f"{services} services x {endpoints} endpoints",
+            "transport": "grpc delta ADS over 127.0.0.1 (plaintext), server in a separate process",
+        }
+    finally:
+        if daemon is not None:
+            daemon.close()
+        server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.controlplane")
+    sub = p.add_subparsers(dest="cmd")
+    s = sub.add_parser("serve")
+    s.add_argument("--services", type=int, default=10_000)
+    s.add_argument("--endpoints", type=int, default=10)
+    d = sub.add_parser("daemon")
+    d.add_argument("--address", required=True)
+    d.add_argument("--prefix", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--services", type=int, default=10_000)
+    r.add_argument("--endpoints", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.cmd == "serve":
+        return serve_main(args.services, args.endpoints)
+    if args.cmd == "daemon":
+        return daemon_main(args.address, args.prefix)
+    services = getattr(args, "services", 10_000)
+    endpoints = getattr(args, "endpoints", 10)
+    print(json.dumps(run(services, endpoints), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
