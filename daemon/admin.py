@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from daemon import logging_setup
 from daemon.config import is_loopback_host
+from daemon.configdump import ConfigDumpCache, parse_sections
 from daemon.version import version_info
 
 log = logging.getLogger("daemon.admin")
@@ -134,10 +135,7 @@ class _Handler(BaseHTTPRequestHandler):
                              "pod": getattr(ctx.config, "pod_name", "")})
                 self._json(info)
             elif path in ("/debug/config_dump", "/debug/config_dump/dual-engine"):
-                if ctx.state is None:
-                    self._error(503, "state not initialised yet")
-                else:
-                    self._json(ctx.state.config_dump())
+                self._config_dump(query)
             elif path in ("/debug/bpf", "/debug/config_dump/bpf/dual-engine"):
                 self._bpf()
             elif path == "/debug/loggers":
@@ -195,6 +193,26 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _known_get() -> tuple[str, ...]:
         return ("/version", "/debug/config_dump", "/debug/bpf", "/debug/ready", "/status", "/debug/trace")
+
+    def _config_dump(self, query: dict[str, str]) -> None:
+        ctx = self.server.ctx
+        if ctx.state is None:
+            self._error(503, "state not initialised yet")
+            return
+        try:
+            sections = parse_sections(query.get("types"))
+        except ValueError as exc:
+            self._error(400, str(exc))
+            return
+        gz = "gzip" in (self.headers.get("Accept-Encoding") or "")
+        body = self.server.dump_cache().get(sections, compress=gz)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if gz:
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _bpf(self) -> None:
         ctx = self.server.ctx
@@ -291,11 +309,19 @@ class AdminServer(ThreadingHTTPServer):
             raise ValueError(f"admin API address {host!r} is not loopback; it must be 127.0.0.1 or ::1")
         self.ctx = ctx
         self.stopping = threading.Event()
+        self._dump_cache: ConfigDumpCache | None = None
+        self._dump_lock = threading.Lock()
         if ":" in host:
             import socket
 
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
+
+    def dump_cache(self) -> ConfigDumpCache:
+        with self._dump_lock:
+            if self._dump_cache is None or self._dump_cache._state is not self.ctx.state:
+                self._dump_cache = ConfigDumpCache(self.ctx.state)
+            return self._dump_cache
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="admin-http", daemon=True)

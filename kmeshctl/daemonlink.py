@@ -93,13 +93,20 @@ class Daemon:
         conn = self._connection(timeout)
         try:
             headers = {"Connection": "close"}
+            if self.pod is not None:
+                headers["Accept-Encoding"] = "gzip"  # big dumps through the API server's tunnel
             data = None
             if body is not None:
                 data = json.dumps(body).encode()
                 headers["Content-Type"] = "application/json"
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
-            return resp.status, resp.read()
+            payload = resp.read()
+            if resp.getheader("Content-Encoding") == "gzip":
+                import gzip
+
+                payload = gzip.decompress(payload)
+            return resp.status, payload
         except (OSError, http.client.HTTPException) as exc:
             raise KmeshctlError(f"cannot reach the kmesh daemon at {self.where}: {_short(exc)}; "
                                 "is it running? (kmeshctl status)") from None

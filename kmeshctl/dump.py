@@ -232,6 +232,19 @@ def _emit_data(data: Any, output: str) -> None:
         _write(to_yaml(data))
 
 
+def fetch_config(daemon: Any, kind: str, output: str) -> dict[str, Any]:
+    """Only the sections a view needs: the workload table needs services only to name waypoints."""
+    if kind == "bpf":
+        return {}
+    if kind == "all":
+        return daemon.get_json("/debug/config_dump")
+    config = daemon.get_json(f"/debug/config_dump?types={kind}")
+    needs_names = any(w.get("waypoint") for w in config.get("workloads") or [])
+    if kind == "workloads" and output == "table" and needs_names:
+        config["services"] = daemon.get_json("/debug/config_dump?types=services").get("services", [])
+    return config
+
+
 def dump(
     kind: Annotated[str, typer.Argument(help="workloads, services, policies, bpf or all.")],
     output: Annotated[str, typer.Option("-o", "--output", help="table, json or yaml.")] = "table",
@@ -247,7 +260,7 @@ def dump(
     if output not in ("table", "json", "yaml"):
         raise UsageError(f"--output must be one of table, json, yaml, not {output!r}")
     daemon = find_one(admin_addr, node, kubeconfig, context, need_node=kind in ("bpf", "all"))
-    config = daemon.get_json("/debug/config_dump") if kind != "bpf" else {}
+    config = fetch_config(daemon, kind, output)
     bpf = daemon.get_json("/debug/bpf") if kind in ("bpf", "all") else {}
     if output != "table":
         if kind == "bpf":

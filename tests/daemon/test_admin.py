@@ -203,3 +203,39 @@ def test_admin_not_reachable_from_another_netns(run_prefix: str) -> None:
             proc.wait()
         a.delete()
         b.delete()
+
+
+def test_config_dump_sections_gzip_and_cache_invalidation() -> None:
+    import gzip
+
+    from daemon.xds.dump import wl
+    from daemon.xds.resources import ADDRESS_TYPE, decode_address
+    from tests.daemon.bench_dump import build_state
+
+    state = build_state(50)
+    server = AdminServer("127.0.0.1", 0, AdminContext(state=state))
+    server.start()
+    try:
+        full = json.loads(get(server, "/debug/config_dump")[1])
+        assert full == json.loads(json.dumps(state.config_dump()))
+        only = json.loads(get(server, "/debug/config_dump?types=workloads")[1])
+        assert list(only) == ["workloads"] and only["workloads"] == full["workloads"]
+        both = json.loads(get(server, "/debug/config_dump?types=services,policies")[1])
+        assert both == {"services": full["services"], "policies": full["policies"]}
+        code, body = get(server, "/debug/config_dump?types=bogus")
+        assert code == 400 and b"unknown config_dump types" in body
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("GET", "/debug/config_dump?types=workloads", headers={"Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Encoding") == "gzip"
+        assert json.loads(gzip.decompress(resp.read())) == only
+        # A state change is visible at once (the cached body is dropped).
+        w = wl.Workload(uid="Kubernetes//Pod/zz/new-pod", name="new-pod", namespace="zz",
+                        cluster_id="Kubernetes")
+        w.addresses.append(bytes([10, 9, 9, 9]))
+        raw = wl.Address(workload=w).SerializeToString()
+        state.apply_addresses([decode_address(w.uid, ADDRESS_TYPE, raw)])
+        again = json.loads(get(server, "/debug/config_dump?types=workloads")[1])
+        assert len(again["workloads"]) == 51 and again["workloads"][-1]["name"] == "new-pod"
+    finally:
+        server.stop()
