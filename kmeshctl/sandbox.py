@@ -76,7 +76,7 @@ def status(
         return
     if not info.get("prefix"):
         print(f"no sandbox in {info['dir']} (start one with `kmeshctl sandbox up`)")
-        return
+        raise typer.Exit(1)
     print(f"sandbox      {'running' if info['running'] else 'NOT running (supervisor gone)'} ({info['dir']})")
     print(f"cluster id   {info['clusterId']}")
     print(f"kubeconfig   {info['kubeconfig']}")

@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class State:
     revision: str = REVISION
     bpffs: str = "/sys/fs/bpf"
     private_bpffs: bool = False
+    xds_tls_port: int = XDS_TLS_PORT
+    xds_plaintext_port: int = XDS_PLAINTEXT_PORT
     supervisor_pid: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     started_at: float = 0.0
@@ -182,9 +185,9 @@ def _commands(st: State) -> dict[str, list[str]]:
             "--revision",
             st.revision,
             "--tls-port",
-            str(XDS_TLS_PORT),
+            str(st.xds_tls_port),
             "--plaintext-port",
-            str(XDS_PLAINTEXT_PORT),
+            str(st.xds_plaintext_port),
             "--state-dir",
             str(d / "pilot"),
         ],
@@ -298,7 +301,17 @@ def supervise(directory: Path) -> int:
 
 
 # --- up / down / status ---------------------------------------------------------------------------
-def up(directory: Path | None = None, timeout: float = 60.0, log=lambda msg: None) -> State:
+def up(
+    directory: Path | None = None,
+    timeout: float = 60.0,
+    log: Callable[[str], None] = lambda msg: None,
+    xds_ports: tuple[int, int] = (XDS_TLS_PORT, XDS_PLAINTEXT_PORT),
+    prefix: str | None = None,
+) -> State:
+    """Start the sandbox in the background and wait until API server, pilot and node are ready.
+
+    `xds_ports` (TLS, plaintext) default to istiod's 15012/15010; tests pass free ports.
+    """
     d = sandbox_dir(directory)
     if os.geteuid() != 0:
         raise SandboxError("the sandbox needs root (network namespaces, cgroups, BPF); run as root")
@@ -311,15 +324,16 @@ def up(directory: Path | None = None, timeout: float = 60.0, log=lambda msg: Non
     if existing is not None:
         log(f"cleaning a previous sandbox that did not shut down ({existing.prefix})")
         down(d)
-    for port in (XDS_TLS_PORT, XDS_PLAINTEXT_PORT):
+    for port in xds_ports:
         if not port_free(port):
             raise SandboxError(
                 f"127.0.0.1:{port} is in use; the sandbox control plane listens there "
                 "(stop whatever uses it, or `kmeshctl sandbox down` an older sandbox)"
             )
+    shutil.rmtree(d / "logs", ignore_errors=True)  # logs of this run only (a stale "ready" line misleads)
     for sub in ("logs", "apiserver", "pilot", "kubelet"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    prefix = "ks" + secrets.token_hex(3)
+    prefix = prefix or "ks" + secrets.token_hex(3)
     cg = cgroup2_mount() / f"kmesh-sandbox-{prefix}"
     st = State(
         dir=str(d),
@@ -328,6 +342,8 @@ def up(directory: Path | None = None, timeout: float = 60.0, log=lambda msg: Non
         api_port=6443 if port_free(6443) else free_port(),
         token=secrets.token_urlsafe(24),
         started_at=time.time(),
+        xds_tls_port=xds_ports[0],
+        xds_plaintext_port=xds_ports[1],
     )
     if not is_bpffs(Path("/sys/fs/bpf")):
         st.bpffs, st.private_bpffs = str(d / "bpffs"), True
@@ -412,9 +428,9 @@ def component_health(st: State) -> dict[str, dict]:
     if out["pilot"]["running"] and out["apiserver"]["ready"]:
         svc = _get_json(st, f"/api/v1/namespaces/istio-system/services/istiod-{st.revision}")
         ready_line = "ready tls=" in (pilot_log.read_text(errors="replace") if pilot_log.exists() else "")
-        if svc and ready_line and not port_free(XDS_TLS_PORT):
+        if svc and ready_line and not port_free(st.xds_tls_port):
             out["pilot"].update(
-                ready=True, detail=f"istiod-{st.revision}.istio-system xDS 127.0.0.1:{XDS_TLS_PORT}"
+                ready=True, detail=f"istiod-{st.revision}.istio-system xDS 127.0.0.1:{st.xds_tls_port}"
             )
     if out["kubelet"]["running"] and out["apiserver"]["ready"]:
         nodes = (_get_json(st, "/api/v1/nodes") or {}).get("items") or []

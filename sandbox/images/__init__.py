@@ -28,6 +28,7 @@ lists this catalog.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
@@ -140,6 +141,11 @@ def resolve(image: str, command: list[str] | None, args: list[str] | None, env: 
                          f"image {image!r} is not in the sandbox image catalog: {CATALOG_SUMMARY}")
     if kind == "kmesh-daemon":
         program = ctx.bin_dir / "kmesh-daemon"
+        override = shlex.split(os.environ.get("KMESH_SANDBOX_DAEMON_COMMAND", ""))
+        if override:  # development only: e.g. "python -m daemon" before the console script is installed
+            env.update(ctx.extra_daemon_env)
+            env.update({"KMESH_CGROUP_ROOT": ctx.cgroup_root, "KMESH_PIN_PREFIX": ctx.pin_prefix})
+            return Program(kind, [*override, *daemon_flags(command, args)], env)
         if not program.exists():
             raise ImageError("DaemonNotInstalled",
                              f"image {image!r} runs the kmesh-daemon console script, which is not installed "
