@@ -86,3 +86,13 @@ def token_file(tmp_path: Path) -> Path:
     p = tmp_path / "istio-token"
     p.write_text("token-one\n")
     return p
+
+
+@pytest.fixture(scope="session")
+def pilot_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One sandbox API server (in-process) + sandbox pilot (subprocess) for the whole session."""
+    from sandbox_env import Env
+
+    e = Env(tmp_path_factory.mktemp("pilot"))
+    yield e
+    e.close()

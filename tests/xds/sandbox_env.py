@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon.state import State
+from daemon.xds.client import XdsClient, XdsConfig
+
 REPO = Path(__file__).resolve().parents[2]
+NS = "shop"
+SA_NS = "kmesh-system"
 
 
 class PilotProcess:
@@ -86,3 +91,49 @@ def set_pod_status(core: Any, ns: str, name: str, ip: str | None, ready: bool) -
         status["podIP"] = ip
         status["podIPs"] = [{"ip": ip}]
     core.patch_namespaced_pod_status(name, ns, {"status": status})
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        from kubernetes import client, config
+
+        from sandbox.apiserver import ApiServer
+
+        self.root = root
+        self.api = ApiServer(port=0)
+        self.api.start()
+        self.kubeconfig = root / "kubeconfig"
+        self.api.write_kubeconfig(self.kubeconfig, "sandbox")
+        self.kc = config.new_client_from_config(config_file=str(self.kubeconfig))
+        self.core = client.CoreV1Api(self.kc)
+        for ns in (NS, SA_NS):
+            self.core.create_namespace({"metadata": {"name": ns}})
+        self.core.create_namespaced_service_account(SA_NS, {"metadata": {"name": "kmesh"}})
+        self.token = root / "istio-token"
+        self.token.write_text(self.request_token(SA_NS, "kmesh"))
+        self.pilot = PilotProcess(self.kubeconfig, root / "pilot", cluster_id="Kubernetes", revision="1-22")
+        self.pilot.start()
+        self.clients: list[XdsClient] = []
+
+    def request_token(self, ns: str, sa: str, audience: str = "istio-ca") -> str:
+        body = {"spec": {"audiences": [audience], "expirationSeconds": 3600}}
+        return self.core.create_namespaced_service_account_token(sa, ns, body).status.token
+
+    def client(self, state: State | None = None, **kw: Any) -> tuple[XdsClient, State]:
+        cfg: dict[str, Any] = dict(
+            address=f"127.0.0.1:{self.pilot.tls_port}", ca_path=self.pilot.state_dir / "root-cert.pem",
+            server_name="istiod-1-22.istio-system.svc", token_path=self.token, cluster_id="Kubernetes",
+            pod_name="kmesh-x", pod_namespace=SA_NS, service_account="kmesh", node_name="node-1",
+            initial_backoff_s=0.05, max_backoff_s=0.5)
+        cfg.update(kw)
+        st = state or State(node_name="node-1")
+        c = XdsClient(XdsConfig(**cfg), st)
+        self.clients.append(c)
+        c.start()
+        return c, st
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.stop()
+        self.pilot.stop()
+        self.api.stop()

@@ -2,72 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import wait_for
-from sandbox_env import PilotProcess, pod_body, service_body, set_pod_status
+from sandbox_env import Env, pod_body, service_body, set_pod_status
 
 from daemon.state import State
-from daemon.xds.client import ADDRESS_TYPE, XdsClient, XdsConfig
+from daemon.xds.client import ADDRESS_TYPE
 
 NS = "shop"
 SA_NS = "kmesh-system"
-
-
-class Env:
-    def __init__(self, root: Path) -> None:
-        from kubernetes import client, config
-
-        from sandbox.apiserver import ApiServer
-
-        self.root = root
-        self.api = ApiServer(port=0)
-        self.api.start()
-        self.kubeconfig = root / "kubeconfig"
-        self.api.write_kubeconfig(self.kubeconfig, "sandbox")
-        self.kc = config.new_client_from_config(config_file=str(self.kubeconfig))
-        self.core = client.CoreV1Api(self.kc)
-        for ns in (NS, SA_NS):
-            self.core.create_namespace({"metadata": {"name": ns}})
-        self.core.create_namespaced_service_account(SA_NS, {"metadata": {"name": "kmesh"}})
-        self.token = root / "istio-token"
-        self.token.write_text(self.request_token(SA_NS, "kmesh"))
-        self.pilot = PilotProcess(self.kubeconfig, root / "pilot", cluster_id="Kubernetes", revision="1-22")
-        self.pilot.start()
-        self.clients: list[XdsClient] = []
-
-    def request_token(self, ns: str, sa: str, audience: str = "istio-ca") -> str:
-        body = {"spec": {"audiences": [audience], "expirationSeconds": 3600}}
-        return self.core.create_namespaced_service_account_token(sa, ns, body).status.token
-
-    def client(self, state: State | None = None, **kw: Any) -> tuple[XdsClient, State]:
-        cfg: dict[str, Any] = dict(
-            address=f"127.0.0.1:{self.pilot.tls_port}", ca_path=self.pilot.state_dir / "root-cert.pem",
-            server_name="istiod-1-22.istio-system.svc", token_path=self.token, cluster_id="Kubernetes",
-            pod_name="kmesh-x", pod_namespace=SA_NS, service_account="kmesh", node_name="node-1",
-            initial_backoff_s=0.05, max_backoff_s=0.5)
-        cfg.update(kw)
-        st = state or State(node_name="node-1")
-        c = XdsClient(XdsConfig(**cfg), st)
-        self.clients.append(c)
-        c.start()
-        return c, st
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.stop()
-        self.pilot.stop()
-        self.api.stop()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    e = Env(tmp_path_factory.mktemp("pilot"))
-    yield e
-    e.close()
 
 
 def uid(name: str, ns: str = NS) -> str:
@@ -82,7 +28,8 @@ def endpoints(st: State, svc: str, port: int) -> dict[str, int]:
     return {e.backend_uid: e.target_port for e in sp.endpoints} if sp else {}
 
 
-def test_istiod_service_and_root_cert_published(env: Env) -> None:
+def test_istiod_service_and_root_cert_published(pilot_env: Env) -> None:
+    env = pilot_env
     svc = env.core.read_namespaced_service("istiod-1-22", "istio-system")
     assert svc.metadata.labels["app"] == "istiod" and svc.metadata.labels["istio"] == "pilot"
     assert svc.metadata.labels["istio.io/rev"] == "1-22"
@@ -104,7 +51,8 @@ def _has_cm(env: Env, ns: str) -> bool:
         return False
 
 
-def test_service_and_pods_converge_then_removals(env: Env) -> None:
+def test_service_and_pods_converge_then_removals(pilot_env: Env) -> None:
+    env = pilot_env
     web = f"{NS}/web.{NS}.svc.cluster.local"
     env.core.create_namespaced_service(NS, service_body(
         "web", {"app": "web"}, [{"name": "http", "port": 80, "targetPort": 8080},
@@ -139,7 +87,8 @@ def test_service_and_pods_converge_then_removals(env: Env) -> None:
 
 
 @pytest.mark.parametrize("case", ["cluster", "token", "audience", "namespace"])
-def test_auth_failures_are_reported_and_state_untouched(env: Env, case: str, tmp_path: Path) -> None:
+def test_auth_failures_are_reported_and_state_untouched(pilot_env: Env, case: str, tmp_path: Path) -> None:
+    env = pilot_env
     kw: dict[str, Any] = {}
     expect = "UNAUTHENTICATED"
     if case == "cluster":
@@ -163,7 +112,8 @@ def test_auth_failures_are_reported_and_state_untouched(env: Env, case: str, tmp
     assert st.counts() == {"services": 0, "workloads": 0, "policies": 0}
 
 
-def test_pilot_killed_and_restarted_resyncs(env: Env) -> None:
+def test_pilot_killed_and_restarted_resyncs(pilot_env: Env) -> None:
+    env = pilot_env
     env.core.create_namespaced_service(NS, service_body("db", {"app": "db"}, [{"port": 5432}]))
     for i in range(2):
         env.core.create_namespaced_pod(NS, pod_body(f"db-{i}", {"app": "db"}))
