@@ -81,6 +81,8 @@ def _walk(prefix: Path, field: str, v: Any, builtin: bool, out: set[Path]) -> No
         for k, sub in v.items():
             _walk(prefix + ("f:" + k,), k, sub, builtin, out)
         return
+    if isinstance(v, list) and not v and builtin and (field in MERGE_KEYS or field == "ports"):
+        return  # an empty associative list owns no items
     if isinstance(v, list) and v:
         if field in SET_LISTS and all(not isinstance(x, (dict, list)) for x in v):
             for x in v:
@@ -169,6 +171,15 @@ def remove_path(obj: Any, path: Path) -> None:
         parent[:] = [x for x in parent if x != value]
 
 
+def _prune_empty_parents(obj: dict[str, Any], path: Path) -> None:
+    """Remove maps/lists left empty by a removal (as SSA does), up to the second level."""
+    for i in range(len(path) - 1, 1, -1):
+        parent = get_path(obj, path[:i])
+        if parent is MISSING or parent:
+            return
+        remove_path(obj, path[:i])
+
+
 def merge_applied(current: Any, config: Any, field: str, builtin: bool) -> Any:
     """Overlay an applied config on the live object (maps merge, keyed lists merge, others replace)."""
     if isinstance(config, dict):
@@ -179,7 +190,7 @@ def merge_applied(current: Any, config: Any, field: str, builtin: bool) -> Any:
     if isinstance(config, list) and isinstance(current, list):
         if field in SET_LISTS:
             return list(current) + [x for x in config if x not in current]
-        key = _assoc_key(field, config, builtin) if config else None
+        key = _assoc_key(field, config or current, builtin)
         if key and all(isinstance(x, dict) and key in x for x in current):
             out_list = [copy.deepcopy(x) for x in current]
             for item in config:
@@ -295,10 +306,11 @@ def server_side_apply(
         for k in ("apiVersion", "kind"):
             if k in config:
                 new[k] = config[k]
-        dropped = previously - applied
-        for p in sorted(dropped, key=len, reverse=True):
-            if not _owned_below(others, p):
+        dropped = {p for p in previously - applied if not _owned_below(others, p)}
+        for p in sorted(dropped, key=len):
+            if not any(p[:i] in dropped for i in range(1, len(p))):  # an ancestor goes anyway
                 remove_path(new, p)
+                _prune_empty_parents(new, p)
     entry = mgrs._entry(manager, "Apply", api_version, subresource)
     entry["_set"] = applied
     entry["time"] = _now()

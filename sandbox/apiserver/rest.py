@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import discovery, errors, fieldmanager, kinds, patching, protobuf, tables
+from . import discovery, errors, fieldmanager, kinds, patching, protobuf, schema, tables
 from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults, initial_status
 from .errors import ApiError
 from .kinds import ResourceType
@@ -440,8 +440,9 @@ class Api:
 
     # ---------------------------------------------------------------- writes
 
-    def _admit(self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        """Defaults, immutability and validation; raises 422 with all causes."""
+    def _admit(self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None, strict: bool) -> None:
+        """Decoding checks (400), defaults, immutability and validation (422 with all causes)."""
+        schema.check(rt, obj, strict)
         apply_defaults(rt.kind, obj)
         name = obj["metadata"].get("name") or obj["metadata"].get("generateName") or ""
         causes = validate(rt.kind, obj, self.ips.contains)
@@ -514,7 +515,7 @@ class Api:
             else:
                 obj["status"] = status
         with self.store.lock:
-            self._admit(rt, obj, None)
+            self._admit(rt, obj, None, query.get("fieldValidation") == "Strict")
             if rt.namespaced:
                 self._namespace_must_exist(namespace or "", rt, meta["name"])
             if self.store.get(rt, namespace or "", meta["name"]) is not None:
@@ -632,7 +633,7 @@ class Api:
             new["kind"] = rt.kind
             if rt.kind == "Service":
                 _keep_cluster_ip(old, new)
-            self._admit(rt, new, old)
+            self._admit(rt, new, old, req.query.get("fieldValidation") == "Strict")
             if rt.kind in GENERATION_KINDS and _spec_of(new) != _spec_of(old):
                 meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
             if apply_managed is not None:
@@ -720,6 +721,7 @@ class Api:
                     "the namespace of the provided object does not match the namespace sent on the request"
                 )
             meta["namespace"] = t.namespace
+        schema.check(t.rt, config, req.query.get("fieldValidation") == "Strict")
         force = _truthy(req.query.get("force"))
         sub = "status" if t.sub == "status" else ""
         api_version = t.rt.api_version(t.version)

@@ -144,13 +144,18 @@ def test_apply_merges_containers_by_name(cluster: Cluster) -> None:
     d = apps.read_namespaced_deployment("d", ns)
     assert {c.name: c.image for c in d.spec.template.spec.containers} == {"main": "a:2", "side": "s:1"}
     assert d.metadata.generation == 3
+    # The injector dropping its container removes it (and nothing of the owner's).
+    apps.patch_namespaced_deployment("d", ns, dep([]), field_manager="injector", _content_type=APPLY)
+    d = apps.read_namespaced_deployment("d", ns)
+    assert [c.name for c in d.spec.template.spec.containers] == ["main"]
+    assert d.metadata.generation == 4
     # Invalid apply is rejected with 422 and changes nothing.
     with pytest.raises(ApiException) as e:
         apps.patch_namespaced_deployment(
             "d", ns, dep([{"name": "main", "image": ""}]), field_manager="owner", _content_type=APPLY
         )
     assert e.value.status == 422
-    assert apps.read_namespaced_deployment("d", ns).metadata.generation == 3
+    assert apps.read_namespaced_deployment("d", ns).metadata.generation == 4
 
 
 def test_apply_requires_field_manager(cluster: Cluster) -> None:

@@ -19,8 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "sandbox.apiserver", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sandbox.apiserver", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,12 @@ def test_ready_line_and_kubeconfig(process: tuple[subprocess.Popen[str], Path, s
     finally:
         api.close()
     assert {"default", "kube-system"} <= set(names)
-    out = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "get", "ns", "default", "-o", "name"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "get", "ns", "default", "-o", "name"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.stdout.strip() == "namespace/default", out.stderr
 
 

@@ -157,6 +157,20 @@ def test_server_side_dry_run_and_errors(cluster: Cluster, tmp_path: Path) -> Non
     )
     assert "spec.containers[0].ports[0].containerPort: Invalid value: 99999" in res.stderr
 
+    # kubectl's default strict field validation: unknown fields and wrong types are 400s.
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: t, namespace: {ns}}}\ndatta: {{a: b}}\n"
+    )
+    res = cluster.kubectl("apply", "--server-side", "-f", str(typo), check=False)
+    assert res.returncode == 1 and 'strict decoding error: unknown field "datta"' in res.stderr
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(bad.read_text().replace("99999", '"80"').replace("name: c\n", "name: c\n    image: i\n"))
+    res = cluster.kubectl("apply", "--server-side", "-f", str(wrong), check=False)
+    assert res.returncode == 1 and "cannot unmarshal string into Go struct field" in res.stderr
+    assert "spec.containers[0].ports[0].containerPort" in res.stderr
+    assert cluster.kubectl("get", "cm,pods", "-n", ns, "-o", "name").stdout == ""
+
     good = tmp_path / "good.yaml"
     good.write_text(
         f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c, namespace: {ns}}}\ndata: {{a: b}}\n"
