@@ -96,3 +96,48 @@ def pilot_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     e = Env(tmp_path_factory.mktemp("pilot"))
     yield e
     e.close()
+
+
+@pytest.fixture(scope="session")
+def xds_dataplane(run_prefix: str, test_cgroup: Path) -> Iterator[Any]:
+    """The real BPF Dataplane in a child cgroup of the test cgroup, pins on a private bpffs.
+
+    Skipped when not root or when the data plane cannot be loaded here.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("the BPF data plane needs root")
+    from daemon.dataplane import Dataplane, bpfsys
+
+    sysfs = Path("/sys/fs/bpf")
+    mounted: Path | None = None
+    if sysfs.is_dir() and bpfsys.is_bpffs(str(sysfs)):
+        root = sysfs / f"{run_prefix}-xds"
+    else:  # a fresh bpffs instance of our own, nothing shared with the machine
+        mounted = Path(f"/tmp/{run_prefix}-xds-bpffs")
+        mounted.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(mounted)], check=True)
+        root = mounted / "pins"
+    cgroup = test_cgroup / "xds"
+    cgroup.mkdir(exist_ok=True)
+    dp = None
+    try:
+        dp = Dataplane.open(cgroup, root)
+        yield dp
+    finally:
+        if dp is not None:
+            dp.uninstall()
+        shutil.rmtree(root, ignore_errors=True)
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], capture_output=True)
+            try:
+                mounted.rmdir()
+            except OSError:
+                pass
+        try:
+            cgroup.rmdir()
+        except OSError:
+            pass
