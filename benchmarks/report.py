@@ -134,6 +134,20 @@ def _fmt(value: object, digits: int = 3) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def flatten(data: object, prefix: str = "", depth: int = 3) -> list[tuple[str, object]]:
+    """Nested dicts as (dotted key, scalar) rows for display; lists are left to the JSON."""
+    if not isinstance(data, dict):
+        return [(prefix or "value", data)]
+    rows: list[tuple[str, object]] = []
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and depth > 1:
+            rows += flatten(value, name, depth - 1)
+        elif not isinstance(value, dict | list):
+            rows.append((name, value))
+    return rows
+
+
 def _detail(doc: dict, section: str, mode: str, key: str) -> object:
     return lookup(doc, f"details.dataplane_http.{section}.{mode}.{key}")
 
@@ -178,7 +192,7 @@ def markdown(doc: dict) -> str:
     lines.append("")
     for section, title in (("control_plane", "Control plane"), ("cli", "CLI")):
         lines += [f"| {title} | value |", "|---|---:|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in doc[section].items() if not isinstance(v, dict | list)]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in flatten(doc[section])]
         lines.append("")
     lines += ["| Target | Bound | Measured | Met |", "|---|---|---:|---|"]
     for t in doc["targets"]:
@@ -186,12 +200,10 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {t['target']} | {t['bound']} | {_fmt(t['value'])} | {met} |")
     lines.append("")
     rec = doc.get("reconciler")
-    if isinstance(rec, dict) and rec:
-        lines += ["| Reconciler | value |", "|---|---:|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in rec.items() if not isinstance(v, dict | list)]
+    if rec:
+        lines += ["| Data-plane maps (benchmarks/dataplane_maps.py) | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in flatten(rec)]
         lines.append("")
-    elif rec:
-        lines += [f"Reconciler: {rec}", ""]
     return "\n".join(lines)
 
 
@@ -210,15 +222,9 @@ def table(doc: dict) -> str:
                 out.append(f"  {mode:<20} {_fmt(fig)}")
     out.append("ratios")
     out += [f"  {k:<40} {_fmt(v)}" for k, v in doc.get("ratios", {}).items()]
-    for section in ("control_plane", "cli"):
+    for section in ("control_plane", "cli", "reconciler"):
         out.append(section)
-        out += [f"  {k:<40} {_fmt(v)}" for k, v in doc[section].items() if not isinstance(v, dict | list)]
-    rec = doc.get("reconciler")
-    out.append("reconciler")
-    if isinstance(rec, dict):
-        out += [f"  {k:<40} {_fmt(v)}" for k, v in rec.items() if not isinstance(v, dict | list)]
-    else:
-        out.append(f"  {_fmt(rec)}")
+        out += [f"  {k:<40} {_fmt(v)}" for k, v in flatten(doc.get(section))]
     out.append("targets")
     for t in doc["targets"]:
         met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
