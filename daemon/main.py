@@ -146,8 +146,14 @@ class Daemon:
             "admin": f"{cfg.admin_host}:{self.admin.server_address[1]}",
             "metrics": f"{cfg.metrics_host or '*'}:{self.metrics.server_address[1]}"})
 
-        if cfg.enroll or cfg.pod_name:
-            self.api = load_kube_client(cfg)
+        if cfg.enroll:
+            self.api = load_kube_client(cfg)  # enrollment cannot work without the API
+        elif cfg.pod_name:
+            try:
+                self.api = load_kube_client(cfg)
+            except Exception as exc:  # noqa: BLE001 - only the SIGTERM DaemonSet check needs it
+                log.warning("no Kubernetes API access: on exit the pins are kept",
+                            extra={"error": f"{type(exc).__name__}: {exc}"})
 
         _ensure_kernel_source()
         from daemon.dataplane import Dataplane

@@ -244,6 +244,76 @@ def test_status_fails_while_pilot_down(env: Env) -> None:
     wait_for(lambda: env.kmeshctl("status").returncode == 0, 60, "status healthy again")
 
 
+def test_tls_xds_with_projected_token(env: Env) -> None:
+    """A second daemon in deployment mode: TLS verified against the pilot's root, SA token, server
+    name override (its own cgroup and pins, no enrollment)."""
+    from kubernetes import client
+
+    from tests.daemon.conftest import Proc, _rmdir_cgroup, free_port
+
+    for body, create in (
+        ({"metadata": {"name": "kmesh-system"}}, lambda b: env.core.create_namespace(b)),
+        (
+            {"metadata": {"name": "kmesh"}},
+            lambda b: env.core.create_namespaced_service_account("kmesh-system", b),
+        ),
+    ):
+        try:
+            create(body)
+        except client.exceptions.ApiException as exc:
+            assert exc.status == 409
+    token = env.core.create_namespaced_service_account_token(
+        "kmesh", "kmesh-system", {"spec": {"audiences": ["istio-ca"], "expirationSeconds": 3600}}
+    ).status.token
+    token_path = env.work / "istio-token"
+    token_path.write_text(token)
+    cgroup = env.cgroup.parent / "kmd2"
+    cgroup.mkdir(exist_ok=True)
+    admin = free_port()
+    cmd = [
+        PY,
+        "-m",
+        "daemon",
+        "--cgroup-root",
+        str(cgroup),
+        "--bpf-fs",
+        str(env.bpffs),
+        "--pin-prefix",
+        "kmesh-tls",
+        "--admin-addr",
+        f"127.0.0.1:{admin}",
+        "--metrics-addr",
+        f"127.0.0.1:{free_port()}",
+        "--no-enroll",
+        "--kubeconfig",
+        str(env.kubeconfig),
+    ]
+    daemon_env = {
+        **env.daemon_env(),
+        "XDS_ADDRESS": f"127.0.0.1:{env.pilot_ports[0]}",
+        "XDS_TOKEN_PATH": str(token_path),
+        "XDS_ROOT_CA": str(env.work / "pilot" / "root-cert.pem"),
+        "XDS_SERVER_NAME": "istiod-1-22-6.istio-system.svc",
+        "POD_NAME": "kmesh-tls-abcde",
+    }
+    proc = Proc("daemon-tls", cmd, env.work / "daemon-tls.log", daemon_env)
+    try:
+        proc.start("kmesh-daemon started", timeout=120)
+
+        def xds() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as resp:
+                return json.loads(resp.read())["xds"]
+
+        st = wait_for(lambda: (x := xds())["ready"] and x, 30, "TLS xDS ready")
+        assert st["connected"] and st["address"] == f"127.0.0.1:{env.pilot_ports[0]}"
+        assert sum(st["resources"].values()) >= 6, st["resources"]
+    finally:
+        rc = proc.stop(signal.SIGTERM)
+        assert rc == 0, proc.log.read_text()[-3000:]
+        assert not (env.bpffs / "kmesh-tls").exists()  # no DaemonSet named kmesh-tls: uninstalled
+        _rmdir_cgroup(cgroup)
+
+
 def _maps(env: Env) -> dict:
     raw = env.get("/debug/bpf")["raw"]
     return {k: sorted(map(tuple, v)) for k, v in raw.items() if k != "sock"}
