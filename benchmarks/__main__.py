@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -87,8 +89,15 @@ def _run_foreign(name: str) -> dict:
     return result
 
 
+def _on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so namespaces, cgroups, pins and processes are cleaned up."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     repo = Path(__file__).resolve().parent.parent
     os.environ.setdefault("BCC_KERNEL_SOURCE", str(repo / ".build" / "kernel-src"))
     selected = args.only or list(SECTIONS)

@@ -121,8 +121,10 @@ class Topology:
         return Path("/run/netns") / name
 
     def open(self) -> Topology:
-        if self.cgroup_parent.resolve() == CGROUP2_ROOT.resolve() and self.cgroup == CGROUP2_ROOT:
-            raise ValueError("refusing to use the cgroup v2 root")
+        parent = self.cgroup_parent.resolve()
+        if parent != CGROUP2_ROOT.resolve() and CGROUP2_ROOT.resolve() not in parent.parents:
+            raise ValueError(f"{self.cgroup_parent} is not inside the cgroup v2 hierarchy {CGROUP2_ROOT}")
+        # Programs go to <parent>/kmesh-bench-<prefix>/mesh: never the cgroup v2 root itself.
         try:
             self.cgroup.mkdir()
             for child in (self.mesh_cgroup, self.plain_cgroup, self.proxy_cgroup, self.server_cgroup):

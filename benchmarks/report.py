@@ -64,7 +64,7 @@ def machine_info(extra: dict | None = None) -> dict:
         "bcc": bcc,
         "wrk": wrk.strip(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": _cmd(["git", "-C", str(RESULTS_DIR.parent.parent), "rev-parse", "--short", "HEAD"]),
+        "git_commit": _cmd(["git", "-C", str(RESULTS_DIR.parent.parent), "describe", "--always", "--dirty"]),
     }
     info.update(extra or {})
     return info
