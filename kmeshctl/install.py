@@ -46,9 +46,10 @@ if TYPE_CHECKING:  # pragma: no cover
 ISTIO_NAMESPACE = "istio-system"
 XDS_TLS_PORT = 15012
 CLUSTER_ID_HELP = (
-    "--cluster-id is required: the mesh's cluster id (in ASM: the ACK cluster id, shown in the ACK "
-    "console or by `kubectl get cm -n istio-system istio-sidecar-injector -o yaml | grep clusterName`; "
-    "for plain istiod: Kubernetes)"
+    "--cluster-id is required: the id the control plane knows this cluster by (ASM: the ACK cluster id, "
+    "shown in the ACK console under the cluster's Basic Information, or by `kubectl get cm -n istio-system "
+    "istio-sidecar-injector -o yaml | grep clusterName`; plain istiod: Kubernetes unless "
+    "values.global.multiCluster.clusterName was set)"
 )
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
