@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default=None, help="static admin bearer token (default: random)")
     p.add_argument("--service-cidr", default="10.96.0.0/16", help="ClusterIP range (IPv4)")
     p.add_argument("--context", default="sandbox", help="kubeconfig context name")
+    p.add_argument(
+        "--persist",
+        action="store_true",
+        help="keep objects in STATE_DIR/objects.json across restarts (default: in memory only)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -34,12 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port <= 65535:
         print(f"error: --port {args.port} is out of range; give 0-65535", file=sys.stderr)
         return 2
+    if args.persist and args.state_dir is None:
+        print("error: --persist needs --state-dir", file=sys.stderr)
+        return 2
     try:
         server = ApiServer(
-            port=args.port, token=args.token, state_dir=args.state_dir, service_cidr=args.service_cidr
+            port=args.port,
+            token=args.token,
+            state_dir=args.state_dir,
+            service_cidr=args.service_cidr,
+            persist=args.persist,
         )
         server.start()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bind failure, bad CIDR, unreadable state
         print(f"error: cannot start the API server on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
         return 1
     done = threading.Event()

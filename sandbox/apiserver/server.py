@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .errors import unauthorized
 from .objects import IpAllocator
+from .persist import Persister, load
 from .rest import Api, LogResolver, Request, Response
 from .store import Store
 from .tokens import TokenIssuer
@@ -156,7 +157,8 @@ class ApiServer:
     ServiceAccount signing key across restarts; ``log_resolver(namespace, pod, container)``
     may return the path of a container's log file for ``pods/log`` (checked before the
     ``sandbox.kmesh.io/log-path`` annotation); a deleted namespace stays Terminating for
-    ``namespace_grace`` seconds before it and its contents go (0: at once).
+    ``namespace_grace`` seconds before it and its contents go (0: at once); ``persist`` keeps
+    the objects in ``state_dir/objects.json`` across restarts (off: every start is a new cluster).
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class ApiServer:
         log_resolver: LogResolver | None = None,
         anonymous: bool = True,
         namespace_grace: float = 1.0,
+        persist: bool = False,
     ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the sandbox API server listens on loopback only")
@@ -182,6 +185,13 @@ class ApiServer:
         self.ips = IpAllocator(service_cidr)
         self.api = Api(self.store, self.issuer, self.ips, self.token, log_resolver)
         self.api.namespace_grace = namespace_grace
+        self._persister: Persister | None = None
+        if persist:
+            if self.state_dir is None:
+                raise ValueError("persist=True needs a state_dir")
+            restored = load(self.store, self.ips, self.state_dir)
+            log.info("restored %d objects from %s", restored, self.state_dir)
+            self._persister = Persister(self.store, self.state_dir)
         self.api.bootstrap()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -202,6 +212,8 @@ class ApiServer:
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="apiserver", daemon=True)
         self._thread.start()
+        if self._persister is not None:
+            self._persister.start()
         return self.port
 
     def stop(self) -> None:
@@ -214,6 +226,9 @@ class ApiServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._persister is not None:
+            self._persister.stop()
+            self._persister = None
 
     def write_kubeconfig(self, path: Path, context: str = "sandbox") -> Path:
         from .kubeconfig import write_kubeconfig
