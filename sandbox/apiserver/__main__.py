@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep objects in STATE_DIR/objects.json across restarts (default: in memory only)",
     )
+    p.add_argument(
+        "--graceful-pod-deletion",
+        action="store_true",
+        help="deleting a pod bound to a node marks it Terminating until its kubelet removes it",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             state_dir=args.state_dir,
             service_cidr=args.service_cidr,
             persist=args.persist,
+            graceful_pod_deletion=args.graceful_pod_deletion,
         )
         server.start()
     except (OSError, ValueError) as e:  # bind failure, bad CIDR, unreadable state

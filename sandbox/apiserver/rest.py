@@ -84,6 +84,7 @@ class Api:
         self.watch_timeout = watch_timeout
         self.stopping = False
         self.namespace_grace = 1.0
+        self.graceful_pod_deletion = False
 
     # ---------------------------------------------------------------- bootstrap / auth
 
@@ -819,6 +820,15 @@ class Api:
                 return self._render(req, t, obj)
             if t.rt.kind == "Namespace":
                 return self._render(req, t, self._terminate_namespace(obj))
+            grace = self._pod_grace(req, opts, obj) if t.rt.kind == "Pod" else 0
+            if grace > 0:
+                if not obj["metadata"].get("deletionTimestamp"):
+                    marked = copy.deepcopy(obj)
+                    when = time.gmtime(time.time() + grace)
+                    marked["metadata"]["deletionTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", when)
+                    marked["metadata"]["deletionGracePeriodSeconds"] = grace
+                    obj = self.store.put(t.rt, marked)
+                return self._render(req, t, obj)
             if obj["metadata"].get("finalizers"):
                 if not obj["metadata"].get("deletionTimestamp"):
                     marked = copy.deepcopy(obj)
@@ -828,6 +838,24 @@ class Api:
                 return self._render(req, t, obj)
             gone = self._remove(t.rt, self._ns(t), t.name or "", policy)
         return self._render(req, t, gone)
+
+    def _pod_grace(self, req: Request, opts: dict[str, Any], pod: dict[str, Any]) -> int:
+        """Seconds of graceful deletion for a pod (0: delete now).
+
+        Only with ``graceful_pod_deletion`` (as a real cluster: a pod bound to a node stays,
+        with a deletionTimestamp, until its kubelet stopped it and deletes it with grace 0).
+        """
+        if not self.graceful_pod_deletion or not (pod.get("spec") or {}).get("nodeName"):
+            return 0
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return 0
+        raw = req.query.get("gracePeriodSeconds", opts.get("gracePeriodSeconds"))
+        if raw is None:
+            raw = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        try:
+            return max(int(raw), 0)
+        except (TypeError, ValueError) as e:
+            raise errors.bad_request(f"invalid gracePeriodSeconds {raw!r}") from e
 
     def _terminate_namespace(self, ns_obj: dict[str, Any]) -> dict[str, Any]:
         """Mark a namespace Terminating; its contents and then itself go after ``namespace_grace``.

@@ -158,7 +158,9 @@ class ApiServer:
     may return the path of a container's log file for ``pods/log`` (checked before the
     ``sandbox.kmesh.io/log-path`` annotation); a deleted namespace stays Terminating for
     ``namespace_grace`` seconds before it and its contents go (0: at once); ``persist`` keeps
-    the objects in ``state_dir/objects.json`` across restarts (off: every start is a new cluster).
+    the objects in ``state_dir/objects.json`` across restarts (off: every start is a new cluster);
+    ``graceful_pod_deletion`` makes deleting a pod bound to a node only mark it (deletionTimestamp)
+    until a kubelet deletes it with gracePeriodSeconds=0 (off: pods are removed at once).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class ApiServer:
         anonymous: bool = True,
         namespace_grace: float = 1.0,
         persist: bool = False,
+        graceful_pod_deletion: bool = False,
     ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the sandbox API server listens on loopback only")
@@ -185,6 +188,7 @@ class ApiServer:
         self.ips = IpAllocator(service_cidr)
         self.api = Api(self.store, self.issuer, self.ips, self.token, log_resolver)
         self.api.namespace_grace = namespace_grace
+        self.api.graceful_pod_deletion = graceful_pod_deletion
         self._persister: Persister | None = None
         if persist:
             if self.state_dir is None:

@@ -94,3 +94,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def small_history_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A server that keeps only 20 watch events, to make resourceVersions expire quickly."""
     yield from _start(tmp_path_factory.mktemp("apiserver-small"), watch_history=20)
+
+
+@pytest.fixture(scope="module")
+def graceful_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A server with graceful pod deletion (pods on a node wait for their kubelet)."""
+    yield from _start(tmp_path_factory.mktemp("apiserver-graceful"), graceful_pod_deletion=True)
