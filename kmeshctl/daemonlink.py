@@ -208,18 +208,29 @@ def _sandbox_daemon(kubeconfig: str | None, context: str | None) -> Daemon | Non
                   host="127.0.0.1", port=ADMIN_PORT)
 
 
-def _pod_ready(pod: Any) -> bool:
-    for cond in (pod.status.conditions or []) if pod.status else []:
-        if cond.type == "Ready":
-            return cond.status == "True"
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return cond.get("status") == "True"
     return False
 
 
-def list_daemon_pods(api: Any) -> list[Any]:
+def _node(pod: dict[str, Any]) -> str:
+    return (pod.get("spec") or {}).get("nodeName") or ""
+
+
+def _name(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("name", "")
+
+
+def list_daemon_pods(api: Any) -> list[dict[str, Any]]:
+    """The daemon pods as plain JSON (building the client's model objects costs ~1 s at first use)."""
     from kubernetes import client
 
-    pods = client.CoreV1Api(api).list_namespaced_pod(DAEMON_NAMESPACE, label_selector=DAEMON_SELECTOR).items
-    return sorted(pods, key=lambda p: (p.spec.node_name or "", p.metadata.name))
+    resp = client.CoreV1Api(api).list_namespaced_pod(DAEMON_NAMESPACE, label_selector=DAEMON_SELECTOR,
+                                                     _preload_content=False)
+    pods = json.loads(resp.data).get("items") or []
+    return sorted(pods, key=lambda p: (_node(p), _name(p)))
 
 
 def find_daemons(admin_addr: str | None = None, node: str | None = None, kubeconfig: str | None = None,
@@ -246,16 +257,16 @@ def find_daemons(admin_addr: str | None = None, node: str | None = None, kubecon
         raise KmeshctlError(f"no kmesh daemon pods ({DAEMON_SELECTOR}) in namespace {DAEMON_NAMESPACE}; "
                             "install with `kmeshctl install`")
     if pod_name:
-        pods = [p for p in pods if p.metadata.name == pod_name]
+        pods = [p for p in pods if _name(p) == pod_name]
         if not pods:
             raise KmeshctlError(f"no kmesh daemon pod {pod_name!r} in {DAEMON_NAMESPACE}")
     if node:
-        nodes = sorted({p.spec.node_name or "" for p in list_daemon_pods(api)})
-        pods = [p for p in pods if p.spec.node_name == node]
+        nodes = sorted({_node(p) for p in pods})
+        pods = [p for p in pods if _node(p) == node]
         if not pods:
             raise KmeshctlError(f"no kmesh daemon on node {node!r}; daemons run on: {', '.join(nodes)}")
-    return [Daemon(label=p.metadata.name, node=p.spec.node_name or "",
-                   pod=(DAEMON_NAMESPACE, p.metadata.name), api=api, ready=_pod_ready(p)) for p in pods]
+    return [Daemon(label=_name(p), node=_node(p), pod=(DAEMON_NAMESPACE, _name(p)), api=api,
+                   ready=_pod_ready(p)) for p in pods]
 
 
 def find_one(admin_addr: str | None, node: str | None, kubeconfig: str | None, context: str | None,

@@ -1,0 +1,79 @@
+"""kmeshctl reaching daemons through the Kubernetes API port-forward (the real client code).
+
+Two daemons' admin APIs (real AdminServers with small stand-in components) sit behind a
+stand-in of the API server's pods list + portforward websocket (fake_kubeapi.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.admin import AdminContext, AdminServer
+from tests.daemon.fake_kubeapi import FakeKubeApi
+from tests.daemon.test_admin import Dataplane, Enroll, Xds
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path):
+    servers = []
+    xds_b = Xds()
+    xds_b.connected = False
+    for xds in (Xds(), xds_b):
+        s = AdminServer("127.0.0.1", 0, AdminContext(config=None, dataplane=Dataplane(), xds=xds,
+                                                     enroll=Enroll(), started=1.0))
+        s.start()
+        servers.append(s)
+    api = FakeKubeApi({"kmesh-aaaaa": ("node-a", servers[0].server_address[1], True),
+                       "kmesh-bbbbb": ("node-b", servers[1].server_address[1], True)})
+    kc = tmp_path / "kubeconfig"
+    api.write_kubeconfig(kc)
+    yield api, kc
+    api.shutdown()
+    for s in servers:
+        s.stop()
+
+
+def kmeshctl(kc: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KUBECONFIG": str(kc), "KMESH_SANDBOX_DIR": "/nonexistent"}
+    env.pop("KMESH_ADMIN_ADDR", None)
+    return subprocess.run([sys.executable, "-m", "kmeshctl.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_find_daemons_and_request_through_portforward(cluster) -> None:
+    from kmeshctl.daemonlink import find_daemons, find_one
+
+    api, kc = cluster
+    daemons = find_daemons(kubeconfig=str(kc))
+    assert [(d.label, d.node, d.ready) for d in daemons] == [("kmesh-aaaaa", "node-a", True),
+                                                               ("kmesh-bbbbb", "node-b", True)]
+    st = daemons[0].get_json("/status")
+    assert st["xds"]["connected"] is True
+    assert api.requests[-1] == ("kmesh-aaaaa", 15200, "Bearer fake-token")
+    only_b = find_one(None, "node-b", str(kc), None)
+    assert only_b.get_json("/status")["xds"]["connected"] is False
+    assert api.requests[-1][0] == "kmesh-bbbbb"
+
+
+def test_status_over_portforward_exits_nonzero_when_one_daemon_unhealthy(cluster) -> None:
+    _, kc = cluster
+    r = kmeshctl(kc, "status")
+    assert r.returncode == 1, r.stderr
+    assert "kmesh daemon kmesh-aaaaa on node node-a: READY" in r.stdout
+    assert "kmesh daemon kmesh-bbbbb on node node-b: NOT READY" in r.stdout
+    assert "1/2 daemons ready" in r.stdout
+    r = kmeshctl(kc, "status", "--node", "node-a", "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["healthy"] is True
+    r = kmeshctl(kc, "status", "--node", "node-x")
+    assert r.returncode == 1 and "no kmesh daemon on node 'node-x'" in r.stderr
+    r = kmeshctl(kc, "dump", "bpf")
+    assert r.returncode == 2 and "pick one with --node" in r.stderr
+    r = kmeshctl(kc, "version")
+    assert r.returncode == 0 and "(2 daemons)" in r.stdout
