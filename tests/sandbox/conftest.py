@@ -89,3 +89,8 @@ class SandboxHandle:
                 return last
             time.sleep(0.2)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def sandbox_handle_cls() -> type[SandboxHandle]:
+    return SandboxHandle
