@@ -470,7 +470,7 @@ class Kubelet:
                     "terminated": {
                         "exitCode": 128 - rc if signal_exit else rc,
                         "reason": "Completed" if rc == 0 else "Error",
-                        "message": message or None,
+                        **({"message": message} if message else {}),
                         "startedAt": ts(c.started_at),
                         "finishedAt": ts(finished),
                         "containerID": f"sandbox://{c.container_id}",

@@ -212,15 +212,27 @@ spec:
     assert not Path("/run/secrets").exists()  # mounts stay in the pod's mount namespace
 
 
-def test_down_leaves_nothing(sandbox) -> None:
+def test_down_after_a_crash_leaves_nothing(sandbox) -> None:
+    """SIGKILL the supervisor and every component (pods keep running, orphaned), then `down`."""
+    import signal
+
     from sandbox import up as sb
 
-    st = sandbox.state
-    pids = dict(sb.State.load(sandbox.dir).pids)
-    sb.down(sandbox.dir)
+    st = sb.State.load(sandbox.dir)
+    pids = dict(st.pids)
+    pod_pids = [c["pid"] for f in (sandbox.dir / "kubelet" / "pods").glob("*/pod.json")
+                for c in json.loads(f.read_text())["containers"].values()]
+    assert pod_pids
+    for pid in [st.supervisor_pid, *pids.values()]:
+        os.kill(pid, signal.SIGKILL)
+    sandbox.wait(lambda: not any(sb.pid_alive(p) for p in [st.supervisor_pid, *pids.values()]), 10, "kill")
+    assert any(sb.pid_alive(p) for p in pod_pids)  # what a crash leaves behind
+    r = sandbox.kmeshctl("sandbox", "down")
+    assert r.returncode == 0 and "removed netns" in r.stderr, r.stderr
+    assert not any(sb.pid_alive(p) for p in pod_pids)
     assert not [n for n in os.listdir("/run/netns") if n.startswith(st.prefix + "-")]
     assert not Path(st.cgroup_root).exists()
     assert not st.pin_dir.exists()
-    assert not any(sb.pid_alive(p) for p in pids.values()) and not sb.pid_alive(st.supervisor_pid or 0)
     assert not (sandbox.dir / "kubeconfig").exists() and not (sandbox.dir / "kubelet" / "pods").exists()
     assert sb.down(sandbox.dir) == []  # idempotent
+    assert sandbox.kmeshctl("sandbox", "down").returncode == 0
