@@ -166,6 +166,20 @@ class EnrolledPod:
     netns_inode: int
     netns_cookie: int
     since: float
+    fd: int = -1  # held open so the netns outlives the pod until we deregistered it
+
+    @property
+    def held_path(self) -> Path | None:
+        """A path to the enrolled netns that stays valid while we hold it (pod gone or not)."""
+        return Path(f"/proc/{os.getpid()}/fd/{self.fd}") if self.fd >= 0 else None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
 
     def as_dict(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "name": self.name, "uid": self.uid, "ips": list(self.ips),
@@ -360,9 +374,12 @@ class EnrollmentController:
             for uid in uids:
                 pod = self._pods.get(uid)
                 want = False
-                if pod is not None and not pod.terminating and pod.phase not in ("Succeeded", "Failed"):
+                if pod is not None and pod.phase not in ("Succeeded", "Failed"):
                     ns_labels = self._namespaces.get(pod.namespace)
                     want, _ = should_enroll(pod, ns_labels)
+                    # A terminating pod keeps what it has (its connections while draining stay
+                    # translated) but is not newly enrolled; it is deregistered once deleted.
+                    want = want and (not pod.terminating or uid in self._enrolled)
                 plans.append((uid, pod, want))
         need_scan = []
         for uid, pod, want in plans:
@@ -398,6 +415,11 @@ class EnrollmentController:
         if current is not None and netns_inode(Path(current.netns)) == current.netns_inode:
             self._annotate(pod, True)
             return
+        if current is not None:
+            # Same pod, new network namespace (sandbox recreated): deregister the old one first.
+            self._deregister(current, pod.ipv6_only)
+            with self._lock:
+                self._enrolled.pop(pod.uid, None)
         if pid is None:
             # Not running yet (or its processes are gone): retry until they appear.
             log.debug("pod has no process yet", extra={"pod": pod.key})
@@ -408,15 +430,33 @@ class EnrollmentController:
         if inode is None:
             self._schedule_retry(pod.uid)
             return
-        self._control_connect(path, True, ipv6=pod.ipv6_only)
-        cookie = self._netns_cookie(path)
-        self._annotate(pod, True)
+        fd = os.open(path, os.O_RDONLY)
+        if os.fstat(fd).st_ino != inode:  # the process moved or exited meanwhile: look again
+            os.close(fd)
+            self._schedule_retry(pod.uid)
+            return
+        entry = EnrolledPod(uid=pod.uid, namespace=pod.namespace, name=pod.name, ips=pod.pod_ips, pid=pid,
+                            netns=str(path), netns_inode=inode, netns_cookie=0, since=time.time(), fd=fd)
+        try:
+            self._control_connect(entry.held_path, True, ipv6=pod.ipv6_only)
+            entry.netns_cookie = self._netns_cookie(entry.held_path)
+        except BaseException:
+            entry.release()
+            raise
         with self._lock:
-            self._enrolled[pod.uid] = EnrolledPod(
-                uid=pod.uid, namespace=pod.namespace, name=pod.name, ips=pod.pod_ips, pid=pid,
-                netns=str(path), netns_inode=inode, netns_cookie=cookie, since=time.time())
+            self._enrolled[pod.uid] = entry
             self._attempts.pop(pod.uid, None)
-        log.info("pod enrolled", extra={"pod": pod.key, "netns_cookie": cookie})
+        self._annotate(pod, True)
+        log.info("pod enrolled", extra={"pod": pod.key, "netns_cookie": entry.netns_cookie})
+
+    def _deregister(self, entry: EnrolledPod, ipv6: bool) -> None:
+        """Disable translation for an enrolled netns we still hold (even if its pod is gone)."""
+        path = entry.held_path
+        try:
+            if path is not None:
+                self._control_connect(path, False, ipv6=ipv6)
+        finally:
+            entry.release()
 
     def _unenroll(self, uid: str, pod: PodInfo | None, pid: int | None) -> None:
         with self._lock:
@@ -424,16 +464,15 @@ class EnrollmentController:
         annotated = pod is not None and pod.annotations.get(REDIRECT_ANNOTATION) == REDIRECT_ENABLED
         if current is None and not annotated:
             return
-        path: Path | None = None
-        if current is not None and netns_inode(Path(current.netns)) == current.netns_inode:
-            path = Path(current.netns)
-        elif pid is not None:
-            path = netns_path(self.proc_root, pid)
-        if path is not None and (pod is None or not pod.terminating):
+        ipv6 = pod.ipv6_only if pod else False
+        if current is not None and current.fd >= 0:
+            self._deregister(current, ipv6)
+        elif pid is not None and pod is not None and not pod.terminating:
+            # Annotated by an earlier daemon run, never registered by this one: disable via /proc.
             try:
-                self._control_connect(path, False, ipv6=pod.ipv6_only if pod else False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ESRCH):
+                self._control_connect(netns_path(self.proc_root, pid), False, ipv6=ipv6)
+            except (OSError, ValueError) as exc:
+                if not isinstance(exc, ValueError) and exc.errno not in (errno.ENOENT, errno.ESRCH):
                     raise
         if pod is not None and not pod.terminating and annotated:
             self._annotate(pod, False)

@@ -314,6 +314,44 @@ def test_tls_xds_with_projected_token(env: Env) -> None:
         _rmdir_cgroup(cgroup)
 
 
+def test_deleted_pod_is_deregistered_from_the_manage_map(env: Env) -> None:
+    """The daemon holds each enrolled netns open, so a pod that is gone (process dead, netns
+    otherwise destroyed) is still removed from the manage map; no stale cookies pile up."""
+    from tests.daemon.conftest import _mk_pod
+
+    POD_IPS["tmp"] = 9
+    try:
+        _mk_pod(env, "tmp", {"app": "tmp"})
+        env.pod_cgroup("tmp").mkdir(exist_ok=True)
+        helper = (
+            "import os,sys,ctypes,time;open(sys.argv[1]+'/cgroup.procs','w').write(str(os.getpid()));"
+            "fd=os.open(sys.argv[2],os.O_RDONLY);ctypes.CDLL(None).setns(fd,0x40000000);"
+            "print('ready',flush=True);time.sleep(3600)"
+        )
+        subprocess.run(["ip", "netns", "add", env.netns("tmp")], check=True)
+        proc = subprocess.Popen(
+            [PY, "-c", helper, str(env.pod_cgroup("tmp")), env.netns_path("tmp")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        subprocess.run(["ip", "netns", "del", env.netns("tmp")], check=True)  # only the process holds it now
+        wait_for(lambda: "tmp" in env.enrolled(), 30, "tmp enrolled")
+        cookie = next(p["netns_cookie"] for p in env.status()["enrollment"]["pods"] if p["name"] == "tmp")
+        assert {"netns_cookie": cookie} in env.get("/debug/bpf")["maps"]["manage"]
+        proc.kill()
+        proc.wait()
+        env.core.delete_namespaced_pod("tmp", env.namespace, grace_period_seconds=0)
+        wait_for(lambda: "tmp" not in env.enrolled(), 30, "tmp gone from enrollment")
+        wait_for(
+            lambda: {"netns_cookie": cookie} not in env.get("/debug/bpf")["maps"]["manage"],
+            10,
+            "cookie removed from the manage map",
+        )
+    finally:
+        POD_IPS.pop("tmp", None)
+
+
 def _maps(env: Env) -> dict:
     raw = env.get("/debug/bpf")["raw"]
     return {k: sorted(map(tuple, v)) for k, v in raw.items() if k != "sock"}
