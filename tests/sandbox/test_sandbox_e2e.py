@@ -80,7 +80,7 @@ def _annotations(h) -> dict[str, str | None]:
             for p in h.get("pods", "-n", "default")["items"]}
 
 
-def _curl_loop(h, n: int = 20, timeout: float = 2) -> list[str]:
+def _curl_loop(h, n: int = 20, timeout: float = 1) -> list[str]:
     ip = h.get("service", "fortio")["spec"]["clusterIP"]
     loop = f"for i in $(seq 1 {n}); do curl -s -m {timeout} -I http://{ip}/ | grep -i '^Server:'; done"
     r = h.kmeshctl("sandbox", "exec", "netutils", "--", "sh", "-c", loop, timeout=n * timeout + 20)
@@ -134,7 +134,7 @@ def test_crashed_daemon_restarted_connections_never_fail(walk) -> None:
     pid = info["containers"]["kmesh"]["pid"]
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    servers = _curl_loop(walk, 30, 2)  # runs while the daemon is down and restarting
+    servers = _curl_loop(walk, 30)  # runs while the daemon is down and restarting
     assert len(servers) == 30, f"{len(servers)}/30 answered after the daemon was killed"
 
     def restarted() -> bool:
