@@ -269,6 +269,29 @@ def find_daemons(admin_addr: str | None = None, node: str | None = None, kubecon
                    ready=_pod_ready(p)) for p in pods]
 
 
+def fill_pod_readiness(daemons: list[Daemon], kubeconfig: str | None, context: str | None) -> None:
+    """For daemons reached directly (sandbox, --admin-addr), look up their pod's Ready condition
+    through the API when one is configured; best effort, silent when there is no API."""
+    direct = [d for d in daemons if d.ready is None]
+    if not direct:
+        return
+    sandbox_kc = sandbox_dir() / "kubeconfig"
+    kc = kubeconfig or (str(sandbox_kc) if sandbox_kc.exists() and context is None else None)
+    if kc is None and not os.environ.get("KUBECONFIG"):
+        return
+    try:
+        from kmeshctl.common import load_kube
+
+        pods = {_name(p): p for p in list_daemon_pods(load_kube(kc, context))}
+    except Exception:  # noqa: BLE001 - readiness is extra information here
+        return
+    for d in direct:
+        pod = pods.get(d.label)
+        if pod is not None:
+            d.ready = _pod_ready(pod)
+            d.node = d.node or _node(pod)
+
+
 def find_one(admin_addr: str | None, node: str | None, kubeconfig: str | None, context: str | None,
              need_node: bool = False) -> Daemon:
     """A single daemon: the one asked for, or the first ready one when the data is cluster-wide.

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from kmeshctl.common import ContextOpt, KmeshctlError, KubeconfigOpt, UsageError, to_yaml
-from kmeshctl.daemonlink import AdminAddrOpt, NodeOpt, find_daemons
+from kmeshctl.daemonlink import AdminAddrOpt, NodeOpt, fill_pod_readiness, find_daemons
 
 
 def _short_type(type_url: str) -> str:
@@ -71,6 +71,7 @@ def status(
     if output not in ("table", "json", "yaml"):
         raise UsageError(f"--output must be one of table, json, yaml, not {output!r}")
     daemons = find_daemons(admin_addr, node, kubeconfig, context)
+    fill_pod_readiness(daemons, kubeconfig, context)
     entries = []
     for d in daemons:
         entry: dict[str, Any] = {"daemon": d.label, "node": d.node, "pod_ready": d.ready}
