@@ -7,6 +7,7 @@ decode -> admit (defaults, validation) -> store.
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
 import string
 import threading
@@ -99,6 +100,11 @@ class IpAllocator:
             return
         with self._lock:
             self._used.discard(int(ipaddress.ip_address(ip)))
+
+
+def clone(obj: Any) -> Any:
+    """Deep copy of a JSON document (several times faster than copy.deepcopy for this data)."""
+    return json.loads(json.dumps(obj))
 
 
 def strip_for_compare(obj: dict[str, Any]) -> dict[str, Any]:

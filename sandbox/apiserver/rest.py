@@ -9,8 +9,8 @@ watch events. All writes go through one path: decode -> defaults -> validation -
 from __future__ import annotations
 
 import base64
-import copy
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,12 +24,21 @@ from . import discovery, errors, fieldmanager, kinds, patching, protobuf, schema
 from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults, initial_status
 from .errors import ApiError
 from .kinds import ResourceType
-from .objects import LOG_PATH_ANNOTATION, IpAllocator, generate_name, new_uid, now_rfc3339, strip_for_compare
+from .objects import (
+    LOG_PATH_ANNOTATION,
+    IpAllocator,
+    clone,
+    generate_name,
+    new_uid,
+    now_rfc3339,
+    strip_for_compare,
+)
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Store
 from .tokens import API_AUDIENCE, TokenIssuer
 from .validation import validate
 
+log = logging.getLogger("sandbox.apiserver")
 LogResolver = Callable[[str, str, str], "str | Path | None"]
 WATCH_DEFAULT_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -148,6 +157,9 @@ class Api:
             return self._route(req)
         except ApiError as e:
             return _json(e.code, e.status())
+        except Exception as e:  # noqa: BLE001 - a bug must still answer with a Status, not a dropped socket
+            log.exception("internal error serving %s %s", req.method, req.path)
+            return _json(500, ApiError(500, "InternalError", f"Internal error occurred: {e}").status())
 
     def _route(self, req: Request) -> Response:
         path = req.path.rstrip("/") or "/"
@@ -398,7 +410,8 @@ class Api:
             raise errors.unsupported_media(ctype)
         try:
             if "yaml" in ctype:
-                return yaml.safe_load(req.body)
+                # JSON semantics like sigs.k8s.io/yaml: timestamps stay strings, keys become strings.
+                return json.loads(json.dumps(yaml.safe_load(req.body), default=str))
             return json.loads(req.body)
         except (ValueError, yaml.YAMLError) as e:
             raise errors.bad_request(f"the object provided is unrecognized: {e}") from e
@@ -441,9 +454,17 @@ class Api:
 
     # ---------------------------------------------------------------- writes
 
-    def _admit(self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None, strict: bool) -> None:
+    def _admit(
+        self,
+        rt: ResourceType,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None,
+        strict: bool,
+        decode: bool = True,
+    ) -> None:
         """Decoding checks (400), defaults, immutability and validation (422 with all causes)."""
-        schema.check(rt, obj, strict)
+        if decode:
+            schema.check(rt, obj, strict)
         apply_defaults(rt.kind, obj)
         name = obj["metadata"].get("name") or obj["metadata"].get("generateName") or ""
         causes = validate(rt.kind, obj, self.ips.contains)
@@ -481,7 +502,7 @@ class Api:
         dry_run: bool = False,
         managed: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        obj = copy.deepcopy(body)
+        obj = clone(body)
         meta = obj.setdefault("metadata", {})
         if rt.namespaced:
             body_ns = meta.get("namespace")
@@ -602,7 +623,7 @@ class Api:
         dry_run = self._dry_run(req)
         with self.store.lock:
             old = self._require(t)
-            new = copy.deepcopy(body)
+            new = clone(body)
             meta = new.setdefault("metadata", {})
             rv = meta.get("resourceVersion")
             if check_rv and rv and rv != old["metadata"]["resourceVersion"]:
@@ -615,14 +636,14 @@ class Api:
             if rt.kind in STATUS_SUBRESOURCE_KINDS or t.sub == "status":
                 if t.sub == "status":
                     status = new.get("status")
-                    new = copy.deepcopy(old)
+                    new = clone(old)
                     if status is None:
                         new.pop("status", None)
                     else:
                         new["status"] = status
                     meta = new["metadata"]
                 elif "status" in old:
-                    new["status"] = copy.deepcopy(old["status"])
+                    new["status"] = clone(old["status"])
                 else:
                     new.pop("status", None)
             for k in ("uid", "creationTimestamp", "deletionTimestamp", "generation", "namespace", "name"):
@@ -634,13 +655,14 @@ class Api:
             new["kind"] = rt.kind
             if rt.kind == "Service":
                 _keep_cluster_ip(old, new)
-            self._admit(rt, new, old, req.query.get("fieldValidation") == "Strict")
+            # A /status write changes only the status; the rest was checked when it was written.
+            self._admit(rt, new, old, req.query.get("fieldValidation") == "Strict", decode=t.sub != "status")
             if rt.kind in GENERATION_KINDS and _spec_of(new) != _spec_of(old):
                 meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
             if apply_managed is not None:
                 meta["managedFields"] = apply_managed
             else:
-                meta["managedFields"] = copy.deepcopy(old["metadata"].get("managedFields") or [])
+                meta["managedFields"] = clone(old["metadata"].get("managedFields") or [])
                 fieldmanager.record_update(
                     old,
                     new,
@@ -771,7 +793,7 @@ class Api:
             raise errors.bad_request("invalid Scale object")
         with self.store.lock:
             old = self._require(t)
-            new = copy.deepcopy(old)
+            new = clone(old)
             new["spec"]["replicas"] = scale.get("spec", {}).get("replicas", 0)
             rv = (scale.get("metadata") or {}).get("resourceVersion")
             if rv:
@@ -823,7 +845,7 @@ class Api:
             grace = self._pod_grace(req, opts, obj) if t.rt.kind == "Pod" else 0
             if grace > 0:
                 if not obj["metadata"].get("deletionTimestamp"):
-                    marked = copy.deepcopy(obj)
+                    marked = clone(obj)
                     when = time.gmtime(time.time() + grace)
                     marked["metadata"]["deletionTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", when)
                     marked["metadata"]["deletionGracePeriodSeconds"] = grace
@@ -831,7 +853,7 @@ class Api:
                 return self._render(req, t, obj)
             if obj["metadata"].get("finalizers"):
                 if not obj["metadata"].get("deletionTimestamp"):
-                    marked = copy.deepcopy(obj)
+                    marked = clone(obj)
                     marked["metadata"]["deletionTimestamp"] = now_rfc3339()
                     marked["metadata"]["deletionGracePeriodSeconds"] = 0
                     obj = self.store.put(t.rt, marked)
@@ -867,7 +889,7 @@ class Api:
             return ns_obj
         ns_rt = kinds.by_kind("Namespace")
         assert ns_rt
-        marked = copy.deepcopy(ns_obj)
+        marked = clone(ns_obj)
         marked["metadata"]["deletionTimestamp"] = now_rfc3339()
         marked["status"] = {"phase": "Terminating"}
         stored = self.store.put(ns_rt, marked)
@@ -911,7 +933,7 @@ class Api:
                 if self.store.get(ort, ons, o["metadata"]["name"]) is None:
                     continue
                 if policy == "Orphan":
-                    orphan = copy.deepcopy(o)
+                    orphan = clone(o)
                     orphan["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != uid]
                     if not orphan["metadata"]["ownerReferences"]:
                         del orphan["metadata"]["ownerReferences"]

@@ -164,3 +164,25 @@ def test_apply_requires_field_manager(cluster: Cluster) -> None:
     with pytest.raises(ApiException) as e:
         client.CoreV1Api(api).patch_namespaced_config_map("cfg", ns, _cm(ns, {"a": "1"}), _content_type=APPLY)
     assert e.value.status == 400
+
+
+def test_apply_yaml_body_keeps_json_semantics(cluster: Cluster) -> None:
+    import urllib.request
+
+    ns = cluster.new_namespace()
+    body = (
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg\n  namespace: {ns}\n"
+        "  annotations:\n    released: 2026-01-01\ndata:\n  when: 2026-01-01\n  '1': one\n"
+    ).encode()
+    url = f"{cluster.server.url}/api/v1/namespaces/{ns}/configmaps/cfg?fieldManager=yaml-user"
+    req = urllib.request.Request(
+        url,
+        data=body,
+        method="PATCH",
+        headers={"Content-Type": APPLY, "Authorization": f"Bearer {cluster.server.token}"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201
+        obj = json.load(resp)
+    assert obj["data"] == {"when": "2026-01-01", "1": "one"}
+    assert obj["metadata"]["annotations"] == {"released": "2026-01-01"}
