@@ -94,6 +94,7 @@ class Api:
         self.stopping = False
         self.namespace_grace = 1.0
         self.graceful_pod_deletion = False
+        self.bookmark_interval = 10.0  # seconds between BOOKMARKs on idle watches that allow them
 
     # ---------------------------------------------------------------- bootstrap / auth
 
@@ -362,8 +363,24 @@ class Api:
             body = json.dumps({"type": "ERROR", "object": e.status()}).encode() + b"\n"
             return Response(200, None, "application/json", iter([body]))
 
+        bookmarks = _truthy(req.query.get("allowWatchBookmarks")) and not table
+
+        def bookmark() -> bytes | None:
+            """A BOOKMARK at the store's version, only when nothing is queued for this watcher."""
+            with self.store.lock:
+                if not watcher.queue.empty():
+                    return None
+                rv = str(self.store.resource_version)
+            obj = {
+                "kind": t.rt.kind,
+                "apiVersion": t.rt.api_version(t.version),
+                "metadata": {"resourceVersion": rv},
+            }
+            return json.dumps({"type": "BOOKMARK", "object": obj}, separators=(",", ":")).encode() + b"\n"
+
         def events() -> Iterator[bytes]:
             deadline = time.monotonic() + timeout
+            next_bookmark = time.monotonic() + self.bookmark_interval
             try:
                 while not self.stopping:
                     left = deadline - time.monotonic()
@@ -373,6 +390,12 @@ class Api:
                     if item is None:
                         if watcher.closed:
                             return
+                        if bookmarks and time.monotonic() >= next_bookmark:
+                            next_bookmark = time.monotonic() + self.bookmark_interval
+                            mark = bookmark()
+                            if mark:
+                                yield mark
+                                continue
                         yield b""  # lets the transport notice a closed connection
                         continue
                     typ, obj = item

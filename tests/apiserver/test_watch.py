@@ -141,3 +141,25 @@ def test_watch_ends_at_timeout(cluster: Cluster) -> None:
         )
     )
     assert events == []
+
+
+def test_bookmarks_when_allowed(cluster: Cluster) -> None:
+    ns = cluster.new_namespace()
+    core = client.CoreV1Api(cluster.api_client())
+    rv = core.list_namespaced_config_map(ns).metadata.resource_version
+    # Something changes elsewhere, so the store moves past rv without an event for this watch.
+    client.CoreV1Api(cluster.api_client()).create_namespaced_config_map(
+        "default", {"metadata": {"generateName": "x-"}}
+    )
+    url = f"{cluster.server.url}/api/v1/namespaces/{ns}/configmaps?watch=1&allowWatchBookmarks=true"
+    url += f"&resourceVersion={rv}&timeoutSeconds=2"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {cluster.server.token}"})
+    old = cluster.server.api.bookmark_interval
+    cluster.server.api.bookmark_interval = 0.5
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            lines = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    finally:
+        cluster.server.api.bookmark_interval = old
+    assert lines and all(e["type"] == "BOOKMARK" for e in lines)
+    assert int(lines[-1]["object"]["metadata"]["resourceVersion"]) > int(rv)
