@@ -105,9 +105,9 @@ class BpfVip:
 
 def _probe(topo: netns.Topology, cgroup: Path, url: str) -> None:
     """One request through the path, so a broken path fails loudly before measuring."""
-    res = netns.run(["curl", "-sf", "--max-time", "2", url], topo.ns_client, cgroup, timeout=10)
-    if res.returncode != 0 or res.stdout.strip() != "ok":
-        raise RuntimeError(f"probe {url} failed: curl exit {res.returncode} {res.stderr.strip()[:200]}")
+    status, body = netns.http_get(topo.ns_client, url, cgroup=cgroup)
+    if status != 200 or body.strip() != "ok":
+        raise RuntimeError(f"probe {url} failed: {status or ''} {body.strip()[:200]}")
 
 
 def _bpffs_mounted(path: Path) -> bool:

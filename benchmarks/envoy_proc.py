@@ -111,11 +111,10 @@ class EnvoyProcess:
     log: Path
 
     def admin_get(self, path: str) -> str:
-        res = netns.run(["curl", "-sf", "--max-time", "2", f"http://127.0.0.1:{self.admin_port}{path}"],
-                        self.netns, self.cgroup, timeout=10)
-        if res.returncode != 0:
-            raise RuntimeError(f"envoy admin {path}: curl exit {res.returncode}")
-        return res.stdout
+        status, body = netns.http_get(self.netns, f"http://127.0.0.1:{self.admin_port}{path}")
+        if status != 200:
+            raise RuntimeError(f"envoy admin {path}: {status or body}")
+        return body
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

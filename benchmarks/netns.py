@@ -12,10 +12,15 @@ Everything is removed in ``close()``, which is idempotent and also runs on failu
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import http.client
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +51,11 @@ NETNS_SYSCTLS = {
 
 
 def _tune_netns(ns: str) -> None:
+    """Write NETNS_SYSCTLS from inside `ns` (/proc/sys/net is per namespace; no procps needed)."""
     for key, value in NETNS_SYSCTLS.items():
-        proc = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"],
-                              capture_output=True, text=True, timeout=20)
+        path = "/proc/sys/" + key.replace(".", "/")
+        proc = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", 'printf "%s\\n" "$1" > "$2"', "sh",
+                               value, path], capture_output=True, text=True, timeout=20)
         if proc.returncode != 0:
             raise RuntimeError(f"sysctl {key} in netns {ns}: {proc.stderr.strip()}")
 
@@ -213,6 +220,68 @@ def cpu_usage_us(cgroup: Path) -> int:
         if key == "usage_usec":
             return int(value)
     return 0
+
+
+_CLONE_NEWNET = 0x40000000
+
+# Child used when the request must come from a given cgroup (e.g. where our connect programs are
+# attached): `ip netns exec` puts it in the namespace, preexec_fn in the cgroup.
+_HTTP_CHILD = """
+import http.client, sys, urllib.parse
+u = urllib.parse.urlsplit(sys.argv[1])
+try:
+    c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=float(sys.argv[2]))
+    c.request("GET", u.path or "/", headers={"Connection": "close"})
+    r = c.getresponse()
+    sys.stdout.write(f"{r.status}\\n" + r.read().decode(errors="replace"))
+except Exception as e:
+    sys.stdout.write(f"0\\n{type(e).__name__}: {e}")
+"""
+
+
+def _get(url: str, timeout: float) -> tuple[int, str]:
+    u = urllib.parse.urlsplit(url)
+    try:
+        conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=timeout)
+        try:
+            conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                         headers={"Connection": "close"})
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode(errors="replace")
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+
+
+def http_get(ns: str, url: str, timeout: float = 2.0, cgroup: Path | None = None) -> tuple[int, str]:
+    """(status, body) of one GET made inside `ns`; status 0 and the error text when it failed.
+
+    Without `cgroup` the request is made in-process from a thread that setns()es into the
+    namespace (network namespaces are per thread); with `cgroup` it comes from a short-lived
+    child process placed in that cgroup, so cgroup-attached BPF programs see its connect().
+    No curl needed, and no proxy environment variables are honoured.
+    """
+    if cgroup is not None:
+        res = run([sys.executable, "-c", _HTTP_CHILD, url, str(timeout)], ns, cgroup, timeout=timeout + 20)
+        status, _, body = res.stdout.partition("\n")
+        return (int(status) if status.isdigit() else 0), body or res.stderr.strip()
+    box: dict[str, tuple[int, str]] = {}
+
+    def work() -> None:
+        fd = os.open(Path("/run/netns") / ns, os.O_RDONLY)
+        try:
+            if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+                box["r"] = (0, f"setns {ns}: {os.strerror(ctypes.get_errno())}")
+                return
+        finally:
+            os.close(fd)
+        box["r"] = _get(url, timeout)
+
+    thread = threading.Thread(target=work, name=f"netns-{ns}", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    return box.get("r", (0, "timed out"))
 
 
 @contextlib.contextmanager
