@@ -7,6 +7,7 @@ last because it kills the daemon.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -425,8 +426,30 @@ def test_sigterm_keeps_pins_while_daemonset_exists_and_removes_them_after(env: E
         assert r["ok"] == 5, r
     finally:
         apps.delete_namespaced_daemon_set("kmesh", "kmesh-system")
+    # `kmesh-daemon uninstall` removes what the stopped daemon left behind.
+    cmd = [
+        PY,
+        "-m",
+        "daemon",
+        "uninstall",
+        "--cgroup-root",
+        str(env.cgroup),
+        "--bpf-fs",
+        str(env.bpffs),
+        "--pin-prefix",
+        "kmesh",
+    ]
+    r = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **env.daemon_env()}, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert not env.pin_dir.exists()
+    assert env.connect("cli", f"{env.vip}:80", timeout=1)["ok"] == 0
+    bpftool = subprocess.run(["bpftool", "cgroup", "show", str(env.cgroup)], capture_output=True, text=True)
+    assert "connect4" not in bpftool.stdout, bpftool.stdout
     env.start_daemon()
     wait_for(lambda: env.status()["ready"], 60, "daemon ready again")
+    wait_for(lambda: env.connect("cli", f"{env.vip}:80")["ok"] == 1, 30, "translated again")
     assert env.daemon.stop(signal.SIGTERM) == 0
     assert not env.pin_dir.exists()
     assert "uninstall" in env.daemon_log() or "removing pins" in env.daemon_log()
