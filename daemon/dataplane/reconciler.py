@@ -186,6 +186,9 @@ class Reconciler:
         # last rendered input per service / backend: an unchanged input is skipped cheaply
         self._src: dict[str, tuple[Service, tuple[int | None, ...]]] = {}
         self._bsrc: dict[str, Backend] = {}
+        # backend uid -> services whose last rendered input names it (present or not)
+        self._wants: dict[str, set[str]] = defaultdict(set)
+        self._synced = False  # update() before the first sync() after load() does a full sync
 
     def counts(self) -> dict[str, int]:
         """Entries per reconciled map, as the mirror knows them."""
@@ -285,6 +288,27 @@ class Reconciler:
         self._n["backend"] -= 1 if b.value else 0
         self._n["names"] -= 1 if b.name else 0
 
+    def _claim(self, key: bytes, owner: tuple[int, int]) -> None:
+        """Record a frontend key's new owner; a previous owner's mirror forgets it."""
+        prev = self.fe_owner.get(key)
+        if prev is not None and prev != owner:
+            o = self.port_by_id.get(prev[1]) if prev[0] == L.FE_SERVICE else self.back_by_id.get(prev[1])
+            if o is not None:
+                o.fes.pop(key, None)
+        self.fe_owner[key] = owner
+
+    def _forget_src(self, sname: str) -> None:
+        old = self._src.pop(sname, None)
+        if old is None:
+            return
+        for sp in old[0].ports:
+            for e in sp.endpoints:
+                names = self._wants.get(e.backend_uid)
+                if names is not None:
+                    names.discard(sname)
+                    if not names:
+                        del self._wants[e.backend_uid]
+
     # ------------------------------------------------------------ rendering
     @staticmethod
     def _render_backend(b: Backend) -> bytes:
@@ -320,16 +344,22 @@ class Reconciler:
     def sync(self, projection: Projection) -> ReconcileResult:
         if self.dirty:
             self.load()
-        return self._reconcile(projection, set(projection.services) | set(self.svc_ports),
-                               set(projection.backends) | set(self.backs), orphans=True)
+        res = self._reconcile(projection, set(projection.services) | set(self.svc_ports),
+                              set(projection.backends) | set(self.backs), orphans=True)
+        self._synced = True
+        return res
 
     def update(self, projection: Projection, services: Iterable[str], backends: Iterable[str]
                ) -> ReconcileResult:
         if self.dirty:
             self.load()
+        if not self._synced:
+            return self.sync(projection)
         svc_scope = set(services)
         be_scope = set(backends)
-        for uid in be_scope:  # a removed backend: re-render everything that still uses it
+        for uid in be_scope:
+            # a backend appearing, going or changing id: re-render every service that names it
+            svc_scope.update(self._wants.get(uid, ()))
             cur = self.backs.get(uid)
             if cur is not None and uid not in projection.backends:
                 svc_scope.update(self.ports[n].service for n in self.users.get(cur.id, ()) if n in self.ports)
@@ -389,13 +419,27 @@ class Reconciler:
             keep = {fe_key(ip, 0) for ip in ((b.ipv4, b.ipv6) if b else ()) if ip}
             released.update(k for k in cur.fes if k not in keep)
 
+        pass_claims: dict[bytes, tuple[int, int]] = {}  # keys accepted for an owner in this pass
+        claim_names: dict[bytes, str] = {}
+
+        def owner_name(key: bytes) -> str:
+            kind, oid = self.fe_owner.get(key, (0, 0))
+            if kind == L.FE_SERVICE and oid in self.port_by_id:
+                return self.port_by_id[oid].name
+            return self.back_by_id[oid].uid if oid in self.back_by_id else f"#{oid}"
+
         def claimable(key: bytes, me: tuple[int, int]) -> bool:
+            if pass_claims.get(key, me) != me:
+                return False
             owner = self.fe_owner.get(key)
             return owner is None or owner == me or key in released
 
+        def owned(keys: Iterable[bytes], me: tuple[int, int]) -> list[bytes]:
+            return [k for k in keys if self.fe_owner.get(k) == me]
+
         def drop_port(cur: _Port, count_usage: bool = True) -> None:
             new_ports[cur.name] = None
-            plan.p1["frontend"].extend(cur.fes)
+            plan.p1["frontend"].extend(owned(cur.fes, (L.FE_SERVICE, cur.id)))
             if cur.value:
                 plan.p1["service"].append(L.U32.pack(cur.id))
             plan.p1["endpoint"].extend(cur.slots)
@@ -457,6 +501,9 @@ class Reconciler:
                 usage[m] += n
             bid_override[uid] = bid
             new_bsrc[uid] = b
+            for k in fes:
+                pass_claims[k] = (L.FE_BACKEND, bid)
+                claim_names[k] = uid
             if cur is None or cur.value != value:
                 plan.write("backend", L.U32.pack(bid), value)
             if cur is None or cur.name != name:
@@ -465,7 +512,7 @@ class Reconciler:
                 if cur is None or cur.fes.get(k) != v:
                     plan.write("frontend", k, v)
             if cur is not None:
-                plan.p1["frontend"].extend(k for k in cur.fes if k not in fes)
+                plan.p1["frontend"].extend(owned((k for k in cur.fes if k not in fes), (L.FE_BACKEND, bid)))
             new_backs[uid] = _Back(bid, uid, value, fes, name)
 
         # --- services: kept and new ports
@@ -500,9 +547,7 @@ class Reconciler:
                 for vip in svc.vips:
                     k = fe_key(vip, sp.port)
                     if not claimable(k, (L.FE_SERVICE, sid)):
-                        kind, oid = self.fe_owner[k]
-                        other = self.port_by_id[oid].name if kind == L.FE_SERVICE and oid in self.port_by_id \
-                            else self.back_by_id[oid].uid if oid in self.back_by_id else str(oid)
+                        other = claim_names.get(k) or owner_name(k)
                         reason = f"frontend {_fmt_fe(k)} already belongs to {other}"
                         break
                     fes[k] = L.FE_VAL.pack(L.FE_SERVICE, sid)
@@ -533,6 +578,9 @@ class Reconciler:
                 usage[m] += n
             for pname, p, cur in staged:
                 new_ports[pname] = p
+                for k in p.fes:
+                    pass_claims[k] = (L.FE_SERVICE, p.id)
+                    claim_names[k] = pname
                 old_slots = cur.slots if cur else {}
                 for k, v in p.slots.items():
                     if old_slots.get(k) != v:
@@ -545,7 +593,8 @@ class Reconciler:
                     if cur is None or cur.fes.get(k) != v:
                         plan.write("frontend", k, v)
                 if cur is not None:
-                    plan.p1["frontend"].extend(k for k in cur.fes if k not in p.fes)
+                    plan.p1["frontend"].extend(owned((k for k in cur.fes if k not in p.fes),
+                                                     (L.FE_SERVICE, p.id)))
                     plan.p3["endpoint"].extend(k for k in cur.slots if k not in p.slots)
 
         # --- backend removals: only once nothing references them any more
@@ -566,9 +615,18 @@ class Reconciler:
             if cur.name:
                 plan.p3["names"].append(L.NAME_KEY.pack(L.NAME_BACKEND, cur.id))
 
-        # frontend keys re-written in phase 2 need no phase-1 delete
+        # A frontend key re-written in phase 2 needs no phase-1 delete (it switches atomically),
+        # unless its current target disappears in phase 1 (a dropped service port, an orphan).
         rewritten = set(plan.p2["frontend"][0]) if "frontend" in plan.p2 else set()
-        plan.p1["frontend"] = list(dict.fromkeys(k for k in plan.p1["frontend"] if k not in rewritten))
+        dropped_ids = {self.ports[n].id for n, p in new_ports.items() if p is None and n in self.ports}
+
+        def must_delete(k: bytes) -> bool:
+            if k not in rewritten:
+                return True
+            owner = self.fe_owner.get(k)
+            return owner is None or (owner[0] == L.FE_SERVICE and owner[1] in dropped_ids)
+
+        plan.p1["frontend"] = list(dict.fromkeys(k for k in plan.p1["frontend"] if must_delete(k)))
 
         # --- execute
         t1 = time.perf_counter()
@@ -604,7 +662,7 @@ class Reconciler:
             if p is not None:
                 self._add_port(p)
                 for k in p.fes:
-                    self.fe_owner[k] = (L.FE_SERVICE, p.id)
+                    self._claim(k, (L.FE_SERVICE, p.id))
         for uid, b in new_backs.items():
             cur = self.backs.get(uid)
             if cur is not None:
@@ -615,11 +673,16 @@ class Reconciler:
             if b is not None:
                 self._add_back(b)
                 for k in b.fes:
-                    self.fe_owner[k] = (L.FE_BACKEND, b.id)
+                    self._claim(k, (L.FE_BACKEND, b.id))
         for sname, want in wanted_ports.items():
             if not want:
-                self._src.pop(sname, None)
-        self._src.update(new_src)
+                self._forget_src(sname)
+        for sname, sig in new_src.items():
+            self._forget_src(sname)
+            self._src[sname] = sig
+            for sp in sig[0].ports:
+                for e in sp.endpoints:
+                    self._wants[e.backend_uid].add(sname)
         for uid, b in new_backs.items():
             if b is None:
                 self._bsrc.pop(uid, None)
