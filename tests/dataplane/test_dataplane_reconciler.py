@@ -37,7 +37,7 @@ class World:
 
     def check(self) -> None:
         d = self.data
-        for k, v in d["frontend"].items():
+        for v in d["frontend"].values():
             kind, oid = L.FE_VAL.unpack(v)
             if kind == L.FE_SERVICE:
                 assert L.U32.pack(oid) in d["service"], "frontend -> missing service"
