@@ -338,9 +338,9 @@ class Runtime:
         }
         spec_path = sandbox.dir / f"{spec.name}.launch.json"
         spec_path.write_text(json.dumps(launch, indent=1))
+        # One log per container, appended across restarts: the API server serves it for `kubectl logs`
+        # (it has no --previous), so a crash-looping container's last words stay visible.
         log_path = sandbox.dir / "logs" / f"{spec.name}.log"
-        if log_path.exists() and log_path.stat().st_size:
-            log_path.replace(sandbox.dir / "logs" / f"{spec.name}.previous.log")
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "sandbox.kubelet.launch", "run", str(spec_path)],

@@ -212,6 +212,44 @@ spec:
     assert not Path("/run/secrets").exists()  # mounts stay in the pod's mount namespace
 
 
+def test_readiness_probes_run_inside_the_pod_netns(sandbox) -> None:
+    sandbox.apply("""
+apiVersion: v1
+kind: Pod
+metadata: {name: probed, namespace: default, labels: {version: p1}}
+spec:
+  containers:
+  - name: web
+    image: fortio/fortio
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {httpGet: {path: /, port: http}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unready, namespace: default}
+spec:
+  containers:
+  - name: idle
+    image: busybox
+    command: ["sleep", "infinity"]
+    readinessProbe: {tcpSocket: {port: 9999}}
+""")
+
+    def ready(name: str) -> bool:
+        conds = sandbox.get("pod", name)["status"].get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+    sandbox.wait(lambda: ready("probed"), 15, "the HTTP-probed pod Ready")
+    sandbox.wait(lambda: sandbox.get("pod", "unready")["status"].get("phase") == "Running", 15, "running")
+    time_limit = 3
+    for _ in range(time_limit * 5):
+        assert not ready("unready")  # nothing listens on 9999 in that pod's netns
+        import time
+
+        time.sleep(0.2)
+    sandbox.kubectl("delete", "pod", "probed", "unready")
+
+
 def test_down_after_a_crash_leaves_nothing(sandbox) -> None:
     """SIGKILL the supervisor and every component (pods keep running, orphaned), then `down`."""
     import signal
