@@ -18,6 +18,7 @@ attached; the manage map is carried over and the old generation's pins are remov
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -96,34 +97,43 @@ class Dataplane:
         if old:
             # Another generation exists: it may be what is attached now. Carry enrolment over,
             # and attach only once the first sync() has filled the new maps.
-            dp._carry_manage(old)
+            dp._carry_over()
         else:
             dp._attach()
         return dp
 
-    def _carry_manage(self, old: list[Path]) -> None:
-        keys, vals = [], []
-        for gen in old:
-            try:
-                m = MapIO.open_pinned("manage", str(gen / "manage"))
-            except OSError:
-                continue
-            try:
-                if (m.key_size, m.value_size) == (8, 4):
-                    for k, v in m.dump():
-                        keys.append(k)
-                        vals.append(v)
-            finally:
-                m.close()
-        if keys:
-            self._loaded.maps["manage"].update_batch(keys, vals)
+    def _carry_over(self) -> None:
+        """Copy enrolled netns cookies (and, when only the capacity changed, the socket records
+        getpeername needs) from older generations into ours."""
+        same_layout = f"v{layout.LAYOUT_VERSION}-"
+        for name, sizes in (("manage", (8, 4)), ("sock", (8, ctypes.sizeof(layout.SockVal)))):
+            keys, vals = [], []
+            for gen in self._old:
+                if name == "sock" and not gen.name.startswith(same_layout):
+                    continue
+                try:
+                    m = MapIO.open_pinned(name, str(gen / name))
+                except OSError:
+                    continue
+                try:
+                    if (m.key_size, m.value_size) == sizes:
+                        for k, v in m.dump():
+                            keys.append(k)
+                            vals.append(v)
+                finally:
+                    m.close()
+            target = self._loaded.maps[name]
+            if keys:
+                target.update_batch(keys[: target.max_entries], vals[: target.max_entries])
 
     def _attach(self) -> None:
         self._loaded.attach(self._cgroup_fd)
         self.attached = True
-        for gen in self._old:
-            _remove_generation(gen)
-        self._old = []
+        if self._old:
+            self._carry_over()  # control connects the old programs took since open()
+            for gen in self._old:
+                _remove_generation(gen)
+            self._old = []
 
     # ------------------------------------------------------------- reconcile
     def sync(self, projection: Projection) -> ReconcileResult:

@@ -19,7 +19,9 @@ class Capacity:
     endpoints: int = 262144
     backends: int = 131072
     manage: int = 16384
-    sockets: int = 262144  # LRU: socket cookie -> original destination (getpeername, events)
+    # LRU socket cookie -> original destination (getpeername, events); LRU maps are preallocated
+    # (~120 bytes an entry), so this one is sized for live connections, not for the service count
+    sockets: int = 65536
 
     def names(self) -> int:
         """The names table holds one entry per service port and per backend."""

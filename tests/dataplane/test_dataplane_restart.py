@@ -128,12 +128,15 @@ def test_capacity_rejection_then_migration(topology, pin_root, make_cgroup) -> N
         dp2 = Dataplane.open(cg, pins, Capacity())
         assert not dp2.attached and (pins / generation_name(small)).exists()
         assert topology.client("c1", "10.96.1.1:80", n=3, cgroup=cg)["ok"] == 3
+        # enrolled through the old programs while the new generation waits: must not be lost
+        control_connect(topology.ns_path("c2"), True, cgroup=cg)
         res = dp2.sync(proj)
         assert not res.rejected and dp2.attached
         assert sorted(p.name for p in pins.iterdir()) == [generation_name(Capacity())]
         # enrolment was carried over: c1 is translated without a new control connect
         r = topology.client("c1", "10.96.1.3:80", n=5, cgroup=cg)
         assert r["ok"] == 5 and r["peers"] == ["10.96.1.3:80"], r
+        assert topology.client("c2", "10.96.1.3:80", n=2, cgroup=cg)["ok"] == 2
         dp.close()
     finally:
         (dp2 or dp).uninstall()
