@@ -34,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="deleting a pod bound to a node marks it Terminating until its kubelet removes it",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS (CA in STATE_DIR, written into the kubeconfig) so kubectl sends the token",
+    )
+    p.add_argument(
+        "--no-anonymous",
+        action="store_true",
+        help="answer requests without a bearer token with 401 (use with --tls for kubectl)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -55,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             service_cidr=args.service_cidr,
             persist=args.persist,
             graceful_pod_deletion=args.graceful_pod_deletion,
+            tls=args.tls,
+            anonymous=not args.no_anonymous,
         )
         server.start()
     except (OSError, ValueError) as e:  # bind failure, bad CIDR, unreadable state

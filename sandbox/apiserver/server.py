@@ -139,11 +139,21 @@ class _Handler(BaseHTTPRequestHandler):
 def _peer_closed(sock: Any) -> bool:
     import select
     import socket
+    import ssl
 
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
             return False
+        if isinstance(sock, ssl.SSLSocket):
+            # No MSG_PEEK through TLS: a streaming client sends nothing but its close.
+            sock.setblocking(False)
+            try:
+                return sock.recv(1) == b""
+            except (ssl.SSLWantReadError, BlockingIOError):
+                return False
+            finally:
+                sock.setblocking(True)
         return sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
@@ -202,7 +212,9 @@ class ApiServer:
     ``namespace_grace`` seconds before it and its contents go (0: at once); ``persist`` keeps
     the objects in ``state_dir/objects.json`` across restarts (off: every start is a new cluster);
     ``graceful_pod_deletion`` makes deleting a pod bound to a node only mark it (deletionTimestamp)
-    until a kubelet deletes it with gracePeriodSeconds=0 (off: pods are removed at once).
+    until a kubelet deletes it with gracePeriodSeconds=0 (off: pods are removed at once); ``tls``
+    serves HTTPS with a CA kept in ``state_dir`` (written into the kubeconfig) so that kubectl sends
+    the token, and then ``anonymous=False`` makes every unauthenticated request a 401.
     """
 
     def __init__(
@@ -218,6 +230,7 @@ class ApiServer:
         namespace_grace: float = 1.0,
         persist: bool = False,
         graceful_pod_deletion: bool = False,
+        tls: bool = False,
     ) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the sandbox API server listens on loopback only")
@@ -239,6 +252,13 @@ class ApiServer:
             log.info("restored %d objects from %s", restored, self.state_dir)
             self._persister = Persister(self.store, self.state_dir)
         self.api.bootstrap()
+        self.tls = tls
+        self.ca_pem: bytes | None = None
+        self._ssl: Any = None
+        if tls:
+            from .tls import server_context
+
+            self._ssl, self.ca_pem = server_context(self.state_dir)
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -246,7 +266,7 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def set_log_resolver(self, resolver: LogResolver | None) -> None:
         self.api.log_resolver = resolver
@@ -255,6 +275,11 @@ class ApiServer:
         """Bind and serve in a background thread; returns the bound port."""
         handler = type("Handler", (_Handler,), {"api": self.api, "anonymous": self.anonymous})
         self._httpd = _Server((self.host, self.requested_port), handler)
+        if self._ssl is not None:
+            # The handshake happens on the first read, in the connection's own thread.
+            self._httpd.socket = self._ssl.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="apiserver", daemon=True)
         self._thread.start()
@@ -280,7 +305,7 @@ class ApiServer:
     def write_kubeconfig(self, path: Path, context: str = "sandbox") -> Path:
         from .kubeconfig import write_kubeconfig
 
-        return write_kubeconfig(Path(path), self.url, self.token, context)
+        return write_kubeconfig(Path(path), self.url, self.token, context, self.ca_pem)
 
     def __enter__(self) -> ApiServer:
         self.start()
