@@ -40,3 +40,14 @@ def test_disable_stops_translation(dp, topology) -> None:
     assert r["ok"] == 0, r
     control_connect(topology.ns_path("c1"), True, ipv6=True, cgroup=topology.cgroup)
     assert topology.client("c1", f"{VIP4}:80")["ok"] == 1
+
+
+def test_v4_mapped_destination_on_dual_stack_socket(dp, topology) -> None:
+    r = topology.client("c1", f"[::ffff:{VIP4}]:80", n=10)
+    assert r["ok"] == 10 and set(r["counts"]) <= {"s1", "s2", "s3"}, r
+    assert r["peers"] == [f"::ffff:{VIP4}:80"], r
+
+
+def test_direct_pod_access_is_not_rewritten(dp, topology) -> None:
+    r = topology.client("c1", f"{ip4('s2')}:8080", n=5)
+    assert r["counts"] == {"s2": 5} and r["peers"] == [f"{ip4('s2')}:8080"], r

@@ -1,0 +1,45 @@
+"""Dataplane.open refuses unsafe or unusable places before compiling or attaching anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.dataplane import Capacity, Dataplane, control_connect, netns_cookie
+
+CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+def test_refuses_cgroup_v2_root(pin_root: Path) -> None:
+    with pytest.raises(ValueError, match="cgroup v2 root"):
+        Dataplane.open(CGROUP2_ROOT, pin_root / "never")
+    assert not (pin_root / "never").exists()
+
+
+def test_refuses_non_cgroup_dir(pin_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a cgroup"):
+        Dataplane.open(tmp_path, pin_root / "never")
+
+
+def test_refuses_pin_dir_off_bpffs(test_cgroup: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bpf filesystem"):
+        Dataplane.open(test_cgroup, tmp_path / "pins")
+
+
+def test_rejects_bad_capacity(test_cgroup: Path, pin_root: Path) -> None:
+    with pytest.raises(ValueError, match="capacity services"):
+        Dataplane.open(test_cgroup, pin_root / "never", Capacity(services=0))
+
+
+def test_netns_helpers_reject_unknown_netns() -> None:
+    with pytest.raises(ValueError, match="not found"):
+        netns_cookie("kmesh-no-such-netns")
+    with pytest.raises(ValueError, match="not found"):
+        control_connect("kmesh-no-such-netns", True)
+
+
+def test_control_connect_outside_attached_cgroup_raises(topology) -> None:
+    # pytest itself is not in the cgroup with our programs: nothing takes the control connect
+    with pytest.raises(RuntimeError, match="not taken by the data plane"):
+        control_connect(topology.ns_path("c2"), True)
