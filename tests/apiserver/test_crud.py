@@ -524,3 +524,20 @@ def test_cluster_scoped_and_istio_kinds(cluster: Cluster) -> None:
             "items"
         ]
     ] == ["gw"]
+
+
+def test_delete_collection_and_update_dry_run(cluster: Cluster) -> None:
+    ns = cluster.new_namespace()
+    core = client.CoreV1Api(cluster.api_client())
+    for name, tier in [("a", "web"), ("b", "web"), ("c", "db")]:
+        core.create_namespaced_config_map(ns, {"metadata": {"name": name, "labels": {"tier": tier}}})
+    core.delete_collection_namespaced_config_map(ns, label_selector="tier=web", dry_run="All")
+    assert len(core.list_namespaced_config_map(ns).items) == 3
+    core.delete_collection_namespaced_config_map(ns, label_selector="tier=web")
+    assert [c.metadata.name for c in core.list_namespaced_config_map(ns).items] == ["c"]
+
+    cm = core.read_namespaced_config_map("c", ns)
+    cm.data = {"x": "y"}
+    out = core.replace_namespaced_config_map("c", ns, cm, dry_run="All")
+    assert out.data == {"x": "y"}
+    assert core.read_namespaced_config_map("c", ns).data is None
