@@ -140,6 +140,17 @@ def _fmt_addr(ip: str, port: Any) -> str:
     return f"{ip}:{port}"
 
 
+def _addr_key(fe: dict[str, Any]) -> tuple[int, bytes]:
+    import ipaddress
+
+    text = str(fe.get("ip", fe.get("address", "")))
+    try:
+        addr = ipaddress.ip_address(text)
+        return addr.version, addr.packed
+    except ValueError:
+        return 9, text.encode()
+
+
 def render_bpf(bpf: dict[str, Any]) -> str:
     """frontend -> service -> backends with pod names and slots, then the enrolled netns."""
     maps = bpf.get("maps") or {}
@@ -153,7 +164,7 @@ def render_bpf(bpf: dict[str, Any]) -> str:
     lines = ["FRONTEND                 SERVICE / BACKEND (POD) (PRIORITY/SLOT)"]
     width = 24
     frontends = sorted(maps.get("frontends") or [],
-                       key=lambda f: (str(f.get("kind", "")), str(f.get("ip", f.get("address", ""))),
+                       key=lambda f: (f.get("kind", "service") != "service", _addr_key(f),
                                       int(f.get("port", 0) or 0)))
     rows: list[tuple[str, str]] = []
     for fe in frontends:
@@ -189,9 +200,8 @@ def render_bpf(bpf: dict[str, Any]) -> str:
     for pod in sorted(enrolled, key=lambda p: (p.get("namespace", ""), p.get("name", ""))):
         cookie = int(pod.get("netns_cookie", 0))
         shown.add(cookie)
-        state = "" if cookie in cookies or not cookies and not maps.get("manage") else ""
-        if maps.get("manage") is not None and cookie not in cookies:
-            state = "  (MISSING from manage map)"
+        # Enrolled but absent from the kernel's manage map: userspace and datapath diverged.
+        state = "  (MISSING from manage map)" if "manage" in maps and cookie not in cookies else ""
         lines.append(f"{cookie:<23} {pod.get('namespace', '')}/{pod.get('name', '')}{state}")
     for cookie in sorted(cookies - shown):
         lines.append(f"{cookie:<23} (unknown pod)")

@@ -54,7 +54,8 @@ def render_status(entry: dict[str, Any]) -> str:
         top = sorted(maps.items(), key=lambda kv: -float(kv[1].get("ratio", 0)))
         parts = [f"{n} {m.get('entries', 0)}/{m.get('max', 0)} ({float(m.get('ratio', 0)):.1%})"
                  for n, m in top]
-        lines.append(f"  Maps:       {', '.join(parts)}")
+        for i in range(0, len(parts), 3):
+            lines.append(f"  {'Maps:' if i == 0 else '':<12}{', '.join(parts[i:i + 3])}")
     problems = list(st.get("problems") or []) + list(entry.get("extra_problems") or [])
     lines.append(f"  Problems:   {'; '.join(problems) if problems else 'none'}")
     return "\n".join(lines) + "\n"

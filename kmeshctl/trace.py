@@ -39,6 +39,14 @@ def _addr(ip: str, port: Any) -> str:
     return f"[{ip}]:{port}" if ":" in (ip or "") else f"{ip}:{port}"
 
 
+def short_service(name: str) -> str:
+    """``ns/echo.ns.svc.cluster.local`` -> ``ns/echo`` (as hubble names services); others as is."""
+    ns, sep, host = name.partition("/")
+    if sep and host.startswith(f"{host.split('.', 1)[0]}.{ns}.svc."):
+        return f"{ns}/{host.split('.', 1)[0]}"
+    return name
+
+
 def format_event(rec: dict[str, Any]) -> str:
     """One compact line for a trace record (see daemon.events.NameResolver.enrich)."""
     src = rec.get("source") or {}
@@ -50,7 +58,7 @@ def format_event(rec: dict[str, Any]) -> str:
         source = f"netns:{src.get('netns_cookie')}"
     dest = _addr(orig.get("ip", ""), orig.get("port", 0))
     if orig.get("service"):
-        dest += f" ({orig['service']})"
+        dest += f" ({short_service(orig['service'])})"
     verdict = _VERDICTS.get(rec.get("verdict", ""), str(rec.get("verdict", "")).upper())
     kind = rec.get("kind", "")
     line = f"{_stamp(rec.get('time', ''))}: {source} -> {dest}"
