@@ -201,11 +201,12 @@ def _sandbox_daemon(kubeconfig: str | None, context: str | None) -> Daemon | Non
     env_kc = os.environ.get("KUBECONFIG")
     if kubeconfig is None and env_kc and Path(env_kc).expanduser().resolve() != sandbox_kc.resolve():
         return None
-    info = _probe("127.0.0.1", ADMIN_PORT)
+    port = int(os.environ.get("KMESH_SANDBOX_ADMIN_PORT") or ADMIN_PORT)  # tests run beside a sandbox
+    info = _probe("127.0.0.1", port)
     if info is None:
         return None
-    return Daemon(label=info.get("pod") or f"127.0.0.1:{ADMIN_PORT}", node=info.get("node", ""),
-                  host="127.0.0.1", port=ADMIN_PORT)
+    return Daemon(label=info.get("pod") or f"127.0.0.1:{port}", node=info.get("node", ""),
+                  host="127.0.0.1", port=port)
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:

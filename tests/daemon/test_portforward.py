@@ -78,3 +78,36 @@ def test_status_over_portforward_exits_nonzero_when_one_daemon_unhealthy(cluster
         find_daemons(node="node-x", kubeconfig=str(kc))
     with pytest.raises(UsageError, match="pick one with --node"):
         find_one(None, None, str(kc), None, need_node=True)
+
+
+def test_sandbox_is_reached_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox dir with a kubeconfig and a daemon answering on loopback: no API needed."""
+    from kmeshctl.common import KmeshctlError
+    from kmeshctl.daemonlink import find_daemons
+
+    class Cfg:
+        node_name, pod_name = "node-s", "kmesh-sbx"
+
+    server = AdminServer("127.0.0.1", 0, AdminContext(config=Cfg(), xds=Xds(), started=1.0))
+    server.start()
+    try:
+        (tmp_path / "kubeconfig").write_text("{}")
+        monkeypatch.setenv("KMESH_SANDBOX_DIR", str(tmp_path))
+        monkeypatch.setenv("KMESH_SANDBOX_ADMIN_PORT", str(server.server_address[1]))
+        monkeypatch.delenv("KUBECONFIG", raising=False)
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config to fall back to
+        (d,) = find_daemons()
+        assert (d.label, d.node, d.host, d.pod) == ("kmesh-sbx", "node-s", "127.0.0.1", None)
+        assert d.get_json("/version")["pod"] == "kmesh-sbx"
+        # Another cluster named explicitly: the sandbox is not used.
+        other = tmp_path / "other-kubeconfig"
+        other.write_text("{}")
+        with pytest.raises(KmeshctlError, match="invalid kubeconfig"):
+            find_daemons(kubeconfig=str(other))
+        # No daemon answering: not a running sandbox.
+        monkeypatch.setenv("KMESH_SANDBOX_ADMIN_PORT", "1")
+        with pytest.raises(KmeshctlError, match="no kubeconfig"):
+            find_daemons()
+    finally:
+        server.stop()
