@@ -20,6 +20,15 @@ def wants_table(accept: str) -> bool:
     return "as=Table" in accept
 
 
+def _last_seen(obj: dict[str, Any]) -> str:
+    ts = (
+        obj.get("lastTimestamp")
+        or obj.get("eventTime")
+        or (obj.get("metadata") or {}).get("creationTimestamp")
+    )
+    return _age({"metadata": {"creationTimestamp": str(ts)[:19] + "Z" if ts else None}})
+
+
 def _age(obj: dict[str, Any]) -> str:
     ts = (obj.get("metadata") or {}).get("creationTimestamp")
     if not ts:
@@ -82,6 +91,10 @@ def _selector(obj: dict[str, Any]) -> str:
     if "matchLabels" in sel:
         sel = sel["matchLabels"]
     return ",".join(f"{k}={v}" for k, v in sel.items()) or "<none>"
+
+
+def _name(o: dict[str, Any]) -> str:
+    return str((o.get("metadata") or {}).get("name", ""))
 
 
 COLUMNS: dict[str, list[Column]] = {
@@ -173,7 +186,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("Age", "string", _age),
     ],
     "Event": [
-        ("Last Seen", "string", _age),
+        ("Last Seen", "string", _last_seen),
         ("Type", "string", lambda o: o.get("type", "")),
         ("Reason", "string", lambda o: o.get("reason", "")),
         (
@@ -185,6 +198,7 @@ COLUMNS: dict[str, list[Column]] = {
             ),
         ),
         ("Message", "string", lambda o: o.get("message", "")),
+        ("Name", "string", _name),
     ],
 }
 
@@ -195,25 +209,24 @@ WIDE_ONLY = {"IP", "Node", "Selector", "Node Selector"}
 
 def to_table(rt: ResourceType, objs: list[dict[str, Any]], rv: str) -> dict[str, Any]:
     cols = COLUMNS.get(rt.kind, [("Age", "string", _age)])
+    if not any(n == "Name" for n, _, _ in cols):
+        cols = [("Name", "string", _name), *cols]
     defs = [
         {
-            "name": "Name",
-            "type": "string",
-            "format": "name",
-            "description": "Name of the object",
-            "priority": 0,
+            "name": n,
+            "type": t,
+            "format": "name" if n == "Name" else "",
+            "description": n,
+            "priority": 1 if n in WIDE_ONLY or (n == "Name" and i > 0) else 0,
         }
-    ]
-    defs += [
-        {"name": n, "type": t, "format": "", "description": n, "priority": 1 if n in WIDE_ONLY else 0}
-        for n, t, _ in cols
+        for i, (n, t, _) in enumerate(cols)
     ]
     rows = []
     for o in objs:
         meta = o.get("metadata") or {}
         rows.append(
             {
-                "cells": [meta.get("name", "")] + [fn(o) for _, _, fn in cols],
+                "cells": [fn(o) for _, _, fn in cols],
                 "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta},
             }
         )
