@@ -168,10 +168,8 @@ class XdsClient:
     def _channel(self) -> Any:
         import grpc
 
-        opts: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", self.config.max_receive_bytes),
-            ("grpc.keepalive_time_ms", 30000),
-        ]
+        # no client keepalive pings: servers enforce a minimum ping interval (GOAWAY too_many_pings)
+        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", self.config.max_receive_bytes)]
         if self.config.plaintext:
             return grpc.insecure_channel(self.config.address, options=opts)
         if self.config.ca_path is None:

@@ -38,6 +38,7 @@ class PilotProcess:
                "--cluster-id", self.cluster_id, "--revision", self.revision,
                "--tls-port", str(self.tls_port), "--plaintext-port", str(self.plain_port),
                "--state-dir", str(self.state_dir)]
+        offset = self.log.stat().st_size if self.log.exists() else 0
         logf = self.log.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=logf, stdout=subprocess.DEVNULL,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -45,11 +46,13 @@ class PilotProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pilot exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            for line in reversed(self.log.read_text().splitlines()):
+            with self.log.open("rb") as f:
+                f.seek(offset)
+                fresh = f.read().decode(errors="replace")
+            for line in fresh.splitlines():
                 if line.startswith("ready tls="):
                     parts = dict(p.split("=") for p in line.split()[1:])
                     self.tls_port, self.plain_port = int(parts["tls"]), int(parts["plaintext"])
-                    self.log.write_text("")  # next start waits for a fresh ready line
                     return
             time.sleep(0.05)
         raise RuntimeError(f"pilot not ready in {timeout}s: {self.log.read_text()[-2000:]}")
