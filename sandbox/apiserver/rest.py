@@ -553,7 +553,8 @@ class Api:
             meta.pop(k, None)
         obj["apiVersion"] = rt.api_version(version)
         obj["kind"] = rt.kind
-        if rt.kind in STATUS_SUBRESOURCE_KINDS:
+        # Clients cannot create with a status, except a kubelet registering its Node.
+        if rt.kind in STATUS_SUBRESOURCE_KINDS and rt.kind != "Node":
             status = initial_status(rt.kind)
             if status is None:
                 obj.pop("status", None)

@@ -541,3 +541,29 @@ def test_delete_collection_and_update_dry_run(cluster: Cluster) -> None:
     out = core.replace_namespaced_config_map("c", ns, cm, dry_run="All")
     assert out.data == {"x": "y"}
     assert core.read_namespaced_config_map("c", ns).data is None
+
+
+def test_node_registration_keeps_status_and_pod_create_resets_it(cluster: Cluster) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    node = core.create_node(
+        {
+            "metadata": {"name": "node-reg", "labels": {"kubernetes.io/hostname": "node-reg"}},
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            },
+        }
+    )
+    assert node.status.conditions[0].type == "Ready"
+    ns = cluster.new_namespace()
+    pod = core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "p"},
+            "status": {"phase": "Running"},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+        },
+    )
+    assert pod.status.phase == "Pending"
+    assert "node-reg" in cluster.kubectl("get", "nodes").stdout
+    core.delete_node("node-reg")

@@ -239,19 +239,35 @@ def test_logs_from_annotation_and_hook(cluster: Cluster, tmp_path: Path) -> None
 def test_get_tables_wide_all_namespaces_and_watch(cluster: Cluster) -> None:
     ns = cluster.new_namespace("tbl")
     core = client.CoreV1Api(cluster.api_client())
-    core.create_namespaced_pod(ns, {"metadata": {"name": "p", "labels": {"app": "x"}},
-                                    "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]}})
-    core.patch_namespaced_pod_status("p", ns, {"status": {"phase": "Running", "podIP": "10.244.0.5",
-                                                          "containerStatuses": [{"name": "c", "ready": True,
-                                                                                 "restartCount": 2, "image": "i",
-                                                                                 "imageID": "", "state": {}}]}})
+    core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "p", "labels": {"app": "x"}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]},
+        },
+    )
+    core.patch_namespaced_pod_status(
+        "p",
+        ns,
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": "10.244.0.5",
+                "containerStatuses": [
+                    {"name": "c", "ready": True, "restartCount": 2, "image": "i", "imageID": "", "state": {}}
+                ],
+            }
+        },
+    )
     plain = cluster.kubectl("get", "pods", "-n", ns).stdout.splitlines()
     assert plain[0].split() == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
     assert plain[1].split()[:4] == ["p", "1/1", "Running", "2"]
     wide = cluster.kubectl("get", "pods", "-n", ns, "-o", "wide").stdout.splitlines()
     assert wide[0].split()[-2:] == ["IP", "NODE"] and wide[1].split()[-2:] == ["10.244.0.5", "node-1"]
     every = cluster.kubectl("get", "pods", "-A", "-l", "app in (x)", "--show-labels").stdout.splitlines()
-    assert every[0].split()[0] == "NAMESPACE" and every[1].split()[0] == ns and every[1].split()[-1] == "app=x"
+    assert (
+        every[0].split()[0] == "NAMESPACE" and every[1].split()[0] == ns and every[1].split()[-1] == "app=x"
+    )
     # A watch prints the current rows, then changes, until its timeout.
     out = cluster.kubectl("get", "pods", "-n", ns, "-w", "--request-timeout=2s", check=False).stdout
     assert out.splitlines()[0].split()[0] == "NAME" and out.splitlines()[1].split()[0] == "p"
