@@ -208,6 +208,10 @@ def run(spec: dict) -> None:
     os.chdir(spec.get("workdir") or "/")
     argv = spec["argv"]
     env = spec["env"]
+    ready_fd = spec.get("ready_fd")
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok")
+        os.close(ready_fd)
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:

@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
 REPO = Path(__file__).resolve().parents[2]
+LAUNCH_TIMEOUT = 15.0
 
 
 class RuntimeError_(Exception):
@@ -337,17 +339,30 @@ class Runtime:
             "argv": spec.argv, "env": spec.env,
         }
         spec_path = sandbox.dir / f"{spec.name}.launch.json"
-        spec_path.write_text(json.dumps(launch, indent=1))
         # One log per container, appended across restarts: the API server serves it for `kubectl logs`
         # (it has no --previous), so a crash-looping container's last words stay visible.
         log_path = sandbox.dir / "logs" / f"{spec.name}.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "sandbox.kubelet.launch", "run", str(spec_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, cwd="/",
-                env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            )
+        # The launcher writes "ok" on this pipe once the container's namespaces and mounts are in
+        # place, right before exec: only then is the container running (and enterable by exec).
+        ready_r, ready_w = os.pipe()
+        launch["ready_fd"] = ready_w
+        spec_path.write_text(json.dumps(launch, indent=1))
+        try:
+            with open(log_path, "ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "sandbox.kubelet.launch", "run", str(spec_path)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True, pass_fds=(ready_w,), cwd="/",
+                    env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                )
+        finally:
+            os.close(ready_w)
+        try:
+            readable, _, _ = select.select([ready_r], [], [], LAUNCH_TIMEOUT)
+            if readable:
+                os.read(ready_r, 2)  # b"ok", or b"" when the launcher failed (its log says why)
+        finally:
+            os.close(ready_r)
         return Container(name=spec.name, container_id=container_id, process=process,
                          log_path=log_path, cgroup=cgroup, started_at=time.time())
 
