@@ -189,6 +189,7 @@ class Reconciler:
         # backend uid -> services whose last rendered input names it (present or not)
         self._wants: dict[str, set[str]] = defaultdict(set)
         self._synced = False  # update() before the first sync() after load() does a full sync
+        self._held: list[tuple[_IdPool, int]] = []  # orphan ids reserved until their cleanup
 
     def counts(self) -> dict[str, int]:
         """Entries per reconciled map, as the mirror knows them."""
@@ -217,6 +218,7 @@ class Reconciler:
                 if sid in services:
                     self.orphans["service"].append(L.U32.pack(sid))
                 self.orphans["endpoint"].extend(slots.get(sid, {}))
+                self._hold(self.svc_ids, sid)
                 continue
             used_names.add((L.NAME_SERVICE, sid))
             p = _Port(sid, decode_name(nm)[0], parts[0], services.get(sid, b""), slots.get(sid, {}),
@@ -228,18 +230,22 @@ class Reconciler:
             uid = decode_name(nm)[0] if nm else ""
             if not uid or uid in self.backs:
                 self.orphans["backend"].append(L.U32.pack(bid))
+                self._hold(self.be_ids, bid)
                 continue
             used_names.add((L.NAME_BACKEND, bid))
             self._add_back(_Back(bid, uid, val, name=nm or b""))
         for key in names:
             if key not in used_names:
                 self.orphans["names"].append(L.NAME_KEY.pack(*key))
+                self._hold(self.svc_ids if key[0] == L.NAME_SERVICE else self.be_ids, key[1])
         for k, v in fes:
             kind, oid = L.FE_VAL.unpack(v)
             owner = self.port_by_id.get(oid) if kind == L.FE_SERVICE else \
                 self.back_by_id.get(oid) if kind == L.FE_BACKEND else None
             if owner is None:
                 self.orphans["frontend"].append(k)
+                if kind == L.FE_SERVICE:
+                    self._hold(self.svc_ids, oid)
                 continue
             owner.fes[k] = v
             self.fe_owner[k] = (kind, oid)
@@ -287,6 +293,13 @@ class Reconciler:
                 del self.fe_owner[k]
         self._n["backend"] -= 1 if b.value else 0
         self._n["names"] -= 1 if b.name else 0
+
+    def _hold(self, pool: _IdPool, i: int) -> None:
+        """Keep an orphan's id out of circulation until sync() has deleted the orphan: reusing it
+        earlier would let the phase-3 orphan delete hit the new owner's entry."""
+        if i not in pool.used:
+            pool.mark(i)
+            self._held.append((pool, i))
 
     def _claim(self, key: bytes, owner: tuple[int, int]) -> None:
         """Record a frontend key's new owner; a previous owner's mirror forgets it."""
@@ -477,6 +490,11 @@ class Reconciler:
                 continue
             if cur is not None and self._bsrc.get(uid) == b:
                 continue  # unchanged since we last wrote it
+            bad = _bad_backend(b)
+            if bad:
+                res.rejected[f"backend/{uid}"] = bad
+                bid_override[uid] = None if cur is None else cur.id
+                continue
             if cur is None:
                 bid = self.be_ids.take()
                 allocated.append((self.be_ids, bid))
@@ -532,6 +550,10 @@ class Reconciler:
                 need["frontend"] -= len(cur.fes)
                 need["service"] -= 1 if cur.value else 0
                 need["endpoint"] -= len(cur.slots)
+            bad = _bad_service(svc)
+            if bad:
+                res.rejected[sname] = bad
+                continue
             for pname, (svc_, i) in sorted(want.items()):
                 sp = svc_.ports[i]
                 cur = self.ports.get(pname)
@@ -541,7 +563,8 @@ class Reconciler:
                 else:
                     sid = cur.id
                 eps = [(e.backend_uid, e.target_port, e.weight, e.priority, bid)
-                       for e in sp.endpoints if (bid := live_bid(e.backend_uid)) is not None]
+                       for e in sp.endpoints
+                       if 0 < e.target_port < 65536 and (bid := live_bid(e.backend_uid)) is not None]
                 value, slots, bids = self._render_slots(sid, svc.lb_mode, eps)
                 fes: dict[bytes, bytes] = {}
                 for vip in svc.vips:
@@ -653,6 +676,9 @@ class Reconciler:
         # --- commit to the mirror
         if orphans:
             self.orphans = defaultdict(list)
+            for pool, i in self._held:
+                pool.release(i)
+            self._held = []
         for pname, p in new_ports.items():
             cur = self.ports.get(pname)
             if cur is not None:
@@ -689,6 +715,24 @@ class Reconciler:
         self._bsrc.update(new_bsrc)
         res.seconds = time.perf_counter() - t0
         return res
+
+
+def _bad_backend(b: Backend) -> str:
+    if b.ipv4 is not None and len(b.ipv4) != 4:
+        return f"ipv4 must be 4 bytes, got {len(b.ipv4)}"
+    if b.ipv6 is not None and len(b.ipv6) != 16:
+        return f"ipv6 must be 16 bytes, got {len(b.ipv6)}"
+    return ""
+
+
+def _bad_service(svc: Service) -> str:
+    for vip in svc.vips:
+        if len(vip) not in (4, 16):
+            return f"VIP must be 4 or 16 bytes, got {len(vip)}"
+    for sp in svc.ports:
+        if not 0 < sp.port < 65536:
+            return f"service port {sp.port} out of range 1-65535"
+    return ""
 
 
 def _fmt_fe(key: bytes) -> str:

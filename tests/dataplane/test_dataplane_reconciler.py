@@ -34,6 +34,12 @@ class World:
                   "backend": cap.backends, "names": cap.names(), "manage": cap.manage}
         self.maps = {m: FakeMap(self, m, limits[m]) for m in self.data}
         self.ops = 0
+        self.fail_at = -1  # inject an error when ops reaches this count
+
+    def tick(self) -> None:
+        self.ops += 1
+        if self.ops == self.fail_at:
+            raise OSError(errno.EIO, "injected failure")
 
     def check(self) -> None:
         d = self.data
@@ -65,14 +71,14 @@ class FakeMap:
         for k, v in zip(keys, values, strict=True):
             if k not in self.d and len(self.d) >= self.max_entries:
                 raise OSError(errno.E2BIG, f"{self.name} full")
+            self.world.tick()
             self.d[k] = v
-            self.world.ops += 1
             self.world.check()
 
     def delete_batch(self, keys: list[bytes]) -> None:
         for k in keys:
+            self.world.tick()
             self.d.pop(k, None)
-            self.world.ops += 1
             self.world.check()
 
     def dump(self) -> list[tuple[bytes, bytes]]:
@@ -143,9 +149,13 @@ TIGHT = Capacity(frontends=64, services=16, endpoints=48, backends=16, manage=4,
 ROOMY = Capacity(frontends=1000, services=100, endpoints=1000, backends=100, manage=4, sockets=4)
 
 
-@pytest.mark.parametrize(("seed", "cap", "vip_range"),
-                         [(s, TIGHT, 12) for s in range(SEEDS)] + [(s, ROOMY, 200) for s in range(SEEDS)])
-def test_random_changes_keep_invariants_and_converge(seed: int, cap: Capacity, vip_range: int) -> None:
+@pytest.mark.parametrize(("seed", "cap", "vip_range", "failures"),
+                         [(s, TIGHT, 12, False) for s in range(SEEDS)]
+                         + [(s, ROOMY, 200, False) for s in range(SEEDS)]
+                         + [(s, ROOMY, 200, True) for s in range(SEEDS)])
+def test_random_changes_keep_invariants_and_converge(seed: int, cap: Capacity, vip_range: int,
+                                                      failures: bool) -> None:
+    """failures: a syscall fails now and then (the pass raises; the next call must repair)."""
     rng = random.Random(seed)
     world = World(cap)
     rec = Reconciler(world.maps, cap)
@@ -177,10 +187,19 @@ def test_random_changes_keep_invariants_and_converge(seed: int, cap: Capacity, v
             rec = Reconciler(world.maps, cap)  # restart: a new process over the same maps
             rec.load()
         full = rng.random() < 0.3
-        if full:
-            res = rec.sync(proj)
-        else:
-            res = rec.update(proj, changed_s, changed_b)
+        if failures and rng.random() < 0.2:
+            world.fail_at = world.ops + rng.randint(1, 20)
+        try:
+            if full:
+                res = rec.sync(proj)
+            else:
+                res = rec.update(proj, changed_s, changed_b)
+        except OSError as exc:
+            assert "injected" in str(exc)
+            stale = True
+            continue
+        finally:
+            world.fail_at = -1
         rejected = {n for n in res.rejected if not n.startswith("backend/")}
         for name in rejected:
             assert "full" in res.rejected[name] or "already belongs" in res.rejected[name]
@@ -230,3 +249,49 @@ def test_slot_counts() -> None:
     assert slot_counts([4, 2]) == [2, 1]
     assert slot_counts([100, 1]) == [16, 1]
     assert slot_counts([0, 3]) == [1, 3]
+
+
+def test_bad_input_rejected_by_name() -> None:
+    cap = ROOMY
+    world = World(cap)
+    rec = Reconciler(world.maps, cap)
+    bes = {"uid/ok": Backend("uid/ok", "ok", "ns", bytes([10, 0, 0, 1])),
+           "uid/bad": Backend("uid/bad", "bad", "ns", b"\x01\x02")}
+    good = Service("ns/good", (bytes([10, 96, 0, 1]),), (ServicePort(80, (Endpoint("uid/ok", 8080),
+                                                                          Endpoint("uid/ok", 0))),))
+    badvip = Service("ns/badvip", (b"\x01",), (ServicePort(80, (Endpoint("uid/ok", 8080),)),))
+    badport = Service("ns/badport", (bytes([10, 96, 0, 2]),), (ServicePort(70000, ()),))
+    res = rec.sync(Projection({s.name: s for s in (good, badvip, badport)}, bes))
+    assert set(res.rejected) == {"backend/uid/bad", "ns/badvip", "ns/badport"}, res
+    rb = decode(world.maps)
+    assert [(e["backend"], e["target_port"]) for e in rb["endpoints"]] == [("uid/ok", 8080)]
+
+
+def test_write_failure_marks_dirty_and_next_call_repairs() -> None:
+    cap = ROOMY
+    world = World(cap)
+    rec = Reconciler(world.maps, cap)
+    rng = random.Random(7)
+    uids = [f"uid/{p}" for p in PODS]
+    proj = Projection({f"ns/s{i}": rand_service(rng, f"ns/s{i}", uids, 200) for i in range(5)},
+                      {u: rand_backend(rng, u.split("/")[1]) for u in uids})
+    original = FakeMap.update_batch
+    calls = {"n": 0}
+
+    def flaky(self: FakeMap, keys: list[bytes], values: list[bytes]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOMEM, "injected")
+        original(self, keys, values)
+
+    FakeMap.update_batch = flaky  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="injected"):
+            rec.sync(proj)
+    finally:
+        FakeMap.update_batch = original  # type: ignore[method-assign]
+    assert rec.dirty
+    res = rec.sync(proj)
+    assert not res.rejected
+    assert_matches(world, proj, set())
+    assert rec.sync(proj).written == 0
