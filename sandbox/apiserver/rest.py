@@ -13,19 +13,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
 
 from . import discovery, errors, fieldmanager, kinds, patching, protobuf, schema, tables
+from .authn import AuthnEndpoints
 from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults, initial_status
 from .errors import ApiError
 from .kinds import ResourceType
+from .logs import LogEndpoints, LogResolver
+from .model import Request, Response, Target, json_response, truthy
 from .objects import (
-    LOG_PATH_ANNOTATION,
     IpAllocator,
     clone,
     generate_name,
@@ -35,47 +35,17 @@ from .objects import (
 )
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Store
-from .tokens import API_AUDIENCE, TokenIssuer
+from .tokens import TokenIssuer
 from .validation import validate
 
 log = logging.getLogger("sandbox.apiserver")
-LogResolver = Callable[[str, str, str], "str | Path | None"]
 WATCH_DEFAULT_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
-    body: bytes = b""
-    user: str = "system:anonymous"
+class Api(AuthnEndpoints, LogEndpoints):
+    """Routing, discovery and the verbs; token and log endpoints come from the mixins."""
 
-
-@dataclass
-class Response:
-    code: int
-    body: Any = None
-    content_type: str = "application/json"
-    stream: Iterator[bytes] | None = None
-
-
-@dataclass
-class Target:
-    rt: ResourceType
-    version: str
-    namespace: str | None
-    name: str | None
-    sub: str | None
-
-
-def _json(code: int, body: Any) -> Response:
-    return Response(code, body)
-
-
-class Api:
     def __init__(
         self,
         store: Store,
@@ -119,57 +89,27 @@ class Api:
             }
             self._create(svc_rt, "v1", "default", svc, {}, "kube-apiserver")
 
-    def authenticate(self, token: str | None) -> str | None:
-        """Username for a bearer token, or None (-> 401)."""
-        if not token:
-            return None
-        if token == self.admin_token:
-            return "sandbox-admin"
-        claims = self.issuer.verify(token)
-        if claims is None:
-            return None
-        aud = claims.get("aud") or []
-        aud = [aud] if isinstance(aud, str) else aud
-        if API_AUDIENCE not in aud or not self._sa_claims_live(claims):
-            return None
-        return str(claims["sub"])
-
-    def _sa_claims_live(self, claims: dict[str, Any]) -> bool:
-        k8s = claims.get("kubernetes.io") or {}
-        sa = k8s.get("serviceaccount") or {}
-        rt = kinds.by_kind("ServiceAccount")
-        assert rt
-        obj = self.store.get(rt, k8s.get("namespace", ""), sa.get("name", ""))
-        if obj is None or obj["metadata"].get("uid") != sa.get("uid"):
-            return False
-        pod = k8s.get("pod")
-        if pod:
-            prt = kinds.by_kind("Pod")
-            assert prt
-            p = self.store.get(prt, k8s.get("namespace", ""), pod.get("name", ""))
-            if p is None or p["metadata"].get("uid") != pod.get("uid"):
-                return False
-        return True
-
     # ---------------------------------------------------------------- routing
 
     def handle(self, req: Request) -> Response:
         try:
             return self._route(req)
         except ApiError as e:
-            return _json(e.code, e.status())
+            return json_response(e.code, e.status())
         except Exception as e:  # noqa: BLE001 - a bug must still answer with a Status, not a dropped socket
             log.exception("internal error serving %s %s", req.method, req.path)
-            return _json(500, ApiError(500, "InternalError", f"Internal error occurred: {e}").status())
+            return json_response(
+                500, ApiError(500, "InternalError", f"Internal error occurred: {e}").status()
+            )
 
     def _route(self, req: Request) -> Response:
         path = req.path.rstrip("/") or "/"
         if path in ("/healthz", "/livez", "/readyz"):
             return Response(200, "ok", "text/plain")
         if path == "/version":
-            return _json(200, discovery.VERSION)
+            return json_response(200, discovery.VERSION)
         if path == "/.well-known/openid-configuration":
-            return _json(
+            return json_response(
                 200,
                 {
                     "issuer": self.issuer.issuer,
@@ -180,13 +120,13 @@ class Api:
                 },
             )
         if path == "/openid/v1/jwks":
-            return _json(200, self.issuer.jwks())
+            return json_response(200, self.issuer.jwks())
         if path == "/api":
-            return _json(200, discovery.api_versions())
+            return json_response(200, discovery.api_versions())
         if path == "/apis":
-            return _json(200, discovery.api_group_list())
+            return json_response(200, discovery.api_group_list())
         if path == "/openapi/v3":
-            return _json(200, discovery.openapi_v3_root())
+            return json_response(200, discovery.openapi_v3_root())
         if path.startswith("/openapi/v3/"):
             parts = path[len("/openapi/v3/") :].split("/")
             doc = None
@@ -196,7 +136,7 @@ class Api:
                 doc = discovery.openapi_v3_gv(parts[1], parts[2])
             if doc is None:
                 raise errors.path_not_found()
-            return _json(200, doc)
+            return json_response(200, doc)
         segs = [s for s in path.split("/") if s]
         if segs[0] == "api" and len(segs) >= 2:
             group, version, rest = "", segs[1], segs[2:]
@@ -205,7 +145,7 @@ class Api:
                 doc = discovery.api_group(segs[1])
                 if doc is None:
                     raise errors.path_not_found()
-                return _json(200, doc)
+                return json_response(200, doc)
             group, version, rest = segs[1], segs[2], segs[3:]
         else:
             raise errors.path_not_found()
@@ -213,7 +153,7 @@ class Api:
             doc = discovery.resource_list(group, version)
             if doc is None:
                 raise errors.path_not_found()
-            return _json(200, doc)
+            return json_response(200, doc)
         watch_prefix = rest[0] == "watch"
         if watch_prefix:
             rest = rest[1:]
@@ -257,7 +197,7 @@ class Api:
             return self._token_review(req)
         if t.name is None:
             if m == "GET":
-                if _truthy(req.query.get("watch")):
+                if truthy(req.query.get("watch")):
                     return self._watch(req, t)
                 return self._list(req, t)
             if m == "POST":
@@ -266,7 +206,7 @@ class Api:
                 return self._delete_collection(req, t)
             raise errors.method_not_allowed()
         if m == "GET":
-            if _truthy(req.query.get("watch")):
+            if truthy(req.query.get("watch")):
                 return self._watch(req, t)
             return self._get(req, t)
         if m == "PUT":
@@ -287,10 +227,12 @@ class Api:
 
     def _render(self, req: Request, t: Target, obj: dict[str, Any], code: int = 200) -> Response:
         if t.sub == "scale":
-            return _json(code, self._scale_of(t, obj))
+            return json_response(code, self._scale_of(t, obj))
         if tables.wants_table(req.headers.get("accept", "")):
-            return _json(code, tables.to_table(t.rt, [self._out(t, obj)], str(self.store.resource_version)))
-        return _json(code, self._out(t, obj))
+            return json_response(
+                code, tables.to_table(t.rt, [self._out(t, obj)], str(self.store.resource_version))
+            )
+        return json_response(code, self._out(t, obj))
 
     def _ns(self, t: Target) -> str:
         return t.namespace or ""
@@ -332,8 +274,8 @@ class Api:
         if tables.wants_table(req.headers.get("accept", "")):
             table = tables.to_table(t.rt, [self._out(t, o) for o in items], str(rv))
             table["metadata"].update(meta)
-            return _json(200, table)
-        return _json(
+            return json_response(200, table)
+        return json_response(
             200,
             {
                 "kind": f"{t.rt.kind}List",
@@ -363,7 +305,7 @@ class Api:
             body = json.dumps({"type": "ERROR", "object": e.status()}).encode() + b"\n"
             return Response(200, None, "application/json", iter([body]))
 
-        bookmarks = _truthy(req.query.get("allowWatchBookmarks")) and not table
+        bookmarks = truthy(req.query.get("allowWatchBookmarks")) and not table
 
         def bookmark() -> bytes | None:
             """A BOOKMARK at the store's version, only when nothing is queued for this watcher."""
@@ -769,7 +711,7 @@ class Api:
                 )
             meta["namespace"] = t.namespace
         schema.check(t.rt, config, req.query.get("fieldValidation") == "Strict")
-        force = _truthy(req.query.get("force"))
+        force = truthy(req.query.get("force"))
         sub = "status" if t.sub == "status" else ""
         api_version = t.rt.api_version(t.version)
         with self.store.lock:
@@ -824,7 +766,7 @@ class Api:
                 new["metadata"]["resourceVersion"] = rv
             main = Target(t.rt, t.version, t.namespace, t.name, None)
             obj = self._update(req, main, new)
-        return _json(200, self._scale_of(t, obj))
+        return json_response(200, self._scale_of(t, obj))
 
     # ---------------------------------------------------------------- delete
 
@@ -985,7 +927,7 @@ class Api:
                         ),
                     )
                 )
-        return _json(
+        return json_response(
             200,
             {
                 "kind": f"{t.rt.kind}List",
@@ -994,180 +936,6 @@ class Api:
                 "items": out,
             },
         )
-
-    # ---------------------------------------------------------------- tokens
-
-    def _token_request(self, req: Request, t: Target) -> Response:
-        body = self._decode(req)
-        if not isinstance(body, dict):
-            raise errors.bad_request("invalid TokenRequest")
-        sa = self._require(t)
-        spec = body.get("spec") or {}
-        audiences = spec.get("audiences") or [API_AUDIENCE]
-        expiration = int(spec.get("expirationSeconds") or 3600)
-        tr_rt = kinds.ResourceType("authentication.k8s.io", ("v1",), "TokenRequest", "tokenrequests", True)
-        if expiration < 600:
-            raise errors.invalid(
-                tr_rt,
-                t.name or "",
-                [
-                    (
-                        "spec.expirationSeconds",
-                        "FieldValueInvalid",
-                        "Invalid value: may not specify a duration less than 10 minutes",
-                    )
-                ],
-            )
-        bound = spec.get("boundObjectRef")
-        if bound:
-            brt = kinds.by_kind(bound.get("kind", ""))
-            target = self.store.get(brt, t.namespace or "", bound.get("name", "")) if brt else None
-            if target is None or (bound.get("uid") and bound["uid"] != target["metadata"]["uid"]):
-                raise errors.not_found(brt or tr_rt, bound.get("name", ""))
-            bound = {"kind": bound.get("kind"), "name": bound.get("name"), "uid": target["metadata"]["uid"]}
-        token, exp = self.issuer.issue(
-            t.namespace or "", t.name or "", sa["metadata"]["uid"], audiences, expiration, bound
-        )
-        exp_ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
-        out = {
-            "kind": "TokenRequest",
-            "apiVersion": "authentication.k8s.io/v1",
-            "metadata": {"name": t.name, "namespace": t.namespace, "creationTimestamp": None},
-            "spec": {
-                "audiences": audiences,
-                "expirationSeconds": expiration,
-                "boundObjectRef": spec.get("boundObjectRef"),
-            },
-            "status": {"token": token, "expirationTimestamp": exp_ts},
-        }
-        return _json(201, out)
-
-    def _token_review(self, req: Request) -> Response:
-        body = self._decode(req)
-        if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
-            raise errors.bad_request("invalid TokenReview")
-        spec = body["spec"]
-        token = spec.get("token") or ""
-        wanted = spec.get("audiences") or [API_AUDIENCE]
-        status: dict[str, Any] = {"user": {}}
-        if token == self.admin_token:
-            status.update(
-                authenticated=True,
-                audiences=wanted,
-                user={"username": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]},
-            )
-        else:
-            claims = self.issuer.verify(token)
-            aud = (claims or {}).get("aud") or []
-            aud = [aud] if isinstance(aud, str) else aud
-            matched = [a for a in wanted if a in aud]
-            if claims is None:
-                status.update(authenticated=False, error="invalid bearer token, token could not be validated")
-            elif not matched:
-                status.update(
-                    authenticated=False,
-                    error="invalid bearer token, token audiences "
-                    f"{json.dumps(aud)} is invalid for the target audiences {json.dumps(wanted)}",
-                )
-            elif not self._sa_claims_live(claims):
-                status.update(
-                    authenticated=False,
-                    error="invalid bearer token, service account or bound object no longer exists",
-                )
-            else:
-                k8s = claims.get("kubernetes.io") or {}
-                extra: dict[str, list[str]] = {}
-                if k8s.get("pod"):
-                    extra["authentication.kubernetes.io/pod-name"] = [k8s["pod"]["name"]]
-                    extra["authentication.kubernetes.io/pod-uid"] = [k8s["pod"]["uid"]]
-                status.update(
-                    authenticated=True,
-                    audiences=matched,
-                    user={
-                        "username": claims["sub"],
-                        "uid": (k8s.get("serviceaccount") or {}).get("uid", ""),
-                        "groups": [
-                            "system:serviceaccounts",
-                            f"system:serviceaccounts:{k8s.get('namespace', '')}",
-                            "system:authenticated",
-                        ],
-                        **({"extra": extra} if extra else {}),
-                    },
-                )
-        out = {
-            "kind": "TokenReview",
-            "apiVersion": "authentication.k8s.io/v1",
-            "metadata": {"creationTimestamp": None},
-            "spec": spec,
-            "status": status,
-        }
-        return _json(201, out)
-
-    # ---------------------------------------------------------------- logs
-
-    def _log(self, req: Request, t: Target) -> Response:
-        pod = self._require(t)
-        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
-        containers += [c.get("name") for c in (pod.get("spec") or {}).get("initContainers") or []]
-        container = req.query.get("container") or ""
-        if container and container not in containers:
-            raise errors.bad_request(f"container {container} is not valid for pod {t.name}")
-        if not container:
-            if len(containers) > 1:
-                raise errors.bad_request(
-                    f"a container name must be specified for pod {t.name}, choose one of: "
-                    f"[{' '.join(str(c) for c in containers)}]"
-                )
-            container = containers[0] if containers else ""
-        path: str | Path | None = None
-        if self.log_resolver is not None:
-            path = self.log_resolver(t.namespace or "", t.name or "", container)
-        if path is None:
-            ann = pod["metadata"].get("annotations") or {}
-            path = ann.get(f"{LOG_PATH_ANNOTATION}.{container}") or ann.get(LOG_PATH_ANNOTATION)
-        data = b""
-        if path:
-            try:
-                data = Path(path).read_bytes()
-            except OSError:
-                data = b""
-        tail = req.query.get("tailLines")
-        if tail is not None and tail.lstrip("-").isdigit():
-            n = int(tail)
-            lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-n:]) if n > 0 else b""
-        limit = req.query.get("limitBytes")
-        if limit and limit.isdigit():
-            data = data[: int(limit)]
-        if _truthy(req.query.get("follow")) and path:
-            return Response(200, None, "text/plain", self._follow(t, Path(path), data))
-        return Response(200, data, "text/plain")
-
-    def _follow(self, t: Target, path: Path, first: bytes) -> Iterator[bytes]:
-        """Stream the log file as it grows until the pod is deleted or the client goes away."""
-        yield first
-        try:
-            offset = path.stat().st_size
-        except OSError:
-            offset = len(first)
-        while not self.stopping and self.store.get(t.rt, t.namespace or "", t.name or "") is not None:
-            try:
-                size = path.stat().st_size
-                if size > offset:
-                    with path.open("rb") as f:
-                        f.seek(offset)
-                        chunk = f.read(size - offset)
-                    offset = size
-                    yield chunk
-                    continue
-            except OSError:
-                pass
-            time.sleep(0.2)
-            yield b""
-
-
-def _truthy(v: str | None) -> bool:
-    return (v or "").lower() in ("1", "true", "yes")
 
 
 def _spec_of(obj: dict[str, Any]) -> Any:
