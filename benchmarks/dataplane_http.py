@@ -118,7 +118,7 @@ def _bpffs_mounted(path: Path) -> bool:
     return False
 
 
-def _pin_dir(settings: Settings, workdir: Path, stack: ExitStack) -> Path:
+def _pin_dir(settings: Settings, workdir: Path, stack: ExitStack, topo: netns.Topology) -> Path:
     """Where our maps are pinned: /sys/fs/bpf/<prefix>-bench when /sys/fs/bpf is a bpffs,
     else a private bpffs mounted for this run under `workdir` (unmounted on exit)."""
     sys_bpf = Path("/sys/fs/bpf")
@@ -129,6 +129,7 @@ def _pin_dir(settings: Settings, workdir: Path, stack: ExitStack) -> Path:
     proc = subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], capture_output=True, text=True, timeout=20)
     if proc.returncode != 0:
         raise RuntimeError(f"cannot mount a bpf filesystem at {mnt}: {proc.stderr.strip()}")
+    topo.add_mount(mnt)
     stack.callback(lambda: subprocess.run(["umount", str(mnt)], capture_output=True, timeout=20))
     return mnt / f"{settings.prefix}-bench"
 
@@ -143,6 +144,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
         topo = netns.Topology(settings.prefix, settings.cgroup_parent)
         stack.callback(topo.close)
         topo.open()
+        topo.add_scratch_dir(workdir)
         nginx = nginx_proc.find_nginx() if settings.backend in ("auto", "nginx") else None
         if settings.backend == "nginx" and nginx is None:
             raise RuntimeError("nginx not found: apt-get download nginx && dpkg -x nginx_*.deb .build/nginx")
@@ -175,7 +177,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
             targets["envoy_proxy"] = (f"http://127.0.0.1:{PROXY_PORT}/", topo.plain_cgroup)
         if "bpf_vip" in settings.modes:
             try:
-                pin_dir = _pin_dir(settings, workdir, stack)
+                pin_dir = _pin_dir(settings, workdir, stack, topo)
                 bpf = BpfVip(topo, pin_dir)
                 stack.callback(bpf.close)
                 targets["bpf_vip"] = (f"http://{VIP}:{VIP_PORT}/", topo.mesh_cgroup)
@@ -225,6 +227,8 @@ def _summarise(results: list[WrkResult]) -> dict:
 def run(settings: Settings | None = None, progress: Callable[[str], None] = _log) -> dict:
     """Measure every mode; returns {"dataplane": {...}, "dataplane_keepalive": {...}, "meta": {...}}."""
     settings = settings or Settings()
+    for prefix in netns.reap_stale():
+        progress(f"cleaned up after an earlier run that was killed: {prefix}")
     t0 = time.monotonic()
     load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="kmesh-bench-") as tmp, _bench_env(settings, Path(tmp)) as env:

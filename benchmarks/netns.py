@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CGROUP2_ROOT = Path(os.environ.get("KMESH_CGROUP2_ROOT", "/sys/fs/cgroup/unified"))
+
+OWNER_DIR = Path(os.environ.get("KMESH_BENCH_RUN_DIR", "/run/kmesh-bench"))
 
 SUBNET_PREFIX = "10.250.0."
 CLIENT_IP = SUBNET_PREFIX + "2"
@@ -133,6 +137,7 @@ class Topology:
             raise ValueError(f"{self.cgroup_parent} is not inside the cgroup v2 hierarchy {CGROUP2_ROOT}")
         # Programs go to <parent>/kmesh-bench-<prefix>/mesh: never the cgroup v2 root itself.
         try:
+            self._write_owner()
             self.cgroup.mkdir()
             for child in (self.mesh_cgroup, self.plain_cgroup, self.proxy_cgroup, self.server_cgroup):
                 child.mkdir()
@@ -155,18 +160,88 @@ class Topology:
         return self
 
     def close(self) -> None:
-        """Remove namespaces and cgroups (killing our processes left in them). Idempotent."""
+        """Remove namespaces, cgroups (killing our processes left in them) and mounts registered
+        with add_mount(). Idempotent."""
         _kill_cgroup(self.cgroup)
         for ns in (self.ns_client, self.ns_server, self.ns_bridge):
             if (Path("/run/netns") / ns).exists():
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         self._created_ns.clear()
+        for mnt in self._owner().get("mounts", []):
+            if _is_mountpoint(mnt):
+                subprocess.run(["umount", mnt], capture_output=True, timeout=20)
+        self._owner_file().unlink(missing_ok=True)
+
+    # An owner record per run, so that a run killed with SIGKILL (no finally) is cleaned up by
+    # the next one: see reap_stale().
+    def _owner_file(self) -> Path:
+        return OWNER_DIR / f"{self.prefix}.json"
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self._owner_file().read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_owner(self, mounts: list[str] | None = None, dirs: list[str] | None = None) -> None:
+        OWNER_DIR.mkdir(parents=True, exist_ok=True)
+        record = {"pid": os.getpid(), "start": _proc_start(os.getpid()), "prefix": self.prefix,
+                  "cgroup_parent": str(self.cgroup_parent), "mounts": mounts or [], "dirs": dirs or []}
+        tmp = self._owner_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self._owner_file())
+
+    def add_mount(self, path: Path) -> None:
+        """Remember a mount made for this run, so close() (or a later reap_stale()) unmounts it."""
+        owner = self._owner()
+        self._write_owner([*owner.get("mounts", []), str(path)], owner.get("dirs", []))
+
+    def add_scratch_dir(self, path: Path) -> None:
+        """Remember this run's scratch directory (its owner removes it; reap_stale() does if killed)."""
+        owner = self._owner()
+        self._write_owner(owner.get("mounts", []), [*owner.get("dirs", []), str(path)])
 
     def __enter__(self) -> Topology:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_mountpoint(path: str) -> bool:
+    try:
+        return any(line.split()[1] == path for line in Path("/proc/self/mounts").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def _proc_start(pid: int) -> str:
+    """Start time of a live process (field 22 of /proc/<pid>/stat), "" when it is gone or a
+    zombie: tells a live owner from a dead one whose pid was reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def reap_stale() -> list[str]:
+    """Clean up after benchmark runs whose process is gone (killed without cleanup); returns
+    their prefixes. Runs still alive (another benchmark at the same time) are left alone."""
+    reaped: list[str] = []
+    for record_file in sorted(OWNER_DIR.glob("*.json")) if OWNER_DIR.is_dir() else []:
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError):
+            continue
+        pid, start = int(record.get("pid", 0)), str(record.get("start", ""))
+        if pid > 0 and _proc_start(pid) == start and start:
+            continue  # its owner still runs
+        Topology(record["prefix"], Path(record["cgroup_parent"])).close()
+        for leftover in record.get("dirs", []):
+            shutil.rmtree(leftover, ignore_errors=True)
+        reaped.append(record["prefix"])
+    return reaped
 
 
 def _enter_cgroup(cgroup: Path) -> None:

@@ -153,3 +153,39 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
     if out["meta"]["pin_dir"]:
         assert not Path(out["meta"]["pin_dir"]).exists()
     assert f"{prefix}-bench" not in Path("/proc/self/mounts").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, cgroups)")
+def test_reap_stale_cleans_up_after_a_killed_run(test_cgroup: Path, run_prefix: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from benchmarks import netns
+
+    prefix = run_prefix + "k"
+    child = ("import sys, time; from pathlib import Path; from benchmarks import netns\n"
+             "t = netns.Topology(sys.argv[1], Path(sys.argv[2])).open()\n"
+             "print('up', flush=True); time.sleep(60)\n")
+    env = {**os.environ, "KMESH_BENCH_RUN_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", child, prefix, str(test_cgroup)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        live = netns.Topology(prefix, test_cgroup)
+        monkeypatch.setattr(netns, "OWNER_DIR", tmp_path)
+        assert netns.reap_stale() == []  # owner alive: left alone
+        assert Path("/run/netns", live.ns_client).exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert netns.reap_stale() == [prefix]
+        assert not any(Path("/run/netns").glob(f"{prefix}-*"))
+        assert not live.cgroup.exists()
+        assert not list(tmp_path.glob("*.json"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        netns.Topology(prefix, test_cgroup).close()
