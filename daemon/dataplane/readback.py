@@ -75,8 +75,24 @@ def decode(maps: Mapping[str, MapLike]) -> dict:
             "manage": manage}
 
 
-def read_pins(gen_dir: Path) -> dict:
-    """decode() straight from a pin directory, without compiling or attaching anything."""
+def find_generation(pin_dir: Path) -> Path:
+    """The map generation under pin_dir (pin_dir itself if it already is one).
+
+    With several (a migration in progress), the most recently created one that has a layout
+    version recorded wins: that is the one the next sync attaches."""
+    pin_dir = Path(pin_dir)
+    if (pin_dir / "frontend").exists():
+        return pin_dir
+    gens = sorted((d for d in pin_dir.iterdir() if d.is_dir() and (d / "layout").exists()),
+                  key=lambda d: d.stat().st_mtime) if pin_dir.is_dir() else []
+    if not gens:
+        raise FileNotFoundError(f"no kmesh map generation under {pin_dir}")
+    return gens[-1]
+
+
+def read_pins(pin_dir: Path) -> dict:
+    """decode() straight from pins (a pin_dir or one generation), without compiling anything."""
+    gen_dir = find_generation(pin_dir)
     maps = {name: MapIO.open_pinned(name, str(gen_dir / name)) for name in
             ("frontend", "service", "endpoint", "backend", "manage", "names")}
     try:

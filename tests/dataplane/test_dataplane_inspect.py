@@ -55,6 +55,7 @@ def test_raw_maps_agree_with_bpftool(dp) -> None:
 def test_read_back_decodes_names_from_pins_alone(dp, topology) -> None:
     rb = dp.read_back()
     assert rb == read_pins(dp.gen_dir)  # a fresh reader with no in-memory state agrees
+    assert rb == read_pins(dp.pin_dir)
     svc = {(s["name"], s["port"]) for s in rb["services"]}
     assert ("default/web", 80) in svc
     fes = {(f["address"], f["port"]): f for f in rb["frontends"]}
