@@ -80,10 +80,11 @@ def _annotations(h) -> dict[str, str | None]:
             for p in h.get("pods", "-n", "default")["items"]}
 
 
-def _curl_loop(h, n: int = 20, timeout: float = 1) -> list[str]:
+def _curl_loop(h, n: int = 20, timeout: float = 1, pause: float = 0) -> list[str]:
     ip = h.get("service", "fortio")["spec"]["clusterIP"]
-    loop = f"for i in $(seq 1 {n}); do curl -s -m {timeout} -I http://{ip}/ | grep -i '^Server:'; done"
-    r = h.kmeshctl("sandbox", "exec", "netutils", "--", "sh", "-c", loop, timeout=n * timeout + 20)
+    loop = (f"for i in $(seq 1 {n}); do curl -s -m {timeout} -I http://{ip}/ | grep -i '^Server:'; "
+            f"sleep {pause}; done")
+    r = h.kmeshctl("sandbox", "exec", "netutils", "--", "sh", "-c", loop, timeout=n * (timeout + pause) + 20)
     return [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("Server:")]
 
 
@@ -134,8 +135,9 @@ def test_crashed_daemon_restarted_connections_never_fail(walk) -> None:
     pid = info["containers"]["kmesh"]["pid"]
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    servers = _curl_loop(walk, 30)  # runs while the daemon is down and restarting
-    assert len(servers) == 30, f"{len(servers)}/30 answered after the daemon was killed"
+    # ~6 s of requests: while the daemon is dead, in back-off, starting and reconnecting to xDS.
+    servers = _curl_loop(walk, 60, pause=0.1)
+    assert len(servers) == 60, f"{len(servers)}/60 answered after the daemon was killed"
 
     def restarted() -> bool:
         p = walk.get("pod", "-n", "kmesh-system", pod["metadata"]["name"])
