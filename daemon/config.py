@@ -39,6 +39,7 @@ class DaemonConfig:
     enable_bypass: bool = False
     enable_bpf_log: bool = True
     cgroup_root: Path = Path("/mnt/kmesh_cgroup2")
+    allow_node_root: bool = False  # --i-know-this-is-the-node-root: node-wide attach on purpose
     pin_dir: Path = BPF_FS / "kmesh"
     proc_root: Path = Path("/proc")
     admin_host: str = "127.0.0.1"
@@ -215,6 +216,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     if cfg.command == "version":
         return cfg
     cfg.cgroup_root = validate_cgroup_root(ns.cgroup_root, ns.i_know_this_is_the_node_root)
+    cfg.allow_node_root = ns.i_know_this_is_the_node_root
     if cfg.command == "run":
         if not cfg.proc_root.is_dir():
             raise ConfigError(f"--proc-root {cfg.proc_root}: not a directory")

@@ -166,6 +166,9 @@ class NameResolver:
             for vip in s.vips:
                 vips[str(ipaddress.ip_address(vip))] = name
         self._by_ip, self._by_pod, self._vips = by_ip, by_pod, vips
+        workloads = getattr(self._state, "workloads", {})
+        for uid in [u for u in self._details if u not in workloads]:  # churned pods: drop their names
+            self._details.pop(uid, None)
 
     def workload_uid(self, ip: str = "", namespace: str = "", name: str = "") -> str:
         with self._lock:

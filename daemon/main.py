@@ -112,6 +112,17 @@ def daemonset_still_exists(api: Any, cfg: DaemonConfig) -> bool | None:
     return False
 
 
+def _open_dataplane(dataplane_cls: Any, cfg: DaemonConfig) -> Any:
+    """Dataplane.open; a cgroup v2 root (in-cluster /mnt/kmesh_cgroup2) only when the operator said
+    so with --i-know-this-is-the-node-root and the data plane supports it (``allow_root``)."""
+    import inspect
+
+    kwargs: dict[str, Any] = {}
+    if cfg.allow_node_root and "allow_root" in inspect.signature(dataplane_cls.open).parameters:
+        kwargs["allow_root"] = True
+    return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, **kwargs)
+
+
 class Daemon:
     """Owns every component and their start/stop order."""
 
@@ -159,7 +170,7 @@ class Daemon:
         from daemon.dataplane import Dataplane
 
         t0 = time.monotonic()
-        self.dataplane = Dataplane.open(cfg.cgroup_root, cfg.pin_dir)
+        self.dataplane = _open_dataplane(Dataplane, cfg)
         self.ctx.dataplane = self.dataplane
         self.metrics_source.pressure = self.dataplane.map_pressure
         log.info("data plane loaded", extra={"cgroup": str(cfg.cgroup_root), "pin_dir": str(cfg.pin_dir),
@@ -290,7 +301,7 @@ def uninstall(cfg: DaemonConfig) -> int:
     if callable(fn):
         fn(cfg.cgroup_root, cfg.pin_dir)
     else:
-        dp.Dataplane.open(cfg.cgroup_root, cfg.pin_dir).uninstall()
+        _open_dataplane(dp.Dataplane, cfg).uninstall()
     log.info("uninstalled", extra={"pin_dir": str(cfg.pin_dir), "cgroup": str(cfg.cgroup_root)})
     return 0
 
