@@ -148,6 +148,14 @@ def flatten(data: object, prefix: str = "", depth: int = 3) -> list[tuple[str, o
     return rows
 
 
+def busy(loadavg: object, cores: object) -> bool:
+    """True when the 1-minute load average before the run exceeds half the cores."""
+    try:
+        return float(str(loadavg).split()[0]) > 0.5 * int(cores)  # type: ignore[call-overload]
+    except (ValueError, IndexError, TypeError):
+        return False
+
+
 def _detail(doc: dict, section: str, mode: str, key: str) -> object:
     return lookup(doc, f"details.dataplane_http.{section}.{mode}.{key}")
 
@@ -163,6 +171,10 @@ def markdown(doc: dict) -> str:
         "",
     ]
     meta = (doc.get("details", {}).get("dataplane_http") or {}).get("meta") or {}
+    if busy(meta.get("loadavg_before"), m.get("cores")):
+        lines += [f"**Measured on a busy machine** (load average {meta['loadavg_before']} on "
+                  f"{m['cores']} cores before the data-plane run): latency figures are noisy; rerun on an "
+                  "idle machine.", ""]
     if meta:
         lines += [f"HTTP: {meta.get('client')}; backend {meta.get('backend')}; proxy {meta.get('proxy')}; "
                   f"{meta.get('rounds')} interleaved rounds x {meta.get('duration_s')} s per mode, median "

@@ -189,3 +189,8 @@ def test_reap_stale_cleans_up_after_a_killed_run(test_cgroup: Path, run_prefix: 
             proc.kill()
             proc.wait(timeout=10)
         netns.Topology(prefix, test_cgroup).close()
+
+
+def test_busy_machine_flag() -> None:
+    assert report.busy("3.50 2.00 1.00", 2) and not report.busy("0.40 0.3 0.2", 2)
+    assert not report.busy(None, 2) and not report.busy("", 2)
