@@ -132,6 +132,17 @@ def _malloc_trim() -> None:
         pass
 
 
+def _cleanup(prefix: str, cgroup: Path) -> None:
+    """Remove what _open_dataplane made: the private bpffs mount point and the bench cgroup."""
+    pins = Path(f"/tmp/{prefix}-bpffs")
+    subprocess.run(["umount", str(pins)], capture_output=True)
+    for path in (cgroup, pins):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
 def _open_dataplane(prefix: str) -> tuple[Any, Any]:
     """The real Dataplane in a dedicated child cgroup, or NullDataplane with the reason."""
     try:
@@ -152,7 +163,11 @@ def _open_dataplane(prefix: str) -> tuple[Any, Any]:
     subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
     cgroup = CGROUP2_ROOT / f"kmesh-bench-{prefix}"
     cgroup.mkdir(exist_ok=True)
-    dp = Dataplane.open(cgroup, pins / "kmesh")
+    try:
+        dp = Dataplane.open(cgroup, pins / "kmesh")
+    except BaseException:
+        _cleanup(prefix, cgroup)
+        raise
     _malloc_trim()  # return the compiler's freed heap (bcc/LLVM) to the OS, as the daemon should
     dp.kind = "bpf"
     return dp, cgroup
@@ -198,13 +213,7 @@ def daemon_main(address: str, prefix: str) -> int:
         sync.stop()
         if cgroup is not None:
             dp.uninstall()
-            pins = Path(f"/tmp/{prefix}-bpffs")
-            subprocess.run(["umount", str(pins)], capture_output=True)
-            for path in (cgroup, pins):
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
+            _cleanup(prefix, cgroup)
         else:
             dp.close()
     return 0
