@@ -243,8 +243,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             cookie = pod.netns_cookie
             match = _CookieMatch(cookie)
-        timeout = float(query.get("timeout", "0") or 0)
-        limit = int(query.get("count", "0") or 0)
+        try:
+            timeout = float(query.get("timeout", "0") or 0)
+            limit = int(query.get("count", "0") or 0)
+        except ValueError:
+            self._error(400, "count must be an integer and timeout a number of seconds")
+            return
         sub = ctx.hub.subscribe(match)
         try:
             self.send_response(200)

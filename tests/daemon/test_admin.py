@@ -140,6 +140,7 @@ def test_trace_stream_filters_by_pod(admin) -> None:
     code, body = get(server, "/debug/trace?pod=default/other")
     assert code == 404 and b"not enrolled" in body
     assert get(server, "/debug/trace?pod=bad")[0] == 400
+    assert get(server, "/debug/trace?pod=default/netutils&count=x")[0] == 400
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
     conn.request("GET", "/debug/trace?pod=default/netutils&count=2&timeout=5")
     resp = conn.getresponse()
