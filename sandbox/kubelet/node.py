@@ -40,6 +40,7 @@ log = logging.getLogger("sandbox.kubelet")
 NODE_IP = "127.0.0.1"  # hostNetwork pods and the node itself: nothing addresses the machine's NICs
 LOG_PATH_ANNOTATION = "sandbox.kmesh.io/log-path"
 BACKOFF_MAX = 30.0
+GRACE_MAX = 5.0
 
 
 def now() -> str:
@@ -516,11 +517,17 @@ class Kubelet:
         t.join(2.0)
         return bool(result and result[0])
 
+    @staticmethod
+    def _grace(lp: LocalPod) -> float:
+        """terminationGracePeriodSeconds, capped at GRACE_MAX so deletes stay quick in the sandbox."""
+        value = lp.pod.get("spec", {}).get("terminationGracePeriodSeconds")
+        return min(float(value if value is not None else 30), GRACE_MAX)
+
     def _stop_pod(self, lp: LocalPod, delete_object: bool) -> None:
         for cs in lp.containers.values():
             if cs.current is not None:
                 self.event(lp.pod, "Normal", "Killing", f"Stopping container {cs.spec['name']}")
-                self.runtime.stop_container(cs.current, grace=2.0)
+                self.runtime.stop_container(cs.current, grace=self._grace(lp))
                 cs.current = None
         if lp.sandbox is not None:
             self.runtime.remove_sandbox(lp.sandbox)
