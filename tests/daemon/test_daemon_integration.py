@@ -105,6 +105,14 @@ def test_dump_tables_and_json_agree_with_pilot(env: Env) -> None:
     assert [env.namespace, "echo", env.vip, "None", "2/2"] in [line.split() for line in svc_table[1:]]
     pol = env.kmeshctl("dump", "policies", check=True).stdout
     assert pol.splitlines()[0].split() == ["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE"]
+    import yaml
+
+    everything = yaml.safe_load(env.kmeshctl("dump", "all", "-o", "yaml", check=True).stdout)
+    assert everything["workloads"] == workloads and everything["services"] == services
+    assert {"maps", "raw", "pressure", "enrolled"} <= set(everything["bpf"])
+    text = env.kmeshctl("dump", "all", check=True).stdout
+    for heading in ("WORKLOAD INFO", "SERVICE INFO", "POLICY INFO", "BPF MAPS"):
+        assert f"------ {heading}" in text
     bad = env.kmeshctl("dump", "nonsense")
     assert bad.returncode == 2 and "unknown dump kind" in bad.stderr and bad.stdout == ""
 
