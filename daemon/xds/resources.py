@@ -88,7 +88,8 @@ def workload_record(name: str, w: workload_pb2.Workload, raw: bytes, version: st
     services: dict[str, tuple[tuple[int, int], ...]] = {}
     svcs = w.services
     if svcs:
-        for key, plist in svcs.items():
+        for key in svcs:  # not .items(): that is a Python-level view over the upb map
+            plist = svcs[key]
             if "/" not in key:
                 raise Invalid(f"service key {key!r} is not namespace/hostname")
             ports = tuple([(p.service_port, p.target_port) for p in plist.ports])

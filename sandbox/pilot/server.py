@@ -142,6 +142,8 @@ class StreamRecord:
 
     peer: str
     node_id: str = ""
+    node_metadata: dict[str, Any] = field(default_factory=dict)
+    subscriptions: list[tuple[str, list[str], bool]] = field(default_factory=list)  # (type, names, has node)
     initial_versions: dict[str, dict[str, str]] = field(default_factory=dict)
     acks: list[tuple[str, str, str]] = field(default_factory=list)  # (type, nonce, error message)
     sent: int = 0
@@ -202,6 +204,7 @@ class DeltaAdsServer:
             record.closed = True
             self._abort(context, "INVALID_ARGUMENT", "missing node information")
         record.node_id = first.node.id
+        record.node_metadata = {k: v.string_value for k, v in first.node.metadata.fields.items()}
         if self.authenticator is not None:
             try:
                 self.authenticator.authorize(identity, first.node)
@@ -222,6 +225,7 @@ class DeltaAdsServer:
                     log.warning("NACK from %s for %s: %s", record.node_id, req.type_url,
                                 req.error_detail.message)
                 return
+            record.subscriptions.append((req.type_url, list(req.resource_names_subscribe), bool(req.node.id)))
             with lock:
                 if req.type_url not in subscribed:
                     subscribed.add(req.type_url)

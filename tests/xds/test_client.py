@@ -60,6 +60,12 @@ def test_node_identity_and_metadata(ads: AdsHarness, make_client: Any, token_fil
     assert client.ready_event.wait(10)
     rec = ads.servicer.streams[-1]
     assert rec.node_id == "ztunnel~10.0.0.5~kmesh-abc.kmesh-system~kmesh-system.svc.cluster.local"
+    md = rec.node_metadata
+    assert (md["NAMESPACE"], md["CLUSTER_ID"]) == ("kmesh-system", "cluster-7")
+    assert (md["INSTANCE_IPS"], md["NODE_NAME"]) == ("10.0.0.5", "node-1")
+    assert (md["SERVICE_ACCOUNT"], md["MESH_ID"]) == ("kmesh", "cluster.local")
+    # both subscriptions are wildcard (no names) and carry the node; Address comes first
+    assert rec.subscriptions == [(ADDRESS_TYPE, [], True), (AUTHORIZATION_TYPE, [], True)]
     assert seen[-1]["authorization"] == "Bearer token-one" and seen[-1]["clusterid"] == "cluster-7"
     # the token file is re-read for every stream
     token_file.write_text("token-two")
