@@ -179,7 +179,10 @@ class Controllers:
             if rs["metadata"].get("deletionTimestamp"):
                 continue
             uid = rs["metadata"]["uid"]
-            mine = [p for p in pods if owner_uid(p) == uid and alive(p)]
+            # A Failed pod keeps its slot: the sandbox fails pods for reasons that do not heal by
+            # themselves (image outside the catalog), and replacing them would create one per second.
+            # Fixing the template makes a new ReplicaSet, which removes these with the old one.
+            mine = [p for p in pods if owner_uid(p) == uid and not p["metadata"].get("deletionTimestamp")]
             want = int(rs.get("spec", {}).get("replicas", 1))
             for _ in range(want - len(mine)):
                 self._create_pod(rs, "ReplicaSet", rs.get("spec", {}).get("template") or {}, {})

@@ -161,6 +161,26 @@ spec:
     assert status["reason"] == "ImageNotInCatalog"
     assert "sandbox image catalog" in status["message"] and "fortio" in status["message"]
     assert "not in the sandbox image catalog" in sandbox.kubectl("describe", "pod", "nginx").stdout
+    # Owned by a Deployment, the failed pod keeps its slot: no replacement storm.
+    sandbox.apply("""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: badweb, namespace: default}
+spec:
+  selector: {matchLabels: {app: badweb}}
+  template:
+    metadata: {labels: {app: badweb}}
+    spec:
+      containers: [{name: nginx, image: nginx:1.25}]
+""")
+    sandbox.wait(lambda: [p for p in pods(sandbox, "app=badweb") if p["status"].get("phase") == "Failed"], 15,
+                 "the Deployment's pod Failed")
+    import time
+
+    time.sleep(2.5)
+    assert len(pods(sandbox, "app=badweb")) == 1
+    sandbox.kubectl("delete", "deployment", "badweb")
+    sandbox.wait(lambda: not pods(sandbox, "app=badweb"), 15, "garbage collection of the failed pod")
 
 
 def test_daemonset_one_pod_with_volumes_and_status(sandbox) -> None:
