@@ -12,88 +12,20 @@ Programs attach to <test_cgroup>/dataplane; clients join that cgroup, servers do
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from dp_topo import HERE, PODS, PY, SERVERS, base_projection, ip4, ip6, sh, sh_quiet
 
 from daemon.dataplane import bpfsys
-from daemon.dataplane.model import Backend, Endpoint, LbMode, Projection, Service, ServicePort
-
-HERE = Path(__file__).resolve().parent
-PY = sys.executable
-PODS = {"c1": 1, "s1": 2, "s2": 3, "s3": 4, "c2": 5}
-SERVERS = ("s1", "s2", "s3")
-VIP4 = "10.96.0.10"
-VIP6 = "fd00:96::10"
-
-pytestmark = pytest.mark.kernel
-
-
-def _sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
-
-
-def _sh_quiet(*args: str) -> None:
-    subprocess.run(args, check=False, capture_output=True, text=True)
-
-
-def ip4(pod: str) -> str:
-    return f"10.244.0.{PODS[pod]}"
-
-
-def ip6(pod: str) -> str:
-    return f"fd00:244::{PODS[pod]}"
-
-
-def uid(pod: str) -> str:
-    return f"Kubernetes//Pod/default/{pod}"
-
-
-def packed(ip: str) -> bytes:
-    return ipaddress.ip_address(ip).packed
-
-
-def backends() -> dict[str, Backend]:
-    return {uid(p): Backend(uid(p), p, "default", packed(ip4(p)), packed(ip6(p))) for p in PODS}
-
-
-def service(name: str, vips: tuple[str, ...], endpoints: list[Endpoint], port: int = 80,
-            lb: LbMode = LbMode.RANDOM) -> Service:
-    return Service(name, tuple(packed(v) for v in vips), (ServicePort(port, tuple(endpoints)),), lb)
-
-
-def ep(pod: str, weight: int = 1, priority: int = 0, port: int = 8080) -> Endpoint:
-    return Endpoint(uid(pod), port, weight, priority)
-
-
-def base_projection() -> Projection:
-    web = service("default/web", (VIP4, VIP6), [ep("s1"), ep("s2"), ep("s3")])
-    return Projection({web.name: web}, backends())
-
-
-def projection_json(proj: Projection) -> str:
-    def ip(b: bytes | None) -> str | None:
-        return str(ipaddress.ip_address(b)) if b else None
-
-    return json.dumps({
-        "backends": [{"uid": b.uid, "name": b.name, "namespace": b.namespace, "ipv4": ip(b.ipv4),
-                      "ipv6": ip(b.ipv6)} for b in proj.backends.values()],
-        "services": [{"name": s.name, "vips": [ip(v) for v in s.vips], "lb_mode": int(s.lb_mode),
-                      "ports": [{"port": p.port, "endpoints": [
-                          {"backend_uid": e.backend_uid, "target_port": e.target_port, "weight": e.weight,
-                           "priority": e.priority} for e in p.endpoints]} for p in s.ports]}
-                     for s in proj.services.values()],
-    })
 
 
 @dataclass
@@ -134,6 +66,8 @@ def pin_root(run_prefix: str) -> Iterator[Path]:
     /sys/fs/bpf when it is a mounted bpffs; otherwise a private bpffs mounted at /tmp/<prefix>-bpffs
     (a fresh bpffs instance: nothing shared with the machine), unmounted at the end.
     """
+    if os.geteuid() != 0:
+        pytest.skip("needs root (bpffs, BPF programs, network namespaces)")
     sysfs = Path("/sys/fs/bpf")
     mounted: Path | None = None
     if sysfs.is_dir() and bpfsys.is_bpffs(str(sysfs)):
@@ -141,7 +75,7 @@ def pin_root(run_prefix: str) -> Iterator[Path]:
     else:
         mounted = Path(f"/tmp/{run_prefix}-bpffs")
         mounted.mkdir(exist_ok=True)
-        _sh("mount", "-t", "bpf", "bpf", str(mounted))
+        sh("mount", "-t", "bpf", "bpf", str(mounted))
         root = mounted / "dp"
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -149,7 +83,7 @@ def pin_root(run_prefix: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if mounted is not None:
-            _sh_quiet("umount", str(mounted))
+            sh_quiet("umount", str(mounted))
             try:
                 mounted.rmdir()
             except OSError:
@@ -200,17 +134,17 @@ def topology(run_prefix: str, make_cgroup) -> Iterator[Topology]:
     names = [br] + [topo.ns(p) for p in PODS]
     try:
         for n in names:
-            _sh("ip", "netns", "add", n)
-            _sh("ip", "-n", n, "link", "set", "lo", "up")
-        _sh("ip", "-n", br, "link", "add", "br0", "type", "bridge")
-        _sh("ip", "-n", br, "link", "set", "br0", "up")
+            sh("ip", "netns", "add", n)
+            sh("ip", "-n", n, "link", "set", "lo", "up")
+        sh("ip", "-n", br, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", br, "link", "set", "br0", "up")
         for pod, i in PODS.items():
             ns = topo.ns(pod)
-            _sh("ip", "-n", br, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _sh("ip", "-n", br, "link", "set", f"v{i}", "master", "br0", "up")
-            _sh("ip", "-n", ns, "addr", "add", f"{ip4(pod)}/24", "dev", "eth0")
-            _sh("ip", "-n", ns, "-6", "addr", "add", f"{ip6(pod)}/64", "dev", "eth0", "nodad")
-            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", br, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", br, "link", "set", f"v{i}", "master", "br0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip4(pod)}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "-6", "addr", "add", f"{ip6(pod)}/64", "dev", "eth0", "nodad")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
         for pod in SERVERS:
             cmd = [PY, str(HERE / "dp_server.py"), "--netns", topo.ns_path(pod), "--name", pod]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -225,7 +159,7 @@ def topology(run_prefix: str, make_cgroup) -> Iterator[Topology]:
         for proc in topo.procs:
             _kill(proc)
         for n in reversed(names):
-            _sh_quiet("ip", "netns", "del", n)
+            sh_quiet("ip", "netns", "del", n)
 
 
 @pytest.fixture(scope="session")

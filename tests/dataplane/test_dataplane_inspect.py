@@ -7,9 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import VIP4, ip4, uid
+import pytest
+from dp_topo import VIP4, ip4, uid
 
 from daemon.dataplane import ConnEvent, netns_cookie, read_pins
+
+pytestmark = pytest.mark.kernel
 
 MAP_NAMES = ("frontend", "service", "endpoint", "backend", "manage", "sock", "names", "layout")
 

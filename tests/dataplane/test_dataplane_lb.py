@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from conftest import VIP4, backends, ep, service
+import pytest
+from dp_topo import VIP4, backends, ep, service
 
 from daemon.dataplane.model import LbMode, Projection
+
+pytestmark = pytest.mark.kernel
 
 N = 600
 # chi-square critical values at p = 0.001 (a correct implementation fails 1 run in 1000)

@@ -8,6 +8,8 @@ import pytest
 
 from daemon.dataplane import Capacity, Dataplane, control_connect, netns_cookie
 
+pytestmark = pytest.mark.kernel
+
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 
 

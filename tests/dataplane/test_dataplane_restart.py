@@ -10,13 +10,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import HERE, PY, VIP4, backends, base_projection, ep, projection_json, service
+import pytest
+from dp_topo import HERE, PY, VIP4, backends, base_projection, ep, projection_json, service
 
 from daemon.dataplane import Capacity, Dataplane, bpfsys, control_connect, generation_name
 from daemon.dataplane import layout as L
 from daemon.dataplane.mapio import MapIO
 from daemon.dataplane.model import Projection
 from daemon.dataplane.reconciler import fe_key
+
+pytestmark = pytest.mark.kernel
 
 
 def _start_loader(cgroup: Path, pins: Path, proj_file: Path) -> tuple[subprocess.Popen, str]:
@@ -74,10 +77,12 @@ def test_sigkill_loader_under_load_zero_failures(topology, pin_root, make_cgroup
         client = subprocess.Popen(topology.client_cmd("c1", f"{VIP4}:80", n=300, rate=50, cgroup=cg),
                                   stdout=subprocess.PIPE, text=True)
         time.sleep(1.0)
+        assert client.poll() is None
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=10)
         b, line = _start_loader(cg, pins, proj_file)
         procs.append(b)
+        assert client.poll() is None, "the new loader must take over while the client is running"
         out, _ = client.communicate(timeout=60)
         r = json.loads(out)
         assert r["fail"] == 0 and r["ok"] == 300, r

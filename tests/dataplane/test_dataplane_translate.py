@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import VIP4, VIP6, ip4
+import pytest
+from dp_topo import VIP4, VIP6, ip4
+
+pytestmark = pytest.mark.kernel
 
 
 def test_vip_reaches_backend_port_8080(dp, topology) -> None:
