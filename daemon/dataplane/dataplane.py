@@ -81,10 +81,15 @@ class Dataplane:
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, cgroup: Path, pin_dir: Path, capacity: Capacity | None = None) -> Dataplane:
+    def open(cls, cgroup: Path, pin_dir: Path, capacity: Capacity | None = None, *,
+             allow_root: bool = False) -> Dataplane:
+        """Compile, reuse or create the maps, attach (see module docstring).
+
+        allow_root: permit a cgroup v2 hierarchy root (only for a node agent on its own cgroup2
+        mount; never on a shared machine's root)."""
         cap = capacity or Capacity()
         cap.validate()
-        cg = check_cgroup(cgroup)
+        cg = check_cgroup(cgroup, allow_root=allow_root)
         pins = _check_pin_dir(pin_dir)
         gen_dir = pins / generation_name(cap)
         if gen_dir.exists() and _layout_version(gen_dir) != layout.LAYOUT_VERSION:

@@ -43,8 +43,9 @@ def ensure_kernel_source() -> None:
     os.environ["BCC_KERNEL_SOURCE"] = str(REPO / ".build" / "kernel-src")
 
 
-def check_cgroup(cgroup: Path) -> Path:
-    """A cgroup v2 directory that is not the root of its hierarchy, else ValueError."""
+def check_cgroup(cgroup: Path, allow_root: bool = False) -> Path:
+    """A cgroup v2 directory that is not the root of its hierarchy (unless allow_root: a node
+    agent's own cgroup2 mount, as Kmesh's /mnt/kmesh_cgroup2), else ValueError."""
     path = Path(cgroup).resolve()
     if not (path / "cgroup.procs").exists():
         raise ValueError(f"{path} is not a cgroup directory (no cgroup.procs)")
@@ -52,7 +53,7 @@ def check_cgroup(cgroup: Path) -> Path:
     if bpfsys._libc.statfs(os.fsencode(str(path)), buf) != 0 or \
             int.from_bytes(buf.raw[:8], "little") != CGROUP2_MAGIC:
         raise ValueError(f"{path} is not on a cgroup v2 filesystem")
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    for line in Path("/proc/self/mountinfo").read_text().splitlines() if not allow_root else ():
         left, _, right = line.partition(" - ")
         if right.split(" ", 1)[0] == "cgroup2" and Path(left.split(" ")[4]).resolve() == path:
             raise ValueError(f"refusing to attach at the cgroup v2 root {path}; use a child cgroup")

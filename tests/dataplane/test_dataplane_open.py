@@ -19,6 +19,14 @@ def test_refuses_cgroup_v2_root(pin_root: Path) -> None:
     assert not (pin_root / "never").exists()
 
 
+def test_root_only_with_explicit_permission() -> None:
+    from daemon.dataplane.loader import check_cgroup
+
+    with pytest.raises(ValueError, match="cgroup v2 root"):
+        check_cgroup(CGROUP2_ROOT)
+    assert check_cgroup(CGROUP2_ROOT, allow_root=True) == CGROUP2_ROOT.resolve()  # checked, not attached
+
+
 def test_refuses_non_cgroup_dir(pin_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a cgroup"):
         Dataplane.open(tmp_path, pin_root / "never")
