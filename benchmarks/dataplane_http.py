@@ -299,6 +299,8 @@ def ratios(out: dict) -> dict:
     ``*_p50_paired``: median over rounds of the ratio within each round; the two runs of a round
     are close in time, so this cancels slow drifts of background load. ``*_cycle``: the same on
     the per-request cycle time (connections / rps), which includes connect() and the handshake.
+    ``*_cpu``: on CPU time per request of client, proxy and server (cgroup cpu.stat), the figure
+    least disturbed by other load on the machine.
     """
     def figs(section: str, mode: str) -> dict | None:
         fig = out.get(section, {}).get(mode)
@@ -314,6 +316,8 @@ def ratios(out: dict) -> dict:
             res[f"{name}_p50{suffix}"] = round(a["p50_ms"] / b["p50_ms"], 3) if ok and b["p50_ms"] else None
             res[f"{name}_cycle{suffix}"] = (round(a["cycle_ms"] / b["cycle_ms"], 3)
                                            if ok and b.get("cycle_ms") else None)
+            res[f"{name}_cpu{suffix}"] = (round(a["cpu_us_per_req"] / b["cpu_us_per_req"], 3)
+                                         if ok and b.get("cpu_us_per_req") else None)
             paired = [x["p50_ms"] / y["p50_ms"] for x, y in zip(a["rounds"], b["rounds"], strict=False)
                       if y["p50_ms"]] if ok and "rounds" in a and "rounds" in b else []
             res[f"{name}_p50_paired{suffix}"] = round(statistics.median(paired), 3) if paired else None

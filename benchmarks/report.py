@@ -194,13 +194,15 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {mode} | {_fmt(fig)} | | | |")
         lines.append("")
     r = doc.get("ratios") or {}
-    lines += ["| Ratio of p50 (paired: median of per-round ratios) | new connection | keep-alive |",
-              "|---|---:|---:|"]
+    lines += ["| Ratio | p50, new conn (paired) | p50, keep-alive (paired) | CPU/req, new conn "
+              "| CPU/req, keep-alive |", "|---|---:|---:|---:|---:|"]
     for name, label in (("bpf_vip_over_direct", "bpf_vip / direct"),
                         ("envoy_proxy_over_bpf_vip", "envoy_proxy / bpf_vip")):
-        cells = [f"{_fmt(r.get(f'{name}_p50{sfx}'))} (paired {_fmt(r.get(f'{name}_p50_paired{sfx}'))})"
+        cells = [f"{_fmt(r.get(f'{name}_p50{sfx}'))} ({_fmt(r.get(f'{name}_p50_paired{sfx}'))})"
                  for sfx in ("", "_keepalive")]
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        cells += [_fmt(r.get(f"{name}_cpu{sfx}")) for sfx in ("", "_keepalive")]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines += ["", "Paired: the median over rounds of the ratio within each round (runs close in time)."]
     lines.append("")
     for section, title in (("control_plane", "Control plane"), ("cli", "CLI")):
         lines += [f"| {title} | value |", "|---|---:|"]
