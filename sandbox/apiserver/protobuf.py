@@ -1,6 +1,6 @@
 """Decoding the Kubernetes protobuf envelope for the few kinds kubectl's generators send.
 
-``kubectl create namespace|configmap|secret|serviceaccount`` use the typed client, which
+``kubectl create namespace|configmap|secret|serviceaccount|deployment`` use the typed client, which
 sends ``application/vnd.kubernetes.protobuf`` and does not fall back to JSON on 415. The
 envelope is ``k8s\\0`` + runtime.Unknown{typeMeta, raw}; ``raw`` is the object message. Only
 the fields those generators can set are decoded (field numbers from k8s.io/api generated.proto);
@@ -76,7 +76,7 @@ def _object_meta(buf: bytes) -> dict[str, Any]:
     annotations: list[bytes] = []
     names = {1: "name", 2: "generateName", 3: "namespace"}
     for num, v in fields(buf):
-        if num in names:
+        if num in names and v:  # proto2 strings arrive even when empty: empty means unset
             meta[names[num]] = _str(v)
         elif num == 11:
             labels.append(v)  # type: ignore[arg-type]
@@ -155,11 +155,93 @@ def _service_account(buf: bytes) -> dict[str, Any]:
     return obj
 
 
+def _scalars(buf: bytes, strings: dict[int, str], ints: dict[int, str] | None = None) -> dict[str, Any]:
+    """Decode the string and integer fields of a message; empty/zero values mean "not set"."""
+    out: dict[str, Any] = {}
+    for num, v in fields(buf):
+        if num in strings and isinstance(v, bytes) and v:
+            out[strings[num]] = v.decode()
+        elif ints and num in ints and isinstance(v, int) and v:
+            out[ints[num]] = v
+    return out
+
+
+def _container(buf: bytes) -> dict[str, Any]:
+    c = _scalars(buf, {1: "name", 2: "image", 5: "workingDir", 14: "imagePullPolicy"})
+    for num, v in fields(buf):
+        if num in (3, 4) and isinstance(v, bytes):
+            c.setdefault("command" if num == 3 else "args", []).append(v.decode())
+        elif num == 6 and isinstance(v, bytes):
+            c.setdefault("ports", []).append(
+                _scalars(v, {1: "name", 4: "protocol", 5: "hostIP"}, {2: "hostPort", 3: "containerPort"})
+            )
+        elif num == 7 and isinstance(v, bytes):
+            c.setdefault("env", []).append(_scalars(v, {1: "name", 2: "value"}))
+    return c
+
+
+def _pod_spec(buf: bytes) -> dict[str, Any]:
+    spec = _scalars(buf, {3: "restartPolicy", 6: "dnsPolicy", 8: "serviceAccountName", 10: "nodeName"})
+    for num, v in fields(buf):
+        if num == 2 and isinstance(v, bytes):
+            spec.setdefault("containers", []).append(_container(v))
+        elif num == 11 and v:
+            spec["hostNetwork"] = True
+    return spec
+
+
+def _label_selector(buf: bytes) -> dict[str, Any]:
+    sel: dict[str, Any] = {}
+    labels: list[bytes] = []
+    for num, v in fields(buf):
+        if num == 1 and isinstance(v, bytes):
+            labels.append(v)
+        elif num == 2 and isinstance(v, bytes):
+            expr = _scalars(v, {1: "key", 2: "operator"})
+            vals = [x.decode() for n, x in fields(v) if n == 3 and isinstance(x, bytes)]
+            if vals:
+                expr["values"] = vals
+            sel.setdefault("matchExpressions", []).append(expr)
+    if labels:
+        sel["matchLabels"] = _map(labels, lambda b: b.decode())
+    return sel
+
+
+def _deployment(buf: bytes) -> dict[str, Any]:
+    """What ``kubectl create deployment`` sets: replicas, selector, template, strategy type."""
+    obj: dict[str, Any] = {}
+    for num, v in fields(buf):
+        if num == 1 and isinstance(v, bytes):
+            obj["metadata"] = _object_meta(v)
+        elif num == 2 and isinstance(v, bytes):
+            spec: dict[str, Any] = {}
+            for snum, sv in fields(v):
+                if snum == 1 and isinstance(sv, int):
+                    spec["replicas"] = sv
+                elif snum == 2 and isinstance(sv, bytes):
+                    spec["selector"] = _label_selector(sv)
+                elif snum == 3 and isinstance(sv, bytes):
+                    tmpl: dict[str, Any] = {}
+                    for tnum, tv in fields(sv):
+                        if tnum == 1 and isinstance(tv, bytes):
+                            tmpl["metadata"] = {k: x for k, x in _object_meta(tv).items() if x}
+                        elif tnum == 2 and isinstance(tv, bytes):
+                            tmpl["spec"] = _pod_spec(tv)
+                    spec["template"] = tmpl
+                elif snum == 4 and isinstance(sv, bytes):
+                    strategy = _scalars(sv, {1: "type"})
+                    if strategy:
+                        spec["strategy"] = strategy
+            obj["spec"] = spec
+    return obj
+
+
 DECODERS: dict[tuple[str, str], Callable[[bytes], dict[str, Any]]] = {
     ("v1", "ConfigMap"): _configmap,
     ("v1", "Secret"): _secret,
     ("v1", "Namespace"): _namespace,
     ("v1", "ServiceAccount"): _service_account,
+    ("apps/v1", "Deployment"): _deployment,
 }
 
 

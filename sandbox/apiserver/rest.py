@@ -367,7 +367,7 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
                     415,
                     "UnsupportedMediaType",
                     "the sandbox API server decodes protobuf bodies only "
-                    "for Namespace, ConfigMap, Secret and ServiceAccount; send JSON instead "
+                    "for Namespace, ConfigMap, Secret, ServiceAccount and Deployment; send JSON instead "
                     "(e.g. kubectl apply/create -f)",
                 )
             return obj

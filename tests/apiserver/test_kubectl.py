@@ -271,3 +271,30 @@ def test_get_tables_wide_all_namespaces_and_watch(cluster: Cluster) -> None:
     # A watch prints the current rows, then changes, until its timeout.
     out = cluster.kubectl("get", "pods", "-n", ns, "-w", "--request-timeout=2s", check=False).stdout
     assert out.splitlines()[0].split()[0] == "NAME" and out.splitlines()[1].split()[0] == "p"
+
+
+def test_kubectl_generators(cluster: Cluster) -> None:
+    """create ns/configmap/secret/serviceaccount/deployment send protobuf; run and expose send JSON."""
+    ns = "gen"
+    cluster.kubectl("create", "namespace", ns)
+    cluster.kubectl("create", "configmap", "cm", "-n", ns, "--from-literal=a=1", "--from-literal=b=2")
+    cluster.kubectl("create", "secret", "generic", "s", "-n", ns, "--from-literal=pw=hunter2")
+    cluster.kubectl("create", "serviceaccount", "bot", "-n", ns)
+    cluster.kubectl(
+        "create", "deployment", "web", "-n", ns, "--image=nginx:1.27", "--port=80", "--replicas=2"
+    )
+    cluster.kubectl("run", "tool", "-n", ns, "--image=busybox:1", "--labels=app=tool", "--", "sleep", "60")
+    cluster.kubectl("expose", "deployment", "web", "-n", ns, "--port=8080", "--target-port=80")
+    api = cluster.api_client()
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    assert core.read_namespaced_config_map("cm", ns).data == {"a": "1", "b": "2"}
+    secret = core.read_namespaced_secret("s", ns)
+    assert secret.type == "Opaque" and secret.data == {"pw": "aHVudGVyMg=="}
+    assert core.read_namespaced_service_account("bot", ns).metadata.name == "bot"
+    d = apps.read_namespaced_deployment("web", ns)
+    assert d.spec.replicas == 2 and d.spec.selector.match_labels == {"app": "web"}
+    c = d.spec.template.spec.containers[0]
+    assert (c.name, c.image, c.ports[0].container_port) == ("nginx", "nginx:1.27", 80)
+    assert core.read_namespaced_pod("tool", ns).spec.containers[0].args == ["sleep", "60"]
+    svc = core.read_namespaced_service("web", ns)
+    assert svc.spec.selector == {"app": "web"} and svc.spec.ports[0].target_port == 80
