@@ -80,6 +80,9 @@ class LocalPod:
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
     sent_status: str = ""
     started: bool = False
+    init: dict[str, ContainerState] = field(default_factory=dict)  # initContainers, run in order
+    initialized: bool = False
+    volumes: dict[str, str] = field(default_factory=dict)
 
 
 def _read(path: str, default: str) -> str:
@@ -332,26 +335,24 @@ class Kubelet:
                 )
             except ApiError:
                 pass
-        containers = spec.get("containers") or []
-        for c in containers:
-            lp.containers.setdefault(c["name"], ContainerState(spec=c))
+        inits = spec.get("initContainers") or []
+        for c in inits:
+            lp.init.setdefault(c["name"], ContainerState(spec=c))
+        for c in spec.get("containers") or []:
+            waiting = ("PodInitializing", "") if inits else ("ContainerCreating", "")
+            lp.containers.setdefault(c["name"], ContainerState(spec=c, waiting=waiting))
         # Resolve every image first: an image outside the catalog fails the Pod before anything runs.
-        version = (pod["metadata"].get("labels") or {}).get("version") or lp.name
-        for c in containers:
-            ports = [p["containerPort"] for p in c.get("ports") or [] if p.get("containerPort")]
+        for cs in [*lp.init.values(), *lp.containers.values()]:
             try:
-                env = podspec.container_env(pod, c, self._get_cm, self._get_secret)
-                lp.containers[c["name"]].program = resolve(
-                    c.get("image", ""), c.get("command"), c.get("args"), env, ports, version, self.ctx
-                )
+                self._resolve(lp, cs)
             except ImageError as e:
                 lp.failed = (e.reason, e.message)
-                lp.containers[c["name"]].waiting = (e.reason, e.message)
+                cs.waiting = (e.reason, e.message)
                 self.event(pod, "Warning", "Failed", e.message)
                 return
             except podspec.VolumeError as e:
                 lp.pending = ("CreateContainerConfigError", str(e))
-                lp.containers[c["name"]].waiting = ("CreateContainerConfigError", str(e))
+                cs.waiting = ("CreateContainerConfigError", str(e))
                 return
         try:
             if lp.sandbox is None:
@@ -386,24 +387,45 @@ class Kubelet:
             self.event(pod, "Warning", "FailedCreatePodSandBox", str(e))
             return
         lp.pending = None
-        for c in containers:
-            cs = lp.containers[c["name"]]
-            cs.mounts = podspec.container_mounts(c, volumes)
-            # Again, now that the pod has its address: env (status.podIP) and args see it.
-            ports = [p["containerPort"] for p in c.get("ports") or [] if p.get("containerPort")]
-            env = podspec.container_env(lp.pod, c, self._get_cm, self._get_secret)
-            cs.program = resolve(
-                c.get("image", ""), c.get("command"), c.get("args"), env, ports, version, self.ctx
-            )
-            cs.program.argv = [podspec.expand(a, cs.program.env) for a in cs.program.argv]
-            self._start_container(lp, cs)
+        lp.volumes = volumes
         lp.started = True
+        if lp.init:
+            self._launch(lp, next(iter(lp.init.values())))
+        else:
+            self._start_main(lp)
+
+    def _resolve(self, lp: LocalPod, cs: ContainerState) -> None:
+        """The container's program (catalog), env and args; again once the pod has its address."""
+        c = cs.spec
+        version = (lp.pod["metadata"].get("labels") or {}).get("version") or lp.name
+        ports = [p["containerPort"] for p in c.get("ports") or [] if p.get("containerPort")]
+        env = podspec.container_env(lp.pod, c, self._get_cm, self._get_secret)
+        cs.program = resolve(
+            c.get("image", ""), c.get("command"), c.get("args"), env, ports, version, self.ctx
+        )
+        cs.program.argv = [podspec.expand(a, cs.program.env) for a in cs.program.argv]
+
+    def _launch(self, lp: LocalPod, cs: ContainerState) -> None:
+        cs.mounts = podspec.container_mounts(cs.spec, lp.volumes)
+        try:
+            self._resolve(lp, cs)  # env now sees status.podIP
+        except (ImageError, podspec.VolumeError) as e:
+            cs.waiting = ("CreateContainerConfigError", str(e))
+            self._schedule_restart(lp, cs, ran=0.0)
+            return
+        self._start_container(lp, cs)
+
+    def _start_main(self, lp: LocalPod) -> None:
+        lp.initialized = True
+        for cs in lp.containers.values():
+            self._launch(lp, cs)
 
     def _annotate_logs(self, lp: LocalPod) -> None:
         """Tell the API server where each container's log is (it serves pods/log from there)."""
         assert lp.sandbox is not None
         logs = lp.sandbox.dir / "logs"
-        names = [c["name"] for c in lp.pod.get("spec", {}).get("containers") or []]
+        spec = lp.pod.get("spec", {})
+        names = [c["name"] for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]]
         annotations = {f"{LOG_PATH_ANNOTATION}.{n}": str(logs / f"{n}.log") for n in names}
         if names:
             annotations[LOG_PATH_ANNOTATION] = str(logs / f"{names[0]}.log")
@@ -432,9 +454,8 @@ class Kubelet:
             return
         cs.waiting = None
         cs.ready = False
-        self.runtime.record_containers(
-            lp.sandbox, {n: c.current for n, c in lp.containers.items() if c.current}
-        )
+        running = {n: c.current for n, c in [*lp.init.items(), *lp.containers.items()] if c.current}
+        self.runtime.record_containers(lp.sandbox, running)
         self.event(lp.pod, "Normal", "Started", f"Started container {cs.spec['name']}")
 
     def _schedule_restart(self, lp: LocalPod, cs: ContainerState, ran: float) -> None:
@@ -445,47 +466,85 @@ class Kubelet:
         cs.waiting = ("CrashLoopBackOff", message)
         self.event(lp.pod, "Warning", "BackOff", f"Back-off restarting failed container {name}")
 
+    def _exited(self, cs: ContainerState) -> tuple[int, float] | None:
+        """If the container's process ended: record it (lastState) and return (exit code, seconds ran)."""
+        c = cs.current
+        if c is None:
+            return None
+        rc = c.process.poll()
+        if rc is None:
+            return None
+        finished = time.time()
+        message = ""
+        if rc in (126, 127):  # the launcher's own failure: its last log line says why
+            lines = c.log_path.read_text(errors="replace").strip().splitlines() if c.log_path.exists() else []
+            message = lines[-1] if lines else ""
+        self.runtime.stop_container(c, grace=0)
+        cs.current = None
+        cs.ready = False
+        code = 128 - rc if rc < 0 else rc  # killed by signal N -> 128+N, as a shell reports it
+        cs.last_terminated = {
+            "terminated": {
+                "exitCode": code,
+                "reason": "Completed" if rc == 0 else "Error",
+                **({"message": message} if message else {}),
+                "startedAt": ts(c.started_at),
+                "finishedAt": ts(finished),
+                "containerID": f"sandbox://{c.container_id}",
+            }
+        }
+        return code, finished - c.started_at
+
+    def _restart_due(self, lp: LocalPod, cs: ContainerState) -> None:
+        if cs.current is None and not cs.done and cs.next_start and time.monotonic() >= cs.next_start:
+            cs.restart_count += 1
+            cs.next_start = 0.0
+            self._launch(lp, cs)
+
     def _supervise(self, lp: LocalPod) -> None:
+        if not lp.started or lp.failed:
+            return
         policy = lp.pod.get("spec", {}).get("restartPolicy") or "Always"
+        if not lp.initialized:
+            self._supervise_init(lp, policy)
+            return
         for cs in lp.containers.values():
-            c = cs.current
-            if c is not None:
-                rc = c.process.poll()
-                if rc is None:
-                    cs.ready = self._probe(lp, cs)
-                    continue
-                finished = time.time()
-                message = ""
-                if rc in (126, 127):
-                    lines = (
-                        c.log_path.read_text(errors="replace").strip().splitlines()
-                        if c.log_path.exists()
-                        else []
-                    )
-                    message = lines[-1] if lines else ""
-                self.runtime.stop_container(c, grace=0)
-                cs.current = None
-                cs.ready = False
-                signal_exit = rc < 0
-                cs.last_terminated = {
-                    "terminated": {
-                        "exitCode": 128 - rc if signal_exit else rc,
-                        "reason": "Completed" if rc == 0 else "Error",
-                        **({"message": message} if message else {}),
-                        "startedAt": ts(c.started_at),
-                        "finishedAt": ts(finished),
-                        "containerID": f"sandbox://{c.container_id}",
-                    }
-                }
-                if policy == "Always" or (policy == "OnFailure" and rc != 0):
-                    self._schedule_restart(lp, cs, ran=finished - c.started_at)
+            if cs.current is not None and cs.current.process.poll() is None:
+                cs.ready = self._probe(lp, cs)
+                continue
+            ended = self._exited(cs)
+            if ended is not None:
+                code, ran = ended
+                if policy == "Always" or (policy == "OnFailure" and code != 0):
+                    self._schedule_restart(lp, cs, ran=ran)
                 else:
                     cs.done = True
                     cs.waiting = None
-            elif not cs.done and cs.next_start and time.monotonic() >= cs.next_start and lp.started:
-                cs.restart_count += 1
-                cs.next_start = 0.0
-                self._start_container(lp, cs)
+            self._restart_due(lp, cs)
+
+    def _supervise_init(self, lp: LocalPod, policy: str) -> None:
+        """initContainers run one at a time, each to success, before the app containers start."""
+        cs = next((c for c in lp.init.values() if not c.done), None)
+        if cs is None:
+            self._start_main(lp)
+            return
+        ended = self._exited(cs)
+        if ended is not None:
+            code, ran = ended
+            if code == 0:
+                cs.done, cs.waiting = True, None
+                following = next((c for c in lp.init.values() if not c.done), None)
+                if following is not None:
+                    self._launch(lp, following)
+                else:
+                    self._start_main(lp)
+                return
+            if policy == "Never":
+                cs.done = True
+                lp.failed = ("Init:Error", f"init container {cs.spec['name']} exited with {code}")
+                return
+            self._schedule_restart(lp, cs, ran=ran)
+        self._restart_due(lp, cs)
 
     def _probe(self, lp: LocalPod, cs: ContainerState) -> bool:
         target = podspec.probe_target(cs.spec.get("readinessProbe"), cs.spec)
@@ -524,7 +583,7 @@ class Kubelet:
         return min(float(value if value is not None else 30), GRACE_MAX)
 
     def _stop_pod(self, lp: LocalPod, delete_object: bool) -> None:
-        for cs in lp.containers.values():
+        for cs in [*lp.init.values(), *lp.containers.values()]:
             if cs.current is not None:
                 self.event(lp.pod, "Normal", "Killing", f"Stopping container {cs.spec['name']}")
                 self.runtime.stop_container(cs.current, grace=self._grace(lp))
@@ -581,6 +640,8 @@ class Kubelet:
     def _phase(self, lp: LocalPod) -> str:
         if lp.failed:
             return "Failed"
+        if not lp.initialized:
+            return "Pending"
         states = list(lp.containers.values())
         if states and all(cs.done for cs in states):
             ok = all((cs.last_terminated or {}).get("terminated", {}).get("exitCode") == 0 for cs in states)
@@ -615,12 +676,17 @@ class Kubelet:
             "qosClass": "BestEffort",
             "conditions": [
                 self._condition(lp, "PodScheduled", True),
-                self._condition(lp, "Initialized", True),
+                self._condition(lp, "Initialized", lp.initialized, "ContainersNotInitialized"),
                 self._condition(lp, "ContainersReady", ready, "ContainersNotReady"),
                 self._condition(lp, "Ready", ready, "ContainersNotReady"),
             ],
             "containerStatuses": statuses,
         }
+        if lp.init:
+            init_statuses = [self._container_status(cs) for cs in lp.init.values()]
+            for st, cs in zip(init_statuses, lp.init.values(), strict=True):
+                st["ready"] = cs.done  # an init container is ready once it completed
+            status["initContainerStatuses"] = init_statuses
         if lp.sandbox is not None:
             ip = lp.sandbox.ip or NODE_IP
             status["podIP"] = ip

@@ -48,8 +48,12 @@ def pods(sb, selector: str, ns: str = "default") -> list[dict]:
 
 
 def running_ready(items: list[dict], n: int) -> list[dict]:
-    ok = [p for p in items if p["status"].get("phase") == "Running"
-          and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+    ok = [
+        p
+        for p in items
+        if p["status"].get("phase") == "Running"
+        and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    ]
     return ok if len(ok) == n and len(items) == n else []
 
 
@@ -89,7 +93,9 @@ def test_deployment_pods_names_addresses_and_traffic(sandbox, workloads) -> None
     # Real TCP between pod netns: the client reaches each fortio stand-in, which names its version.
     client = workloads["client"]["metadata"]["name"]
     for ip in ips:
-        r = sandbox.kmeshctl("sandbox", "exec", client, "--", "curl", "-s", "-m", "3", "-I", f"http://{ip}:8080/")
+        r = sandbox.kmeshctl(
+            "sandbox", "exec", client, "--", "curl", "-s", "-m", "3", "-I", f"http://{ip}:8080/"
+        )
         assert r.returncode == 0, r.stderr
         assert "Server: fortio-v7" in r.stdout
 
@@ -156,8 +162,11 @@ metadata: {name: nginx, namespace: default}
 spec:
   containers: [{name: nginx, image: nginx:1.25}]
 """)
-    status = sandbox.wait(lambda: (s := sandbox.get("pod", "nginx")["status"]).get("phase") == "Failed" and s,
-                          15, "phase Failed")
+    status = sandbox.wait(
+        lambda: (s := sandbox.get("pod", "nginx")["status"]).get("phase") == "Failed" and s,
+        15,
+        "phase Failed",
+    )
     assert status["reason"] == "ImageNotInCatalog"
     assert "sandbox image catalog" in status["message"] and "fortio" in status["message"]
     assert "not in the sandbox image catalog" in sandbox.kubectl("describe", "pod", "nginx").stdout
@@ -173,8 +182,11 @@ spec:
     spec:
       containers: [{name: nginx, image: nginx:1.25}]
 """)
-    sandbox.wait(lambda: [p for p in pods(sandbox, "app=badweb") if p["status"].get("phase") == "Failed"], 15,
-                 "the Deployment's pod Failed")
+    sandbox.wait(
+        lambda: [p for p in pods(sandbox, "app=badweb") if p["status"].get("phase") == "Failed"],
+        15,
+        "the Deployment's pod Failed",
+    )
     import time
 
     time.sleep(2.5)
@@ -224,12 +236,49 @@ spec:
     assert len(items) == 1 and re.fullmatch(r"agent-[a-z0-9]{5}", items[0]["metadata"]["name"])
     assert items[0]["status"]["podIP"] == "127.0.0.1"  # hostNetwork: the node's (loopback) address
     name = items[0]["metadata"]["name"]
-    r = sandbox.kmeshctl("sandbox", "exec", "-n", "agents", name, "--", "sh", "-c",
-                         "cat /etc/agent/mode; echo; echo $MY_POD; cat /var/run/secrets/tokens/istio-token")
+    r = sandbox.kmeshctl(
+        "sandbox",
+        "exec",
+        "-n",
+        "agents",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/agent/mode; echo; echo $MY_POD; cat /var/run/secrets/tokens/istio-token",
+    )
     assert r.returncode == 0, r.stderr
     mode, pod_name, token = r.stdout.splitlines()
     assert mode == "fast" and pod_name == name and token.count(".") == 2  # a signed JWT
     assert not Path("/run/secrets").exists()  # mounts stay in the pod's mount namespace
+
+
+def test_init_containers_run_first_and_share_volumes(sandbox) -> None:
+    sandbox.apply("""
+apiVersion: v1
+kind: Pod
+metadata: {name: initdemo, namespace: default}
+spec:
+  initContainers:
+  - {name: first, image: busybox, command: ["sh", "-c", "echo one > /work/log"],
+     volumeMounts: [{name: work, mountPath: /work}]}
+  - {name: second, image: busybox, command: ["sh", "-c", "echo two >> /work/log"],
+     volumeMounts: [{name: work, mountPath: /work}]}
+  containers:
+  - {name: main, image: busybox, command: ["sh", "-c", "cat /work/log; exec sleep infinity"],
+     volumeMounts: [{name: work, mountPath: /work}]}
+  volumes: [{name: work, emptyDir: {}}]
+""")
+    status = sandbox.wait(
+        lambda: (s := sandbox.get("pod", "initdemo")["status"]).get("phase") == "Running" and s,
+        20,
+        "initdemo running",
+    )
+    inits = status["initContainerStatuses"]
+    assert [i["state"]["terminated"]["exitCode"] for i in inits] == [0, 0]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Initialized"] == "True"
+    sandbox.wait(lambda: sandbox.kubectl("logs", "initdemo", "-c", "main").stdout == "one\ntwo\n", 10, "logs")
+    sandbox.kubectl("delete", "pod", "initdemo")
 
 
 def test_readiness_probes_run_inside_the_pod_netns(sandbox) -> None:
@@ -278,8 +327,11 @@ def test_down_after_a_crash_leaves_nothing(sandbox) -> None:
 
     st = sb.State.load(sandbox.dir)
     pids = dict(st.pids)
-    pod_pids = [c["pid"] for f in (sandbox.dir / "kubelet" / "pods").glob("*/pod.json")
-                for c in json.loads(f.read_text())["containers"].values()]
+    pod_pids = [
+        c["pid"]
+        for f in (sandbox.dir / "kubelet" / "pods").glob("*/pod.json")
+        for c in json.loads(f.read_text())["containers"].values()
+    ]
     assert pod_pids
     for pid in [st.supervisor_pid, *pids.values()]:
         os.kill(pid, signal.SIGKILL)
