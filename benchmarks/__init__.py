@@ -3,8 +3,13 @@
 Modules, one job each:
 
 - ``dataplane_http``: wrk against a real HTTP backend through three client paths (direct to the
-  pod IP, the service VIP translated by our connect programs, an Envoy TCP proxy hop), in a
-  network-namespace topology of its own.
+  pod IP, the service VIP translated by our connect programs, an Envoy TCP proxy hop), each with
+  a new connection per request and with keep-alive, interleaved and repeated.
+- ``netns``: the throw-away namespace topology and cgroups (also used by ``dataplane_maps``),
+  owner records and ``reap_stale()`` for runs that were killed.
+- ``nginx_proc`` / ``envoy_proc``: the backend (nginx preferred, Envoy direct_response as the
+  fallback) and the sidecar-like Envoy tcp_proxy.
+- ``wrk``: running wrk and reading its exact percentiles.
 - ``dataplane_maps``: reconciler figures (owned by the data-plane area).
 - ``controlplane``: xDS convergence, single update, daemon RSS (owned by the xDS area).
 - ``cli``: ``kmeshctl --help`` and ``kmeshctl dump workloads`` at 10,000 workloads.

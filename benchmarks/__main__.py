@@ -13,6 +13,7 @@ import importlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from benchmarks import report
 
+MODES = ("direct", "bpf_vip", "envoy_proxy")
+QUICK_DIR = Path(tempfile.gettempdir()) / "kmesh-bench-quick"
 SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http")
 
 
@@ -34,13 +37,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="data-plane rounds per mode (default 5)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"data-plane modes, comma-separated (default {','.join(MODES)})")
     p.add_argument("--backend", choices=("auto", "nginx", "envoy"), default="auto",
                    help="HTTP backend: nginx (preferred, when found) or Envoy direct_response")
     p.add_argument("--no-pin", action="store_true", help="do not pin server/client to separate CPUs")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 round x 1 s, fewer CLI repetitions (figures not for publishing)")
-    p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR,
-                   help=f"where latest.json/latest.md go (default {report.RESULTS_DIR})")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help=f"where latest.json/latest.md go (default {report.RESULTS_DIR}; with --quick "
+                        f"{QUICK_DIR}, so a smoke run never replaces the published figures)")
     p.add_argument("--cgroup-parent", type=Path, default=None,
                    help="parent of the benchmark cgroup (default: the cgroup v2 root's child)")
     args = p.parse_args(argv)
@@ -49,6 +55,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.duration < 1:
         p.error("--duration must be >= 1 (wrk counts whole seconds)")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        p.error(f"--modes: unknown {', '.join(unknown) or '(empty)'}; use some of {', '.join(MODES)}")
+    args.modes = modes
+    if args.results_dir is None:
+        args.results_dir = QUICK_DIR if args.quick else report.RESULTS_DIR
     return args
 
 
@@ -72,7 +85,7 @@ def _run_http(args: argparse.Namespace) -> dict:
     settings = dp.Settings(rounds=1 if args.quick else args.rounds,
                            duration_s=1 if args.quick else args.duration,
                            warmup_s=1, connections=args.connections, pin=not args.no_pin,
-                           backend=args.backend)
+                           backend=args.backend, modes=args.modes)
     if args.cgroup_parent is not None:
         settings.cgroup_parent = args.cgroup_parent
     return dp.run(settings)
