@@ -16,6 +16,7 @@ BPF_OBJ_GET = 7
 BPF_PROG_DETACH = 9
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_PROG_GET_FD_BY_ID = 13
 
 # attach types (enum bpf_attach_type)
 CGROUP_SOCK_OPS = 3
@@ -62,6 +63,21 @@ def obj_id(fd: int) -> int:
     struct.pack_into("=IIQ", attr, 0, fd, len(info), ct.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return int(struct.unpack_from("=I", info, 4)[0])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    attr = ct.create_string_buffer(12)
+    struct.pack_into("=I", attr, 0, prog_id)
+    return _bpf(BPF_PROG_GET_FD_BY_ID, attr)
+
+
+def prog_name(fd: int) -> str:
+    """bpf_prog_info.name (offset 64, 16 bytes) of a program fd."""
+    info = ct.create_string_buffer(256)
+    attr = ct.create_string_buffer(16)
+    struct.pack_into("=IIQ", attr, 0, fd, len(info), ct.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
 
 
 def prog_query(cgroup_fd: int, attach_type: int) -> list[int]:

@@ -215,15 +215,45 @@ class Dataplane:
 
     def uninstall(self) -> None:
         """Detach our programs from the cgroup and remove every pin under pin_dir."""
-        if self._cgroup_fd >= 0:
-            for name, attach_type in ATTACH_TYPES.items():
-                try:
-                    bpfsys.prog_detach(self._cgroup_fd, attach_type, self._loaded.functions[name].fd)
-                except OSError as exc:
-                    log.debug("detach %s: %s", name, exc)
-        self.attached = False
         self.close()
-        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        uninstall(self.cgroup, self.pin_dir, allow_root=True)  # the cgroup was checked at open
+        self.attached = False
+
+
+def detach(cgroup: Path) -> list[str]:
+    """Detach the programs attached to this cgroup whose names are ours; returns what was detached."""
+    done = []
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, attach_type in ATTACH_TYPES.items():
+            try:
+                ids = bpfsys.prog_query(fd, attach_type)
+            except OSError:
+                continue
+            for prog_id in ids:
+                try:
+                    pfd = bpfsys.prog_fd_by_id(prog_id)
+                except OSError:
+                    continue
+                try:
+                    if bpfsys.prog_name(pfd) == name:
+                        bpfsys.prog_detach(fd, attach_type, pfd)
+                        done.append(name)
+                except OSError as exc:
+                    log.warning("detach %s (id %d): %s", name, prog_id, exc)
+                finally:
+                    os.close(pfd)
+    finally:
+        os.close(fd)
+    return done
+
+
+def uninstall(cgroup: Path, pin_dir: Path, allow_root: bool = False) -> None:
+    """Without compiling anything: detach our programs (matched by name) from the cgroup and
+    remove pin_dir. Safe to repeat."""
+    cg = check_cgroup(cgroup, allow_root=allow_root)
+    detach(cg)
+    shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 def _layout_version(gen_dir: Path) -> int:

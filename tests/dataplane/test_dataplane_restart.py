@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from dp_topo import HERE, PY, VIP4, backends, base_projection, ep, projection_json, service
 
-from daemon.dataplane import Capacity, Dataplane, bpfsys, control_connect, generation_name
+from daemon.dataplane import Capacity, Dataplane, bpfsys, control_connect, generation_name, uninstall
 from daemon.dataplane import layout as L
 from daemon.dataplane.mapio import MapIO
 from daemon.dataplane.model import Projection
@@ -39,18 +38,6 @@ def _attached(cgroup: Path) -> dict[int, list[int]]:
     fd = os.open(cgroup, os.O_RDONLY)
     try:
         return {t: bpfsys.prog_query(fd, t) for t in TYPES}
-    finally:
-        os.close(fd)
-
-
-def _detach_all(cgroup: Path) -> None:
-    fd = os.open(cgroup, os.O_RDONLY)
-    try:
-        for t in TYPES:
-            try:
-                bpfsys.prog_detach(fd, t)
-            except OSError:
-                pass
     finally:
         os.close(fd)
 
@@ -101,8 +88,9 @@ def test_sigkill_loader_under_load_zero_failures(topology, pin_root, make_cgroup
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
-        _detach_all(cg)
-        shutil.rmtree(pins, ignore_errors=True)
+        uninstall(cg, pins)  # no compile: programs matched by name, pins removed
+    assert all(not ids for ids in _attached(cg).values())
+    assert not pins.exists()
 
 
 def test_capacity_rejection_then_migration(topology, pin_root, make_cgroup) -> None:
