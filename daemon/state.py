@@ -181,6 +181,21 @@ class State:
                 return out
             return {n: p.version for n, p in self.policies.items()}
 
+    def held(self, address: bool) -> Callable[[str], ServiceRecord | WorkloadRecord | PolicyRecord | None]:
+        """Lookup of the record held under an xDS name (Address or Authorization type).
+
+        Lock-free on purpose: only the xDS thread mutates the stores, and it is the caller.
+        """
+        if not address:
+            return self.policies.get
+        workloads, services = self.workloads, self.services
+
+        def get(name: str) -> ServiceRecord | WorkloadRecord | None:
+            rec = workloads.get(name)
+            return rec if rec is not None else services.get(name)
+
+        return get
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {"services": len(self.services), "workloads": len(self.workloads),

@@ -91,6 +91,7 @@ class XdsClient:
         self._reconnects = 0
         self._streams = 0
         self._responses = 0
+        self._unchanged = 0  # resources received identical to what was held (skipped)
         self._last_initial_versions: dict[str, dict[str, str]] = {}
         self.ready_event = threading.Event()
         self.last_received_monotonic = 0.0  # when the latest response was handed to us by gRPC
@@ -129,6 +130,7 @@ class XdsClient:
                 "reconnects": self._reconnects,
                 "streams": self._streams,
                 "responses": self._responses,
+                "unchanged_skipped": self._unchanged,
                 "initial_resource_versions": {k: len(v) for k, v in self._last_initial_versions.items()},
             }
 
@@ -296,11 +298,21 @@ class XdsClient:
         bulk = len(resp.resources) > 1000
         if bulk:  # a full push allocates ~1M objects: cyclic GC passes would cost seconds
             gc.disable()
+        held = self.state.held(type_url == ADDRESS_TYPE)
+        unchanged = 0
         try:
             for r in resp.resources:
                 any_ = r.resource
+                value = any_.value
+                old = held(r.name)
+                if old is not None and old.raw == value and any_.type_url == type_url:
+                    # re-sent as is (servers that ignore initial_resource_versions resend everything
+                    # on a new stream): nothing to decode, nothing changes downstream
+                    old.version = r.version
+                    unchanged += 1
+                    continue
                 try:
-                    records.append(decode(r.name, any_.type_url, any_.value, r.version))
+                    records.append(decode(r.name, any_.type_url, value, r.version))
                 except Invalid as e:
                     errors.append(f"{r.name or '<unnamed>'}: {e}")
             if type_url == ADDRESS_TYPE:
@@ -313,6 +325,7 @@ class XdsClient:
                 gc.freeze()  # what survived is long-lived state: keep it out of future GC passes
         with self._lock:
             self._responses += 1
+            self._unchanged += unchanged
         if errors:
             log.warning("NACK %s: %s", type_url, "; ".join(errors))
         return "; ".join(errors)

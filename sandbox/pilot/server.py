@@ -154,10 +154,13 @@ class DeltaAdsServer:
     """The servicer. ``add_to(server)`` registers it on a grpc.Server."""
 
     def __init__(self, store: ResourceStore, authenticator: Authenticator | None = None,
-                 on_send: Callable[[str, int], None] | None = None) -> None:
+                 on_send: Callable[[str, int], None] | None = None, honor_versions: bool = True) -> None:
         self.store = store
         self.authenticator = authenticator
         self.on_send = on_send  # (type_url, resource count) just before a response is handed to gRPC
+        # True: skip resources whose version the client already has (istiod master); False: resend
+        # everything on a new stream (istiod <= 1.30); removals are computed either way
+        self.honor_versions = honor_versions
         self.streams: list[StreamRecord] = []
         self._nonce = itertools.count(1)
         self._lock = threading.Lock()
@@ -256,7 +259,8 @@ class DeltaAdsServer:
                     active = set(subscribed)
                 for type_url, claimed in initial_now.items():
                     snap = self.store.snapshot(type_url)
-                    names = [n for n, (v, _) in snap.items() if claimed.get(n) != v]
+                    skip = claimed if self.honor_versions else {}
+                    names = [n for n, (v, _) in snap.items() if skip.get(n) != v]
                     removed = sorted(set(claimed) - set(snap))
                     have = sent.setdefault(type_url, {})
                     have.update({n: v for n, v in claimed.items() if n in snap})
@@ -302,7 +306,7 @@ class DeltaAdsServer:
 def serve(store: ResourceStore, port: int, authenticator: Authenticator | None = None,
           tls: tuple[bytes, bytes] | None = None, host: str = "127.0.0.1",
           on_send: Callable[[str, int], None] | None = None,
-          workers: int = 16) -> tuple[Any, int, DeltaAdsServer]:
+          workers: int = 16, honor_versions: bool = True) -> tuple[Any, int, DeltaAdsServer]:
     """Start a grpc.Server on host:port (0 = pick); returns (server, bound port, servicer)."""
     from concurrent import futures
 
@@ -312,7 +316,7 @@ def serve(store: ResourceStore, port: int, authenticator: Authenticator | None =
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=opts)
-    servicer = DeltaAdsServer(store, authenticator, on_send)
+    servicer = DeltaAdsServer(store, authenticator, on_send, honor_versions)
     servicer.add_to(server)
     if tls is not None:
         key, chain = tls

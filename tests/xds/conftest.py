@@ -35,11 +35,13 @@ class AdsHarness:
         self.servicer: Any = None
         self.tls: tuple[bytes, bytes] | None = None
         self.authenticator: Authenticator | None = None
+        self.honor_versions = True
 
     def start(self, store: ResourceStore | None = None) -> None:
         if store is not None:
             self.store = store
-        self.server, self.port, self.servicer = serve(self.store, self.port, self.authenticator, tls=self.tls)
+        self.server, self.port, self.servicer = serve(self.store, self.port, self.authenticator, tls=self.tls,
+                                                      honor_versions=self.honor_versions)
 
     def stop(self) -> None:
         if self.server is not None:

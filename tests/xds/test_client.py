@@ -175,3 +175,26 @@ def test_auth_rejection_is_reported_with_backoff(ads: AdsHarness, make_client: A
     s = client.status()
     assert s["last_error"] == "UNAUTHENTICATED: authentication failure: nope"
     assert s["backoff_s"] > 0 and not s["ready"] and st.counts()["services"] == 0
+
+
+def test_full_resend_of_unchanged_resources_is_skipped(ads: AdsHarness, make_client: Any) -> None:
+    """istiod <= 1.30 ignores initial_resource_versions and resends everything on a new stream."""
+    from daemon.state import Change
+
+    put(ads, service("a"), workload("w1", "10.1.0.1", services={A: []}),
+        workload("w2", "10.1.0.2", services={A: []}))
+    ads.stop()
+    ads.honor_versions = False
+    ads.start()
+    client, st = make_client(ads.address)
+    wait_for(lambda: len(st.workloads) == 2, what="initial")
+    changes: list[Change] = []
+    st.subscribe(changes.append)
+    streams = client.status()["streams"]
+    ads.stop()
+    put(ads, workload("w2", "10.1.0.22", services={A: []}))  # one real change while away
+    ads.start()
+    wait_for(lambda: client.status()["streams"] > streams and any(c.full for c in changes), what="resync")
+    assert client.status()["unchanged_skipped"] == 2  # service a and w1 came again, identical
+    touched = set().union(*(c.services for c in changes)), set().union(*(c.backends for c in changes))
+    assert touched == ({A}, {"Kubernetes//Pod/default/w2"})
