@@ -140,12 +140,17 @@ def run(help_runs: int = 7, dump_runs: int = 5, workloads: int = 10_000, kmeshct
     try:
         with admin_stub(synthetic_config_dump(workloads)) as addr:
             median, times, out = _time([str(kmeshctl), "dump", "workloads", "--admin-addr", addr], dump_runs)
-        rows = out.count("\n") - 1
-        if rows != workloads:
-            raise RuntimeError(f"dump printed {rows} rows, expected {workloads}")
-        res["dump_10k_s"] = round(median, 4)
-        res["dump_runs_s"] = [round(t, 4) for t in times]
-        res["dump_workloads"] = workloads
+            rows = out.count("\n") - 1
+            if rows != workloads:
+                raise RuntimeError(f"dump printed {rows} rows, expected {workloads}")
+            res["dump_10k_s"] = round(median, 4)
+            res["dump_runs_s"] = [round(t, 4) for t in times]
+            res["dump_workloads"] = workloads
+            json_median, _, json_out = _time([str(kmeshctl), "dump", "workloads", "-o", "json",
+                                              "--admin-addr", addr], dump_runs)
+            if len(json.loads(json_out)) != workloads:
+                raise RuntimeError(f"dump -o json did not return {workloads} workloads")
+            res["dump_10k_json_s"] = round(json_median, 4)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         res["dump_10k_s"] = f"not available: {exc}"
     return {"cli": res}

@@ -206,7 +206,10 @@ def markdown(doc: dict) -> str:
     lines.append("")
     for section, title in (("control_plane", "Control plane"), ("cli", "CLI")):
         lines += [f"| {title} | value |", "|---|---:|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in flatten(doc[section])]
+        rows = flatten(doc[section])
+        if section == "cli":
+            rows += flatten(doc.get("details", {}).get("cli") or {})
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
         lines.append("")
     lines += ["| Target | Bound | Measured | Met |", "|---|---|---:|---|"]
     for t in doc["targets"]:

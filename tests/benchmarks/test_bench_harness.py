@@ -92,6 +92,7 @@ def test_cli_bench_small_dump() -> None:
     res = cli.run(help_runs=1, dump_runs=1, workloads=300)["cli"]
     assert isinstance(res["help_s"], float) and 0 < res["help_s"] < 10
     assert isinstance(res["dump_10k_s"], float) and res["dump_workloads"] == 300
+    assert isinstance(res["dump_10k_json_s"], float)
 
 
 def test_main_writes_results_for_selected_sections(tmp_path: Path,
