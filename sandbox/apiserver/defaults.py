@@ -122,10 +122,28 @@ def apply_defaults(kind: str, obj: dict[str, Any]) -> None:
     _ = spec
 
 
-def initial_status(kind: str) -> dict[str, Any] | None:
+def qos_class(pod: dict[str, Any]) -> str:
+    """Guaranteed (every container: cpu and memory limits equal to requests), Burstable, BestEffort."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    any_set = False
+    guaranteed = bool(containers)
+    for c in containers:
+        res = (c or {}).get("resources") or {}
+        limits = res.get("limits") or {}
+        requests = res.get("requests") or limits  # requests default to limits
+        any_set = any_set or bool(limits) or bool(res.get("requests"))
+        for r in ("cpu", "memory"):
+            if r not in limits or str(requests.get(r)) != str(limits[r]):
+                guaranteed = False
+    if not any_set:
+        return "BestEffort"
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def initial_status(kind: str, obj: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Status the server sets on create (clients cannot create with a status)."""
     if kind == "Pod":
-        return {"phase": "Pending", "qosClass": "BestEffort"}
+        return {"phase": "Pending", "qosClass": qos_class(obj or {})}
     if kind == "DaemonSet":
         return {
             "currentNumberScheduled": 0,
@@ -157,12 +175,11 @@ STATUS_SUBRESOURCE_KINDS = {
     "Gateway",
 }
 # Kinds whose metadata.generation tracks spec changes.
-GENERATION_KINDS = {
+GENERATION_KINDS = {  # not Pod: pods have no generation before Kubernetes 1.33
     "Deployment",
     "DaemonSet",
     "ReplicaSet",
     "StatefulSet",
-    "Pod",
     "EnvoyFilter",
     "VirtualService",
     "DestinationRule",

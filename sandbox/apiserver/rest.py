@@ -497,7 +497,7 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
         obj["kind"] = rt.kind
         # Clients cannot create with a status, except a kubelet registering its Node.
         if rt.kind in STATUS_SUBRESOURCE_KINDS and rt.kind != "Node":
-            status = initial_status(rt.kind)
+            status = initial_status(rt.kind, obj)
             if status is None:
                 obj.pop("status", None)
             else:

@@ -567,3 +567,27 @@ def test_node_registration_keeps_status_and_pod_create_resets_it(cluster: Cluste
     assert pod.status.phase == "Pending"
     assert "node-reg" in cluster.kubectl("get", "nodes").stdout
     core.delete_node("node-reg")
+
+
+def test_pod_qos_class(cluster: Cluster) -> None:
+    ns = cluster.new_namespace()
+    core = client.CoreV1Api(cluster.api_client())
+
+    def qos(resources: dict[str, Any]) -> str:
+        name = f"p{len(core.list_namespaced_pod(ns).items)}"
+        pod = core.create_namespaced_pod(
+            ns,
+            {
+                "metadata": {"name": name},
+                "spec": {"containers": [{"name": "c", "image": "i", "resources": resources}]},
+            },
+        )
+        return pod.status.qos_class
+
+    assert qos({}) == "BestEffort"
+    assert qos({"requests": {"cpu": "100m"}}) == "Burstable"
+    assert qos({"limits": {"cpu": "1", "memory": "64Mi"}}) == "Guaranteed"
+    assert (
+        qos({"limits": {"cpu": "1", "memory": "64Mi"}, "requests": {"cpu": "500m", "memory": "64Mi"}})
+        == "Burstable"
+    )
