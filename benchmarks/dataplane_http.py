@@ -154,7 +154,8 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
                                        cpus["server"])
             backend_desc = f"nginx {nginx_proc.nginx_version(nginx)} return 200, 1 worker"
         elif envoy is None:
-            raise RuntimeError(f"no HTTP backend: nginx not found and {no_envoy[15:]}")
+            reason = no_envoy.removeprefix("not available: ")
+            raise RuntimeError(f"no HTTP backend: nginx not found and {reason}")
         else:
             backend = envoy_proc.start(envoy, envoy_proc.backend_config(POD_PORT), workdir, "backend",
                                        topo.ns_server, topo.server_cgroup, envoy_proc.BACKEND_ADMIN_PORT,
@@ -188,6 +189,13 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
         for mode, (url, cgroup) in list(targets.items()):
             try:
                 _probe(topo, cgroup, url)
+                if mode == "bpf_vip":
+                    # The client netns has no route to the VIP: only our connect program gets
+                    # there. Check that, so the mode cannot silently measure another path.
+                    status, _ = netns.http_get(topo.ns_client, url, timeout=1, cgroup=topo.plain_cgroup)
+                    if status:
+                        raise RuntimeError("the VIP answers without our programs too (from outside the "
+                                           "mesh cgroup)")
             except RuntimeError as exc:
                 unavailable[mode] = f"not available: {exc}"
                 del targets[mode]
