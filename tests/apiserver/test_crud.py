@@ -591,3 +591,34 @@ def test_pod_qos_class(cluster: Cluster) -> None:
         qos({"limits": {"cpu": "1", "memory": "64Mi"}, "requests": {"cpu": "500m", "memory": "64Mi"}})
         == "Burstable"
     )
+
+
+def test_concurrent_read_modify_write_loses_no_update(cluster: Cluster) -> None:
+    """8 writers x 10 increments with optimistic concurrency (retry on 409): the count is exact."""
+    import threading
+
+    ns = cluster.new_namespace()
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespaced_config_map(ns, {"metadata": {"name": "counter"}, "data": {"n": "0"}})
+    conflicts = []
+
+    def writer() -> None:
+        api = client.CoreV1Api(cluster.api_client())
+        for _ in range(10):
+            while True:
+                cm = api.read_namespaced_config_map("counter", ns)
+                cm.data["n"] = str(int(cm.data["n"]) + 1)
+                try:
+                    api.replace_namespaced_config_map("counter", ns, cm)
+                    break
+                except ApiException as e:
+                    assert e.status == 409
+                    conflicts.append(1)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    final = core.read_namespaced_config_map("counter", ns)
+    assert final.data["n"] == "80" and int(final.metadata.resource_version) > 80
