@@ -112,8 +112,16 @@ def _on_sigterm(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     repo = Path(__file__).resolve().parent.parent
     os.environ.setdefault("BCC_KERNEL_SOURCE", str(repo / ".build" / "kernel-src"))
     selected = args.only or list(SECTIONS)
