@@ -11,6 +11,8 @@ from .kinds import ResourceType
 
 @dataclass
 class Request:
+    """One HTTP request as the REST layer sees it (query: last value of each parameter)."""
+
     method: str
     path: str
     query: dict[str, str] = field(default_factory=dict)
@@ -21,6 +23,8 @@ class Request:
 
 @dataclass
 class Response:
+    """A body (dict -> JSON, str/bytes as is) or, for watches and ``logs -f``, a chunk stream."""
+
     code: int
     body: Any = None
     content_type: str = "application/json"
@@ -29,6 +33,8 @@ class Response:
 
 @dataclass
 class Target:
+    """What a resource URL names: kind, requested version, namespace, object name, subresource."""
+
     rt: ResourceType
     version: str
     namespace: str | None
@@ -37,6 +43,7 @@ class Target:
 
 
 def json_response(code: int, body: Any) -> Response:
+    """A JSON response (the transport serialises ``body``)."""
     return Response(code, body)
 
 
