@@ -15,7 +15,7 @@ from typing import Any
 from . import errors, kinds
 from .kinds import ResourceType
 from .model import Request, Response, Target, json_response
-from .objects import IpAllocator, clone, now_rfc3339
+from .objects import IpAllocator, NodePorts, clone, now_rfc3339
 from .store import Store
 
 
@@ -25,6 +25,7 @@ class DeleteEndpoints:
     # Provided by rest.Api.
     store: Store
     ips: IpAllocator
+    node_ports: NodePorts
     stopping: bool
     namespace_grace: float
     graceful_pod_deletion: bool
@@ -148,6 +149,8 @@ class DeleteEndpoints:
                 raise errors.not_found(rt, name)
             if rt.kind == "Service":
                 self.ips.release((gone.get("spec") or {}).get("clusterIP"))
+                for p in (gone.get("spec") or {}).get("ports") or []:
+                    self.node_ports.release(p.get("nodePort"))
             if rt.kind == "Namespace":
                 for other in kinds.RESOURCES:
                     if other.namespaced:

@@ -102,6 +102,44 @@ class IpAllocator:
             self._used.discard(int(ipaddress.ip_address(ip)))
 
 
+class NodePorts:
+    """nodePort allocation for NodePort/LoadBalancer Services from 30000-32767."""
+
+    def __init__(self, lo: int = 30000, hi: int = 32767) -> None:
+        self.lo, self.hi = lo, hi
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+        self._next = lo
+
+    def in_range(self, port: int) -> bool:
+        return self.lo <= port <= self.hi
+
+    def is_free(self, port: int) -> bool:
+        with self._lock:
+            return port not in self._used
+
+    def reserve(self, port: int) -> None:
+        with self._lock:
+            self._used.add(port)
+
+    def release(self, port: int | None) -> None:
+        with self._lock:
+            self._used.discard(port or -1)
+
+    def allocate(self, take: bool, exclude: set[int]) -> int:
+        """The next free port (taken unless ``take`` is False, for dry runs)."""
+        with self._lock:
+            size = self.hi - self.lo + 1
+            for i in range(size):
+                port = self.lo + (self._next - self.lo + i) % size
+                if port not in self._used and port not in exclude:
+                    if take:
+                        self._used.add(port)
+                        self._next = port + 1 if port < self.hi else self.lo
+                    return port
+        raise RuntimeError("node port range exhausted")
+
+
 def clone(obj: Any) -> Any:
     """Deep copy of a JSON document (several times faster than copy.deepcopy for this data)."""
     return json.loads(json.dumps(obj))

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import kinds
 from .kinds import ResourceType
-from .objects import IpAllocator
+from .objects import IpAllocator, NodePorts
 from .store import Store
 
 log = logging.getLogger("sandbox.apiserver")
@@ -31,8 +31,8 @@ def _resolve(obj: dict[str, Any]) -> ResourceType | None:
     return kinds.by_kind(obj.get("kind", ""), group)
 
 
-def load(store: Store, ips: IpAllocator, state_dir: Path) -> int:
-    """Restore objects saved by a previous run; re-reserves their ClusterIPs. Returns the count."""
+def load(store: Store, ips: IpAllocator, state_dir: Path, node_ports: NodePorts | None = None) -> int:
+    """Restore objects saved by a previous run; re-reserves their ClusterIPs/nodePorts. Returns the count."""
     path = state_dir / FILENAME
     if not path.exists():
         return 0
@@ -43,6 +43,9 @@ def load(store: Store, ips: IpAllocator, state_dir: Path) -> int:
             ip = (obj.get("spec") or {}).get("clusterIP")
             if ip and ip != "None" and ips.contains(ip):
                 ips.reserve(ip)
+            for p in (obj.get("spec") or {}).get("ports") or [] if node_ports is not None else []:
+                if p.get("nodePort"):
+                    node_ports.reserve(p["nodePort"])
     return n
 
 

@@ -27,6 +27,7 @@ from .logs import LogEndpoints, LogResolver
 from .model import Request, Response, Target, json_response, truthy
 from .objects import (
     IpAllocator,
+    NodePorts,
     clone,
     generate_name,
     new_uid,
@@ -64,6 +65,7 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
         self.stopping = False
         self.namespace_grace = 1.0
         self.graceful_pod_deletion = False
+        self.node_ports = NodePorts()
         self.bookmark_interval = 10.0  # seconds between BOOKMARKs on idle watches that allow them
 
     # ---------------------------------------------------------------- bootstrap / auth
@@ -519,6 +521,7 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
                 fieldmanager.record_update(None, obj, manager, rt.builtin, obj["apiVersion"])
             if rt.kind == "Service":
                 self._allocate_ip(rt, obj, dry_run)
+                self._assign_node_ports(rt, obj, None, dry_run)
             if dry_run:
                 return obj
             stored = self.store.put(rt, obj)
@@ -532,6 +535,70 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
         assert sa_rt
         if self.store.get(sa_rt, ns, "default") is None:
             self._create(sa_rt, "v1", ns, {"metadata": {"name": "default"}}, {}, "kube-controller-manager")
+
+    def _assign_node_ports(
+        self, rt: ResourceType, new: dict[str, Any], old: dict[str, Any] | None, dry_run: bool
+    ) -> None:
+        """Give NodePort/LoadBalancer ports a nodePort (kept across updates, released when unused)."""
+        spec = new.get("spec") or {}
+        ports = spec.get("ports") or []
+        name = new["metadata"]["name"]
+
+        def key(p: dict[str, Any]) -> tuple[Any, Any]:
+            return p.get("port"), p.get("protocol", "TCP")
+
+        before = {key(p): p.get("nodePort") for p in ((old or {}).get("spec") or {}).get("ports") or []}
+        held = {n for n in before.values() if n}
+        wanted: set[int] = set()
+        if spec.get("type") in ("NodePort", "LoadBalancer"):
+            for i, p in enumerate(ports):
+                port = p.get("nodePort") or before.get(key(p))
+                if port:
+                    if not self.node_ports.in_range(port) or (
+                        port not in held and not self.node_ports.is_free(port)
+                    ):
+                        why = (
+                            "provided port is already allocated"
+                            if self.node_ports.in_range(port)
+                            else (
+                                f"provided port is not in the valid range. The range of valid ports is "
+                                f"{self.node_ports.lo}-{self.node_ports.hi}"
+                            )
+                        )
+                        raise errors.invalid(
+                            rt,
+                            name,
+                            [
+                                (
+                                    f"spec.ports[{i}].nodePort",
+                                    "FieldValueInvalid",
+                                    f"Invalid value: {port}: {why}",
+                                )
+                            ],
+                        )
+                else:
+                    port = self.node_ports.allocate(take=not dry_run, exclude=wanted | held)
+                p["nodePort"] = port
+                wanted.add(port)
+        else:
+            for i, p in enumerate(ports):
+                if p.get("nodePort"):
+                    raise errors.invalid(
+                        rt,
+                        name,
+                        [
+                            (
+                                f"spec.ports[{i}].nodePort",
+                                "FieldValueForbidden",
+                                f"Forbidden: may not be used when `type` is '{spec.get('type')}'",
+                            )
+                        ],
+                    )
+        if not dry_run:
+            for port in wanted - held:
+                self.node_ports.reserve(port)
+            for port in held - wanted:
+                self.node_ports.release(port)
 
     def _allocate_ip(self, rt: ResourceType, obj: dict[str, Any], dry_run: bool) -> None:
         spec = obj["spec"]
@@ -623,6 +690,8 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
                 _keep_cluster_ip(old, new)
             # A /status write changes only the status; the rest was checked when it was written.
             self._admit(rt, new, old, req.query.get("fieldValidation") == "Strict", decode=t.sub != "status")
+            if rt.kind == "Service" and t.sub != "status":
+                self._assign_node_ports(rt, new, old, dry_run)
             if rt.kind in GENERATION_KINDS and _spec_of(new) != _spec_of(old):
                 meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
             if apply_managed is not None:

@@ -248,7 +248,7 @@ class ApiServer:
         if persist:
             if self.state_dir is None:
                 raise ValueError("persist=True needs a state_dir")
-            restored = load(self.store, self.ips, self.state_dir)
+            restored = load(self.store, self.ips, self.state_dir, self.api.node_ports)
             log.info("restored %d objects from %s", restored, self.state_dir)
             self._persister = Persister(self.store, self.state_dir)
         self.api.bootstrap()

@@ -622,3 +622,28 @@ def test_concurrent_read_modify_write_loses_no_update(cluster: Cluster) -> None:
         t.join(timeout=60)
     final = core.read_namespaced_config_map("counter", ns)
     assert final.data["n"] == "80" and int(final.metadata.resource_version) > 80
+
+
+def test_node_port_allocation(cluster: Cluster) -> None:
+    ns = cluster.new_namespace()
+    core = client.CoreV1Api(cluster.api_client())
+
+    def svc(name: str, stype: str, **port: Any) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "spec": {"type": stype, "ports": [{"port": 80, **port}]}}
+
+    a = core.create_namespaced_service(ns, svc("a", "NodePort"))
+    lb = core.create_namespaced_service(ns, svc("lb", "LoadBalancer"))
+    pa, plb = a.spec.ports[0].node_port, lb.spec.ports[0].node_port
+    assert 30000 <= pa <= 32767 and 30000 <= plb <= 32767 and pa != plb
+    # Kept across an update that omits it.
+    a.spec.ports[0].node_port = None
+    a.metadata.labels = {"x": "1"}
+    assert core.replace_namespaced_service("a", ns, a).spec.ports[0].node_port == pa
+    with pytest.raises(ApiException) as e:
+        core.create_namespaced_service(ns, svc("b", "NodePort", nodePort=pa))
+    assert e.value.status == 422 and "provided port is already allocated" in _body(e.value)["message"]
+    with pytest.raises(ApiException) as e:
+        core.create_namespaced_service(ns, svc("c", "ClusterIP", nodePort=30001))
+    assert e.value.status == 422 and "may not be used when `type` is 'ClusterIP'" in _body(e.value)["message"]
+    core.delete_namespaced_service("a", ns)
+    assert core.create_namespaced_service(ns, svc("b", "NodePort", nodePort=pa)).spec.ports[0].node_port == pa
