@@ -200,6 +200,15 @@ class Reconciler:
 
     def load(self) -> None:
         """Rebuild the mirror from the live maps; entries nobody can name become orphans."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _load(self) -> None:
         self._reset()
         names: dict[tuple[int, int], bytes] = {
             L.NAME_KEY.unpack(k): v for k, v in self.maps["names"].dump()}
@@ -505,6 +514,12 @@ class Reconciler:
             fes = {k: L.FE_VAL.pack(L.FE_BACKEND, bid)
                    for k in (fe_key(ip, 0) for ip in (b.ipv4, b.ipv6) if ip)
                    if claimable(k, (L.FE_BACKEND, bid))}
+            if cur is not None and cur.value == value and cur.name == name and cur.fes == fes:
+                new_bsrc[uid] = b  # already in the maps exactly so (e.g. first sync after a restart)
+                for k in fes:
+                    pass_claims[k] = (L.FE_BACKEND, bid)
+                    claim_names[k] = uid
+                continue
             need = {"backend": 0 if cur and cur.value else 1, "names": 0 if cur and cur.name else 1,
                     "frontend": sum(1 for k in fes if k not in (cur.fes if cur else {}))}
             full = [m for m, n in need.items() if usage[m] + n > self.limits[m]]
@@ -594,9 +609,17 @@ class Reconciler:
                         self.svc_ids.release(p.id)
                         allocated.remove((self.svc_ids, p.id))
                 continue
+            new_src[sname] = sig
+            same = all(cur is not None and cur.named and cur.value == p.value and cur.slots == p.slots
+                       and cur.fes == p.fes for _pname, p, cur in staged)
+            if same and not dropped:
+                for pname, p, _cur in staged:  # already in the maps exactly so
+                    for k in p.fes:
+                        pass_claims[k] = (L.FE_SERVICE, p.id)
+                        claim_names[k] = pname
+                continue
             for cur in dropped:
                 drop_port(cur, count_usage=False)  # already in `need`
-            new_src[sname] = sig
             for m, n in need.items():
                 usage[m] += n
             for pname, p, cur in staged:
