@@ -202,7 +202,8 @@ def run(spec: dict) -> None:
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     builder = RootBuilder(spec["rootfs"])
     builder.build()
-    for m in spec.get("mounts", []):
+    # Parents before children (as runc orders them), so a volume never hides one mounted inside it.
+    for m in sorted(spec.get("mounts", []), key=lambda m: len([p for p in m["target"].split("/") if p])):
         builder.bind(m["source"], m["target"], bool(m.get("read_only")))
     os.chroot(builder.root)
     os.chdir(spec.get("workdir") or "/")

@@ -88,6 +88,15 @@ def _curl_loop(h, n: int = 20, timeout: float = 1, pause: float = 0) -> list[str
     return [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("Server:")]
 
 
+def _enrolled(h) -> None:
+    """Namespace enrolled, annotations present and the ClusterIP translated (fail fast otherwise)."""
+    h.kubectl("label", "ns", "default", "istio.io/dataplane-mode=Kmesh", "--overwrite")
+    h.wait(lambda: all(v == "enabled" for v in _annotations(h).values()), 20, "redirection annotations")
+    if len(_curl_loop(h, 2)) != 2:
+        pytest.fail("pods are annotated but connections to the fortio ClusterIP are not translated "
+                    "(see `kmeshctl dump bpf`: are the pods' netns cookies in the manage map?)")
+
+
 def test_walkthrough_enable_after_pods_exist(walk) -> None:
     assert not any(_annotations(walk).values())
     assert _curl_loop(walk, 2, 1) == []  # not enrolled: nothing translates the ClusterIP (no route)
@@ -102,6 +111,7 @@ def test_walkthrough_enable_after_pods_exist(walk) -> None:
 
 
 def test_disable_reverts_annotation_and_translation(walk) -> None:
+    _enrolled(walk)
     walk.kubectl("label", "ns", "default", "istio.io/dataplane-mode-")
     walk.wait(lambda: not any(_annotations(walk).values()), 20, "annotations removed")
     assert _curl_loop(walk, 2, 1) == []
@@ -111,6 +121,7 @@ def test_disable_reverts_annotation_and_translation(walk) -> None:
 
 
 def test_recreated_pod_gets_new_address_and_maps_follow(walk) -> None:
+    _enrolled(walk)
     old = walk.get("pods", "-l", "version=v1")["items"][0]
     walk.kubectl("delete", "pod", old["metadata"]["name"])
 
@@ -129,6 +140,7 @@ def test_recreated_pod_gets_new_address_and_maps_follow(walk) -> None:
 
 
 def test_crashed_daemon_restarted_connections_never_fail(walk) -> None:
+    _enrolled(walk)
     pod = walk.get("pods", "-n", "kmesh-system", "-l", "app=kmesh")["items"][0]
     before = pod["status"]["containerStatuses"][0]["restartCount"]
     info = next(i for i in _pod_infos(walk) if i["name"] == pod["metadata"]["name"])
