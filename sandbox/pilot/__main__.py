@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("tls_port", "plaintext_port"):
+        if not -1 <= getattr(args, name) <= 65535:
+            print(f"error: --{name.replace('_', '-')} {getattr(args, name)} is out of range; give 0-65535",
+                  file=sys.stderr)
+            return 2
     if not args.kubeconfig.is_file():
         print(f"error: kubeconfig {args.kubeconfig} not found; pass the file the sandbox API server wrote",
               file=sys.stderr)
@@ -58,12 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     auth = KubeJwtAuthenticator(api_client, args.cluster_id)
     servers = []
-    tls_server, tls_port, _ = serve(store, args.tls_port, auth, tls=(cert.key_pem, cert.cert_pem))
-    servers.append(tls_server)
-    plain_port = -1
-    if args.plaintext_port >= 0:
-        plain_server, plain_port, _ = serve(store, args.plaintext_port)
-        servers.append(plain_server)
+    try:
+        tls_server, tls_port, _ = serve(store, args.tls_port, auth, tls=(cert.key_pem, cert.cert_pem))
+        servers.append(tls_server)
+        plain_port = -1
+        if args.plaintext_port >= 0:
+            plain_server, plain_port, _ = serve(store, args.plaintext_port)
+            servers.append(plain_server)
+    except (OSError, RuntimeError) as e:
+        for s in servers:
+            s.stop(0)
+        ports = f"tls {args.tls_port}, plaintext {args.plaintext_port}"
+        print(f"error: cannot listen on 127.0.0.1 ({ports}): {e}; pick free ports (0 = any)", file=sys.stderr)
+        return 1
     controller.ensure_istiod_service(args.namespace, args.revision, tls_port, max(plain_port, 0))
     (args.state_dir / "ports.json").write_text(json.dumps({"tls": tls_port, "plaintext": plain_port}))
     print(f"ready tls={tls_port} plaintext={plain_port}", file=sys.stderr, flush=True)
