@@ -14,10 +14,14 @@ int connect4(struct bpf_sock_addr *ctx)
         __u16 p = KM_HTONS(dport);
         if (p == KM_CTL_ENABLE) {
             __u32 one = 1;
-            /* EPERM tells the caller it was recorded; on failure the connect goes on to
-             * 0.0.0.2, which fails by itself, and the caller sees another errno. */
-            if (km_manage.update(&netns, &one))
+            /* EPERM tells the caller it was recorded. If the map is full, send the connect to
+             * 127.0.0.1:9 instead: refused inside the netns, so nothing leaves and the caller
+             * sees another errno. */
+            if (km_manage.update(&netns, &one)) {
+                ctx->user_ip4 = KM_HTONL(0x7f000001);
+                ctx->user_port = (__u32)KM_HTONS(9);
                 return 1;
+            }
             return 0;
         }
         if (p == KM_CTL_DISABLE) {

@@ -19,8 +19,14 @@ int connect6(struct bpf_sock_addr *ctx)
         __u16 p = KM_HTONS(dport);
         if (p == KM_CTL_ENABLE) {
             __u32 one = 1;
-            if (km_manage.update(&netns, &one))
+            if (km_manage.update(&netns, &one)) { /* full: refused on [::1]:9, see connect4 */
+                ctx->user_ip6[0] = 0;
+                ctx->user_ip6[1] = 0;
+                ctx->user_ip6[2] = 0;
+                ctx->user_ip6[3] = KM_HTONL(1);
+                ctx->user_port = (__u32)KM_HTONS(9);
                 return 1;
+            }
             return 0;
         }
         if (p == KM_CTL_DISABLE) {

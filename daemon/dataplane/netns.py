@@ -13,6 +13,7 @@ import ctypes as ct
 import ctypes.util
 import errno
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -81,11 +82,15 @@ def _control_here(enable: bool, ipv6: bool) -> int:
     fam = socket.AF_INET6 if ipv6 else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.setblocking(False)
-        return s.connect_ex((CONTROL_V6 if ipv6 else CONTROL_V4, PORT_ENABLE if enable else PORT_DISABLE))
+        err = s.connect_ex((CONTROL_V6 if ipv6 else CONTROL_V4, PORT_ENABLE if enable else PORT_DISABLE))
+        if err == errno.EINPROGRESS:  # not ours; learn how it ended (1 s at most)
+            select.select([], [s], [], 1.0)
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.EINPROGRESS
+        return err
 
 
 _CHILD = """
-import ctypes, os, socket, sys
+import ctypes, errno, os, select, socket, sys
 cg, ns, fam, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if cg:
     open(os.path.join(cg, "cgroup.procs"), "w").write(str(os.getpid()))
@@ -94,7 +99,11 @@ if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
     sys.exit(100)
 s = socket.socket(fam, socket.SOCK_STREAM)
 s.setblocking(False)
-print(s.connect_ex(("::2" if fam == socket.AF_INET6 else "0.0.0.2", port)))
+err = s.connect_ex(("::2" if fam == socket.AF_INET6 else "0.0.0.2", port))
+if err == errno.EINPROGRESS:
+    select.select([], [s], [], 1.0)
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.EINPROGRESS
+print(err)
 """
 
 

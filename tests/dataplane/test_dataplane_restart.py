@@ -96,7 +96,7 @@ def test_sigkill_loader_under_load_zero_failures(topology, pin_root, make_cgroup
 def test_capacity_rejection_then_migration(topology, pin_root, make_cgroup) -> None:
     cg = make_cgroup("dp-cap")
     pins = pin_root / "cap"
-    small = Capacity(frontends=64, services=4, endpoints=8, backends=16, manage=16, sockets=64)
+    small = Capacity(frontends=64, services=4, endpoints=8, backends=16, manage=2, sockets=64)
     a = service("default/a", ("10.96.1.1",), [ep("s1"), ep("s2"), ep("s3")])
     b = service("default/b", ("10.96.1.2",), [ep("s1"), ep("s2"), ep("s3")])
     big = service("default/big", ("10.96.1.3",), [ep("s1"), ep("s2"), ep("s3")])
@@ -112,10 +112,17 @@ def test_capacity_rejection_then_migration(topology, pin_root, make_cgroup) -> N
         assert "default/big" not in {s["name"] for s in rb["services"]}
         assert "10.96.1.3" not in {f["address"] for f in rb["frontends"]}
         control_connect(topology.ns_path("c1"), True, cgroup=cg)
+        control_connect(topology.ns_path("s1"), True, cgroup=cg)
+        # manage map full: the control connect is refused locally (nothing leaves) and reported
+        with pytest.raises(RuntimeError, match="ECONNREFUSED"):
+            control_connect(topology.ns_path("s2"), True, cgroup=cg)
+        control_connect(topology.ns_path("s1"), False, cgroup=cg)
         for vip in ("10.96.1.1", "10.96.1.2", "10.96.1.4"):
             assert topology.client("c1", f"{vip}:80", n=5, cgroup=cg)["ok"] == 5, vip
         assert topology.client("c1", "10.96.1.3:80", timeout=1, cgroup=cg)["ok"] == 0
-        assert dp.map_pressure()["endpoint"] == {"entries": 7, "max": 8, "ratio": 0.875}
+        pressure = dp.map_pressure()
+        assert pressure["endpoint"] == {"entries": 7, "max": 8, "ratio": 0.875}
+        assert pressure["manage"] == {"entries": 1, "max": 2, "ratio": 0.5}
 
         # more capacity = a new map generation: old programs keep serving until the first sync
         dp2 = Dataplane.open(cg, pins, Capacity())
