@@ -56,19 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cert = ca.load_or_create(args.state_dir, args.namespace, args.revision)
     store = ResourceStore()
-    controller = Controller(api_client, store, args.cluster_id, cert.root_pem)
-    controller.start()
-    if not controller.wait_synced(60):
-        print("error: could not list namespaces/services/pods from the API server in 60s", file=sys.stderr)
-        return 1
     auth = KubeJwtAuthenticator(api_client, args.cluster_id)
     servers = []
-    try:
-        tls_server, tls_port, _ = serve(store, args.tls_port, auth, tls=(cert.key_pem, cert.cert_pem))
+    try:  # bind first: a busy port fails before anything is written to the cluster
+        tls = (cert.key_pem, cert.cert_pem)
+        tls_server, tls_port, _ = serve(store, args.tls_port, auth, tls=tls, start=False)
         servers.append(tls_server)
         plain_port = -1
         if args.plaintext_port >= 0:
-            plain_server, plain_port, _ = serve(store, args.plaintext_port)
+            plain_server, plain_port, _ = serve(store, args.plaintext_port, start=False)
             servers.append(plain_server)
     except (OSError, RuntimeError) as e:
         for s in servers:
@@ -76,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         ports = f"tls {args.tls_port}, plaintext {args.plaintext_port}"
         print(f"error: cannot listen on 127.0.0.1 ({ports}): {e}; pick free ports (0 = any)", file=sys.stderr)
         return 1
+    controller = Controller(api_client, store, args.cluster_id, cert.root_pem)
+    controller.start()
+    if not controller.wait_synced(60):  # istiod too refuses streams before its caches are synced
+        print("error: could not list namespaces/services/pods from the API server in 60s", file=sys.stderr)
+        return 1
+    for s in servers:
+        s.start()
     controller.ensure_istiod_service(args.namespace, args.revision, tls_port, max(plain_port, 0))
     (args.state_dir / "ports.json").write_text(json.dumps({"tls": tls_port, "plaintext": plain_port}))
     print(f"ready tls={tls_port} plaintext={plain_port}", file=sys.stderr, flush=True)

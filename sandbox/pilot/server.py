@@ -306,8 +306,12 @@ class DeltaAdsServer:
 def serve(store: ResourceStore, port: int, authenticator: Authenticator | None = None,
           tls: tuple[bytes, bytes] | None = None, host: str = "127.0.0.1",
           on_send: Callable[[str, int], None] | None = None,
-          workers: int = 16, honor_versions: bool = True) -> tuple[Any, int, DeltaAdsServer]:
-    """Start a grpc.Server on host:port (0 = pick); returns (server, bound port, servicer)."""
+          workers: int = 16, honor_versions: bool = True,
+          start: bool = True) -> tuple[Any, int, DeltaAdsServer]:
+    """Bind (and unless ``start=False``, start) a grpc.Server on host:port (0 = pick).
+
+    Returns (server, bound port, servicer); a port that cannot be bound raises before anything runs.
+    """
     from concurrent import futures
 
     import grpc
@@ -326,5 +330,6 @@ def serve(store: ResourceStore, port: int, authenticator: Authenticator | None =
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
-    server.start()
+    if start:
+        server.start()
     return server, bound, servicer
