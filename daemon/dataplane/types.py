@@ -51,7 +51,9 @@ class ReconcileResult:
 
 @dataclass
 class ConnEvent:
-    """One ring-buffer record, decoded."""
+    """One ring-buffer record, decoded. ts_ns is CLOCK_MONOTONIC (bpf_ktime_get_ns); byte counts
+    are the kernel's tcp bytes_acked / bytes_received (they include the SYN/FIN sequence numbers);
+    srtt_us is the smoothed RTT at close; duration_ns is from connect() to this event."""
 
     ts_ns: int
     kind: str  # "connect" | "established" | "close"

@@ -107,3 +107,22 @@ def test_connection_events(dp, topology) -> None:
         assert close.duration_ns > 0
     direct = [e for e in seen if e.kind == "connect" and e.orig_ip == ip4("s1")]
     assert direct and direct[0].verdict == "passthrough" and direct[0].backend_uid == uid("s1")
+
+
+def test_no_healthy_endpoint_event(dp, topology) -> None:
+    from dp_topo import backends, ep, service
+
+    from daemon.dataplane.model import LbMode, Projection
+
+    strict = service("default/web", (VIP4,), [ep("s1", priority=1)], lb=LbMode.STRICT)
+    assert not dp.sync(Projection({strict.name: strict}, backends())).rejected
+    seen: list[ConnEvent] = []
+    dp.poll_events(seen.append, timeout_ms=10)
+    seen.clear()
+    assert topology.client("c1", f"{VIP4}:80", timeout=1)["ok"] == 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not any(e.verdict == "no_healthy_endpoint" for e in seen):
+        dp.poll_events(seen.append, timeout_ms=100)
+    ev = next(e for e in seen if e.verdict == "no_healthy_endpoint")
+    assert (ev.kind, ev.service, ev.backend_uid, ev.orig_ip, ev.backend_ip) == (
+        "connect", "default/web", "", VIP4, VIP4)
