@@ -162,8 +162,7 @@ class Dataplane:
                 for name, m in self._loaded.maps.items()}
 
     def map_pressure(self) -> dict[str, dict]:
-        with self._lock:
-            counts = self.reconciler.counts()
+        counts = self.reconciler.counts()  # no lock: a metrics scrape must not wait for a sync
         for name in ("manage", "sock"):
             counts[name] = len(self._loaded.maps[name].dump())
         out = {}
