@@ -338,9 +338,14 @@ class Kubelet:
         inits = spec.get("initContainers") or []
         for c in inits:
             lp.init.setdefault(c["name"], ContainerState(spec=c))
+        # A pod a previous kubelet ran (this one restarted) keeps counting its restarts.
+        before = {st.get("name"): st for st in (pod.get("status") or {}).get("containerStatuses") or []}
         for c in spec.get("containers") or []:
             waiting = ("PodInitializing", "") if inits else ("ContainerCreating", "")
-            lp.containers.setdefault(c["name"], ContainerState(spec=c, waiting=waiting))
+            cs = lp.containers.setdefault(c["name"], ContainerState(spec=c, waiting=waiting))
+            old = before.get(c["name"])
+            if old and not cs.restart_count and (old.get("restartCount") or old.get("started")):
+                cs.restart_count = int(old.get("restartCount") or 0) + 1
         # Resolve every image first: an image outside the catalog fails the Pod before anything runs.
         for cs in [*lp.init.values(), *lp.containers.values()]:
             try:
