@@ -121,7 +121,7 @@ def _find_pod(directory: Path, name: str, namespace: str) -> dict:
 
 
 def exec_(
-    pod: Annotated[str, typer.Argument(help="Pod name (or the prefix of exactly one pod).")],
+    pod: Annotated[str, typer.Argument(help="Pod name, or its owner: NAME, deploy/NAME, ds/NAME.")],
     command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
     namespace: Annotated[str, typer.Option("-n", "--namespace", help="Namespace.")] = "default",
     container: Annotated[
@@ -141,7 +141,10 @@ def exec_(
     d = sb.sandbox_dir(directory)
     if sb.State.load(d) is None:
         raise KmeshctlError(f"no sandbox in {d}; start one with `kmeshctl sandbox up`")
-    info = _find_pod(d, pod, namespace)
+    kind, _, name = pod.rpartition("/")
+    if kind not in ("", "pod", "pods", "po", "deploy", "deployment", "deployments", "ds", "daemonset"):
+        raise UsageError(f"{pod!r}: give a pod name, or deploy/NAME or ds/NAME")
+    info = _find_pod(d, name, namespace)
     containers = info.get("containers") or {}
     if not containers:
         raise KmeshctlError(f"pod {namespace}/{info['name']} has no running container")

@@ -114,6 +114,7 @@ def test_exec_returns_exit_code_and_runs_in_pod(sandbox, workloads) -> None:
     client = workloads["client"]
     r = sandbox.kmeshctl("sandbox", "exec", "client", "--", "sh", "-c", "hostname; exit 7")
     assert r.returncode == 7 and r.stdout.strip() == client["metadata"]["name"]
+    assert sandbox.kmeshctl("sandbox", "exec", "deploy/client", "--", "true").returncode == 0
     r = sandbox.kmeshctl("sandbox", "exec", "nosuchpod", "--", "true")
     assert r.returncode == 1 and "no running pod 'nosuchpod'" in r.stderr
 
