@@ -18,5 +18,9 @@ the pod CIDR (10.244.0.0/24; hostNetwork pods 127.0.0.1), containerStatuses with
 state, Ready from the process (plus tcpSocket/httpGet readiness probes, run inside the pod's netns),
 events (Scheduled, Started, Killing, BackOff, Failed, FailedMount) and the annotation
 ``sandbox.kmesh.io/log-path.<container>`` from which the API server serves ``kubectl logs``.
+There is no kube-proxy: a ClusterIP answers only when the Kmesh data plane translates the connect()
+of an enrolled pod (pods get a default route to the bridge, whose netns drops what it cannot
+deliver). Names resolve from each pod's /etc/hosts (Services as <svc>, <svc>.<ns>, ...svc,
+...svc.cluster.local; for hostNetwork pods the sandbox's istiod-* Services are 127.0.0.1).
 Per pod on disk: ``<state dir>/pods/<uid>/pod.json`` (netns, cgroup, container pids) for exec.
 """

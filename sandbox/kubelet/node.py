@@ -264,11 +264,17 @@ class Kubelet:
         log.info(
             "node %s ready (prefix %s, cgroup root %s)", self.node, self.prefix, self.runtime.cgroup_root
         )
+        last_error = ""
         try:
             while not self.stop.is_set():
                 self.wake.clear()
                 try:
                     self.sync_once()
+                    last_error = ""
+                except ApiError as e:  # API server restarting: say so once, retry every pass
+                    if str(e) != last_error:
+                        log.warning("API call failed (retrying): %s", e)
+                    last_error = str(e)
                 except Exception:  # noqa: BLE001 - keep the node alive; the next pass retries
                     log.exception("sync failed")
                 self.wake.wait(self._next_wait())
