@@ -111,8 +111,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--monitoring", type=_bool, default=True, metavar="BOOL", help="accepted for the seed")
     p.add_argument("--cgroup-root", default=env("KMESH_CGROUP_ROOT"),
                    help="cgroup v2 directory to attach to (env KMESH_CGROUP_ROOT); required")
-    p.add_argument("--i-know-this-is-the-node-root", action="store_true",
-                   help="allow attaching at the machine's cgroup v2 root (node-wide redirection)")
+    p.add_argument("--i-know-this-is-the-node-root", "--node-wide", action="store_true",
+                   dest="i_know_this_is_the_node_root",
+                   help="allow attaching at the node's cgroup v2 root (node-wide redirection, as in a "
+                        "cluster); mounts cgroup2 at --cgroup-root if it is not mounted yet")
     p.add_argument("--pin-prefix", default=env("KMESH_PIN_PREFIX", "kmesh"),
                    help="pin directory name under /sys/fs/bpf (env KMESH_PIN_PREFIX)")
     p.add_argument("--bpf-fs", default=env("KMESH_BPF_FS", str(BPF_FS)),

@@ -118,8 +118,13 @@ def _open_dataplane(dataplane_cls: Any, cfg: DaemonConfig) -> Any:
     import inspect
 
     kwargs: dict[str, Any] = {}
-    if cfg.allow_node_root and "allow_root" in inspect.signature(dataplane_cls.open).parameters:
-        kwargs["allow_root"] = True
+    if cfg.allow_node_root:
+        from daemon.cgroupmount import ensure_cgroup2
+
+        if ensure_cgroup2(Path(cfg.cgroup_root)):
+            log.info("mounted cgroup2", extra={"path": str(cfg.cgroup_root)})
+        if "allow_root" in inspect.signature(dataplane_cls.open).parameters:
+            kwargs["allow_root"] = True
     return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, **kwargs)
 
 

@@ -130,7 +130,8 @@ def test_daemonset_runtime_settings(objects: list[dict]) -> None:
     assert spec["priorityClassName"] == "system-node-critical" and spec["serviceAccountName"] == "kmesh"
     (c,) = spec["containers"]
     assert c["command"] == ["kmesh-daemon"] and c["image"] == "example.com/kmesh:1"
-    assert c["args"] == ["--mode=dual-engine", "--enable-bypass=false", "--enable-bpf-log=true"]
+    assert c["args"][:3] == ["--mode=dual-engine", "--enable-bypass=false", "--enable-bpf-log=true"]
+    assert "--node-wide" in c["args"]  # attach at the node cgroup2 root mounted at KMESH_CGROUP_ROOT
     assert c["securityContext"]["privileged"] is True
     assert c["resources"]["limits"] == {"cpu": "1", "memory": "800Mi"}
     assert c["resources"]["requests"] == {"cpu": "100m", "memory": "200Mi"}
