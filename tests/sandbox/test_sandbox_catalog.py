@@ -11,6 +11,7 @@ import pytest
 from sandbox.images import ImageError, NodeContext, classify, daemon_flags, repository, resolve
 from sandbox.kubelet import podspec
 
+
 @pytest.fixture(autouse=True)
 def _no_daemon_override(monkeypatch: pytest.MonkeyPatch) -> None:
     """The development override (KMESH_SANDBOX_DAEMON_COMMAND) must not leak into these rules."""
