@@ -41,6 +41,7 @@ class ResourceType:
 
 _STD = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 _ISTIO_VERSIONS = ("v1alpha3", "v1beta1")
+_ISTIO_SECURITY_VERSIONS = ("v1", "v1beta1")  # security.istio.io serves both (v1 stored)
 
 RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("", ("v1",), "Namespace", "namespaces", False, ("ns",), ("status",)),
@@ -95,6 +96,26 @@ RESOURCES: tuple[ResourceType, ...] = (
         ("dr",),
         builtin=False,
         categories=("istio-io", "networking-istio-io"),
+    ),
+    ResourceType(
+        "security.istio.io",
+        _ISTIO_SECURITY_VERSIONS,
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+        True,
+        ("ap",),
+        builtin=False,
+        categories=("istio-io", "security-istio-io"),
+    ),
+    ResourceType(
+        "security.istio.io",
+        _ISTIO_SECURITY_VERSIONS,
+        "PeerAuthentication",
+        "peerauthentications",
+        True,
+        ("pa",),
+        builtin=False,
+        categories=("istio-io", "security-istio-io"),
     ),
     ResourceType(
         "gateway.networking.k8s.io",
