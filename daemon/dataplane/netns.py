@@ -116,7 +116,7 @@ def control_connect(netns: str | Path, enable: bool, ipv6: bool = False, cgroup:
     """
     path = netns_path(netns)
     if cgroup is None:
-        err = _control_here(enable, ipv6)
+        err = _in_netns(path, lambda: _control_here(enable, ipv6))
     else:
         fam = socket.AF_INET6 if ipv6 else socket.AF_INET
         port = PORT_ENABLE if enable else PORT_DISABLE
