@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 APT_PKGS=(python3-bpfcc libbpfcc bpfcc-tools clang bpftool linux-headers-amd64 iproute2
-          wrk python3-venv python3-dev kmod)
+          wrk python3-venv python3-dev kmod curl util-linux)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -18,6 +18,8 @@ if ((${#missing[@]})); then
     apt-get update -q >&2 || true
     apt-get install -y -q "${missing[@]}" >&2
 fi
+
+command -v kubectl >/dev/null 2>&1 || echo "setup: warning: kubectl not found; the kubectl-driven tests need it" >&2
 
 # Merged kernel-header tree for bcc: Debian splits headers into -common and -amd64.
 KSRC="$ROOT/.build/kernel-src"
