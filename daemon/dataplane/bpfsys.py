@@ -1,7 +1,8 @@
-"""The few bpf(2) commands bcc's Python API lacks, called directly through libc.
+"""bpf(2) commands called directly through libc, so the long-lived daemon never loads libbcc.
 
-Used to open pinned maps without compiling anything (read-back of existing pins, migration
-of the manage map), and to detach / query cgroup attachments.
+Everything after the compile (which runs in a short-lived child, see loader.py) goes through
+here: opening pinned maps, element and batch map I/O, attaching / detaching / querying cgroup
+programs, object info.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import os
 import struct
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_OBJ_GET = 7
+BPF_PROG_ATTACH = 8
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 BPF_PROG_DETACH = 9
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
@@ -35,6 +43,48 @@ def _bpf(cmd: int, attr: ct.Array) -> int:
         err = ct.get_errno()
         raise OSError(err, os.strerror(err))
     return int(res)
+
+
+def _bpf_rc(cmd: int, attr: ct.Array) -> int:
+    """Like _bpf but returns 0 or the errno instead of raising (batch calls report partial work)."""
+    res = _libc.syscall(ct.c_long(_NR_BPF), ct.c_int(cmd), attr, ct.c_uint(ct.sizeof(attr)))
+    return ct.get_errno() if res < 0 else 0
+
+
+_ELEM = struct.Struct("=IIQQQ")  # map_fd, pad, key, value/next_key, flags
+_BATCH = struct.Struct("=QQQQIIQQ")  # in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
+
+
+def map_lookup(fd: int, key: ct.Array, value: ct.Array) -> int:
+    """0, or the errno (ENOENT when absent)."""
+    attr = ct.create_string_buffer(_ELEM.size)
+    _ELEM.pack_into(attr, 0, fd, 0, ct.addressof(key), ct.addressof(value), 0)
+    return _bpf_rc(BPF_MAP_LOOKUP_ELEM, attr)
+
+
+def map_delete(fd: int, key: ct.Array) -> int:
+    attr = ct.create_string_buffer(_ELEM.size)
+    _ELEM.pack_into(attr, 0, fd, 0, ct.addressof(key), 0, 0)
+    return _bpf_rc(BPF_MAP_DELETE_ELEM, attr)
+
+
+def map_batch(cmd: int, fd: int, keys: ct.Array | None, values: ct.Array | None, count: int,
+              in_batch: ct.Array | None = None, out_batch: ct.Array | None = None) -> tuple[int, int]:
+    """One BPF_MAP_*_BATCH call: returns (errno or 0, elements processed)."""
+    attr = ct.create_string_buffer(_BATCH.size)
+    _BATCH.pack_into(attr, 0, ct.addressof(in_batch) if in_batch is not None else 0,
+                     ct.addressof(out_batch) if out_batch is not None else 0,
+                     ct.addressof(keys) if keys is not None else 0,
+                     ct.addressof(values) if values is not None else 0, count, fd, 0, 0)
+    err = _bpf_rc(cmd, attr)
+    return err, struct.unpack_from("=I", attr, 32)[0]
+
+
+def prog_attach(cgroup_fd: int, prog_fd: int, attach_type: int) -> None:
+    """BPF_PROG_ATTACH with flags 0: replaces our previous (single) program of that type in place."""
+    attr = ct.create_string_buffer(20)
+    struct.pack_into("=IIII", attr, 0, cgroup_fd, prog_fd, attach_type, 0)
+    _bpf(BPF_PROG_ATTACH, attr)
 
 
 def obj_get(path: str) -> int:

@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from daemon.dataplane import bpfsys, events, layout, readback
-from daemon.dataplane.loader import ATTACH_TYPES, Loaded, check_cgroup, compile_programs
+from daemon.dataplane.loader import ATTACH_TYPES, Programs, check_cgroup, load_in_child
 from daemon.dataplane.mapio import MapIO
 from daemon.dataplane.model import Projection
 from daemon.dataplane.reconciler import Reconciler, decode_name
+from daemon.dataplane.ringbuf import RingBuffer
 from daemon.dataplane.types import Capacity, ConnEvent, ReconcileResult
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _remove_generation(gen_dir: Path) -> None:
 class Dataplane:
     """See daemon/dataplane/__init__.py for the contract."""
 
-    def __init__(self, cgroup: Path, pin_dir: Path, capacity: Capacity, loaded: Loaded,
+    def __init__(self, cgroup: Path, pin_dir: Path, capacity: Capacity, loaded: Programs,
                  gen_dir: Path, old_generations: list[Path]) -> None:
         self.cgroup = cgroup
         self.pin_dir = pin_dir
@@ -76,7 +77,7 @@ class Dataplane:
         self.reconciler = Reconciler(loaded.maps, capacity)
         self.reconciler.load()
         self.attached = False
-        self._ring_open = False
+        self._ring: RingBuffer | None = None
         self._callback: Callable[[ConnEvent], None] | None = None
 
     # ------------------------------------------------------------------ open
@@ -96,9 +97,12 @@ class Dataplane:
             log.warning("pin generation %s is incomplete or foreign; recreating it", gen_dir)
             _remove_generation(gen_dir)
         old = sorted(d for d in pins.iterdir() if d.is_dir() and GEN_RE.match(d.name) and d != gen_dir)
-        loaded = compile_programs(gen_dir, cap)
-        loaded.maps["layout"].update(layout.U32.pack(0), bytes(layout.LayoutVal(layout.LAYOUT_VERSION)))
-        dp = cls(cg, pins, cap, loaded, gen_dir, old)
+        loaded = load_in_child(gen_dir, cap)  # compiles in a child; writes the layout version
+        try:
+            dp = cls(cg, pins, cap, loaded, gen_dir, old)
+        except BaseException:
+            loaded.cleanup()
+            raise
         if old:
             # Another generation exists: it may be what is attached now. Carry enrolment over,
             # and attach only once the first sync() has filled the new maps.
@@ -164,7 +168,7 @@ class Dataplane:
     def map_pressure(self) -> dict[str, dict]:
         counts = self.reconciler.counts()  # no lock: a metrics scrape must not wait for a sync
         for name in ("manage", "sock"):
-            counts[name] = len(self._loaded.maps[name].dump())
+            counts[name] = self._loaded.maps[name].count()
         out = {}
         for name, n in counts.items():
             mx = self._loaded.maps[name].max_entries
@@ -189,7 +193,7 @@ class Dataplane:
         v = self._loaded.maps["names"].lookup(layout.NAME_KEY.pack(layout.NAME_BACKEND, bid))
         return decode_name(v)[0] if v else f"#{bid}"
 
-    def _on_event(self, _ctx: object, data: int, _size: int) -> None:
+    def _on_event(self, data: bytes) -> None:
         cb = self._callback
         if cb is not None:
             cb(events.decode(data, self._service_name, self._backend_uid))
@@ -197,16 +201,18 @@ class Dataplane:
     def poll_events(self, callback: Callable[[ConnEvent], None], timeout_ms: int = 100) -> None:
         """Deliver ring-buffer events to callback, waiting up to timeout_ms for the first."""
         self._callback = callback
-        if not self._ring_open:
-            self._loaded.bpf[b"km_events"].open_ring_buffer(self._on_event)
-            self._ring_open = True
-        self._loaded.bpf.ring_buffer_poll(timeout_ms)
+        if self._ring is None:
+            self._ring = RingBuffer(self._loaded.ring_fd)
+        self._ring.poll(self._on_event, timeout_ms)
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Release this process's handles; programs stay attached and maps pinned."""
         if self._cgroup_fd < 0:
             return
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         self._loaded.cleanup()
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)

@@ -22,9 +22,9 @@ def port_of(net16: int) -> int:
     return int.from_bytes(net16.to_bytes(2, sys.byteorder), "big")
 
 
-def decode(data: int, service_name: Callable[[int], str], backend_uid: Callable[[int], str]) -> ConnEvent:
-    """data is the pointer bcc hands the ring-buffer callback."""
-    ev = ct.cast(data, ct.POINTER(L.Event)).contents
+def decode(data: bytes, service_name: Callable[[int], str], backend_uid: Callable[[int], str]) -> ConnEvent:
+    """data is one ring-buffer record (struct km_event)."""
+    ev = L.Event.from_buffer_copy(data[:ct.sizeof(L.Event)])
     return ConnEvent(
         ts_ns=ev.ts_ns,
         kind=L.EVENT_KINDS.get(ev.kind, str(ev.kind)),

@@ -1,4 +1,12 @@
-"""Compile bpf/*.c with bcc in one module (so every program shares the pinned maps) and attach.
+"""Compile bpf/*.c with bcc in one module (so every program shares the pinned maps).
+
+The compile runs in a short-lived child process (``python -m daemon.dataplane.loader``, see
+``load_in_child``): bcc and the LLVM it carries cost ~120 MiB of resident memory that a
+long-lived daemon would otherwise keep for its whole life. The child creates or reuses the
+pinned maps, checks their layouts, loads the programs and hands the program fds and the ring
+buffer fd to the parent over a unix socket (SCM_RIGHTS), then exits. The parent attaches the
+programs with plain bpf(2) calls and does all map I/O itself (bpfsys, mapio, ringbuf); it never
+imports bcc.
 
 bcc can only rewrite map method calls (``km_frontend.lookup(...)``) in the main source text,
 never in ``#include``d files, so local ``#include "x.h"`` lines are expanded here, each header
@@ -7,10 +15,15 @@ once, before the text reaches clang.
 
 from __future__ import annotations
 
+import argparse
 import ctypes as ct
+import json
 import os
 import re
-from dataclasses import dataclass, field
+import socket
+import subprocess
+import sys
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +113,8 @@ class Loaded:
 
     def attach(self, cgroup_fd: int) -> None:
         """Attach every program (flags 0: replaces our previous program of each type in place)."""
-        from bcc import BPF
-
         for name, attach_type in ATTACH_TYPES.items():
-            BPF.attach_func(self.functions[name], cgroup_fd, attach_type)
+            bpfsys.prog_attach(cgroup_fd, self.functions[name].fd, attach_type)
 
     def prog_ids(self) -> dict[str, int]:
         """Kernel program id of each loaded program (what bpftool shows)."""
@@ -118,6 +129,11 @@ class Loaded:
 
 
 def compile_programs(gen_dir: Path, cap: Capacity) -> Loaded:
+    """In-process compile (the loader child, and benchmarks of the reconciler alone)."""
+    return _compile(gen_dir, cap)
+
+
+def _compile(gen_dir: Path, cap: Capacity) -> Loaded:
     """Compile and load every program; maps are created and pinned under gen_dir, or reused."""
     ensure_kernel_source()
     from bcc import BPF
@@ -138,3 +154,92 @@ def compile_programs(gen_dir: Path, cap: Capacity) -> Loaded:
     for name in SOCKOPS_PROGRAMS:
         loaded.functions[name] = bpf.load_func(name.encode(), BPF.SOCK_OPS)
     return loaded
+
+
+# ------------------------------------------------------------------ child process
+@dataclass
+class Programs:
+    """What the loader child handed over: loaded (not yet attached) programs, the ring buffer,
+    and the pinned maps opened by path. All fds belong to this process."""
+
+    prog_fds: dict[str, int]
+    ring_fd: int
+    maps: dict[str, MapIO]
+
+    def attach(self, cgroup_fd: int) -> None:
+        """Attach every program (flags 0: replaces our previous program of each type in place)."""
+        for name, attach_type in ATTACH_TYPES.items():
+            bpfsys.prog_attach(cgroup_fd, self.prog_fds[name], attach_type)
+
+    def prog_ids(self) -> dict[str, int]:
+        return {name: bpfsys.obj_id(fd) for name, fd in self.prog_fds.items()}
+
+    def cleanup(self) -> None:
+        """Close fds; attachments and pins stay (restart semantics)."""
+        for m in self.maps.values():
+            m.close()
+        for fd in [*self.prog_fds.values(), self.ring_fd]:
+            if fd >= 0:
+                os.close(fd)
+        self.prog_fds = {}
+        self.ring_fd = -1
+
+
+def load_in_child(gen_dir: Path, cap: Capacity, timeout: float = 300.0) -> Programs:
+    """Compile and load in a child process; maps are created and pinned under gen_dir, or reused."""
+    ensure_kernel_source()
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "daemon.dataplane.loader", "--gen-dir", str(gen_dir),
+           "--capacity", json.dumps(astuple(cap)), "--fd", str(child.fileno())]
+    try:
+        with child:
+            proc = subprocess.run(cmd, pass_fds=(child.fileno(),), env=env, capture_output=True, text=True,
+                                  timeout=timeout, check=False)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            raise RuntimeError(f"BPF compile/load failed (exit {proc.returncode}): "
+                               f"{' | '.join(lines[-3:])[-600:]}")
+        parent.settimeout(5)
+        msg, fds, flags, _ = socket.recv_fds(parent, 65536, 16)
+    finally:
+        parent.close()
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise RuntimeError("BPF loader: file descriptors were truncated in transit")
+    names = json.loads(msg)["fds"]
+    by_name = dict(zip(names, fds, strict=True))
+    ring_fd = by_name.pop("km_events")
+    maps: dict[str, MapIO] = {}
+    try:
+        for name in layout.MAP_LAYOUTS:
+            maps[name] = MapIO.open_pinned(name, str(gen_dir / name))
+    except OSError:
+        for m in maps.values():
+            m.close()
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Programs(by_name, ring_fd, maps)
+
+
+def _child_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m daemon.dataplane.loader")
+    ap.add_argument("--gen-dir", required=True)
+    ap.add_argument("--capacity", required=True, help="JSON list of Capacity fields")
+    ap.add_argument("--fd", type=int, required=True, help="unix socket to send the fds over")
+    a = ap.parse_args(argv)
+    cap = Capacity(*json.loads(a.capacity))
+    loaded = _compile(Path(a.gen_dir), cap)
+    loaded.maps["layout"].update(layout.U32.pack(0), bytes(layout.LayoutVal(layout.LAYOUT_VERSION)))
+    names = [*loaded.functions, "km_events"]
+    fds = [fn.fd for fn in loaded.functions.values()] + [loaded.bpf[b"km_events"].map_fd]
+    with socket.socket(fileno=a.fd) as sock:
+        socket.send_fds(sock, [json.dumps({"fds": names}).encode()], fds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main())

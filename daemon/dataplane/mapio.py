@@ -1,4 +1,4 @@
-"""Batched access to one pinned map by fd (bcc's libbcc wrappers around BPF_MAP_*_BATCH).
+"""Batched access to one pinned map by fd, through raw bpf(2) calls (bpfsys), never libbcc.
 
 Keys and values travel as packed ``bytes`` (see layout.py packers), so building a 100k-entry
 batch is one ``b"".join`` instead of 100k ctypes objects.
@@ -13,12 +13,6 @@ import os
 from daemon.dataplane import bpfsys
 
 _BATCH = 32768
-
-
-def _lib():  # noqa: ANN202 - bcc's CDLL handle
-    from bcc.libbcc import lib
-
-    return lib
 
 
 class MapIO:
@@ -46,66 +40,84 @@ class MapIO:
 
     def update_batch(self, keys: list[bytes], values: list[bytes]) -> None:
         """Insert or replace; raises OSError (e.g. E2BIG when full)."""
-        lib = _lib()
         for start in range(0, len(keys), _BATCH):
             ks = keys[start:start + _BATCH]
-            n = len(ks)
-            kbuf = ct.create_string_buffer(b"".join(ks), n * self.key_size)
-            vbuf = ct.create_string_buffer(b"".join(values[start:start + _BATCH]), n * self.value_size)
-            cnt = ct.c_uint32(n)
-            if lib.bpf_update_batch(self.fd, ct.byref(kbuf), ct.byref(vbuf), ct.byref(cnt)) != 0:
-                err = ct.get_errno()
+            self.update_raw(b"".join(ks), b"".join(values[start:start + _BATCH]), len(ks))
+
+    def update_raw(self, keys: bytes, values: bytes, n: int) -> None:
+        """Insert or replace n elements given as packed key and value arrays."""
+        ksz, vsz = self.key_size, self.value_size
+        for start in range(0, n, _BATCH):
+            m = min(_BATCH, n - start)
+            kbuf = ct.create_string_buffer(keys[start * ksz:(start + m) * ksz], m * ksz)
+            vbuf = ct.create_string_buffer(values[start * vsz:(start + m) * vsz], m * vsz)
+            err, _ = bpfsys.map_batch(bpfsys.BPF_MAP_UPDATE_BATCH, self.fd, kbuf, vbuf, m)
+            if err:
                 raise OSError(err, f"{self.name}: batch update: {os.strerror(err)}")
 
     def delete_batch(self, keys: list[bytes]) -> None:
         """Delete keys; keys already absent are ignored."""
-        lib = _lib()
         for start in range(0, len(keys), _BATCH):
             ks = keys[start:start + _BATCH]
             n = len(ks)
             kbuf = ct.create_string_buffer(b"".join(ks), n * self.key_size)
-            cnt = ct.c_uint32(n)
-            if lib.bpf_delete_batch(self.fd, ct.byref(kbuf), ct.byref(cnt)) == 0:
+            err, done = bpfsys.map_batch(bpfsys.BPF_MAP_DELETE_BATCH, self.fd, kbuf, None, n)
+            if not err:
                 continue
-            err = ct.get_errno()
             if err != errno.ENOENT:
                 raise OSError(err, f"{self.name}: batch delete: {os.strerror(err)}")
-            for k in ks[cnt.value:]:  # the batch stopped at a missing key: finish one by one
+            for k in ks[done:]:  # the batch stopped at a missing key: finish one by one
                 kb = ct.create_string_buffer(k, self.key_size)
-                if lib.bpf_delete_elem(self.fd, ct.byref(kb)) != 0:
-                    e = ct.get_errno()
-                    if e != errno.ENOENT:
-                        raise OSError(e, f"{self.name}: delete: {os.strerror(e)}")
+                e = bpfsys.map_delete(self.fd, kb)
+                if e and e != errno.ENOENT:
+                    raise OSError(e, f"{self.name}: delete: {os.strerror(e)}")
 
     def dump(self) -> list[tuple[bytes, bytes]]:
         """Every (key, value) in the map, with batch lookups."""
-        lib = _lib()
         chunk = max(1, min(self.max_entries, _BATCH))
         kbuf = ct.create_string_buffer(chunk * self.key_size)
         vbuf = ct.create_string_buffer(chunk * self.value_size)
-        in_tok, out_tok = ct.c_uint32(0), ct.c_uint32(0)
+        in_tok = ct.create_string_buffer(8)
+        out_tok = ct.create_string_buffer(8)
         out: list[tuple[bytes, bytes]] = []
         first = True
+        ks, vs = self.key_size, self.value_size
         while True:
-            cnt = ct.c_uint32(chunk)
-            res = lib.bpf_lookup_batch(self.fd, None if first else ct.byref(in_tok), ct.byref(out_tok),
-                                       ct.byref(kbuf), ct.byref(vbuf), ct.byref(cnt))
-            err = ct.get_errno() if res != 0 else 0
-            if res != 0 and err != errno.ENOENT:
+            err, cnt = bpfsys.map_batch(bpfsys.BPF_MAP_LOOKUP_BATCH, self.fd, kbuf, vbuf, chunk,
+                                        None if first else in_tok, out_tok)
+            if err and err != errno.ENOENT:
                 raise OSError(err, f"{self.name}: batch lookup: {os.strerror(err)}")
             kraw, vraw = kbuf.raw, vbuf.raw
-            ks, vs = self.key_size, self.value_size
-            out.extend((kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(cnt.value))
-            if res != 0:
+            out.extend((kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(cnt))
+            if err:
                 return out
-            in_tok.value = out_tok.value
+            ct.memmove(in_tok, out_tok, 8)
+            first = False
+
+    def count(self) -> int:
+        """Number of elements, by batch lookups into one reused buffer: no per-element Python
+        objects (a 65k-entry map costs a few kernel copies, not 65k tuples)."""
+        chunk = max(1, min(self.max_entries, _BATCH))
+        kbuf = ct.create_string_buffer(chunk * self.key_size)
+        vbuf = ct.create_string_buffer(chunk * self.value_size)
+        in_tok = ct.create_string_buffer(8)
+        out_tok = ct.create_string_buffer(8)
+        total, first = 0, True
+        while True:
+            err, cnt = bpfsys.map_batch(bpfsys.BPF_MAP_LOOKUP_BATCH, self.fd, kbuf, vbuf, chunk,
+                                        None if first else in_tok, out_tok)
+            if err and err != errno.ENOENT:
+                raise OSError(err, f"{self.name}: batch lookup: {os.strerror(err)}")
+            total += cnt
+            if err:
+                return total
+            ct.memmove(in_tok, out_tok, 8)
             first = False
 
     def lookup(self, key: bytes) -> bytes | None:
-        lib = _lib()
         kb = ct.create_string_buffer(key, self.key_size)
         vb = ct.create_string_buffer(self.value_size)
-        if lib.bpf_lookup_elem(self.fd, ct.byref(kb), ct.byref(vb)) != 0:
+        if bpfsys.map_lookup(self.fd, kb, vb) != 0:
             return None
         return vb.raw
 
