@@ -22,6 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster-id", default="Kubernetes", help="cluster id accepted")
     p.add_argument("--revision", default="default", help="istio revision: Service istiod-<rev>")
     p.add_argument("--namespace", default="istio-system", help="istio namespace (default istio-system)")
+    p.add_argument("--root-namespace", default=None,
+                   help="mesh root namespace: its AuthorizationPolicies without selector are GLOBAL "
+                        "(default: --namespace)")
     p.add_argument("--tls-port", type=int, default=15012, help="TLS xDS port (0 = any free port)")
     p.add_argument("--plaintext-port", type=int, default=15010, help="plaintext xDS port (0 = any; -1 = off)")
     p.add_argument("--state-dir", required=True, type=Path, help="CA and serving certificate live here")
@@ -72,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         ports = f"tls {args.tls_port}, plaintext {args.plaintext_port}"
         print(f"error: cannot listen on 127.0.0.1 ({ports}): {e}; pick free ports (0 = any)", file=sys.stderr)
         return 1
-    controller = Controller(api_client, store, args.cluster_id, cert.root_pem)
+    controller = Controller(api_client, store, args.cluster_id, cert.root_pem,
+                            root_namespace=args.root_namespace or args.namespace)
     controller.start()
     if not controller.wait_synced(60):  # istiod too refuses streams before its caches are synced
-        print("error: could not list namespaces/services/pods from the API server in 60s", file=sys.stderr)
+        print("error: could not list namespaces/services/pods/authorizationpolicies from the API server "
+              "in 60s; is it the sandbox API server (it serves security.istio.io)?", file=sys.stderr)
         return 1
     for s in servers:
         s.start()

@@ -1,9 +1,11 @@
-"""Watch Namespaces, Pods, Services (and Nodes, for locality) and keep the resource store current.
+"""Watch Namespaces, Pods, Services, AuthorizationPolicies (and Nodes, for locality); keep the store current.
 
 List-then-watch per kind, through the official kubernetes client, with raw JSON objects
 (``_preload_content=False`` / ``raw_object``) so nothing is lost to model conversion. Each
 event recomputes only what it can affect: a pod -> its workload; a service -> the service and
-the workloads of its namespace; a namespace -> its workloads and its root-cert ConfigMap.
+the workloads of its namespace; a namespace -> its workloads and its root-cert ConfigMap; an
+AuthorizationPolicy -> its Authorization resource and the workloads it may select (its namespace,
+or every namespace from the root namespace), whose ``authorization_policies`` name it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.xds.gen.istio.workload import workload_pb2 as wl
-from sandbox.pilot import translate
-from sandbox.pilot.server import ADDRESS_TYPE, ResourceStore
+from sandbox.pilot import authz, translate
+from sandbox.pilot.server import ADDRESS_TYPE, AUTHORIZATION_TYPE, ResourceStore
 
 log = logging.getLogger("sandbox.pilot.controller")
 ROOT_CERT_CONFIGMAP = "istio-ca-root-cert"
 ROOT_CERT_KEY = "root-cert.pem"
+SECURITY_GROUP, SECURITY_VERSION, AUTHZ_PLURAL = "security.istio.io", "v1", "authorizationpolicies"
 
 Obj = dict[str, Any]
 
@@ -82,18 +85,21 @@ class Watcher:
 
 
 class Controller:
-    """Kubernetes state -> ResourceStore (Address type), plus the root-cert ConfigMaps."""
+    """Kubernetes state -> ResourceStore (Address and Authorization types), plus the root-cert ConfigMaps."""
 
-    def __init__(self, api_client: Any, store: ResourceStore, cluster_id: str, root_pem: bytes) -> None:
+    def __init__(self, api_client: Any, store: ResourceStore, cluster_id: str, root_pem: bytes,
+                 root_namespace: str = authz.ROOT_NAMESPACE) -> None:
         self.api_client = api_client
         self.store = store
         self.cluster_id = cluster_id
         self.root_pem = root_pem.decode()
+        self.root_namespace = root_namespace  # meshConfig.rootNamespace: GLOBAL policies live here
         self._lock = threading.RLock()
         self.pods: dict[tuple[str, str], Obj] = {}
         self.services: dict[tuple[str, str], Obj] = {}
         self.namespaces: dict[str, Obj] = {}
         self.nodes: dict[str, Obj] = {}
+        self.policies: dict[tuple[str, str], Obj] = {}  # AuthorizationPolicies that are served
         self._stop = threading.Event()
         self._published: set[str] = set()
         self._watchers: list[Watcher] = []
@@ -103,11 +109,17 @@ class Controller:
         from kubernetes import client
 
         core = client.CoreV1Api(self.api_client)
+        custom = client.CustomObjectsApi(self.api_client)
+
+        def list_policies(**kw: Any) -> Any:
+            return custom.list_cluster_custom_object(SECURITY_GROUP, SECURITY_VERSION, AUTHZ_PLURAL, **kw)
+
         specs = [
             ("namespaces", core.list_namespace, self._list_namespaces, self._on_namespace),
             ("services", core.list_service_for_all_namespaces, self._list_services, self._on_service),
             ("pods", core.list_pod_for_all_namespaces, self._list_pods, self._on_pod),
             ("nodes", core.list_node, self._list_nodes, self._on_node),
+            ("authorizationpolicies", list_policies, self._list_policies, self._on_policy),
         ]
         for name, fn, on_list, on_event in specs:
             w = Watcher(name, fn, on_list, on_event, self._stop)
@@ -149,6 +161,14 @@ class Controller:
             self.nodes = {o["metadata"]["name"]: o for o in items}
         self.rebuild()
 
+    def _list_policies(self, items: list[Obj]) -> None:
+        with self._lock:
+            self.policies = {}
+            for o in items:
+                if self._authorization(o) is not None:
+                    self.policies[_key(o)] = o
+        self.rebuild()
+
     # ---- event handlers --------------------------------------------------------------------
     def _on_namespace(self, kind: str, obj: Obj) -> None:
         name = obj["metadata"]["name"]
@@ -188,6 +208,29 @@ class Controller:
             self.pods[key] = obj
         self._recompute_pods(lambda p: _key(p) == key)
 
+    def _on_policy(self, kind: str, obj: Obj) -> None:
+        key = _key(obj)
+        name = authz.policy_key(obj)
+        with self._lock:
+            res = None if kind == "DELETED" else self._authorization(obj)
+            if res is None:
+                self.policies.pop(key, None)
+                self.store.update(AUTHORIZATION_TYPE, removed=[name])
+            else:
+                self.policies[key] = obj
+                self.store.update(AUTHORIZATION_TYPE, {name: res.SerializeToString()})
+        if key[0] == self.root_namespace:
+            self._recompute_pods(lambda p: True)
+        else:
+            self._recompute_pods(lambda p: p["metadata"]["namespace"] == key[0])
+
+    def _authorization(self, obj: Obj) -> Any:
+        """The converted policy (None: not for ztunnel); istiod's warnings go to the log."""
+        converted = authz.convert(obj, self.root_namespace)
+        for warning in converted.warnings:
+            log.warning("AuthorizationPolicy %s: %s", authz.policy_key(obj), warning)
+        return converted.policy
+
     def _on_node(self, kind: str, obj: Obj) -> None:
         name = obj["metadata"]["name"]
         with self._lock:
@@ -204,7 +247,12 @@ class Controller:
         node = self.nodes.get((pod.get("spec") or {}).get("nodeName") or "", {})
         node_labels = (node.get("metadata") or {}).get("labels") or {}
         svcs = [s for (sns, _), s in self.services.items() if sns == ns]
-        return translate.pod_workload(pod, svcs, self.cluster_id, ns_labels, node_labels)
+        w = translate.pod_workload(pod, svcs, self.cluster_id, ns_labels, node_labels)
+        if w is not None and self.policies:
+            labels = pod["metadata"].get("labels") or {}
+            w.authorization_policies.extend(
+                authz.selected_policies(self.policies.values(), ns, labels, self.root_namespace))
+        return w
 
     def _recompute_pods(self, which: Callable[[Obj], bool]) -> None:
         with self._lock:
@@ -235,6 +283,12 @@ class Controller:
                     uid = translate.workload_uid(self.cluster_id, *key)
                     full[uid] = wl.Address(workload=w).SerializeToString()
             self.store.replace(ADDRESS_TYPE, full)
+            policies: dict[str, bytes] = {}
+            for obj in self.policies.values():
+                res = authz.convert(obj, self.root_namespace).policy
+                if res is not None:
+                    policies[authz.policy_key(obj)] = res.SerializeToString()
+            self.store.replace(AUTHORIZATION_TYPE, policies)
 
     # ---- Kubernetes side effects -------------------------------------------------------------
     def publish_root_cert(self, namespace: str) -> None:

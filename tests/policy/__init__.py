@@ -1,0 +1,1 @@
+"""AuthorizationPolicy end-to-end tests (sandbox API server -> pilot -> xDS client / daemon)."""
