@@ -13,8 +13,8 @@ from pathlib import Path
 os.environ["TYPER_USE_RICH"] = "0"  # plain click help: stable text for a README
 os.environ["COLUMNS"] = "100"
 
-import click  # noqa: E402
 import typer  # noqa: E402
+import typer._click.core as click  # noqa: E402  (typer vendors click)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -25,7 +25,7 @@ END = "<!-- cli-reference:end -->"
 def _walk(cmd: click.Command, path: list[str], parent: click.Context | None) -> list[tuple[str, str]]:
     ctx = click.Context(cmd, info_name=path[-1], parent=parent, terminal_width=100, max_content_width=100)
     out = [(" ".join(path), cmd.get_help(ctx))]
-    if isinstance(cmd, click.Group):
+    if hasattr(cmd, "list_commands"):
         for name in sorted(cmd.list_commands(ctx)):
             sub = cmd.get_command(ctx, name)
             if sub is not None and not getattr(sub, "hidden", False):
