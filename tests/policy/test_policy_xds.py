@@ -171,3 +171,47 @@ def test_reconnect_resyncs_policies_changed_while_away(cluster: Cluster, xds: An
     authz_versions = client.last_initial_versions["type.googleapis.com/istio.security.Authorization"]
     assert f"{ns}/stale" in authz_versions and f"{ns}/kept" in authz_versions
     no_nacks(client)
+
+
+def test_kubectl_apply_short_name_and_delete(cluster: Cluster, xds: Any, tmp_path: Any) -> None:
+    """What users type: kubectl apply a v1beta1 manifest, list it as ``ap``, delete it."""
+    import subprocess
+
+    ns = cluster.namespace("p-kubectl")
+    client, state = xds()
+    manifest = tmp_path / "ap.yaml"
+    manifest.write_text(f"""apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: from-front
+  namespace: {ns}
+spec:
+  selector:
+    matchLabels:
+      app: api
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        namespaces: ["front"]
+    to:
+    - operation:
+        ports: ["8443"]
+""")
+
+    def kubectl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["kubectl", "--kubeconfig", str(cluster.kubeconfig), *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    applied = kubectl("apply", "-f", str(manifest))
+    assert applied.returncode == 0, applied.stderr
+    assert "authorizationpolicy.security.istio.io/from-front created" in applied.stdout
+    listed = kubectl("get", "ap", "-n", ns, "-o", "name")
+    assert listed.stdout.split() == ["authorizationpolicy.security.istio.io/from-front"], listed.stderr
+    got = wait_for(lambda: policies(state, ns).get("from-front"), 10, "applied policy")
+    assert (got["scope"], got["action"]) == ("WorkloadSelector", "Allow")
+    assert got["rules"] == [[[{"destinationPorts": [8443]}], [{"namespaces": [{"Exact": "front"}]}]]]
+    deleted = kubectl("delete", "-f", str(manifest))
+    assert deleted.returncode == 0, deleted.stderr
+    wait_for(lambda: "from-front" not in policies(state, ns), 10, "deleted policy removed")
+    no_nacks(client)
