@@ -34,8 +34,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", choices=SECTIONS,
                    help="run only this section (repeatable); default: all")
-    p.add_argument("--rounds", type=int, default=5, help="data-plane rounds per mode (default 5)")
-    p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
+    p.add_argument("--rounds", type=int, default=7, help="data-plane rounds per mode (default 7)")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds per wrk run (default 2)")
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"data-plane modes, comma-separated (default {','.join(MODES)})")

@@ -49,8 +49,8 @@ BACKEND_UID = "Kubernetes//Pod/bench/echo-0"
 class Settings:
     """Knobs of one data-plane run; defaults keep the whole run around two minutes."""
 
-    rounds: int = 5
-    duration_s: float = 3.0
+    rounds: int = 7
+    duration_s: float = 2.0
     warmup_s: float = 1.0
     connections: int = 4
     pin: bool = True
