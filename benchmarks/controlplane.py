@@ -13,6 +13,13 @@ Two child processes, so neither's memory or CPU pollutes the other's figure:
 Figures: parse = first response sent -> state applied; write = state applied -> maps written;
 converge = the sum; single update = server sends one changed workload -> maps written (median of
 several); RSS of the daemon child after convergence.
+
+Who owns which share of the RSS: after the main run a second daemon child connects with the
+null data plane (no BPF, no reconciler). Its RSS growth from just before the xDS client starts
+(interpreter, grpc and protobuf already imported) to convergence is the xDS side
+(``xds_state_rss_mib``: decoded state + the cached projection); the rest of the main daemon's
+growth is the data plane's (``dataplane_rss_mib``). The same child's first response -> projection
+walked is ``xds_only_converge_s``: the xDS side's share of the convergence time.
 """
 
 from __future__ import annotations
@@ -174,10 +181,14 @@ def _open_dataplane(prefix: str) -> tuple[Any, Any]:
 
 
 def daemon_main(address: str, prefix: str) -> int:
+    import grpc  # noqa: F401 - imported before the baseline RSS: not part of anyone's state
+    from envoy.service.discovery.v3 import discovery_pb2  # noqa: F401
+
     from daemon.state import Change, State
     from daemon.wiring import DataplaneSync
     from daemon.xds.client import XdsClient, XdsConfig
 
+    _malloc_trim()
     base_rss, _ = _rss_mib()
     dp, cgroup = _open_dataplane(prefix)
     _out(json.dumps({"ev": "dataplane", "kind": getattr(dp, "kind", "bpf"), "rss_mib": _rss_mib()[0],
@@ -221,9 +232,10 @@ def daemon_main(address: str, prefix: str) -> int:
 
 # ---------------------------------------------------------------------------- orchestration
 class _Child:
-    def __init__(self, args: list[str], wrapper: list[str] | None = None) -> None:
+    def __init__(self, args: list[str], wrapper: list[str] | None = None, env: dict[str, str] | None = None
+                 ) -> None:
         cmd = [*(wrapper or []), sys.executable, "-m", "benchmarks.controlplane", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO,
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=None if env is None else {**os.environ, **env},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.lines: list[str] = []
         self.cond = threading.Condition()
@@ -312,6 +324,10 @@ def run(services: int = 10_000, endpoints: int = 10, updates: int = 15) -> dict:
         daemon.send("rss")
         _, r_line = daemon.wait(lambda s: _ev(s).get("ev") == "rss", start=rmark)
         rss = _ev(r_line)
+        daemon.close()
+        daemon = None
+        xds = _xds_share(server, port, services)
+        base = dinfo.get("rss_before_dataplane_mib") or 0.0
         return {
             "converge_100k_endpoints_s": round(t_written - t_sent, 3),
             "single_update_ms": round(statistics.median(lat), 2),
@@ -322,6 +338,11 @@ def run(services: int = 10_000, endpoints: int = 10, updates: int = 15) -> dict:
             "write_s": round(t_written - t_applied, 3),
             "single_update_p90_ms": round(sorted(lat)[int(len(lat) * 0.9) - 1], 2),
             "daemon_peak_rss_mib": rss["hwm_mib"],
+            "xds_state_rss_mib": xds["xds_state_rss_mib"],
+            "dataplane_rss_mib": round(rss["rss_mib"] - base - xds["xds_state_rss_mib"], 1),
+            "xds_only_converge_s": xds["xds_only_converge_s"],
+            "xds_only_parse_s": xds["xds_only_parse_s"],
+            "xds_only_projection_s": xds["xds_only_projection_s"],
             "rss_before_dataplane_mib": dinfo.get("rss_before_dataplane_mib"),
             "rss_after_dataplane_open_mib": dinfo.get("rss_mib"),
             "dataplane": dinfo.get("kind"),
@@ -334,6 +355,30 @@ def run(services: int = 10_000, endpoints: int = 10, updates: int = 15) -> dict:
         if daemon is not None:
             daemon.close()
         server.close()
+
+
+def _xds_share(server: _Child, port: int, services: int) -> dict[str, float]:
+    """A second daemon child on the null data plane: what the xDS side costs on its own."""
+    mark = len(server.lines)
+    child = _Child(["daemon", "--address", f"127.0.0.1:{port}", "--prefix", "xdsonly"],
+                   env={"KMESH_BENCH_NULL_DATAPLANE": "1"})
+    try:
+        _, dline = child.wait(lambda s: _ev(s).get("ev") == "dataplane", timeout=300)
+        base = _ev(dline)["rss_before_dataplane_mib"]
+        _, sent = server.wait(lambda s: s.startswith("sent address"), start=mark)
+        t_sent = float(sent.split()[3])
+        i_app, app = child.wait(lambda s: _ev(s).get("ev") == "applied" and _ev(s)["services"] >= services)
+        _, wr = child.wait(lambda s: _ev(s).get("ev") == "written" and _ev(s)["kind"] == "sync", start=i_app)
+        rmark = len(child.lines)
+        child.send("rss")
+        _, r_line = child.wait(lambda s: _ev(s).get("ev") == "rss", start=rmark)
+        t_applied, t_written = _ev(app)["t"], _ev(wr)["t"]
+        return {"xds_state_rss_mib": round(_ev(r_line)["rss_mib"] - base, 1),
+                "xds_only_converge_s": round(t_written - t_sent, 3),
+                "xds_only_parse_s": round(t_applied - t_sent, 3),
+                "xds_only_projection_s": round(t_written - t_applied, 3)}
+    finally:
+        child.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,7 @@ class ConfigDumpCache:
         out: dict[str, list[dict[str, Any]]] = {}
         st = self._state
         if "workloads" in sections:
-            rows = [dump.workload_json(dump.wl.Address.FromString(r.raw).workload)
-                    for r in list(st.workloads.values())]
+            rows = [dump.workload_json(dump.workload_message(r)) for r in list(st.workloads.values())]
             rows.sort(key=lambda w: (w["namespace"], w["name"], w["node"]))
             out["workloads"] = rows
         if "services" in sections:

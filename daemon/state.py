@@ -8,15 +8,24 @@ shared/reference/workload-xds.md section 1), and listeners get a ``Change`` nami
 services and backends may differ after each applied batch.
 
 Why incremental: at 10,000 services x 10 endpoints a full rebuild costs far more than the
-update budget (10 ms), so the projection is cached per service and per backend and only the
-entries touched by a batch are rebuilt. Records keep the resource's serialized bytes so the
-config dump can show every field without holding 100k protobuf objects in memory.
+update budget (10 ms), so the projection is cached per service and only the services touched
+by a batch are rebuilt; a rebuilt service equal to the cached one keeps the cached object, so
+the reconciler's unchanged-input check is an identity hit.
+
+Why a workload is split into a per-pod part and a shared ``WorkloadProfile``: at 100,000
+workloads memory is the budget. Only ``uid``, ``name`` and the addresses are unique to a pod;
+everything else (namespace, node, locality, status, ports per service, service account,
+canonical names, ...) is identical for the replicas of a deployment on a node. That remainder
+is kept once, as its serialized bytes (for the config dump) plus the few decoded fields the
+projection needs, and shared by every replica. A record is then ~4 pointers, its ``Backend``
+(which the projection needs anyway) and a content digest (for the "re-sent unchanged" check)
+packed with the xDS version in one bytes object.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from daemon.dataplane.model import MAX_PRIORITY, Backend, Endpoint, LbMode, Projection, Service, ServicePort
@@ -27,6 +36,13 @@ MODE_UNSPECIFIED, MODE_STRICT, MODE_FAILOVER, MODE_PASSTHROUGH = 0, 1, 2, 3
 HEALTH_ONLY_HEALTHY, HEALTH_ALLOW_ALL = 0, 1
 STATUS_HEALTHY, STATUS_UNHEALTHY = 0, 1
 
+Ports = tuple[tuple[int, int], ...]  # (service_port, target_port) pairs
+
+
+def _pack(digest: int, version: str) -> bytes:
+    """Content digest (8 bytes) + xDS version: one small object instead of an int and a str."""
+    return digest.to_bytes(8, "little", signed=True) + version.encode()
+
 
 @dataclass(slots=True)
 class ServiceRecord:
@@ -36,32 +52,179 @@ class ServiceRecord:
     namespace: str
     hostname: str
     vips: tuple[bytes, ...]
-    ports: tuple[tuple[int, int], ...]  # (service_port, target_port) in Service order
+    ports: Ports  # (service_port, target_port) in Service order
     lb_mode: int = MODE_UNSPECIFIED
     routing: tuple[int, ...] = ()
     health_policy: int = HEALTH_ONLY_HEALTHY
     raw: bytes = b""  # serialized istio.workload.Address, for config dumps
     version: str = ""
 
+    @property
+    def digest(self) -> int:
+        return hash(self.raw)  # bytes cache their hash: free after the first call
 
-@dataclass(slots=True)
-class WorkloadRecord:
-    """A Workload resource, reduced to what endpoint derivation needs (+ raw bytes)."""
+    def set_version(self, value: str) -> None:
+        self.version = value
 
-    uid: str
-    name: str
-    namespace: str
-    addresses: tuple[bytes, ...]
-    status: int = STATUS_HEALTHY
-    node: str = ""
-    cluster_id: str = ""
-    network: str = ""
-    locality: tuple[str, str, str] = ("", "", "")
-    capacity: int = 1
-    app_tunnel_port: int = 0
-    services: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
-    raw: bytes = b""
-    version: str = ""
+
+class WorkloadProfile:
+    """Everything of a Workload except uid, name and addresses; shared by identical replicas.
+
+    Immutable once built (many records point at one). ``rest`` is the serialized Workload with
+    uid, name and addresses cleared: the dump merges them back in (daemon.xds.dump).
+    """
+
+    __slots__ = ("namespace", "node", "cluster_id", "network", "locality", "status", "capacity",
+                 "app_tunnel_port", "services", "rest")
+
+    def __init__(self, namespace: str, node: str = "", cluster_id: str = "", network: str = "",
+                 locality: tuple[str, str, str] = ("", "", ""), status: int = STATUS_HEALTHY,
+                 capacity: int = 1, app_tunnel_port: int = 0, services: tuple[tuple[str, Ports], ...] = (),
+                 rest: bytes = b"") -> None:
+        self.namespace = namespace
+        self.node = node
+        self.cluster_id = cluster_id
+        self.network = network
+        self.locality = locality
+        self.status = status
+        self.capacity = capacity
+        self.app_tunnel_port = app_tunnel_port
+        self.services = services  # ((service key "ns/hostname", ports), ...) in Workload order
+        self.rest = rest
+
+    def ports_of(self, service: str) -> Ports | None:
+        """This workload's PortList for ``service`` (None: the workload does not name it)."""
+        for key, ports in self.services:
+            if key == service:
+                return ports
+        return None
+
+
+class WorkloadRecord(Backend):
+    """A Workload resource. It *is* the workload's ``Backend`` (uid, name, namespace, first IPv4
+    and IPv6 address: the projection hands records to the reconciler as they are, and equality
+    and hashing are the Backend's, over those five fields only) plus its profile, any further
+    addresses and a content digest packed with the xDS version.
+
+    The attribute names of the earlier dataclass (uid, name, namespace, addresses, status, node,
+    cluster_id, network, locality, capacity, app_tunnel_port, services, raw, version) stay
+    readable. Immutable in everything the projection reads; only ``version`` is ever reassigned.
+    """
+
+    __slots__ = ("_addrs", "profile", "_vd")
+
+    def __init__(self, uid: str, name: str, addresses: tuple[bytes, ...], profile: WorkloadProfile,
+                 digest: int = 0, version: str = "") -> None:
+        v4 = v6 = None
+        for a in addresses:
+            if len(a) == 4:
+                if v4 is None:
+                    v4 = a
+            elif v6 is None:
+                v6 = a
+        # slot setters directly: the frozen dataclass __init__/__setattr__ cost ~1 us per record,
+        # which is a tenth of a second per 100k-workload push
+        _SET_UID(self, uid)
+        _SET_NAME(self, name)
+        _SET_NS(self, profile.namespace)
+        _SET_V4(self, v4)
+        _SET_V6(self, v6)
+        # one address (the common case) is ipv4 or ipv6 already: no tuple of our own
+        _SET_ADDRS(self, None if len(addresses) == 1 else tuple(addresses))
+        _SET_PROFILE(self, profile)
+        _SET_VD(self, _pack(digest, version))
+
+    # -- identity and what the data plane needs --------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        return self
+
+    @property
+    def addresses(self) -> tuple[bytes, ...]:
+        if self._addrs is not None:
+            return self._addrs
+        return (self.ipv4 if self.ipv4 is not None else self.ipv6,)  # type: ignore[return-value]
+
+    @property
+    def has_address(self) -> bool:
+        return self.ipv4 is not None or self.ipv6 is not None
+
+    # -- profile fields ------------------------------------------------------------------------
+    @property
+    def status(self) -> int:
+        return self.profile.status
+
+    @property
+    def node(self) -> str:
+        return self.profile.node
+
+    @property
+    def cluster_id(self) -> str:
+        return self.profile.cluster_id
+
+    @property
+    def network(self) -> str:
+        return self.profile.network
+
+    @property
+    def locality(self) -> tuple[str, str, str]:
+        return self.profile.locality
+
+    @property
+    def capacity(self) -> int:
+        return self.profile.capacity
+
+    @property
+    def app_tunnel_port(self) -> int:
+        return self.profile.app_tunnel_port
+
+    @property
+    def services(self) -> dict[str, Ports]:
+        return dict(self.profile.services)
+
+    # -- xDS bookkeeping -----------------------------------------------------------------------
+    @property
+    def digest(self) -> int:
+        return int.from_bytes(self._vd[:8], "little", signed=True)
+
+    @property
+    def version(self) -> str:
+        return self._vd[8:].decode()
+
+    def set_version(self, value: str) -> None:
+        """(Not an attribute setter: Backend is frozen, and its __setattr__ rejects subclasses.)"""
+        _SET_VD(self, self._vd[:8] + value.encode())
+
+    @property
+    def raw(self) -> bytes:
+        """The serialized ``istio.workload.Address`` (rebuilt from the profile; cached per record)."""
+        hit = _RAW_CACHE.get(self.uid)
+        if hit is not None and hit[0] is self:
+            return hit[1]
+        from daemon.xds import dump  # lazy: pulls the protobuf modules in
+
+        raw = dump.workload_address_bytes(self)
+        if len(_RAW_CACHE) >= 1024:
+            try:  # drop the oldest entry; another thread may be doing the same
+                del _RAW_CACHE[next(iter(_RAW_CACHE))]
+            except (KeyError, RuntimeError, StopIteration):
+                pass
+        _RAW_CACHE[self.uid] = (self, raw)
+        return raw
+
+    def __repr__(self) -> str:
+        return f"WorkloadRecord(uid={self.uid!r}, addresses={self.addresses!r}, node={self.node!r})"
+
+
+_SET_UID, _SET_NAME, _SET_NS, _SET_V4, _SET_V6 = (
+    Backend.uid.__set__, Backend.name.__set__, Backend.namespace.__set__,  # type: ignore[attr-defined]
+    Backend.ipv4.__set__, Backend.ipv6.__set__)  # type: ignore[attr-defined]
+_SET_ADDRS, _SET_PROFILE, _SET_VD = (WorkloadRecord._addrs.__set__,  # type: ignore[attr-defined]
+                                     WorkloadRecord.profile.__set__,  # type: ignore[attr-defined]
+                                     WorkloadRecord._vd.__set__)  # type: ignore[attr-defined]
+
+# recently rebuilt raw bytes, so repeated ``rec.raw`` of a hot record returns the same object
+_RAW_CACHE: dict[str, tuple[WorkloadRecord, bytes]] = {}
 
 
 @dataclass(slots=True)
@@ -74,6 +237,13 @@ class PolicyRecord:
     action: int
     raw: bytes = b""  # serialized istio.security.Authorization
     version: str = ""
+
+    @property
+    def digest(self) -> int:
+        return hash(self.raw)
+
+    def set_version(self, value: str) -> None:
+        self.version = value
 
 
 @dataclass(slots=True)
@@ -107,13 +277,15 @@ class State:
         self.network = network
         self._explicit_locality = locality is not None
         self._locality: tuple[str, str, str] | None = locality
+        self._locality_uid = ""
         self._lock = threading.RLock()
         self.services: dict[str, ServiceRecord] = {}
         self.workloads: dict[str, WorkloadRecord] = {}
         self.policies: dict[str, PolicyRecord] = {}
-        self._members: dict[str, set[str]] = {}  # service name -> workload uids naming it
+        # service name -> {uid: record} of the workloads naming it (a dict: small, O(1) removal)
+        self._members: dict[str, dict[str, WorkloadRecord]] = {}
         self._svc_cache: dict[str, Service] = {}
-        self._backend_cache: dict[str, Backend] = {}
+        self._addressless: set[str] = set()  # workloads without an address: not in Projection.backends
         self._dirty: set[str] = set()
         self._listeners: list[Listener] = []
         self.synced = False
@@ -144,12 +316,11 @@ class State:
                 # unknown names are legal (removal of something we never had): ignore
             workloads: list[WorkloadRecord] = []
             for rec in upserts:
-                if isinstance(rec, ServiceRecord):
-                    self._put_service(rec, change)
-                else:
+                if isinstance(rec, WorkloadRecord):
                     workloads.append(rec)
-            for w in workloads:
-                self._put_workload(w, change)
+                else:
+                    self._put_service(rec, change)
+            self._put_workloads(workloads, change)
             self._dirty |= change.services
         self._emit(change)
         return change
@@ -210,75 +381,69 @@ class State:
         change.services.add(name)
         # endpoints are kept in _members: a re-added service gets them back (ztunnel does too)
 
-    def _put_workload(self, rec: WorkloadRecord, change: Change) -> None:
-        uid = rec.uid
-        old = self.workloads.get(uid)
-        touched = change.services
-        members = self._members
-        if old is not None:  # an update replaces the old entry entirely
-            for svc in old.services:
-                self._unlink(svc, uid)
+    def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> None:
+        """Insert or replace workloads. Hot path (100k per initial push): locals, no calls per record."""
+        workloads, members, addressless = self.workloads, self._members, self._addressless
+        touched, touched_backends = change.services, change.backends
+        node_name = self.node_name if not self._explicit_locality else ""
+        for rec in recs:
+            uid = rec.uid
+            prof = rec.profile
+            old = workloads.get(uid)
+            if old is not None:  # an update replaces the old entry entirely
+                for svc, _ in old.profile.services:
+                    m = members.get(svc)
+                    if m is not None:
+                        m.pop(uid, None)
+                        if not m:
+                            del members[svc]
+                    touched.add(svc)
+            workloads[uid] = rec
+            for svc, _ in prof.services:
+                m = members.get(svc)
+                if m is None:
+                    members[svc] = {uid: rec}
+                else:
+                    m[uid] = rec
                 touched.add(svc)
-        self.workloads[uid] = rec
-        for svc in rec.services:
-            m = members.get(svc)
-            if m is None:
-                members[svc] = {uid}
+            if node_name and prof.node == node_name and (self._locality is None or self._locality_uid == uid):
+                self._set_node_locality(rec, change)
+            if rec.ipv4 is None and rec.ipv6 is None:  # hostname only: cannot be written as a backend
+                addressless.add(uid)
+                if old is not None and (old.ipv4 is not None or old.ipv6 is not None):
+                    touched_backends.add(uid)  # it was a backend until now
             else:
-                m.add(uid)
-            touched.add(svc)
-        if (
-            self.node_name
-            and rec.node == self.node_name
-            and not self._explicit_locality
-            and (self._locality is None or self._locality_uid == uid)
-        ):
-            self._set_node_locality(rec, change)
-        v4 = v6 = None
-        for a in rec.addresses:
-            if len(a) == 4:
-                if v4 is None:
-                    v4 = a
-            elif v6 is None:
-                v6 = a
-        cached = self._backend_cache.get(uid)
-        if v4 is None and v6 is None:  # hostname-only workloads cannot be written as a backend
-            if cached is not None:
-                del self._backend_cache[uid]
-                change.backends.add(uid)
-        elif (cached is None or cached.ipv4 != v4 or cached.ipv6 != v6 or cached.name != rec.name
-              or cached.namespace != rec.namespace):
-            self._backend_cache[uid] = Backend(uid, rec.name, rec.namespace, v4, v6)
-            change.backends.add(uid)
-
-    _locality_uid: str = ""
+                if old is None or old != rec:  # Backend equality: uid, name, namespace, ipv4, ipv6
+                    touched_backends.add(uid)
+                if addressless:
+                    addressless.discard(uid)
 
     def _set_node_locality(self, rec: WorkloadRecord, change: Change) -> None:
         """Kmesh: the node's locality is that of the first workload seen on NODE_NAME."""
-        new = rec.locality
+        prof = rec.profile
+        new = prof.locality
         self._locality_uid = rec.uid
         if not self.cluster_id:
-            self.cluster_id = rec.cluster_id
+            self.cluster_id = prof.cluster_id
         if not self.network:
-            self.network = rec.network
+            self.network = prof.network
         if new != self._locality:
             self._locality = new
             change.services.update(n for n, s in self.services.items() if s.routing)
 
     def _remove_workload(self, uid: str, change: Change) -> None:
         old = self.workloads.pop(uid)
-        for svc in old.services:
-            self._unlink(svc, uid)
+        for svc, _ in old.profile.services:
+            m = self._members.get(svc)
+            if m is not None:
+                m.pop(uid, None)
+                if not m:
+                    del self._members[svc]
             change.services.add(svc)
-        if self._backend_cache.pop(uid, None) is not None:
+        if old.ipv4 is None and old.ipv6 is None:
+            self._addressless.discard(uid)
+        else:
             change.backends.add(uid)
-
-    def _unlink(self, svc: str, uid: str) -> None:
-        members = self._members.get(svc)
-        if members is not None:
-            members.discard(uid)
-            if not members:
-                del self._members[svc]
 
     # ---- projection ------------------------------------------------------------------------
     @property
@@ -289,7 +454,10 @@ class State:
         """The full desired data plane. Only services touched since the last call are rebuilt."""
         with self._lock:
             self._refresh()
-            return Projection(services=dict(self._svc_cache), backends=dict(self._backend_cache))
+            backends: dict[str, Backend] = dict(self.workloads)  # records are their Backends
+            for uid in self._addressless:
+                del backends[uid]
+            return Projection(services=dict(self._svc_cache), backends=backends)
 
     def service_projection(self, name: str) -> Service | None:
         with self._lock:
@@ -299,12 +467,16 @@ class State:
     def _refresh(self) -> None:
         if not self._dirty:
             return
+        cache = self._svc_cache
+        src = self._source_scopes()
         for name in self._dirty:
-            svc = self._build_service(name)
+            svc = self._build_service(name, src)
             if svc is None:
-                self._svc_cache.pop(name, None)
+                cache.pop(name, None)
             else:
-                self._svc_cache[name] = svc
+                old = cache.get(name)
+                if old is None or old != svc:  # equal: keep the old object (identity for the reconciler)
+                    cache[name] = svc
         self._dirty.clear()
 
     def _source_scopes(self) -> dict[int, str]:
@@ -312,49 +484,38 @@ class State:
         return {SCOPE_REGION: region, SCOPE_ZONE: zone, SCOPE_SUBZONE: subzone, SCOPE_NODE: self.node_name,
                 SCOPE_CLUSTER: self.cluster_id, SCOPE_NETWORK: self.network}
 
-    def _build_service(self, name: str) -> Service | None:
-        """One service's projection. Hot path at scale: plain loops, positional construction."""
+    def _build_service(self, name: str, src: dict[int, str] | None = None) -> Service | None:
+        """One service's projection. Hot path at scale: what depends only on the workload's
+        profile (eligibility, priority, target ports) is derived once per profile."""
         rec = self.services.get(name)
         if rec is None or rec.lb_mode == MODE_PASSTHROUGH:
             return None  # PASSTHROUGH: connect to the original destination, nothing to translate
-        uids = self._members.get(name, ())
+        mode = _LB_MODES.get(rec.lb_mode, LbMode.RANDOM)
+        members = self._members.get(name)
+        if not members:
+            return Service(name, rec.vips, tuple([ServicePort(p, ()) for p, _ in rec.ports]), mode)
         allow_all = rec.health_policy == HEALTH_ALLOW_ALL
         ranked = rec.lb_mode in (MODE_STRICT, MODE_FAILOVER) and bool(rec.routing)
         strict = rec.lb_mode == MODE_STRICT
-        src = self._source_scopes() if ranked else {}
-        workloads = self.workloads
-        backends = self._backend_cache
-        members: list[tuple[int, str, WorkloadRecord]] = []
-        for uid in uids:
-            w = workloads.get(uid)
-            if w is None or w.capacity <= 0 or uid not in backends:
-                continue
-            if w.status != STATUS_HEALTHY and not allow_all:
-                continue
-            prio = 0
-            if ranked:
-                prio = _priority(rec.routing, src, w)
-                if strict and prio != 0:
-                    continue  # STRICT: every scope must match
-            members.append((prio, uid, w))
-        members.sort(key=_first_two)
-        ports: list[ServicePort] = []
-        for sport, starget in rec.ports:
-            eps: list[Endpoint] = []
-            for prio, uid, w in members:
-                tp = 0
-                own = w.services.get(name)
-                if own:
-                    for p_sport, p_target in own:
-                        if p_sport == sport and p_target:
-                            tp = p_target
-                            break
-                if not tp:
-                    tp = starget if starget > 0 else (sport if w.app_tunnel_port else 0)
-                if tp:
-                    eps.append(Endpoint(uid, tp, w.capacity, prio))
-            ports.append(ServicePort(sport, tuple(eps)))
-        mode = _LB_MODES.get(rec.lb_mode, LbMode.RANDOM)
+        if ranked and src is None:
+            src = self._source_scopes()
+        sports = rec.ports
+        derived: dict[WorkloadProfile, tuple[int, int, tuple[int, ...]] | None] = {}
+        chosen: list[tuple[int, str, int, tuple[int, ...]]] = []
+        for uid, w in members.items():
+            if w.ipv4 is None and w.ipv6 is None:
+                continue  # not a backend: nothing to point an endpoint at
+            prof = w.profile
+            d = derived.get(prof, False)
+            if d is False:
+                d = derived[prof] = _derive(prof, name, sports, allow_all, ranked, strict, rec.routing, src)
+            if d is not None:
+                chosen.append((d[0], uid, d[1], d[2]))
+        chosen.sort(key=_first_two)
+        ports = []
+        for i, (sport, _) in enumerate(sports):
+            ports.append(ServicePort(sport, tuple([Endpoint(uid, tps[i], weight, prio)
+                                                   for prio, uid, weight, tps in chosen if tps[i]])))
         return Service(name, rec.vips, tuple(ports), mode)
 
     # ---- config dump -----------------------------------------------------------------------
@@ -369,27 +530,59 @@ class State:
         with self._lock:
             return sorted(self._members.get(service, ()))
 
+    def member_records(self, service: str) -> Iterator[WorkloadRecord]:
+        """The workloads naming ``service``, in uid order (caller holds no lock: a snapshot)."""
+        with self._lock:
+            items = sorted(self._members.get(service, {}).items())
+        return (w for _, w in items)
+
 
 _LB_MODES = {MODE_STRICT: LbMode.STRICT, MODE_FAILOVER: LbMode.FAILOVER}
 
 
-def _first_two(m: tuple[int, str, WorkloadRecord]) -> tuple[int, str]:
+def _first_two(m: tuple[int, str, int, tuple[int, ...]]) -> tuple[int, str]:
     return m[0], m[1]
 
 
-def resolve_target_port(service: str, sport: int, starget: int, w: WorkloadRecord) -> int:
+def _derive(prof: WorkloadProfile, service: str, sports: Ports, allow_all: bool, ranked: bool,
+            strict: bool, routing: tuple[int, ...], src: dict[int, str] | None
+            ) -> tuple[int, int, tuple[int, ...]] | None:
+    """(priority, weight, target port per service port) of a workload with this profile, or None."""
+    if prof.capacity <= 0 or (prof.status != STATUS_HEALTHY and not allow_all):
+        return None
+    prio = 0
+    if ranked:
+        prio = _priority(routing, src or {}, prof)
+        if strict and prio != 0:
+            return None  # STRICT: every scope must match
+    own = prof.ports_of(service) or ()
+    tps = []
+    for sport, starget in sports:
+        tp = 0
+        for p_sport, p_target in own:
+            if p_sport == sport and p_target:
+                tp = p_target
+                break
+        if not tp:
+            tp = starget if starget > 0 else (sport if prof.app_tunnel_port else 0)
+        tps.append(tp)
+    return prio, prof.capacity, tuple(tps)
+
+
+def resolve_target_port(service: str, sport: int, starget: int, w: WorkloadRecord | WorkloadProfile) -> int:
     """ztunnel's order: workload PortList, then Service target_port, then app tunnel; else 0."""
-    for p_sport, p_target in w.services.get(service, ()):
+    prof = w.profile if isinstance(w, WorkloadRecord) else w
+    for p_sport, p_target in prof.ports_of(service) or ():
         if p_sport == sport and p_target:
             return p_target
     if starget > 0:
         return starget
-    if w.app_tunnel_port:
+    if prof.app_tunnel_port:
         return sport
     return 0
 
 
-def _priority(routing: tuple[int, ...], src: dict[int, str], w: WorkloadRecord) -> int:
+def _priority(routing: tuple[int, ...], src: dict[int, str], w: WorkloadProfile) -> int:
     """Kmesh: len(routing_preference) - number of leading scopes that match the source."""
     dst = {SCOPE_REGION: w.locality[0], SCOPE_ZONE: w.locality[1], SCOPE_SUBZONE: w.locality[2],
            SCOPE_NODE: w.node, SCOPE_CLUSTER: w.cluster_id, SCOPE_NETWORK: w.network}

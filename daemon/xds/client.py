@@ -27,13 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.state import State
-from daemon.xds.resources import (
-    ADDRESS_TYPE,
-    AUTHORIZATION_TYPE,
-    Invalid,
-    decode_address,
-    decode_authorization,
-)
+from daemon.xds.resources import ADDRESS_TYPE, AUTHORIZATION_TYPE, decode_batch
 
 log = logging.getLogger("kmesh.xds")
 
@@ -287,38 +281,20 @@ class XdsClient:
         type_url = resp.type_url
         removed = list(resp.removed_resources)
         removed += [r.name for r in resp.removed_resource_names]
-        errors: list[str] = []
-        if type_url == ADDRESS_TYPE:
-            decode = decode_address
-        elif type_url == AUTHORIZATION_TYPE:
-            decode = decode_authorization
-        else:
+        if type_url not in TYPES:
             return f"{type_url}: unsupported type"
-        records = []
-        bulk = len(resp.resources) > 1000
+        resources = resp.resources
+        bulk = len(resources) > 1000
         if bulk:  # a full push allocates ~1M objects: cyclic GC passes would cost seconds
             gc.disable()
-        held = self.state.held(type_url == ADDRESS_TYPE)
-        unchanged = 0
         try:
-            for r in resp.resources:
-                any_ = r.resource
-                value = any_.value
-                old = held(r.name)
-                if old is not None and old.raw == value and any_.type_url == type_url:
-                    # re-sent as is (servers that ignore initial_resource_versions resend everything
-                    # on a new stream): nothing to decode, nothing changes downstream
-                    old.version = r.version
-                    unchanged += 1
-                    continue
-                try:
-                    records.append(decode(r.name, any_.type_url, value, r.version))
-                except Invalid as e:
-                    errors.append(f"{r.name or '<unnamed>'}: {e}")
+            records, errors, unchanged = decode_batch(resources, type_url,
+                                                      self.state.held(type_url == ADDRESS_TYPE))
             if type_url == ADDRESS_TYPE:
                 self.state.apply_addresses(records, removed)
             else:
                 self.state.apply_policies(records, removed)
+            del records
         finally:
             if bulk:
                 gc.enable()

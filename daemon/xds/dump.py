@@ -1,7 +1,8 @@
 """Render ``State`` as ztunnel's /config_dump objects, the shapes ``istioctl zc -o json`` reads.
 
 Kept apart from state.py because it needs the protobuf modules (records hold the raw bytes
-of each resource and are decoded here, only when someone asks for a dump).
+of each service and policy, and a workload's shared profile holds its serialized remainder;
+they are decoded here, only when someone asks for a dump).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from daemon.xds.gen.istio.security import authorization_pb2 as az
 from daemon.xds.gen.istio.workload import workload_pb2 as wl
 
 if TYPE_CHECKING:
-    from daemon.state import State
+    from daemon.state import State, WorkloadRecord
 
 _PROTOCOL = {0: "TCP", 1: "HBONE", 2: "LegacyIstioMtls"}
 _WL_TYPE = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
@@ -36,6 +37,20 @@ def _gateway(g: wl.GatewayAddress) -> dict[str, Any]:
     else:
         dest = f"{g.address.network}/{ip(g.address.address)}"
     return {"destination": dest, "hboneMtlsPort": g.hbone_mtls_port}
+
+
+def workload_message(rec: WorkloadRecord) -> wl.Workload:
+    """The full Workload of a record: its profile's remainder plus uid, name and addresses."""
+    w = wl.Workload.FromString(rec.profile.rest)
+    w.uid = rec.uid
+    w.name = rec.name
+    w.addresses.extend(rec.addresses)
+    return w
+
+
+def workload_address_bytes(rec: WorkloadRecord) -> bytes:
+    """The record as a serialized ``istio.workload.Address`` (what ``WorkloadRecord.raw`` returns)."""
+    return wl.Address(workload=workload_message(rec)).SerializeToString()
 
 
 def workload_json(w: wl.Workload) -> dict[str, Any]:
@@ -88,10 +103,8 @@ def service_json(s: wl.Service, state: State) -> dict[str, Any]:
         else:
             vips.append(text)
     endpoints: dict[str, Any] = {}
-    for uid in state.members(name):
-        w = state.workloads.get(uid)
-        if w is None:
-            continue
+    for w in state.member_records(name):
+        uid = w.uid
         addr = f"{w.network}/{ip(w.addresses[0])}" if w.addresses else ""
         ports = {}
         for sp, tp in ((p.service_port, p.target_port) for p in s.ports):
@@ -171,7 +184,7 @@ def policy_json(p: az.Authorization) -> dict[str, Any]:
 
 def config_dump(state: State) -> dict[str, list[dict[str, Any]]]:
     """Caller holds the state lock."""
-    workloads = [workload_json(wl.Address.FromString(w.raw).workload) for w in state.workloads.values()]
+    workloads = [workload_json(workload_message(w)) for w in state.workloads.values()]
     services = [service_json(wl.Address.FromString(s.raw).service, state) for s in state.services.values()]
     policies = [policy_json(az.Authorization.FromString(p.raw)) for p in state.policies.values()]
     workloads.sort(key=lambda w: (w["namespace"], w["name"], w["node"]))

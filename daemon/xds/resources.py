@@ -3,14 +3,22 @@
 Validation is per resource so a response with one bad resource can still apply the others
 (ztunnel does the same): each failure is returned as ``(name, reason)`` and the client names
 them in the NACK's error_detail as ``name: reason; ...``.
+
+Why the split into a record and a shared ``WorkloadProfile``: see daemon/state.py. Decoding a
+workload parses it once (upb, in C), takes uid, name and addresses, clears them and serializes
+the remainder; that remainder is the key of a cache of profiles, so the Python-level decoding
+of services, ports and locality happens once per distinct remainder (a deployment on a node),
+not once per pod. ``decode_batch`` is the per-response loop the client runs: it also skips
+resources re-sent unchanged (same content digest as the held record) without decoding them.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from daemon.state import PolicyRecord, ServiceRecord, WorkloadRecord
+from daemon.state import PolicyRecord, ServiceRecord, WorkloadProfile, WorkloadRecord
 from daemon.xds.gen.istio.security import authorization_pb2
 from daemon.xds.gen.istio.workload import workload_pb2
 
@@ -18,7 +26,10 @@ ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
 
 _ADDRESS_FROM = workload_pb2.Address.FromString
+_WORKLOAD_FROM = workload_pb2.Workload.FromString
+_SERVICE_FROM = workload_pb2.Service.FromString
 _AUTHZ_FROM = authorization_pb2.Authorization.FromString
+_TAG_WORKLOAD, _TAG_SERVICE = 0x0A, 0x12  # Address.workload = 1, Address.service = 2 (length-delimited)
 
 
 class Invalid(ValueError):
@@ -53,8 +64,8 @@ def service_record(name: str, svc: workload_pb2.Service, raw: bytes, version: st
     ports = _check_ports(svc.ports, "service port")
     lb = svc.load_balancing
     return ServiceRecord(
-        name=expected, namespace=svc.namespace, hostname=svc.hostname, vips=vips, ports=ports,
-        lb_mode=lb.mode, routing=tuple(lb.routing_preference), health_policy=lb.health_policy,
+        name=_intern(expected), namespace=_intern(svc.namespace), hostname=svc.hostname, vips=vips,
+        ports=ports, lb_mode=lb.mode, routing=tuple(lb.routing_preference), health_policy=lb.health_policy,
         raw=raw, version=version,
     )
 
@@ -62,6 +73,10 @@ def service_record(name: str, svc: workload_pb2.Service, raw: bytes, version: st
 _NO_LOCALITY = ("", "", "")
 _intern = sys.intern
 _PORTS: dict[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] = {}  # shared port lists
+# serialized Workload minus uid/name/addresses -> its profile. Bounded: when full it is emptied
+# (records keep their profiles; only sharing with later arrivals is lost until it refills).
+_PROFILES: dict[bytes, WorkloadProfile] = {}
+PROFILE_CACHE_MAX = 1 << 17
 
 
 def _shared_ports(ports: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
@@ -74,18 +89,9 @@ def _shared_ports(ports: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], 
     return got
 
 
-def workload_record(name: str, w: workload_pb2.Workload, raw: bytes, version: str) -> WorkloadRecord:
-    """Hot path (100k workloads per initial push): plain loops, positional construction."""
-    uid = w.uid
-    if not uid:
-        raise Invalid("workload without uid")
-    if name and name != uid:
-        raise Invalid(f"resource name does not match workload uid {uid}")
-    addrs = tuple(w.addresses)
-    for a in addrs:
-        if len(a) != 4 and len(a) != 16:
-            raise Invalid(f"workload address has {len(a)} bytes, want 4 or 16")
-    services: dict[str, tuple[tuple[int, int], ...]] = {}
+def _new_profile(w: workload_pb2.Workload, rest: bytes) -> WorkloadProfile:
+    """Validate and decode what the projection needs of a workload remainder (cache miss)."""
+    services: list[tuple[str, tuple[tuple[int, int], ...]]] = []
     svcs = w.services
     if svcs:
         for key in svcs:  # not .items(): that is a Python-level view over the upb map
@@ -96,7 +102,7 @@ def workload_record(name: str, w: workload_pb2.Workload, raw: bytes, version: st
             for sp, tp in ports:
                 if not 0 < sp < 65536 or tp > 65535:
                     raise Invalid(f"port of {key} {sp}->{tp} out of range")
-            services[_intern(key)] = _shared_ports(ports)
+            services.append((_intern(key), _shared_ports(ports)))
     has = w.HasField
     if has("locality"):
         loc = w.locality
@@ -105,9 +111,74 @@ def workload_record(name: str, w: workload_pb2.Workload, raw: bytes, version: st
         locality = _NO_LOCALITY
     capacity = w.capacity.value if has("capacity") else 1
     app_port = w.application_tunnel.port if has("application_tunnel") else 0
-    return WorkloadRecord(uid, w.name, _intern(w.namespace), addrs, w.status, _intern(w.node),
-                          _intern(w.cluster_id), _intern(w.network), locality, capacity, app_port, services,
-                          raw, version)
+    prof = WorkloadProfile(_intern(w.namespace), _intern(w.node), _intern(w.cluster_id), _intern(w.network),
+                           locality, w.status, capacity, app_port, tuple(services), rest)
+    if len(_PROFILES) >= PROFILE_CACHE_MAX:
+        _PROFILES.clear()
+    _PROFILES[rest] = prof
+    return prof
+
+
+def workload_record(name: str, w: workload_pb2.Workload, digest: int, version: str) -> WorkloadRecord:
+    """Record of a decoded Workload. Clears uid, name and addresses of ``w`` (it is consumed)."""
+    uid = w.uid
+    if not uid:
+        raise Invalid("workload without uid")
+    if name and name != uid:
+        raise Invalid(f"resource name does not match workload uid {uid}")
+    addrs = tuple(w.addresses)
+    for a in addrs:
+        if len(a) != 4 and len(a) != 16:
+            raise Invalid(f"workload address has {len(a)} bytes, want 4 or 16")
+    wname = w.name
+    clear = w.ClearField
+    clear("uid")
+    clear("name")
+    clear("addresses")
+    rest = w.SerializeToString()
+    prof = _PROFILES.get(rest)
+    if prof is None:
+        prof = _new_profile(w, rest)
+    return WorkloadRecord(uid, wname, addrs, prof, digest, version)
+
+
+def _payload(value: bytes, tag: int) -> bytes | None:
+    """``value`` is exactly one length-delimited field ``tag``: its payload; else None (parse fully)."""
+    size = len(value)
+    if size < 2 or value[0] != tag:
+        return None
+    n = value[1]
+    if n < 0x80:
+        head = 2
+    elif size > 2 and value[2] < 0x80:
+        n, head = (n & 0x7F) | (value[2] << 7), 3
+    elif size > 3 and value[3] < 0x80:
+        n, head = (n & 0x7F) | ((value[2] & 0x7F) << 7) | (value[3] << 14), 4
+    else:
+        return None
+    return value[head:] if head + n == size else None
+
+
+def _decode_address(name: str, value: bytes, version: str, digest: int) -> ServiceRecord | WorkloadRecord:
+    """Address bytes -> record. Common shapes (only a workload, only a service) skip the wrapper."""
+    try:
+        payload = _payload(value, _TAG_WORKLOAD)
+        if payload is not None:
+            return workload_record(name, _WORKLOAD_FROM(payload), digest, version)
+        payload = _payload(value, _TAG_SERVICE)
+        if payload is not None:
+            return service_record(name, _SERVICE_FROM(payload), value, version)
+        addr = _ADDRESS_FROM(value)
+    except Invalid:
+        raise
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or others
+        raise Invalid(f"cannot decode Address: {e}") from None
+    kind = addr.WhichOneof("type")
+    if kind == "workload":
+        return workload_record(name, addr.workload, digest, version)
+    if kind == "service":
+        return service_record(name, addr.service, value, version)
+    raise Invalid("Address has neither workload nor service")
 
 
 def decode_address(
@@ -116,21 +187,10 @@ def decode_address(
     """One ``Resource`` of type Address -> record, or raise ``Invalid``."""
     if type_url != ADDRESS_TYPE:
         raise Invalid(f"resource type {type_url!r} is not {ADDRESS_TYPE}")
-    try:
-        addr = _ADDRESS_FROM(value)
-    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or others
-        raise Invalid(f"cannot decode Address: {e}") from None
-    kind = addr.WhichOneof("type")
-    if kind == "workload":
-        return workload_record(name, addr.workload, value, version)
-    if kind == "service":
-        return service_record(name, addr.service, value, version)
-    raise Invalid("Address has neither workload nor service")
+    return _decode_address(name, value, version, hash(value))
 
 
-def decode_authorization(name: str, type_url: str, value: bytes, version: str = "") -> PolicyRecord:
-    if type_url != AUTHORIZATION_TYPE:
-        raise Invalid(f"resource type {type_url!r} is not {AUTHORIZATION_TYPE}")
+def _decode_authorization(name: str, value: bytes, version: str, _digest: int) -> PolicyRecord:
     try:
         pol = _AUTHZ_FROM(value)
     except Exception as e:  # noqa: BLE001
@@ -147,3 +207,42 @@ def decode_authorization(name: str, type_url: str, value: bytes, version: str = 
                     _check_ip(a.address, "policy address")
     return PolicyRecord(name=full, namespace=pol.namespace, scope=pol.scope, action=pol.action,
                         raw=value, version=version)
+
+
+def decode_authorization(name: str, type_url: str, value: bytes, version: str = "") -> PolicyRecord:
+    if type_url != AUTHORIZATION_TYPE:
+        raise Invalid(f"resource type {type_url!r} is not {AUTHORIZATION_TYPE}")
+    return _decode_authorization(name, value, version, 0)
+
+
+def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], Any]
+                 ) -> tuple[list[Any], list[str], int]:
+    """The resources of one response -> (records to apply, NACK reasons, count re-sent unchanged).
+
+    ``held(name)`` returns the record held under that name (or None). A resource whose content
+    digest equals the held record's is not decoded: only its version is taken (servers that
+    ignore initial_resource_versions resend everything on a new stream). Hot path: 100k per push.
+    """
+    decode = _decode_address if type_url == ADDRESS_TYPE else _decode_authorization
+    records: list[Any] = []
+    errors: list[str] = []
+    append = records.append
+    unchanged = 0
+    for r in resources:
+        name = r.name
+        any_ = r.resource
+        if any_.type_url != type_url:
+            errors.append(f"{name or '<unnamed>'}: resource type {any_.type_url!r} is not {type_url}")
+            continue
+        value = any_.value
+        digest = hash(value)
+        old = held(name)
+        if old is not None and old.digest == digest:
+            old.set_version(r.version)  # nothing to decode, nothing changes downstream
+            unchanged += 1
+            continue
+        try:
+            append(decode(name, value, r.version, digest))
+        except Invalid as e:
+            errors.append(f"{name or '<unnamed>'}: {e}")
+    return records, errors, unchanged
