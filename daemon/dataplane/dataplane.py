@@ -180,16 +180,16 @@ class Dataplane:
 
     # ---------------------------------------------------------------- events
     def _service_name(self, sid: int) -> str:
-        p = self.reconciler.port_by_id.get(sid)
-        if p is not None:
-            return p.service
+        name = self.reconciler.service_name(sid)
+        if name is not None:
+            return name
         v = self._loaded.maps["names"].lookup(layout.NAME_KEY.pack(layout.NAME_SERVICE, sid))
         return decode_name(v)[0].rpartition(":")[0] if v else f"#{sid}"
 
     def _backend_uid(self, bid: int) -> str:
-        b = self.reconciler.back_by_id.get(bid)
-        if b is not None:
-            return b.uid
+        uid = self.reconciler.backend_uid(bid)
+        if uid is not None:
+            return uid
         v = self._loaded.maps["names"].lookup(layout.NAME_KEY.pack(layout.NAME_BACKEND, bid))
         return decode_name(v)[0] if v else f"#{bid}"
 

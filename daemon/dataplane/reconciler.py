@@ -17,16 +17,27 @@ Endpoint weights: a service port's weights are divided by their gcd and an endpo
 many slots, scaled down so no endpoint has more than MAX_SLOTS_PER_ENDPOINT (16); a uniform pick
 of a slot in the kernel is then a weighted pick (exact when the reduced weights are <= 16).
 Slots are ordered by (backend uid, target port), so the same input always gives the same slots.
+
+Memory (100,000 backends must cost a few tens of MiB, not hundreds): the mirror keeps no
+per-element objects. A backend is one uid -> id dict entry plus slots in id-indexed lists (the
+``Backend`` last written, shared with the caller's projection, and a reference count); its
+value, name and pod-IP frontend keys are re-derived from that ``Backend`` when needed. A service
+port keeps its km_service value and, per priority, the packed km_endpoint values of slots
+0..n-1 as one bytes object (the keys are implied by the slot numbers). Frontend ownership is one
+dict key -> ``kind << 32 | id``. Services whose input object is unchanged since it was last
+written (identity, then equality) and whose backends kept their ids are skipped without any
+per-endpoint work.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import socket
+import struct
+import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import reduce
 from math import gcd
 from typing import Protocol
@@ -40,12 +51,21 @@ log = logging.getLogger(__name__)
 MAX_SLOTS_PER_ENDPOINT = 16
 RECONCILED_MAPS = ("frontend", "service", "endpoint", "backend", "names")
 V4MAPPED = b"\0" * 10 + b"\xff\xff"
+_EPV = struct.Struct("=IHH")  # km_ep_val with the port pre-swapped by htons: same bytes as L.EP_VAL
+_EPV_BID = struct.Struct("=I4x")
+_SVC = 1 << 32  # frontend owner code: kind << 32 | id
+_BE = 2 << 32
+_ID_MASK = 0xFFFFFFFF
+_NO = object()
+_ZERO4 = bytes(4)
+_ZERO16 = bytes(16)
+_htons = socket.htons
 
 
 class MapLike(Protocol):
     max_entries: int
 
-    def update_batch(self, keys: list[bytes], values: list[bytes]) -> None: ...
+    def update_raw(self, keys: bytes, values: bytes, n: int) -> None: ...
     def delete_batch(self, keys: list[bytes]) -> None: ...
     def dump(self) -> list[tuple[bytes, bytes]]: ...
 
@@ -83,120 +103,211 @@ def decode_name(value: bytes) -> list[str]:
     return value.rstrip(b"\0").decode(errors="replace").split("\0")
 
 
+def _be_keys(b: Backend) -> list[bytes]:
+    """Pod-IP frontend keys of a backend (distinct)."""
+    keys = [fe_key(ip, 0) for ip in (b.ipv4, b.ipv6) if ip]
+    return keys if len(keys) < 2 or keys[0] != keys[1] else keys[:1]
+
+
+def _render_backend(b: Backend) -> bytes:
+    flags = (L.BE_HAS_V4 if b.ipv4 else 0) | (L.BE_HAS_V6 if b.ipv6 else 0)
+    return L.BE_VAL.pack(b.ipv4 or _ZERO4, b.ipv6 or _ZERO16, flags)
+
+
+def _bids(vals: tuple[bytes, ...]) -> set[int]:
+    """Backend ids referenced by a port's packed slot values."""
+    out: set[int] = set()
+    for blob in vals:
+        if blob:
+            out.update(t[0] for t in _EPV_BID.iter_unpack(blob))
+    return out
+
+
 class _IdPool:
-    """Small integer ids >= 1, reusing freed ones."""
+    """Small integer ids >= 1, reusing freed ones (a byte per id, not a set of int objects)."""
+
+    _LIMIT = 1 << 25  # ids above this (only from foreign maps) live in a set
 
     def __init__(self) -> None:
-        self.used: set[int] = set()
+        self.used = bytearray(1024)
+        self.big: set[int] = set()
         self.free: list[int] = []
         self.next = 1
+
+    def is_used(self, i: int) -> bool:
+        if i >= self._LIMIT:
+            return i in self.big
+        return i < len(self.used) and bool(self.used[i])
 
     def take(self) -> int:
         while self.free:
             i = self.free.pop()
-            if i not in self.used:
-                self.used.add(i)
+            if not self.is_used(i):
+                self.mark(i)
                 return i
-        while self.next in self.used:
+        while self.is_used(self.next):
             self.next += 1
         i = self.next
         self.next += 1
-        self.used.add(i)
+        self.mark(i)
         return i
 
     def mark(self, i: int) -> None:
-        self.used.add(i)
+        if i >= self._LIMIT:
+            self.big.add(i)
+            return
+        if i >= len(self.used):
+            self.used.extend(bytes(max(i + 1 - len(self.used), len(self.used))))
+        self.used[i] = 1
 
     def release(self, i: int) -> None:
-        if i in self.used:
-            self.used.discard(i)
+        if self.is_used(i):
+            if i >= self._LIMIT:
+                self.big.discard(i)
+            else:
+                self.used[i] = 0
             self.free.append(i)
 
 
-@dataclass
 class _Port:
     """Applied (or planned) state of one service port."""
 
-    id: int
-    name: str  # "ns/host:port"
-    service: str
-    value: bytes = b""  # km_service value; b"" = not in the map
-    slots: dict[bytes, bytes] = field(default_factory=dict)  # km_endpoint key -> value
-    fes: dict[bytes, bytes] = field(default_factory=dict)  # km_frontend key -> value
-    bids: frozenset[int] = frozenset()  # backend ids the slots reference
-    named: bool = False  # names entry present
+    __slots__ = ("id", "name", "service", "value", "vals", "fes")
+
+    def __init__(self, sid: int, name: str, service: str, value: bytes, vals: tuple[bytes, ...],
+                 fes: tuple[bytes, ...]) -> None:
+        self.id = sid
+        self.name = name  # "ns/host:port"
+        self.service = service
+        self.value = value  # km_service value; b"" = not in the map
+        self.vals = vals  # per priority: packed km_ep_val of slots 0..n-1
+        self.fes = fes  # frontend keys it owns, sorted
+
+    def nslots(self) -> int:
+        return sum(len(v) for v in self.vals) // 8
 
 
-@dataclass
-class _Back:
-    id: int
-    uid: str
-    value: bytes = b""
-    fes: dict[bytes, bytes] = field(default_factory=dict)
-    name: bytes = b""  # names value as written; b"" = absent
+class _Writes:
+    """Phase-2 writes of one map: packed key / value chunks and the element count."""
+
+    __slots__ = ("keys", "vals", "n")
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+        self.vals: list[bytes] = []
+        self.n = 0
+
+    def add(self, key: bytes, value: bytes, n: int = 1) -> None:
+        self.keys.append(key)
+        self.vals.append(value)
+        self.n += n
 
 
-@dataclass
-class _Plan:
-    p1: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
-    p2: dict[str, tuple[list[bytes], list[bytes]]] = field(
-        default_factory=lambda: defaultdict(lambda: ([], [])))
-    p3: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
-
-    def write(self, name: str, key: bytes, value: bytes) -> None:
-        ks, vs = self.p2[name]
-        ks.append(key)
-        vs.append(value)
+_EMPTY_VALS = (b"",) * L.PRIOS
 
 
 def _port_name(service: str, port: int) -> str:
     return f"{service}:{port}"
 
 
+class _EarlyWrite(threading.Thread):
+    """Phase-2 backend (and backend name) writes of a big pass, run while the services render."""
+
+    def __init__(self, maps: Mapping[str, MapLike], batches: list[tuple[str, _Writes]]) -> None:
+        super().__init__(name="reconcile-early-write", daemon=True)
+        self.maps = maps
+        self.batches = batches
+        self.written = 0
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        t = time.perf_counter()
+        try:
+            for name, wr in self.batches:
+                if wr.n:
+                    self.maps[name].update_raw(b"".join(wr.keys), b"".join(wr.vals), wr.n)
+                    self.written += wr.n
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the reconcile pass
+            self.error = exc
+        finally:
+            self.batches = []
+            self.seconds = time.perf_counter() - t
+
+
 class Reconciler:
     """Owns the contents of km_frontend, km_service, km_endpoint, km_backend and km_names."""
+
+    EARLY_WRITE_MIN = 4096  # backends + names in one pass from which they are written concurrently
 
     def __init__(self, maps: Mapping[str, MapLike], capacity: Capacity) -> None:
         self.maps = maps
         self.cap = capacity
-        self.limits = {
-            "frontend": maps["frontend"].max_entries,
-            "service": maps["service"].max_entries,
-            "endpoint": maps["endpoint"].max_entries,
-            "backend": maps["backend"].max_entries,
-            "names": maps["names"].max_entries,
-        }
+        self.limits = {m: maps[m].max_entries for m in RECONCILED_MAPS}
         self._reset()
 
     # ----------------------------------------------------------------- state
     def _reset(self) -> None:
         self.ports: dict[str, _Port] = {}
-        self.svc_ports: dict[str, set[str]] = defaultdict(set)
-        self.backs: dict[str, _Back] = {}
+        self.svc_ports: dict[str, tuple[str, ...]] = {}
         self.port_by_id: dict[int, _Port] = {}
-        self.back_by_id: dict[int, _Back] = {}
-        self.fe_owner: dict[bytes, tuple[int, int]] = {}
-        self.users: dict[int, set[str]] = defaultdict(set)  # backend id -> port names using it
-        self.orphans: dict[str, list[bytes]] = defaultdict(list)
+        self.be_id: dict[str, int] = {}  # backend uid -> id, for backends in the maps
+        self.be_uid: list[str | None] = [None]  # id -> uid
+        self.be_src: list[Backend | None] = [None]  # id -> the Backend last written (None: loaded)
+        self.be_refs: list[int] = [0]  # id -> number of service ports whose slots use it
+        self._be_loaded: dict[int, Backend] = {}  # id -> Backend decoded by load(), until verified
+        self.fe_owner: dict[bytes, int] = {}  # frontend key -> kind << 32 | id
+        self.orphans: dict[str, list[bytes]] = {m: [] for m in RECONCILED_MAPS}
         self.svc_ids = _IdPool()
         self.be_ids = _IdPool()
         self.dirty = False
-        # entries per map held by named owners (frontends are len(fe_owner)); orphans added on top
-        self._n = {"service": 0, "endpoint": 0, "backend": 0, "names": 0}
-        # last rendered input per service / backend: an unchanged input is skipped cheaply
-        self._src: dict[str, tuple[Service, tuple[int | None, ...]]] = {}
-        self._bsrc: dict[str, Backend] = {}
-        # backend uid -> services whose last rendered input names it (present or not)
-        self._wants: dict[str, set[str]] = defaultdict(set)
+        self._n_svc = 0  # ports with a km_service entry
+        self._n_ep = 0  # endpoint slots
+        # last rendered input per service and the backend ids it saw (None: that input was rejected,
+        # so it is retried): an unchanged input is skipped
+        self._src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
+        # backend uid -> service(s) whose last rendered input names it: str, or a set when several
+        self._wants: dict[str, str | set[str]] = {}
         self._synced = False  # update() before the first sync() after load() does a full sync
         self._held: list[tuple[_IdPool, int]] = []  # orphan ids reserved until their cleanup
+        # backends gone from the projection but kept in the maps (a rejected service still uses
+        # them): services were rendered without them, so their return must re-render those
+        self._kept: set[str] = set()
+        self._early: _EarlyWrite | None = None
 
     def counts(self) -> dict[str, int]:
         """Entries per reconciled map, as the mirror knows them."""
-        out = {"frontend": len(self.fe_owner) + len(self.orphans["frontend"])}
-        for m, n in self._n.items():
-            out[m] = n + len(self.orphans[m])
-        return out
+        o = self.orphans
+        nb = len(self.be_id)
+        return {"frontend": len(self.fe_owner) + len(o["frontend"]),
+                "service": self._n_svc + len(o["service"]),
+                "endpoint": self._n_ep + len(o["endpoint"]),
+                "backend": nb + len(o["backend"]),
+                "names": len(self.ports) + nb + len(o["names"])}
+
+    def service_name(self, sid: int) -> str | None:
+        p = self.port_by_id.get(sid)
+        return p.service if p is not None else None
+
+    def backend_uid(self, bid: int) -> str | None:
+        return self.be_uid[bid] if 0 < bid < len(self.be_uid) else None
+
+    def _backend_of(self, bid: int) -> Backend | None:
+        b = self.be_src[bid]
+        return b if b is not None else self._be_loaded.get(bid)
+
+    def _set_backend(self, bid: int, uid: str, b: Backend | None) -> None:
+        n = len(self.be_uid)
+        if bid >= n:
+            grow = bid + 1 - n
+            self.be_uid.extend([None] * grow)
+            self.be_src.extend([None] * grow)
+            self.be_refs.extend([0] * grow)
+        self.be_id[uid] = bid
+        self.be_uid[bid] = uid
+        self.be_src[bid] = b
+        self.be_ids.mark(bid)
 
     def load(self) -> None:
         """Rebuild the mirror from the live maps; entries nobody can name become orphans."""
@@ -212,112 +323,145 @@ class Reconciler:
         self._reset()
         names: dict[tuple[int, int], bytes] = {
             L.NAME_KEY.unpack(k): v for k, v in self.maps["names"].dump()}
-        services = {L.U32.unpack(k)[0]: v for k, v in self.maps["service"].dump()}
-        backends = {L.U32.unpack(k)[0]: v for k, v in self.maps["backend"].dump()}
-        slots: dict[int, dict[bytes, bytes]] = defaultdict(dict)
-        for k, v in self.maps["endpoint"].dump():
-            slots[L.EP_KEY.unpack(k)[0]][k] = v
-        fes = self.maps["frontend"].dump()
-
         used_names: set[tuple[int, int]] = set()
+        orphans = self.orphans
+
+        # service ports: header + slots 0..n-1 per priority; other slots are orphans
+        services = {L.U32.unpack(k)[0]: v for k, v in self.maps["service"].dump()}
+        slots: dict[int, dict[tuple[int, int], bytes]] = {}
+        for k, v in self.maps["endpoint"].dump():
+            sid, prio, slot = L.EP_KEY.unpack(k)
+            slots.setdefault(sid, {})[(prio, slot)] = v
         for sid in set(services) | set(slots):
             nm = names.get((L.NAME_SERVICE, sid))
-            parts = decode_name(nm)[0].rsplit(":", 1) if nm else []
-            if len(parts) != 2 or not parts[1].isdigit() or decode_name(nm)[0] in self.ports:
+            pname = decode_name(nm)[0] if nm else ""
+            sname, _, port = pname.rpartition(":")
+            mine = slots.pop(sid, {})
+            if not sname or not port.isdigit() or pname in self.ports or sid >= _IdPool._LIMIT:
                 if sid in services:
-                    self.orphans["service"].append(L.U32.pack(sid))
-                self.orphans["endpoint"].extend(slots.get(sid, {}))
+                    orphans["service"].append(L.U32.pack(sid))
+                orphans["endpoint"].extend(L.EP_KEY.pack(sid, p, s) for p, s in mine)
                 self._hold(self.svc_ids, sid)
                 continue
             used_names.add((L.NAME_SERVICE, sid))
-            p = _Port(sid, decode_name(nm)[0], parts[0], services.get(sid, b""), slots.get(sid, {}),
-                      named=True)
-            p.bids = frozenset(L.EP_VAL.unpack(v)[0] for v in p.slots.values())
-            self._add_port(p)
-        for bid, val in backends.items():
+            vals = []
+            for prio in range(L.PRIOS):
+                run = []
+                while (prio, len(run)) in mine:
+                    run.append(mine.pop((prio, len(run))))
+                vals.append(b"".join(run))
+            orphans["endpoint"].extend(L.EP_KEY.pack(sid, p, s) for p, s in mine)
+            self._add_port(_Port(sid, pname, sname, services.get(sid, b""), tuple(vals), ()))
+            self.svc_ids.mark(sid)
+        del services, slots
+
+        # backends: decoded back into a Backend, verified against the projection on first sync
+        limit = 2 * max(self.limits["backend"], 1) + 1024
+        for k, val in self.maps["backend"].dump():
+            bid = L.U32.unpack(k)[0]
             nm = names.get((L.NAME_BACKEND, bid))
-            uid = decode_name(nm)[0] if nm else ""
-            if not uid or uid in self.backs:
-                self.orphans["backend"].append(L.U32.pack(bid))
+            parts = decode_name(nm) if nm else [""]
+            uid = parts[0]
+            if not uid or uid in self.be_id or bid >= limit:
+                orphans["backend"].append(k)
                 self._hold(self.be_ids, bid)
                 continue
             used_names.add((L.NAME_BACKEND, bid))
-            self._add_back(_Back(bid, uid, val, name=nm or b""))
+            ip4, ip6, flags = L.BE_VAL.unpack(val)
+            b = Backend(uid, parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "",
+                        ip4 if flags & L.BE_HAS_V4 else None, ip6 if flags & L.BE_HAS_V6 else None)
+            self._set_backend(bid, uid, None)
+            self._be_loaded[bid] = b
         for key in names:
             if key not in used_names:
-                self.orphans["names"].append(L.NAME_KEY.pack(*key))
+                orphans["names"].append(L.NAME_KEY.pack(*key))
                 self._hold(self.svc_ids if key[0] == L.NAME_SERVICE else self.be_ids, key[1])
-        for k, v in fes:
+        del names
+
+        fes: dict[int, list[bytes]] = {}
+        for k, v in self.maps["frontend"].dump():
             kind, oid = L.FE_VAL.unpack(v)
-            owner = self.port_by_id.get(oid) if kind == L.FE_SERVICE else \
-                self.back_by_id.get(oid) if kind == L.FE_BACKEND else None
-            if owner is None:
-                self.orphans["frontend"].append(k)
-                if kind == L.FE_SERVICE:
-                    self._hold(self.svc_ids, oid)
+            if kind == L.FE_SERVICE and oid in self.port_by_id:
+                fes.setdefault(oid, []).append(k)
+                self.fe_owner[k] = _SVC | oid
                 continue
-            owner.fes[k] = v
-            self.fe_owner[k] = (kind, oid)
+            if kind == L.FE_BACKEND and 0 < oid < len(self.be_uid) and self.be_uid[oid] is not None:
+                b = self._be_loaded.get(oid)
+                if b is not None and k in _be_keys(b):
+                    self.fe_owner[k] = _BE | oid
+                    continue
+            orphans["frontend"].append(k)
+            if kind == L.FE_SERVICE:
+                self._hold(self.svc_ids, oid)
+        for sid, keys in fes.items():
+            self.port_by_id[sid].fes = tuple(sorted(keys))
+        refs = self.be_refs
+        for p in self.ports.values():
+            for x in _bids(p.vals):
+                if x < len(refs) and self.be_uid[x] is not None:
+                    refs[x] += 1
 
     def _add_port(self, p: _Port) -> None:
         self.ports[p.name] = p
-        self.svc_ports[p.service].add(p.name)
+        self.svc_ports[p.service] = (*self.svc_ports.get(p.service, ()), p.name)
         self.port_by_id[p.id] = p
-        self.svc_ids.mark(p.id)
-        for bid in p.bids:
-            self.users[bid].add(p.name)
-        self._n["service"] += 1 if p.value else 0
-        self._n["endpoint"] += len(p.slots)
-        self._n["names"] += 1 if p.named else 0
+        self._n_svc += 1 if p.value else 0
+        self._n_ep += p.nslots()
 
     def _drop_port(self, p: _Port) -> None:
         self.ports.pop(p.name, None)
-        names = self.svc_ports.get(p.service)
-        if names is not None:
-            names.discard(p.name)
-            if not names:
-                del self.svc_ports[p.service]
+        names = tuple(n for n in self.svc_ports.get(p.service, ()) if n != p.name)
+        if names:
+            self.svc_ports[p.service] = names
+        else:
+            self.svc_ports.pop(p.service, None)
         self.port_by_id.pop(p.id, None)
-        for bid in p.bids:
-            self.users[bid].discard(p.name)
+        code = _SVC | p.id
         for k in p.fes:
-            if self.fe_owner.get(k) == (L.FE_SERVICE, p.id):
+            if self.fe_owner.get(k) == code:
                 del self.fe_owner[k]
-        self._n["service"] -= 1 if p.value else 0
-        self._n["endpoint"] -= len(p.slots)
-        self._n["names"] -= 1 if p.named else 0
-
-    def _add_back(self, b: _Back) -> None:
-        self.backs[b.uid] = b
-        self.back_by_id[b.id] = b
-        self.be_ids.mark(b.id)
-        self._n["backend"] += 1 if b.value else 0
-        self._n["names"] += 1 if b.name else 0
-
-    def _drop_back(self, b: _Back) -> None:
-        self.backs.pop(b.uid, None)
-        self.back_by_id.pop(b.id, None)
-        for k in b.fes:
-            if self.fe_owner.get(k) == (L.FE_BACKEND, b.id):
-                del self.fe_owner[k]
-        self._n["backend"] -= 1 if b.value else 0
-        self._n["names"] -= 1 if b.name else 0
+        self._n_svc -= 1 if p.value else 0
+        self._n_ep -= p.nslots()
 
     def _hold(self, pool: _IdPool, i: int) -> None:
         """Keep an orphan's id out of circulation until sync() has deleted the orphan: reusing it
         earlier would let the phase-3 orphan delete hit the new owner's entry."""
-        if i not in pool.used:
+        if not pool.is_used(i):
             pool.mark(i)
             self._held.append((pool, i))
 
-    def _claim(self, key: bytes, owner: tuple[int, int]) -> None:
-        """Record a frontend key's new owner; a previous owner's mirror forgets it."""
+    def _claim(self, key: bytes, code: int) -> None:
+        """Record a frontend key's new owner; a previous owner port's mirror forgets it."""
         prev = self.fe_owner.get(key)
-        if prev is not None and prev != owner:
-            o = self.port_by_id.get(prev[1]) if prev[0] == L.FE_SERVICE else self.back_by_id.get(prev[1])
+        if prev is not None and prev != code and prev >> 32 == L.FE_SERVICE:
+            o = self.port_by_id.get(prev & _ID_MASK)
             if o is not None:
-                o.fes.pop(key, None)
-        self.fe_owner[key] = owner
+                o.fes = tuple(k for k in o.fes if k != key)
+        self.fe_owner[key] = code
+
+    def _want(self, uid: str, sname: str) -> None:
+        cur = self._wants.get(uid)
+        if cur is None:
+            self._wants[uid] = sname
+        elif isinstance(cur, str):
+            if cur != sname:
+                self._wants[uid] = {cur, sname}
+        else:
+            cur.add(sname)
+
+    def _unwant(self, uid: str, sname: str) -> None:
+        cur = self._wants.get(uid)
+        if cur is None:
+            return
+        if isinstance(cur, str):
+            if cur == sname:
+                del self._wants[uid]
+            return
+        cur.discard(sname)
+        if len(cur) == 1:
+            self._wants[uid] = next(iter(cur))
+        elif not cur:
+            del self._wants[uid]
 
     def _forget_src(self, sname: str) -> None:
         old = self._src.pop(sname, None)
@@ -325,49 +469,43 @@ class Reconciler:
             return
         for sp in old[0].ports:
             for e in sp.endpoints:
-                names = self._wants.get(e.backend_uid)
-                if names is not None:
-                    names.discard(sname)
-                    if not names:
-                        del self._wants[e.backend_uid]
+                self._unwant(e.backend_uid, sname)
 
     # ------------------------------------------------------------ rendering
     @staticmethod
-    def _render_backend(b: Backend) -> bytes:
-        flags = (L.BE_HAS_V4 if b.ipv4 else 0) | (L.BE_HAS_V6 if b.ipv6 else 0)
-        return L.BE_VAL.pack(b.ipv4 or b"\0" * 4, b.ipv6 or b"\0" * 16, flags)
-
-    def _render_slots(self, sid: int, lb: LbMode, endpoints: list[tuple[str, int, int, int, int]]
-                      ) -> tuple[bytes, dict[bytes, bytes], frozenset[int]]:
-        """endpoints: (uid, target_port, weight, priority, backend id) -> header, slots, backend ids."""
-        by_prio: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)
-        for uid, port, weight, prio, bid in endpoints:
-            if lb == LbMode.RANDOM:
-                prio = 0
-            elif lb == LbMode.STRICT and prio != 0:
-                continue
-            by_prio[min(max(prio, 0), MAX_PRIORITY)].append((uid, port, weight, bid))
+    def _render_slots(lb: LbMode, endpoints: list[tuple[str, int, int, int, int]]
+                      ) -> tuple[bytes, tuple[bytes, ...]]:
+        """endpoints: (uid, target_port, weight, priority, backend id) -> header, per-prio slot values."""
+        if lb == LbMode.RANDOM:
+            groups = {0: endpoints} if endpoints else {}
+        else:
+            groups = {}
+            for e in endpoints:
+                prio = e[3]
+                if lb == LbMode.STRICT and prio != 0:
+                    continue
+                groups.setdefault(min(max(prio, 0), MAX_PRIORITY), []).append(e)
         counts = [0] * L.PRIOS
-        slots: dict[bytes, bytes] = {}
-        bids: set[int] = set()
-        for prio, eps in by_prio.items():
-            eps.sort()
-            n = 0
-            for (_uid, port, _w, bid), reps in zip(eps, slot_counts([e[2] for e in eps]), strict=True):
-                val = L.EP_VAL.pack(bid, port.to_bytes(2, "big"), 0)
-                bids.add(bid)
-                for _ in range(reps):
-                    slots[L.EP_KEY.pack(sid, prio, n)] = val
-                    n += 1
-            counts[prio] = n
-        return L.SVC_VAL.pack(int(lb), *counts, 0), slots, frozenset(bids)
+        vals = [b""] * L.PRIOS
+        pack = _EPV.pack
+        for prio, eps in groups.items():
+            eps.sort()  # (uid, port, weight, prio, id): the same uid has the same id, prio only ties equals
+            if all(e[2] == 1 for e in eps):
+                blob = b"".join([pack(e[4], _htons(e[1]), 0) for e in eps])
+            else:
+                blob = b"".join([pack(e[4], _htons(e[1]), 0) * reps
+                                 for e, reps in zip(eps, slot_counts([e[2] for e in eps]), strict=True)])
+            vals[prio] = blob
+            counts[prio] = len(blob) // 8
+        return L.SVC_VAL.pack(int(lb), *counts, 0), tuple(vals)
 
     # ------------------------------------------------------------ reconcile
     def sync(self, projection: Projection) -> ReconcileResult:
         if self.dirty:
             self.load()
+        removed = [u for u in self.be_id if u not in projection.backends]
         res = self._reconcile(projection, set(projection.services) | set(self.svc_ports),
-                              set(projection.backends) | set(self.backs), orphans=True)
+                              [*projection.backends, *removed], orphans=True)
         self._synced = True
         return res
 
@@ -381,241 +519,313 @@ class Reconciler:
         be_scope = set(backends)
         for uid in be_scope:
             # a backend appearing, going or changing id: re-render every service that names it
-            svc_scope.update(self._wants.get(uid, ()))
-            cur = self.backs.get(uid)
-            if cur is not None and uid not in projection.backends:
-                svc_scope.update(self.ports[n].service for n in self.users.get(cur.id, ()) if n in self.ports)
-        return self._reconcile(projection, svc_scope, be_scope, orphans=False)
+            w = self._wants.get(uid)
+            if isinstance(w, str):
+                svc_scope.add(w)
+            elif w:
+                svc_scope.update(w)
+        return self._reconcile(projection, svc_scope, sorted(be_scope), orphans=False)
 
-    def _reconcile(self, proj: Projection, svc_scope: set[str], be_scope: set[str], orphans: bool
+    def _reconcile(self, proj: Projection, svc_scope: set[str], be_order: list[str], orphans: bool
                    ) -> ReconcileResult:
         # hundreds of thousands of small objects: keep the cyclic GC from rescanning them mid-pass
         enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._reconcile_inner(proj, svc_scope, be_scope, orphans)
+            return self._reconcile_inner(proj, svc_scope, be_order, orphans)
+        except BaseException:
+            early, self._early = self._early, None
+            if early is not None:  # failed while the early writes ran: the mirror is unknown
+                early.join()
+                self.dirty = True
+            raise
         finally:
             if enabled:
                 gc.enable()
 
-    def _reconcile_inner(self, proj: Projection, svc_scope: set[str], be_scope: set[str], orphans: bool
+    def _reconcile_inner(self, proj: Projection, svc_scope: set[str], be_order: list[str], orphans: bool
                          ) -> ReconcileResult:
         t0 = time.perf_counter()
         res = ReconcileResult()
-        plan = _Plan()
+        p1: dict[str, list[bytes]] = {"frontend": [], "service": [], "endpoint": []}
+        p3: dict[str, list[bytes]] = {"endpoint": [], "backend": [], "names": []}
+        w = {m: _Writes() for m in ("backend", "names", "endpoint", "service", "frontend")}
         usage = self.counts()
+        limits = self.limits
         new_ports: dict[str, _Port | None] = {}  # port name -> planned state (None = removed)
-        new_backs: dict[str, _Back | None] = {}
-        allocated: list[tuple[_IdPool, int]] = []
+        # uid -> (id, source, pod-IP frontend keys it owns) / None = removed
+        new_backs: dict[str, tuple[int, Backend, list[bytes]] | None] = {}
+        verified: list[tuple[int, Backend]] = []  # loaded backends found exact: adopt their source
+        fe_owner = self.fe_owner
+        be_id = self.be_id
 
         if orphans:
             for name in ("frontend", "service", "endpoint"):
-                plan.p1[name].extend(self.orphans[name])
+                p1[name].extend(self.orphans[name])
                 usage[name] -= len(self.orphans[name])
-            plan.p3["backend"].extend(self.orphans["backend"])
-            plan.p3["names"].extend(self.orphans["names"])
+            p3["backend"].extend(self.orphans["backend"])
+            p3["names"].extend(self.orphans["names"])
 
         # --- what each in-scope service wants, and which frontend keys get released
-        wanted_ports: dict[str, dict[str, tuple[Service, int]]] = {}
+        src = self._src
+        wanted: dict[str, tuple[Service | None, dict[str, int], bool]] = {}
+        released: set[bytes] = set()
         for sname in sorted(svc_scope):
             svc = proj.services.get(sname)
-            want: dict[str, tuple[Service, int]] = {}
+            old = src.get(sname)
+            same_input = svc is not None and old is not None and old[1] is not None and (
+                old[0] is svc or old[0] == svc)
+            want: dict[str, int] = {}
             if svc is not None and svc.vips:
                 for i, sp in enumerate(svc.ports):
-                    want.setdefault(_port_name(sname, sp.port), (svc, i))
-            wanted_ports[sname] = want
-        released: set[bytes] = set()
-        for sname, want in wanted_ports.items():
-            for pname in self.svc_ports.get(sname, set()) - set(want):
-                released.update(self.ports[pname].fes)
-            for pname, (svc, i) in want.items():
-                cur = self.ports.get(pname)
-                if cur is not None:
-                    keep = {fe_key(v, svc.ports[i].port) for v in svc.vips}
+                    want.setdefault(_port_name(sname, sp.port), i)
+            wanted[sname] = (svc, want, same_input)
+            if same_input:
+                continue  # the same ports and VIPs as written: nothing released
+            for pname in self.svc_ports.get(sname, ()):
+                cur = self.ports[pname]
+                if pname not in want:
+                    released.update(cur.fes)
+                elif svc is not None:
+                    port = svc.ports[want[pname]].port
+                    keep = {fe_key(v, port) for v in svc.vips if len(v) in (4, 16)}
                     released.update(k for k in cur.fes if k not in keep)
-        for uid in be_scope:
-            cur = self.backs.get(uid)
-            if cur is None:
+        pb = proj.backends
+        for uid in be_order:
+            bid = be_id.get(uid)
+            if bid is None:
                 continue
-            b = proj.backends.get(uid)
-            keep = {fe_key(ip, 0) for ip in ((b.ipv4, b.ipv6) if b else ()) if ip}
-            released.update(k for k in cur.fes if k not in keep)
+            b = pb.get(uid)
+            cur_b = self._backend_of(bid)
+            if b is cur_b or cur_b is None:
+                continue
+            keep = set(_be_keys(b)) if b is not None and not _bad_backend(b) else set()
+            code = _BE | bid
+            released.update(k for k in _be_keys(cur_b) if k not in keep and fe_owner.get(k) == code)
 
-        pass_claims: dict[bytes, tuple[int, int]] = {}  # keys accepted for an owner in this pass
+        pass_claims: dict[bytes, int] = {}  # keys accepted for an owner in this pass
         claim_names: dict[bytes, str] = {}
 
         def owner_name(key: bytes) -> str:
-            kind, oid = self.fe_owner.get(key, (0, 0))
-            if kind == L.FE_SERVICE and oid in self.port_by_id:
+            code = fe_owner.get(key, 0)
+            oid = code & _ID_MASK
+            if code >> 32 == L.FE_SERVICE and oid in self.port_by_id:
                 return self.port_by_id[oid].name
-            return self.back_by_id[oid].uid if oid in self.back_by_id else f"#{oid}"
+            uid = self.backend_uid(oid) if code >> 32 == L.FE_BACKEND else None
+            return uid or f"#{oid}"
 
-        def claimable(key: bytes, me: tuple[int, int]) -> bool:
-            if pass_claims.get(key, me) != me:
+        def claimable(key: bytes, code: int) -> bool:
+            if pass_claims.get(key, code) != code:
                 return False
-            owner = self.fe_owner.get(key)
-            return owner is None or owner == me or key in released
-
-        def owned(keys: Iterable[bytes], me: tuple[int, int]) -> list[bytes]:
-            return [k for k in keys if self.fe_owner.get(k) == me]
+            owner = fe_owner.get(key)
+            return owner is None or owner == code or key in released
 
         def drop_port(cur: _Port, count_usage: bool = True) -> None:
             new_ports[cur.name] = None
-            plan.p1["frontend"].extend(owned(cur.fes, (L.FE_SERVICE, cur.id)))
+            code = _SVC | cur.id
+            p1["frontend"].extend(k for k in cur.fes if fe_owner.get(k) == code)
             if cur.value:
-                plan.p1["service"].append(L.U32.pack(cur.id))
-            plan.p1["endpoint"].extend(cur.slots)
+                p1["service"].append(L.U32.pack(cur.id))
+            for prio, blob in enumerate(cur.vals):
+                p1["endpoint"].extend(L.EP_KEY.pack(cur.id, prio, s) for s in range(len(blob) // 8))
             if count_usage:
                 usage["frontend"] -= len(cur.fes)
                 usage["service"] -= 1 if cur.value else 0
-                usage["endpoint"] -= len(cur.slots)
-            if cur.named:
-                plan.p3["names"].append(L.NAME_KEY.pack(L.NAME_SERVICE, cur.id))
+                usage["endpoint"] -= cur.nslots()
+            p3["names"].append(L.NAME_KEY.pack(L.NAME_SERVICE, cur.id))
 
         # --- services removed whole (phase 1; frees capacity for what follows)
-        for sname, want in wanted_ports.items():
+        for sname, (_svc, want, _same) in wanted.items():
             if not want:
-                for pname in sorted(self.svc_ports.get(sname, set())):
+                for pname in sorted(self.svc_ports.get(sname, ())):
                     drop_port(self.ports[pname])
 
         # --- backends (adds and changes; removals are decided after the services)
-        removed_backs: list[_Back] = []
-        bid_override: dict[str, int | None] = {}  # in-scope backends whose id changes in this pass
-        new_bsrc: dict[str, Backend] = {}
-
-        def live_bid(uid: str) -> int | None:
-            if uid in bid_override:
-                return bid_override[uid]
-            cur = self.backs.get(uid)
-            return cur.id if cur is not None else None
-
-        for uid in sorted(be_scope):
-            cur = self.backs.get(uid)
-            b = proj.backends.get(uid)
+        removed_backs: list[tuple[str, int]] = []
+        kept_back: list[str] = []  # uids leaving self._kept in this pass
+        override: dict[str, int | None] = {}  # backends whose id changes in this pass
+        be_src = self.be_src
+        bw, nw, fw = w["backend"], w["names"], w["frontend"]
+        u_be, u_nm, u_fe = usage["backend"], usage["names"], usage["frontend"]
+        lim_be, lim_nm, lim_fe = limits["backend"], limits["names"], limits["frontend"]
+        fek, bepack, namepack = L.FE_KEY.pack, L.BE_VAL.pack, L.NAME_VAL.pack
+        fevpack, u32, namekey = L.FE_VAL.pack, L.U32.pack, L.NAME_KEY.pack
+        kept, loaded = self._kept, self._be_loaded
+        take = self.be_ids.take
+        bk, bv, nk, nv = bw.keys.append, bw.vals.append, nw.keys.append, nw.vals.append
+        fk, fv = fw.keys.append, fw.vals.append
+        for uid in be_order:
+            b = pb.get(uid)
+            bid = be_id.get(uid)
             if b is None:
-                if cur is not None:
-                    removed_backs.append(cur)
-                    bid_override[uid] = None
+                if bid is not None:
+                    removed_backs.append((uid, bid))
+                    override[uid] = None
                 continue
-            if cur is not None and self._bsrc.get(uid) == b:
-                continue  # unchanged since we last wrote it
-            bad = _bad_backend(b)
-            if bad:
-                res.rejected[f"backend/{uid}"] = bad
-                bid_override[uid] = None if cur is None else cur.id
+            cur_b = None
+            if bid is not None:
+                if uid in kept:
+                    override[uid] = bid  # services that named it saw None: make them re-render
+                    kept_back.append(uid)
+                cur_b = be_src[bid]
+                if cur_b is b or (cur_b is not None and cur_b == b):
+                    continue  # unchanged since we last wrote it
+                if cur_b is None:
+                    cur_b = loaded.get(bid)
+            ip4, ip6 = b.ipv4, b.ipv6
+            if (ip4 is not None and len(ip4) != 4) or (ip6 is not None and len(ip6) != 16):
+                res.rejected[f"backend/{uid}"] = _bad_backend(b)
                 continue
-            if cur is None:
-                bid = self.be_ids.take()
-                allocated.append((self.be_ids, bid))
+            nbid = take() if bid is None else bid
+            code = _BE | nbid
+            flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
+            value = bepack(ip4 or _ZERO4, ip6 or _ZERO16, flags)
+            name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
+            keys = _be_keys(b) if ip6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 else []
+            fes = []
+            for k in keys:
+                pc = pass_claims.get(k)
+                if pc is not None and pc != code:
+                    continue
+                o = fe_owner.get(k)
+                if o is None or o == code or k in released:
+                    fes.append(k)
+            if cur_b is not None:
+                cur_value = _render_backend(cur_b)
+                cur_name = encode_name(cur_b.uid, cur_b.name, cur_b.namespace)
+                cur_fes = [k for k in _be_keys(cur_b) if fe_owner.get(k) == code]
+                if cur_value == value and cur_name == name and cur_fes == fes:
+                    verified.append((nbid, b))  # already in the maps exactly so (first sync after a restart)
+                    for k in fes:
+                        pass_claims[k] = code
+                    continue
+                need_fe = sum(1 for k in fes if k not in cur_fes)
             else:
-                bid = cur.id
-            value = self._render_backend(b)
-            name = encode_name(uid, b.name, b.namespace)
-            fes = {k: L.FE_VAL.pack(L.FE_BACKEND, bid)
-                   for k in (fe_key(ip, 0) for ip in (b.ipv4, b.ipv6) if ip)
-                   if claimable(k, (L.FE_BACKEND, bid))}
-            if cur is not None and cur.value == value and cur.name == name and cur.fes == fes:
-                new_bsrc[uid] = b  # already in the maps exactly so (e.g. first sync after a restart)
-                for k in fes:
-                    pass_claims[k] = (L.FE_BACKEND, bid)
-                    claim_names[k] = uid
-                continue
-            need = {"backend": 0 if cur and cur.value else 1, "names": 0 if cur and cur.name else 1,
-                    "frontend": sum(1 for k in fes if k not in (cur.fes if cur else {}))}
-            full = [m for m, n in need.items() if usage[m] + n > self.limits[m]]
+                cur_value = cur_name = b""
+                cur_fes = []
+                need_fe = len(fes)
+            new = int(bid is None)
+            full = "backend" if u_be + new > lim_be else "names" if u_nm + new > lim_nm else \
+                "frontend" if u_fe + need_fe > lim_fe else ""
             if full:
-                res.rejected[f"backend/{uid}"] = f"{full[0]} map full ({self.limits[full[0]]} entries)"
-                if cur is None:
-                    self.be_ids.release(bid)
-                    allocated.remove((self.be_ids, bid))
-                bid_override[uid] = None if cur is None else cur.id
+                res.rejected[f"backend/{uid}"] = f"{full} map full ({limits[full]} entries)"
+                if new:
+                    self.be_ids.release(nbid)
                 continue
-            for m, n in need.items():
-                usage[m] += n
-            bid_override[uid] = bid
-            new_bsrc[uid] = b
+            u_be += new
+            u_nm += new
+            u_fe += need_fe
+            if new:
+                override[uid] = nbid
+            new_backs[uid] = (nbid, b, fes)
             for k in fes:
-                pass_claims[k] = (L.FE_BACKEND, bid)
-                claim_names[k] = uid
-            if cur is None or cur.value != value:
-                plan.write("backend", L.U32.pack(bid), value)
-            if cur is None or cur.name != name:
-                plan.write("names", L.NAME_KEY.pack(L.NAME_BACKEND, bid), name)
-            for k, v in fes.items():
-                if cur is None or cur.fes.get(k) != v:
-                    plan.write("frontend", k, v)
-            if cur is not None:
-                plan.p1["frontend"].extend(owned((k for k in cur.fes if k not in fes), (L.FE_BACKEND, bid)))
-            new_backs[uid] = _Back(bid, uid, value, fes, name)
+                pass_claims[k] = code
+            if cur_value != value:
+                bk(u32(nbid))
+                bv(value)
+            if cur_name != name:
+                nk(namekey(L.NAME_BACKEND, nbid))
+                nv(name)
+            for k in fes:
+                if k not in cur_fes:
+                    fk(k)
+                    fv(fevpack(L.FE_BACKEND, nbid))
+            if cur_fes:
+                p1["frontend"].extend(k for k in cur_fes if k not in fes)
+        usage["backend"], usage["names"], usage["frontend"] = u_be, u_nm, u_fe
+        for wr in (bw, nw, fw):
+            wr.n = len(wr.keys)  # one element per chunk so far
+        if bw.n + nw.n >= self.EARLY_WRITE_MIN:
+            # A big batch (a first sync): let the kernel insert the backends and their names on a
+            # second core while the services are rendered. Only ids nothing references yet or
+            # in-place value changes, so writing them before phase 1 is as safe as in phase 2.
+            self._early = _EarlyWrite(self.maps, [("backend", bw), ("names", nw)])
+            w["backend"], w["names"] = _Writes(), _Writes()
+            nw = w["names"]
 
         # --- services: kept and new ports
-        new_src: dict[str, tuple[Service, tuple[int | None, ...]]] = {}
-        for sname, want in wanted_ports.items():
-            if not want:
+        new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
+        ovget = override.get
+        bidget = be_id.get
+        ew, sw = w["endpoint"], w["service"]
+        for sname, (svc, want, same_input) in wanted.items():
+            if not want or svc is None:
                 continue
-            svc = proj.services[sname]
-            sig = (svc, tuple(live_bid(e.backend_uid) for sp in svc.ports for e in sp.endpoints))
-            if self._src.get(sname) == sig:
-                continue  # same input, same backend ids: nothing to write
-            staged: list[tuple[str, _Port, _Port | None]] = []
-            need: dict[str, int] = defaultdict(int)
-            reason = ""
-            dropped = [self.ports[n] for n in sorted(self.svc_ports.get(sname, set()) - set(want))]
-            for cur in dropped:
-                need["frontend"] -= len(cur.fes)
-                need["service"] -= 1 if cur.value else 0
-                need["endpoint"] -= len(cur.slots)
+            if same_input and not override:
+                continue  # same input, no backend changed id in this pass: nothing to write
+            uids = [e.backend_uid for sp in svc.ports for e in sp.endpoints]
+            if same_input and not any(u in override for u in uids):
+                continue
+            live = [bidget(u) if (r := ovget(u, _NO)) is _NO else r for u in uids]
+            sig = tuple(live)
+            old = src.get(sname)
+            if old is not None and old[1] == sig and (old[0] is svc or old[0] == svc):
+                continue
             bad = _bad_service(svc)
             if bad:
                 res.rejected[sname] = bad
+                new_src[sname] = (svc, None)  # retried on every pass until it fits
                 continue
-            for pname, (svc_, i) in sorted(want.items()):
-                sp = svc_.ports[i]
+            staged: list[tuple[str, _Port, _Port | None]] = []
+            need = {"frontend": 0, "service": 0, "endpoint": 0, "names": 0}
+            reason = ""
+            dropped = [self.ports[n] for n in sorted(self.svc_ports.get(sname, ())) if n not in want]
+            for cur in dropped:
+                need["frontend"] -= len(cur.fes)
+                need["service"] -= 1 if cur.value else 0
+                need["endpoint"] -= cur.nslots()
+            offsets = []
+            off = 0
+            for sp in svc.ports:
+                offsets.append(off)
+                off += len(sp.endpoints)
+            for pname, i in sorted(want.items()):
+                sp = svc.ports[i]
                 cur = self.ports.get(pname)
                 if cur is None:
                     sid = self.svc_ids.take()
-                    allocated.append((self.svc_ids, sid))
                 else:
                     sid = cur.id
+                base = offsets[i]
                 eps = [(e.backend_uid, e.target_port, e.weight, e.priority, bid)
-                       for e in sp.endpoints
-                       if 0 < e.target_port < 65536 and (bid := live_bid(e.backend_uid)) is not None]
-                value, slots, bids = self._render_slots(sid, svc.lb_mode, eps)
-                fes: dict[bytes, bytes] = {}
-                for vip in svc.vips:
-                    k = fe_key(vip, sp.port)
-                    if not claimable(k, (L.FE_SERVICE, sid)):
+                       for j, e in enumerate(sp.endpoints)
+                       if (bid := live[base + j]) is not None and 0 < e.target_port < 65536]
+                value, vals = self._render_slots(svc.lb_mode, eps)
+                code = _SVC | sid
+                fes = tuple(sorted({fe_key(vip, sp.port) for vip in svc.vips}))
+                for k in fes:
+                    if not claimable(k, code):
                         other = claim_names.get(k) or owner_name(k)
                         reason = f"frontend {_fmt_fe(k)} already belongs to {other}"
                         break
-                    fes[k] = L.FE_VAL.pack(L.FE_SERVICE, sid)
                 if reason:
                     break
-                old = cur or _Port(sid, pname, sname)
-                need["service"] += 0 if old.value else 1
-                need["names"] += 0 if old.named else 1
-                need["endpoint"] += sum(1 for k in slots if k not in old.slots)
-                need["frontend"] += sum(1 for k in fes if k not in old.fes)
-                staged.append((pname, _Port(sid, pname, sname, value, slots, fes, bids, True), cur))
+                old_vals = cur.vals if cur is not None else _EMPTY_VALS
+                need["service"] += 0 if cur is not None and cur.value else 1
+                need["names"] += 0 if cur is not None else 1
+                need["endpoint"] += sum(max(0, len(n) - len(o))
+                                        for n, o in zip(vals, old_vals, strict=True)) // 8
+                need["frontend"] += sum(1 for k in fes if cur is None or k not in cur.fes)
+                staged.append((pname, _Port(sid, pname, sname, value, vals, fes), cur))
             if not reason:
-                full = [m for m, n in need.items() if usage[m] + n > self.limits[m]]
+                full = [m for m, n in need.items() if usage[m] + n > limits[m]]
                 if full:
-                    reason = (f"{full[0]} map full: needs {need[full[0]]} more, "
-                              f"{self.limits[full[0]] - usage[full[0]]} of {self.limits[full[0]]} free")
+                    m = full[0]
+                    reason = f"{m} map full: needs {need[m]} more, {limits[m] - usage[m]} of {limits[m]} free"
             if reason:
                 res.rejected[sname] = reason
+                new_src[sname] = (svc, None)
                 for _pname, p, cur in staged:
                     if cur is None:
                         self.svc_ids.release(p.id)
-                        allocated.remove((self.svc_ids, p.id))
                 continue
-            new_src[sname] = sig
-            same = all(cur is not None and cur.named and cur.value == p.value and cur.slots == p.slots
-                       and cur.fes == p.fes for _pname, p, cur in staged)
-            if same and not dropped:
+            new_src[sname] = (svc, sig)
+            same = not dropped and all(cur is not None and cur.value == p.value and cur.vals == p.vals
+                                       and cur.fes == p.fes for _pname, p, cur in staged)
+            if same:
                 for pname, p, _cur in staged:  # already in the maps exactly so
                     for k in p.fes:
-                        pass_claims[k] = (L.FE_SERVICE, p.id)
+                        pass_claims[k] = _SVC | p.id
                         claim_names[k] = pname
                 continue
             for cur in dropped:
@@ -624,81 +834,108 @@ class Reconciler:
                 usage[m] += n
             for pname, p, cur in staged:
                 new_ports[pname] = p
+                sid = p.id
                 for k in p.fes:
-                    pass_claims[k] = (L.FE_SERVICE, p.id)
+                    pass_claims[k] = _SVC | sid
                     claim_names[k] = pname
-                old_slots = cur.slots if cur else {}
-                for k, v in p.slots.items():
-                    if old_slots.get(k) != v:
-                        plan.write("endpoint", k, v)
+                old_vals = cur.vals if cur is not None else _EMPTY_VALS
+                for prio, (nv, ov) in enumerate(zip(p.vals, old_vals, strict=True)):
+                    if nv == ov:
+                        continue
+                    n_new, n_old = len(nv) // 8, len(ov) // 8
+                    if not ov:
+                        ew.add(b"".join([L.EP_KEY.pack(sid, prio, s) for s in range(n_new)]), nv, n_new)
+                    else:
+                        for s in range(n_new):
+                            v = nv[s * 8:s * 8 + 8]
+                            if s >= n_old or ov[s * 8:s * 8 + 8] != v:
+                                ew.add(L.EP_KEY.pack(sid, prio, s), v)
+                        p3["endpoint"].extend(L.EP_KEY.pack(sid, prio, s) for s in range(n_new, n_old))
                 if cur is None or cur.value != p.value:
-                    plan.write("service", L.U32.pack(p.id), p.value)
-                if cur is None or not cur.named:
-                    plan.write("names", L.NAME_KEY.pack(L.NAME_SERVICE, p.id), encode_name(pname))
-                for k, v in p.fes.items():
-                    if cur is None or cur.fes.get(k) != v:
-                        plan.write("frontend", k, v)
+                    sw.add(L.U32.pack(sid), p.value)
+                if cur is None:
+                    nw.add(L.NAME_KEY.pack(L.NAME_SERVICE, sid), encode_name(pname))
+                fval = L.FE_VAL.pack(L.FE_SERVICE, sid)
+                for k in p.fes:
+                    if cur is None or k not in cur.fes:
+                        fw.add(k, fval)
                 if cur is not None:
-                    plan.p1["frontend"].extend(owned((k for k in cur.fes if k not in p.fes),
-                                                     (L.FE_SERVICE, p.id)))
-                    plan.p3["endpoint"].extend(k for k in cur.slots if k not in p.slots)
+                    code = _SVC | sid
+                    p1["frontend"].extend(k for k in cur.fes if k not in p.fes and fe_owner.get(k) == code)
+
+        # --- backend reference counts after this pass
+        delta: dict[int, int] = {}
+        for pname, p in new_ports.items():
+            cur = self.ports.get(pname)
+            if cur is not None:
+                for x in _bids(cur.vals):
+                    delta[x] = delta.get(x, 0) - 1
+            if p is not None:
+                for x in _bids(p.vals):
+                    delta[x] = delta.get(x, 0) + 1
 
         # --- backend removals: only once nothing references them any more
-        for cur in removed_backs:
-            users_after = set(self.users.get(cur.id, ()))
-            for pname, p in new_ports.items():
-                if p is not None and cur.id in p.bids:
-                    users_after.add(pname)
-                else:
-                    users_after.discard(pname)
-            if users_after:
-                log.warning("backend %s removed but still used by %s; kept", cur.uid, sorted(users_after)[:3])
+        kept_now: list[str] = []
+        for uid, bid in removed_backs:
+            after = (self.be_refs[bid] if bid < len(self.be_refs) else 0) + delta.get(bid, 0)
+            if after > 0:
+                log.warning("backend %s removed but still used by %d service port(s); kept", uid, after)
+                kept_now.append(uid)
                 continue
-            new_backs[cur.uid] = None
-            plan.p1["frontend"].extend(k for k in cur.fes if self.fe_owner.get(k) == (L.FE_BACKEND, cur.id))
-            if cur.value:
-                plan.p3["backend"].append(L.U32.pack(cur.id))
-            if cur.name:
-                plan.p3["names"].append(L.NAME_KEY.pack(L.NAME_BACKEND, cur.id))
+            new_backs[uid] = None
+            cur_b = self._backend_of(bid)
+            code = _BE | bid
+            if cur_b is not None:
+                p1["frontend"].extend(k for k in _be_keys(cur_b) if fe_owner.get(k) == code)
+            p3["backend"].append(L.U32.pack(bid))
+            p3["names"].append(L.NAME_KEY.pack(L.NAME_BACKEND, bid))
 
         # A frontend key re-written in phase 2 needs no phase-1 delete (it switches atomically),
         # unless its current target disappears in phase 1 (a dropped service port, an orphan).
-        rewritten = set(plan.p2["frontend"][0]) if "frontend" in plan.p2 else set()
-        dropped_ids = {self.ports[n].id for n, p in new_ports.items() if p is None and n in self.ports}
+        if p1["frontend"]:
+            rewritten = set(fw.keys)
+            dropped_ids = {self.ports[n].id for n, p in new_ports.items() if p is None and n in self.ports}
 
-        def must_delete(k: bytes) -> bool:
-            if k not in rewritten:
-                return True
-            owner = self.fe_owner.get(k)
-            return owner is None or (owner[0] == L.FE_SERVICE and owner[1] in dropped_ids)
+            def must_delete(k: bytes) -> bool:
+                if k not in rewritten:
+                    return True
+                owner = fe_owner.get(k)
+                return owner is None or (owner >> 32 == L.FE_SERVICE and owner & _ID_MASK in dropped_ids)
 
-        plan.p1["frontend"] = list(dict.fromkeys(k for k in plan.p1["frontend"] if must_delete(k)))
+            p1["frontend"] = list(dict.fromkeys(k for k in p1["frontend"] if must_delete(k)))
 
         # --- execute
         t1 = time.perf_counter()
         try:
+            early, self._early = self._early, None
+            if early is not None:  # backends and their names first, as phase 2 would
+                early.join()
+                res.written += early.written
+                res.write_seconds += early.seconds
+                if early.error is not None:
+                    raise early.error
             for m in ("frontend", "service", "endpoint"):
-                if plan.p1.get(m):
-                    self.maps[m].delete_batch(plan.p1[m])
-                    res.deleted += len(plan.p1[m])
+                if p1[m]:
+                    self.maps[m].delete_batch(p1[m])
+                    res.deleted += len(p1[m])
             for m in ("backend", "names", "endpoint", "service", "frontend"):
-                ks, vs = plan.p2.get(m, ([], []))
-                if ks:
-                    self.maps[m].update_batch(ks, vs)
-                    res.written += len(ks)
+                wr = w[m]
+                if wr.n:
+                    self.maps[m].update_raw(b"".join(wr.keys), b"".join(wr.vals), wr.n)
+                    res.written += wr.n
             for m in ("endpoint", "backend", "names"):
-                if plan.p3.get(m):
-                    self.maps[m].delete_batch(plan.p3[m])
-                    res.deleted += len(plan.p3[m])
+                if p3[m]:
+                    self.maps[m].delete_batch(p3[m])
+                    res.deleted += len(p3[m])
         except OSError:
             self.dirty = True  # the mirror no longer matches the kernel: reload next time
             raise
         finally:
-            res.write_seconds = time.perf_counter() - t1
+            res.write_seconds += time.perf_counter() - t1
 
         # --- commit to the mirror
         if orphans:
-            self.orphans = defaultdict(list)
+            self.orphans = {m: [] for m in RECONCILED_MAPS}
             for pool, i in self._held:
                 pool.release(i)
             self._held = []
@@ -710,32 +947,68 @@ class Reconciler:
                     self.svc_ids.release(cur.id)
             if p is not None:
                 self._add_port(p)
+                code = _SVC | p.id
                 for k in p.fes:
-                    self._claim(k, (L.FE_SERVICE, p.id))
-        for uid, b in new_backs.items():
-            cur = self.backs.get(uid)
-            if cur is not None:
-                self._drop_back(cur)
-                if b is None:
-                    self.be_ids.release(cur.id)
-                    self.users.pop(cur.id, None)
-            if b is not None:
-                self._add_back(b)
-                for k in b.fes:
-                    self._claim(k, (L.FE_BACKEND, b.id))
-        for sname, want in wanted_ports.items():
+                    self._claim(k, code)
+        self._kept.difference_update(kept_back)
+        self._kept.update(kept_now)
+        for bid, b in verified:
+            be_src[bid] = b
+            self._be_loaded.pop(bid, None)
+        top = max((nb[0] for nb in new_backs.values() if nb is not None), default=0)
+        if top >= len(self.be_uid):
+            grow = top + 1 - len(self.be_uid)
+            self.be_uid.extend([None] * grow)
+            be_src.extend([None] * grow)
+            self.be_refs.extend([0] * grow)
+        be_uid = self.be_uid
+        for uid, nb in new_backs.items():
+            bid = be_id.get(uid)
+            if bid is not None:  # changed or removed: forget its current pod-IP frontends
+                cur_b = self._backend_of(bid)
+                code = _BE | bid
+                if cur_b is not None:
+                    for k in _be_keys(cur_b):
+                        if fe_owner.get(k) == code:
+                            del fe_owner[k]
+                self._be_loaded.pop(bid, None)
+            if nb is None:
+                self._kept.discard(uid)
+                if bid is not None:
+                    del be_id[uid]
+                    be_uid[bid] = None
+                    be_src[bid] = None  # its reference count is 0 once `delta` is applied below
+                    self.be_ids.release(bid)
+                continue
+            nbid, b, fes = nb
+            be_id[uid] = nbid
+            be_uid[nbid] = uid
+            be_src[nbid] = b
+            code = _BE | nbid
+            for k in fes:
+                if fe_owner.get(k) is None:
+                    fe_owner[k] = code
+                else:
+                    self._claim(k, code)
+        refs = self.be_refs
+        for bid, dv in delta.items():
+            if bid < len(refs):
+                refs[bid] += dv
+        for sname, (_svc, want, _same) in wanted.items():
             if not want:
                 self._forget_src(sname)
+        wants = self._wants
         for sname, sig in new_src.items():
-            self._forget_src(sname)
-            self._src[sname] = sig
+            if sname in src:
+                self._forget_src(sname)
+            src[sname] = sig
             for sp in sig[0].ports:
                 for e in sp.endpoints:
-                    self._wants[e.backend_uid].add(sname)
-        for uid, b in new_backs.items():
-            if b is None:
-                self._bsrc.pop(uid, None)
-        self._bsrc.update(new_bsrc)
+                    u = e.backend_uid
+                    if u not in wants:
+                        wants[u] = sname
+                    else:
+                        self._want(u, sname)
         res.seconds = time.perf_counter() - t0
         return res
 
