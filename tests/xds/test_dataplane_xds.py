@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
-from dp_compare import actual, expected
+from dp_compare import actual, endpoint_targets, expected
 from sandbox_env import Env, pod_body, service_body, set_pod_status
 
 from daemon.state import State
@@ -48,7 +48,7 @@ def test_maps_follow_pods_and_services(pilot_env: Env, xds_dataplane: Any, synce
     vip = str(ipaddress.ip_address(st.services[name].vips[0]))
     got = actual(dp.read_back())
     assert (vip, 80, name) in got["frontends"]
-    eps = {k[3]: k[4] for k in got["endpoints"] if k[0] == name}
+    eps = endpoint_targets(got, name)
     # api-1 is not Ready: a backend, but no endpoint
     assert eps == {f"Kubernetes//Pod/{NS}/api-0": 8080, f"Kubernetes//Pod/{NS}/api-2": 8080}
     assert (f"Kubernetes//Pod/{NS}/api-1", "10.7.0.2", None) in got["backends"]

@@ -32,14 +32,18 @@ SVC_VARIANTS = [
     dict(ports=[(80, 9090)], mode=LB.FAILOVER, routing=[LB.REGION, LB.ZONE]),
     dict(ports=[(80, 8080)], mode=LB.STRICT, routing=[LB.NODE]),
     dict(ports=[(80, 8080)], health=LB.ALLOW_ALL),
+    dict(ports=[(80, 8080), (81, 0)], routing=[LB.REGION, LB.ZONE]),  # RANDOM: ranks are ignored
+    dict(ports=[(80, 8080)], mode=LB.STRICT, routing=[LB.REGION]),  # STRICT: other regions dropped
 ]
+CAPACITIES = [None, 1, 2, 3, 0, 40]  # weights > 1 expand to slots (40 is scaled down to 16)
 LOCALITIES = [("r1", "z1", ""), ("r1", "z2", ""), ("r2", "z1", "")]
 
 ops = st.lists(st.one_of(
     st.tuples(st.just("svc"), st.integers(0, 3), st.integers(0, len(SVC_VARIANTS) - 1), st.integers(0, 2)),
     st.tuples(st.just("rm_svc"), st.integers(0, 3)),
     st.tuples(st.just("wl"), st.integers(0, 5), st.integers(0, 3),
-              st.frozensets(st.integers(0, 3), max_size=3), st.booleans(), st.booleans(), st.integers(0, 2)),
+              st.frozensets(st.integers(0, 3), max_size=3), st.booleans(), st.booleans(), st.integers(0, 2),
+              st.integers(0, len(CAPACITIES) - 1)),
     st.tuples(st.just("rm_wl"), st.integers(0, 5)),
     st.tuples(st.just("down"), st.integers(1, 3)),
     st.tuples(st.just("settle")),
@@ -52,10 +56,11 @@ def resource(op: tuple) -> tuple[str, bytes]:
         _, i, variant, vip = op
         a = service(f"s{i}", vip=f"10.96.{vip}.{i + 1}", **SVC_VARIANTS[variant])
         return svc_key(f"s{i}"), a.SerializeToString()
-    _, j, ipv, svcs, healthy, own_port, loc = op
+    _, j, ipv, svcs, healthy, own_port, loc, cap = op
     ports = [(80, 7000 + j)] if own_port else []
     a = workload(f"w{j}", f"10.9.{ipv}.{j + 1}", services={svc_key(f"s{i}"): ports for i in sorted(svcs)},
-                 healthy=healthy, node=NODE if j % 2 == 0 else "n2", locality=LOCALITIES[loc])
+                 healthy=healthy, node=NODE if j % 2 == 0 else "n2", locality=LOCALITIES[loc],
+                 capacity=CAPACITIES[cap])
     return a.workload.uid, a.SerializeToString()
 
 
