@@ -125,7 +125,9 @@ class WorkloadRecord(Backend):
         # slot setters directly: the frozen dataclass __init__/__setattr__ cost ~1 us per record,
         # which is a tenth of a second per 100k-workload push
         _SET_UID(self, uid)
-        _SET_NAME(self, name)
+        # a pod's name is the last segment of its uid ("<cluster>//Pod/<ns>/<name>"): kept only if not
+        n = len(name)
+        _SET_NAME(self, None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name)
         _SET_NS(self, profile.namespace)
         _SET_V4(self, v4)
         _SET_V6(self, v6)
@@ -135,6 +137,14 @@ class WorkloadRecord(Backend):
         _SET_VD(self, _pack(digest, version))
 
     # -- identity and what the data plane needs --------------------------------------------
+    @property  # type: ignore[override]
+    def name(self) -> str:  # shadows Backend's slot, which holds the name only when not derivable
+        n = _GET_NAME(self)
+        if n is None:
+            uid = self.uid
+            return uid[uid.rfind("/") + 1:]
+        return n
+
     @property
     def backend(self) -> Backend:
         return self
@@ -216,6 +226,7 @@ class WorkloadRecord(Backend):
         return f"WorkloadRecord(uid={self.uid!r}, addresses={self.addresses!r}, node={self.node!r})"
 
 
+_GET_NAME = Backend.name.__get__  # type: ignore[attr-defined]
 _SET_UID, _SET_NAME, _SET_NS, _SET_V4, _SET_V6 = (
     Backend.uid.__set__, Backend.name.__set__, Backend.namespace.__set__,  # type: ignore[attr-defined]
     Backend.ipv4.__set__, Backend.ipv6.__set__)  # type: ignore[attr-defined]
