@@ -15,6 +15,13 @@ from daemon.dataplane import bpfsys
 _BATCH = 32768
 
 
+def _view(buf: bytes | bytearray, offset: int, size: int) -> ct.Array:
+    """A ctypes array over buf[offset:offset+size]: shared with a bytearray, copied from bytes."""
+    if isinstance(buf, bytearray):
+        return (ct.c_char * size).from_buffer(buf, offset)
+    return ct.create_string_buffer(buf[offset:offset + size], size)
+
+
 class MapIO:
     """One map: its fd, element sizes and batch operations."""
 
@@ -44,13 +51,17 @@ class MapIO:
             ks = keys[start:start + _BATCH]
             self.update_raw(b"".join(ks), b"".join(values[start:start + _BATCH]), len(ks))
 
-    def update_raw(self, keys: bytes, values: bytes, n: int) -> None:
-        """Insert or replace n elements given as packed key and value arrays."""
+    def update_raw(self, keys: bytes | bytearray, values: bytes | bytearray, n: int) -> None:
+        """Insert or replace n elements given as packed key and value arrays (a bytearray is
+        handed to the kernel in place, without a copy)."""
         ksz, vsz = self.key_size, self.value_size
+        if len(keys) != n * ksz or len(values) != n * vsz:
+            raise ValueError(f"{self.name}: {n} elements need {n * ksz}/{n * vsz} key/value bytes, "
+                             f"got {len(keys)}/{len(values)}")
         for start in range(0, n, _BATCH):
             m = min(_BATCH, n - start)
-            kbuf = ct.create_string_buffer(keys[start * ksz:(start + m) * ksz], m * ksz)
-            vbuf = ct.create_string_buffer(values[start * vsz:(start + m) * vsz], m * vsz)
+            kbuf = _view(keys, start * ksz, m * ksz)
+            vbuf = _view(values, start * vsz, m * vsz)
             err, _ = bpfsys.map_batch(bpfsys.BPF_MAP_UPDATE_BATCH, self.fd, kbuf, vbuf, m)
             if err:
                 raise OSError(err, f"{self.name}: batch update: {os.strerror(err)}")

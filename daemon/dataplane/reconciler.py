@@ -188,18 +188,19 @@ class _Port:
 
 
 class _Writes:
-    """Phase-2 writes of one map: packed key / value chunks and the element count."""
+    """Phase-2 writes of one map: packed keys and values appended to two growing buffers, so a
+    430k-element pass leaves no per-element objects behind (they would fragment the heap)."""
 
     __slots__ = ("keys", "vals", "n")
 
     def __init__(self) -> None:
-        self.keys: list[bytes] = []
-        self.vals: list[bytes] = []
+        self.keys = bytearray()
+        self.vals = bytearray()
         self.n = 0
 
     def add(self, key: bytes, value: bytes, n: int = 1) -> None:
-        self.keys.append(key)
-        self.vals.append(value)
+        self.keys += key
+        self.vals += value
         self.n += n
 
 
@@ -227,7 +228,7 @@ class _EarlyWrite(threading.Thread):
         try:
             for name, wr in self.batches:
                 if wr.n:
-                    self.maps[name].update_raw(b"".join(wr.keys), b"".join(wr.vals), wr.n)
+                    self.maps[name].update_raw(wr.keys, wr.vals, wr.n)
                     self.written += wr.n
         except BaseException as exc:  # noqa: BLE001 - re-raised by the reconcile pass
             self.error = exc
@@ -240,6 +241,7 @@ class Reconciler:
     """Owns the contents of km_frontend, km_service, km_endpoint, km_backend and km_names."""
 
     EARLY_WRITE_MIN = 4096  # backends + names in one pass from which they are written concurrently
+    TRIM_MIN = 20000  # elements written + deleted in one pass from which freed heap is returned
 
     def __init__(self, maps: Mapping[str, MapLike], capacity: Capacity) -> None:
         self.maps = maps
@@ -532,7 +534,12 @@ class Reconciler:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._reconcile_inner(proj, svc_scope, be_order, orphans)
+            res = self._reconcile_inner(proj, svc_scope, be_order, orphans)
+            if res.written + res.deleted >= self.TRIM_MIN:
+                t = time.perf_counter()
+                _malloc_trim()  # the pass's buffers are free now: hand them back to the OS
+                res.seconds += time.perf_counter() - t
+            return res
         except BaseException:
             early, self._early = self._early, None
             if early is not None:  # failed while the early writes ran: the mirror is unknown
@@ -553,8 +560,7 @@ class Reconciler:
         usage = self.counts()
         limits = self.limits
         new_ports: dict[str, _Port | None] = {}  # port name -> planned state (None = removed)
-        # uid -> (id, source, pod-IP frontend keys it owns) / None = removed
-        new_backs: dict[str, tuple[int, Backend, list[bytes]] | None] = {}
+        new_backs: dict[str, int | None] = {}  # uid -> id written in this pass / None = removed
         verified: list[tuple[int, Backend]] = []  # loaded backends found exact: adopt their source
         fe_owner = self.fe_owner
         be_id = self.be_id
@@ -652,8 +658,8 @@ class Reconciler:
         fevpack, u32, namekey = L.FE_VAL.pack, L.U32.pack, L.NAME_KEY.pack
         kept, loaded = self._kept, self._be_loaded
         take = self.be_ids.take
-        bk, bv, nk, nv = bw.keys.append, bw.vals.append, nw.keys.append, nw.vals.append
-        fk, fv = fw.keys.append, fw.vals.append
+        bk, bv, nk, nv = bw.keys.extend, bw.vals.extend, nw.keys.extend, nw.vals.extend
+        fk, fv = fw.keys.extend, fw.vals.extend
         for uid in be_order:
             b = pb.get(uid)
             bid = be_id.get(uid)
@@ -717,7 +723,7 @@ class Reconciler:
             u_fe += need_fe
             if new:
                 override[uid] = nbid
-            new_backs[uid] = (nbid, b, fes)
+            new_backs[uid] = nbid
             for k in fes:
                 pass_claims[k] = code
             if cur_value != value:
@@ -733,8 +739,9 @@ class Reconciler:
             if cur_fes:
                 p1["frontend"].extend(k for k in cur_fes if k not in fes)
         usage["backend"], usage["names"], usage["frontend"] = u_be, u_nm, u_fe
-        for wr in (bw, nw, fw):
-            wr.n = len(wr.keys)  # one element per chunk so far
+        bw.n = len(bw.keys) // 4
+        nw.n = len(nw.keys) // L.NAME_KEY.size
+        fw.n = len(fw.keys) // L.FE_KEY.size
         if bw.n + nw.n >= self.EARLY_WRITE_MIN:
             # A big batch (a first sync): let the kernel insert the backends and their names on a
             # second core while the services are rendered. Only ids nothing references yet or
@@ -748,6 +755,7 @@ class Reconciler:
         ovget = override.get
         bidget = be_id.get
         ew, sw = w["endpoint"], w["service"]
+        ek, ev, epkey = ew.keys.extend, ew.vals.extend, L.EP_KEY.pack
         for sname, (svc, want, same_input) in wanted.items():
             if not want or svc is None:
                 continue
@@ -844,7 +852,10 @@ class Reconciler:
                         continue
                     n_new, n_old = len(nv) // 8, len(ov) // 8
                     if not ov:
-                        ew.add(b"".join([L.EP_KEY.pack(sid, prio, s) for s in range(n_new)]), nv, n_new)
+                        for s in range(n_new):
+                            ek(epkey(sid, prio, s))
+                        ev(nv)
+                        ew.n += n_new
                     else:
                         for s in range(n_new):
                             v = nv[s * 8:s * 8 + 8]
@@ -893,7 +904,8 @@ class Reconciler:
         # A frontend key re-written in phase 2 needs no phase-1 delete (it switches atomically),
         # unless its current target disappears in phase 1 (a dropped service port, an orphan).
         if p1["frontend"]:
-            rewritten = set(fw.keys)
+            ks = L.FE_KEY.size
+            rewritten = {bytes(fw.keys[i:i + ks]) for i in range(0, len(fw.keys), ks)}
             dropped_ids = {self.ports[n].id for n, p in new_ports.items() if p is None and n in self.ports}
 
             def must_delete(k: bytes) -> bool:
@@ -921,7 +933,7 @@ class Reconciler:
             for m in ("backend", "names", "endpoint", "service", "frontend"):
                 wr = w[m]
                 if wr.n:
-                    self.maps[m].update_raw(b"".join(wr.keys), b"".join(wr.vals), wr.n)
+                    self.maps[m].update_raw(wr.keys, wr.vals, wr.n)
                     res.written += wr.n
             for m in ("endpoint", "backend", "names"):
                 if p3[m]:
@@ -955,7 +967,7 @@ class Reconciler:
         for bid, b in verified:
             be_src[bid] = b
             self._be_loaded.pop(bid, None)
-        top = max((nb[0] for nb in new_backs.values() if nb is not None), default=0)
+        top = max((nb for nb in new_backs.values() if nb is not None), default=0)
         if top >= len(self.be_uid):
             grow = top + 1 - len(self.be_uid)
             self.be_uid.extend([None] * grow)
@@ -980,16 +992,19 @@ class Reconciler:
                     be_src[bid] = None  # its reference count is 0 once `delta` is applied below
                     self.be_ids.release(bid)
                 continue
-            nbid, b, fes = nb
+            nbid = nb
+            b = pb[uid]
             be_id[uid] = nbid
             be_uid[nbid] = uid
             be_src[nbid] = b
             code = _BE | nbid
-            for k in fes:
-                if fe_owner.get(k) is None:
-                    fe_owner[k] = code
-                else:
-                    self._claim(k, code)
+            ip4 = b.ipv4
+            for k in _be_keys(b) if b.ipv6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 else ():
+                if pass_claims.get(k) == code:
+                    if fe_owner.get(k) is None:
+                        fe_owner[k] = code
+                    else:
+                        self._claim(k, code)
         refs = self.be_refs
         for bid, dv in delta.items():
             if bid < len(refs):
@@ -1011,6 +1026,24 @@ class Reconciler:
                         self._want(u, sname)
         res.seconds = time.perf_counter() - t0
         return res
+
+
+def _malloc_trim() -> None:
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - glibc only; probe once
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def _bad_backend(b: Backend) -> str:

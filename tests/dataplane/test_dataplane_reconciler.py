@@ -70,8 +70,8 @@ class FakeMap:
     def update_raw(self, keys: bytes, values: bytes, n: int) -> None:
         ks, vs = len(keys) // n, len(values) // n
         assert ks * n == len(keys) and vs * n == len(values)
-        self.update_batch([keys[i * ks:(i + 1) * ks] for i in range(n)],
-                          [values[i * vs:(i + 1) * vs] for i in range(n)])
+        self.update_batch([bytes(keys[i * ks:(i + 1) * ks]) for i in range(n)],
+                          [bytes(values[i * vs:(i + 1) * vs]) for i in range(n)])
 
     def update_batch(self, keys: list[bytes], values: list[bytes]) -> None:
         for k, v in zip(keys, values, strict=True):
