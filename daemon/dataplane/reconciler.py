@@ -37,7 +37,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import reduce
 from math import gcd
 from typing import Protocol
@@ -209,6 +209,24 @@ _EMPTY_VALS = (b"",) * L.PRIOS
 
 def _port_name(service: str, port: int) -> str:
     return f"{service}:{port}"
+
+
+class _Worker(threading.Thread):
+    """Runs fn on its own thread (map syscalls release the GIL); the caller joins and re-raises."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        super().__init__(name="reconcile-write", daemon=True)
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the reconcile pass
+            self.error = exc
+        finally:
+            self.fn = None  # type: ignore[assignment]
 
 
 class _EarlyWrite(threading.Thread):
@@ -917,34 +935,68 @@ class Reconciler:
             p1["frontend"] = list(dict.fromkeys(k for k in p1["frontend"] if must_delete(k)))
 
         # --- execute
-        t1 = time.perf_counter()
+        early, self._early = self._early, None
+
+        def execute() -> None:
+            t1 = time.perf_counter()
+            try:
+                if early is not None:  # backends and their names first, as phase 2 would
+                    early.join()
+                    res.written += early.written
+                    res.write_seconds += early.seconds
+                    if early.error is not None:
+                        raise early.error
+                for m in ("frontend", "service", "endpoint"):
+                    if p1[m]:
+                        self.maps[m].delete_batch(p1[m])
+                        res.deleted += len(p1[m])
+                for m in ("backend", "names", "endpoint", "service", "frontend"):
+                    wr = w[m]
+                    if wr.n:
+                        self.maps[m].update_raw(wr.keys, wr.vals, wr.n)
+                        res.written += wr.n
+                for m in ("endpoint", "backend", "names"):
+                    if p3[m]:
+                        self.maps[m].delete_batch(p3[m])
+                        res.deleted += len(p3[m])
+            finally:
+                res.write_seconds += time.perf_counter() - t1
+
+        # A big pass writes on a second core while the mirror is committed here: if a write fails
+        # the mirror is marked dirty and rebuilt from the maps by the next call, so committing
+        # ahead of the kernel is never observable.
+        writer = None
+        if early is not None or sum(x.n for x in w.values()) >= self.EARLY_WRITE_MIN:
+            writer = _Worker(execute)
+        else:
+            try:
+                execute()
+            except BaseException:
+                self.dirty = True  # the mirror no longer matches the kernel: reload next time
+                raise
         try:
-            early, self._early = self._early, None
-            if early is not None:  # backends and their names first, as phase 2 would
-                early.join()
-                res.written += early.written
-                res.write_seconds += early.seconds
-                if early.error is not None:
-                    raise early.error
-            for m in ("frontend", "service", "endpoint"):
-                if p1[m]:
-                    self.maps[m].delete_batch(p1[m])
-                    res.deleted += len(p1[m])
-            for m in ("backend", "names", "endpoint", "service", "frontend"):
-                wr = w[m]
-                if wr.n:
-                    self.maps[m].update_raw(wr.keys, wr.vals, wr.n)
-                    res.written += wr.n
-            for m in ("endpoint", "backend", "names"):
-                if p3[m]:
-                    self.maps[m].delete_batch(p3[m])
-                    res.deleted += len(p3[m])
-        except OSError:
-            self.dirty = True  # the mirror no longer matches the kernel: reload next time
+            self._commit(proj, new_ports, new_backs, verified, delta, kept_back, kept_now,
+                         pass_claims, wanted, new_src, orphans)
+        except BaseException:
+            self.dirty = True
             raise
         finally:
-            res.write_seconds += time.perf_counter() - t1
+            if writer is not None:
+                writer.join()
+                if writer.error is not None:
+                    self.dirty = True
+                    raise writer.error
+        res.seconds = time.perf_counter() - t0
+        return res
 
+    def _commit(self, proj: Projection, new_ports: dict[str, _Port | None],
+                new_backs: dict[str, int | None], verified: list[tuple[int, Backend]], delta: dict[int, int],
+                kept_back: list[str], kept_now: list[str], pass_claims: dict[bytes, int],
+                wanted: dict[str, tuple[Service | None, dict[str, int], bool]],
+                new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]], orphans: bool) -> None:
+        """Apply a pass's plan to the mirror (the maps are written, or being written)."""
+        fe_owner, be_id, be_src, src, pb = self.fe_owner, self.be_id, self.be_src, self._src, proj.backends
+        fek = L.FE_KEY.pack
         # --- commit to the mirror
         if orphans:
             self.orphans = {m: [] for m in RECONCILED_MAPS}
@@ -1024,8 +1076,6 @@ class Reconciler:
                         wants[u] = sname
                     else:
                         self._want(u, sname)
-        res.seconds = time.perf_counter() - t0
-        return res
 
 
 def _malloc_trim() -> None:
