@@ -2,8 +2,11 @@
 
 - ``sync``: 10,000 services x 10 endpoints (100,000 endpoints, 100,000 backends with a pod IP
   each) written into fresh maps by ``Reconciler.sync``; reported: total seconds, of which map
-  syscall seconds, and element count. Then a no-op resync, and ``load()`` + resync (what a
-  restarted daemon does over existing pins).
+  syscall seconds (summed over the writer threads), element count, and the RSS the reconciler
+  added (its mirror plus what the pass left resident). Programs are compiled the way
+  ``Dataplane.open`` does it, in a child process (``rss_after_load_mib``: what that cost this
+  process). Then a no-op resync, the cost of one ``map_pressure`` (mirror counts plus counting
+  the manage and LRU sock maps), and ``load()`` + resync (a restarted daemon over existing pins).
 - ``update``: one endpoint removed from / restored to one service via ``Reconciler.update``,
   alternating; median / p90 / max milliseconds over 41 changes. The removed endpoint is the
   first in slot order, so every slot after it is rewritten (the worst case for one change).
@@ -105,8 +108,17 @@ def _projection(services: int, per_service: int):  # noqa: ANN202 - model types 
     return Projection(svcs, backends)
 
 
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def bench_maps(services: int = SERVICES, per_service: int = ENDPOINTS_PER_SERVICE) -> dict:
-    from daemon.dataplane.loader import compile_programs
+    import gc
+
+    from daemon.dataplane.loader import load_in_child
     from daemon.dataplane.model import ServicePort
     from daemon.dataplane.reconciler import Reconciler
     from daemon.dataplane.types import Capacity
@@ -114,11 +126,15 @@ def bench_maps(services: int = SERVICES, per_service: int = ENDPOINTS_PER_SERVIC
     out: dict = {}
     with _private_bpffs() as fs:
         cap = Capacity()
+        rss0 = _rss_mib()
         t = time.perf_counter()
-        loaded = compile_programs(fs / "gen", cap)
+        loaded = load_in_child(fs / "gen", cap)  # what Dataplane.open does: bcc/LLVM in a child
         out["compile_s"] = round(time.perf_counter() - t, 3)
+        out["rss_after_load_mib"] = round(_rss_mib() - rss0, 1)
         try:
             proj = _projection(services, per_service)
+            gc.collect()
+            rss1 = _rss_mib()
             rec = Reconciler(loaded.maps, cap)
             rec.load()
             res = rec.sync(proj)
@@ -126,9 +142,16 @@ def bench_maps(services: int = SERVICES, per_service: int = ENDPOINTS_PER_SERVIC
                 raise RuntimeError(f"rejected: {list(res.rejected)[:3]}")
             out["sync"] = {"endpoints": services * per_service, "services": services,
                            "elements_written": res.written, "total_s": round(res.seconds, 3),
-                           "map_write_s": round(res.write_seconds, 3)}
+                           "map_write_s": round(res.write_seconds, 3),
+                           "reconciler_rss_mib": round(_rss_mib() - rss1, 1)}
             res = rec.sync(proj)
             out["resync_noop_s"] = round(res.seconds, 3)
+            t = time.perf_counter()
+            for _ in range(10):
+                counts = rec.counts()
+                counts["sock"] = loaded.maps["sock"].count()
+                counts["manage"] = loaded.maps["manage"].count()
+            out["map_pressure_ms"] = round((time.perf_counter() - t) * 100, 3)
             # single endpoint change on one service, alternating remove / restore
             name = next(iter(proj.services))
             svc = proj.services[name]
