@@ -350,6 +350,7 @@ def run(services: int = 10_000, endpoints: int = 10, updates: int = 15) -> dict:
             "scale": f"{services} services x {endpoints} endpoints",
             "transport": "grpc delta ADS over 127.0.0.1 (plaintext), server in a separate process",
             "load_average_1m": round(os.getloadavg()[0], 2),
+            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "default"),
         }
     finally:
         if daemon is not None:

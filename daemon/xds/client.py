@@ -250,7 +250,7 @@ class XdsClient:
                 error = self._handle(resp)
                 del resp
                 if count > 1000:  # the parsed push alone is ~40 MB at 100k resources: give it back
-                    _malloc_trim()
+                    malloc_trim()
                 applied_ms = (time.monotonic() - received) * 1000
                 ack = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)
                 if error:
@@ -326,7 +326,7 @@ class XdsClient:
 _LIBC: Any = None
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
     """Return freed heap to the OS after a big push (the parsed response alone is ~40 MB at 100k)."""
     global _LIBC
     try:
