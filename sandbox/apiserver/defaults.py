@@ -182,6 +182,8 @@ GENERATION_KINDS = {  # not Pod: pods have no generation before Kubernetes 1.33
     "StatefulSet",
     "EnvoyFilter",
     "VirtualService",
+    "AuthorizationPolicy",
+    "PeerAuthentication",
     "DestinationRule",
     "Gateway",
 }
