@@ -94,6 +94,7 @@ class XdsClient:
     def start(self) -> None:
         if self._thread is not None:
             return
+        malloc_tune()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="xds-client", daemon=True)
         self._thread.start()
@@ -324,6 +325,29 @@ class XdsClient:
 
 
 _LIBC: Any = None
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def malloc_tune(threshold: int = 1024 * 1024) -> None:
+    """Fix glibc's mmap threshold so big transient buffers always come from (and go back to) mmap.
+
+    Why: by default the threshold adapts upwards to the largest block freed so far; after the
+    first full push frees its ~24 MB response buffer, every later allocation below that size
+    comes from the heap arenas, interleaves with long-lived state, and the freed holes stay in
+    the RSS (measured: ~12 MiB at 100k workloads, whatever the data plane thread allocates).
+    Process-wide; idempotent.
+    """
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        _LIBC = False
 
 
 def malloc_trim() -> None:
