@@ -100,6 +100,19 @@ def pilot_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     e.close()
 
 
+@pytest.fixture(autouse=True)
+def _stop_pilot_clients(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Clients a test made on the session pilot stop with the test (no reconnecting leftovers)."""
+    if "pilot_env" not in request.fixturenames:
+        yield
+        return
+    env = request.getfixturevalue("pilot_env")
+    before = len(env.clients)
+    yield
+    for c in env.clients[before:]:
+        c.stop()
+
+
 @pytest.fixture(scope="session")
 def xds_dataplane(run_prefix: str, test_cgroup: Path) -> Iterator[Any]:
     """The real BPF Dataplane in a child cgroup of the test cgroup, pins on a private bpffs.
