@@ -53,9 +53,8 @@ RECONCILED_MAPS = ("frontend", "service", "endpoint", "backend", "names")
 V4MAPPED = b"\0" * 10 + b"\xff\xff"
 _EPV = struct.Struct("=IHH")  # km_ep_val with the port pre-swapped by htons: same bytes as L.EP_VAL
 _EPV_BID = struct.Struct("=I4x")
-_SVC = 1 << 32  # frontend owner code: kind << 32 | id
-_BE = 2 << 32
-_ID_MASK = 0xFFFFFFFF
+# Frontend owner codes: a backend id (> 0) for a pod IP, minus the service-port id (< 0) for a
+# VIP:port. A backend's code is the very int object stored as its id: no extra object per owner.
 _NO = object()
 _ZERO4 = bytes(4)
 _ZERO16 = bytes(16)
@@ -277,7 +276,7 @@ class Reconciler:
         self.be_src: list[Backend | None] = [None]  # id -> the Backend last written (None: loaded)
         self.be_refs: list[int] = [0]  # id -> number of service ports whose slots use it
         self._be_loaded: dict[int, Backend] = {}  # id -> Backend decoded by load(), until verified
-        self.fe_owner: dict[bytes, int] = {}  # frontend key -> kind << 32 | id
+        self.fe_owner: dict[bytes, int] = {}  # frontend key -> backend id / -(service-port id)
         self.orphans: dict[str, list[bytes]] = {m: [] for m in RECONCILED_MAPS}
         self.svc_ids = _IdPool()
         self.be_ids = _IdPool()
@@ -403,12 +402,12 @@ class Reconciler:
             kind, oid = L.FE_VAL.unpack(v)
             if kind == L.FE_SERVICE and oid in self.port_by_id:
                 fes.setdefault(oid, []).append(k)
-                self.fe_owner[k] = _SVC | oid
+                self.fe_owner[k] = -oid
                 continue
             if kind == L.FE_BACKEND and 0 < oid < len(self.be_uid) and self.be_uid[oid] is not None:
                 b = self._be_loaded.get(oid)
                 if b is not None and k in _be_keys(b):
-                    self.fe_owner[k] = _BE | oid
+                    self.fe_owner[k] = oid
                     continue
             orphans["frontend"].append(k)
             if kind == L.FE_SERVICE:
@@ -436,7 +435,7 @@ class Reconciler:
         else:
             self.svc_ports.pop(p.service, None)
         self.port_by_id.pop(p.id, None)
-        code = _SVC | p.id
+        code = -p.id
         for k in p.fes:
             if self.fe_owner.get(k) == code:
                 del self.fe_owner[k]
@@ -453,8 +452,8 @@ class Reconciler:
     def _claim(self, key: bytes, code: int) -> None:
         """Record a frontend key's new owner; a previous owner port's mirror forgets it."""
         prev = self.fe_owner.get(key)
-        if prev is not None and prev != code and prev >> 32 == L.FE_SERVICE:
-            o = self.port_by_id.get(prev & _ID_MASK)
+        if prev is not None and prev != code and prev < 0:
+            o = self.port_by_id.get(-prev)
             if o is not None:
                 o.fes = tuple(k for k in o.fes if k != key)
         self.fe_owner[key] = code
@@ -624,7 +623,7 @@ class Reconciler:
             if b is cur_b or cur_b is None:
                 continue
             keep = set(_be_keys(b)) if b is not None and not _bad_backend(b) else set()
-            code = _BE | bid
+            code = bid
             released.update(k for k in _be_keys(cur_b) if k not in keep and fe_owner.get(k) == code)
 
         pass_claims: dict[bytes, int] = {}  # keys accepted for an owner in this pass
@@ -632,10 +631,10 @@ class Reconciler:
 
         def owner_name(key: bytes) -> str:
             code = fe_owner.get(key, 0)
-            oid = code & _ID_MASK
-            if code >> 32 == L.FE_SERVICE and oid in self.port_by_id:
+            oid = abs(code)
+            if code < 0 and oid in self.port_by_id:
                 return self.port_by_id[oid].name
-            uid = self.backend_uid(oid) if code >> 32 == L.FE_BACKEND else None
+            uid = self.backend_uid(oid) if code > 0 else None
             return uid or f"#{oid}"
 
         def claimable(key: bytes, code: int) -> bool:
@@ -646,7 +645,7 @@ class Reconciler:
 
         def drop_port(cur: _Port, count_usage: bool = True) -> None:
             new_ports[cur.name] = None
-            code = _SVC | cur.id
+            code = -cur.id
             p1["frontend"].extend(k for k in cur.fes if fe_owner.get(k) == code)
             if cur.value:
                 p1["service"].append(L.U32.pack(cur.id))
@@ -701,7 +700,7 @@ class Reconciler:
                 res.rejected[f"backend/{uid}"] = _bad_backend(b)
                 continue
             nbid = take() if bid is None else bid
-            code = _BE | nbid
+            code = nbid
             flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
             value = bepack(ip4 or _ZERO4, ip6 or _ZERO16, flags)
             name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
@@ -817,7 +816,7 @@ class Reconciler:
                        for j, e in enumerate(sp.endpoints)
                        if (bid := live[base + j]) is not None and 0 < e.target_port < 65536]
                 value, vals = self._render_slots(svc.lb_mode, eps)
-                code = _SVC | sid
+                code = -sid
                 fes = tuple(sorted({fe_key(vip, sp.port) for vip in svc.vips}))
                 for k in fes:
                     if not claimable(k, code):
@@ -851,7 +850,7 @@ class Reconciler:
             if same:
                 for pname, p, _cur in staged:  # already in the maps exactly so
                     for k in p.fes:
-                        pass_claims[k] = _SVC | p.id
+                        pass_claims[k] = -p.id
                         claim_names[k] = pname
                 continue
             for cur in dropped:
@@ -862,7 +861,7 @@ class Reconciler:
                 new_ports[pname] = p
                 sid = p.id
                 for k in p.fes:
-                    pass_claims[k] = _SVC | sid
+                    pass_claims[k] = -sid
                     claim_names[k] = pname
                 old_vals = cur.vals if cur is not None else _EMPTY_VALS
                 for prio, (nv, ov) in enumerate(zip(p.vals, old_vals, strict=True)):
@@ -889,7 +888,7 @@ class Reconciler:
                     if cur is None or k not in cur.fes:
                         fw.add(k, fval)
                 if cur is not None:
-                    code = _SVC | sid
+                    code = -sid
                     p1["frontend"].extend(k for k in cur.fes if k not in p.fes and fe_owner.get(k) == code)
 
         # --- backend reference counts after this pass
@@ -913,7 +912,7 @@ class Reconciler:
                 continue
             new_backs[uid] = None
             cur_b = self._backend_of(bid)
-            code = _BE | bid
+            code = bid
             if cur_b is not None:
                 p1["frontend"].extend(k for k in _be_keys(cur_b) if fe_owner.get(k) == code)
             p3["backend"].append(L.U32.pack(bid))
@@ -930,7 +929,7 @@ class Reconciler:
                 if k not in rewritten:
                     return True
                 owner = fe_owner.get(k)
-                return owner is None or (owner >> 32 == L.FE_SERVICE and owner & _ID_MASK in dropped_ids)
+                return owner is None or (owner < 0 and -owner in dropped_ids)
 
             p1["frontend"] = list(dict.fromkeys(k for k in p1["frontend"] if must_delete(k)))
 
@@ -996,7 +995,6 @@ class Reconciler:
                 new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]], orphans: bool) -> None:
         """Apply a pass's plan to the mirror (the maps are written, or being written)."""
         fe_owner, be_id, be_src, src, pb = self.fe_owner, self.be_id, self.be_src, self._src, proj.backends
-        fek = L.FE_KEY.pack
         # --- commit to the mirror
         if orphans:
             self.orphans = {m: [] for m in RECONCILED_MAPS}
@@ -1011,9 +1009,6 @@ class Reconciler:
                     self.svc_ids.release(cur.id)
             if p is not None:
                 self._add_port(p)
-                code = _SVC | p.id
-                for k in p.fes:
-                    self._claim(k, code)
         self._kept.difference_update(kept_back)
         self._kept.update(kept_now)
         for bid, b in verified:
@@ -1030,7 +1025,7 @@ class Reconciler:
             bid = be_id.get(uid)
             if bid is not None:  # changed or removed: forget its current pod-IP frontends
                 cur_b = self._backend_of(bid)
-                code = _BE | bid
+                code = bid
                 if cur_b is not None:
                     for k in _be_keys(cur_b):
                         if fe_owner.get(k) == code:
@@ -1049,14 +1044,13 @@ class Reconciler:
             be_id[uid] = nbid
             be_uid[nbid] = uid
             be_src[nbid] = b
-            code = _BE | nbid
-            ip4 = b.ipv4
-            for k in _be_keys(b) if b.ipv6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 else ():
-                if pass_claims.get(k) == code:
-                    if fe_owner.get(k) is None:
-                        fe_owner[k] = code
-                    else:
-                        self._claim(k, code)
+        # every frontend key accepted in this pass (the key objects made while planning are kept)
+        for k, code in pass_claims.items():
+            owner = fe_owner.get(k)
+            if owner is None:
+                fe_owner[k] = code
+            elif owner != code:
+                self._claim(k, code)
         refs = self.be_refs
         for bid, dv in delta.items():
             if bid < len(refs):
