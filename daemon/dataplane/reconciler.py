@@ -144,11 +144,18 @@ class _IdPool:
             if not self.is_used(i):
                 self.mark(i)
                 return i
-        while self.is_used(self.next):
-            self.next += 1
-        i = self.next
-        self.next += 1
-        self.mark(i)
+        used, i = self.used, self.next
+        while i < len(used) and used[i]:
+            i += 1
+        if i >= self._LIMIT:
+            while i in self.big:
+                i += 1
+            self.big.add(i)
+        else:
+            if i >= len(used):
+                used.extend(bytes(max(i + 1 - len(used), len(used))))
+            used[i] = 1
+        self.next = i + 1
         return i
 
     def mark(self, i: int) -> None:
@@ -204,6 +211,7 @@ class _Writes:
 
 
 _EMPTY_VALS = (b"",) * L.PRIOS
+_SVC_VAL_PACK = L.SVC_VAL.pack
 
 
 def _port_name(service: str, port: int) -> str:
@@ -294,6 +302,7 @@ class Reconciler:
         # them): services were rendered without them, so their return must re-render those
         self._kept: set[str] = set()
         self._early: _EarlyWrite | None = None
+        self._verified = 0  # loaded backends adopted by the last pass (their decoded copies freed)
 
     def counts(self) -> dict[str, int]:
         """Entries per reconciled map, as the mirror knows them."""
@@ -504,9 +513,14 @@ class Reconciler:
                 if lb == LbMode.STRICT and prio != 0:
                     continue
                 groups.setdefault(min(max(prio, 0), MAX_PRIORITY), []).append(e)
+        pack = _EPV.pack
+        if lb == LbMode.RANDOM and all(e[2] == 1 for e in endpoints):  # the common case
+            endpoints.sort()
+            blob = b"".join([pack(e[4], _htons(e[1]), 0) for e in endpoints])
+            n = len(endpoints)
+            return _SVC_VAL_PACK(0, n, 0, 0, 0, 0, 0, 0, 0), (blob, *_EMPTY_VALS[1:])
         counts = [0] * L.PRIOS
         vals = [b""] * L.PRIOS
-        pack = _EPV.pack
         for prio, eps in groups.items():
             eps.sort()  # (uid, port, weight, prio, id): the same uid has the same id, prio only ties equals
             if all(e[2] == 1 for e in eps):
@@ -552,7 +566,7 @@ class Reconciler:
         gc.disable()
         try:
             res = self._reconcile_inner(proj, svc_scope, be_order, orphans)
-            if res.written + res.deleted >= self.TRIM_MIN:
+            if res.written + res.deleted + self._verified >= self.TRIM_MIN:
                 t = time.perf_counter()
                 _malloc_trim()  # the pass's buffers are free now: hand them back to the OS
                 res.seconds += time.perf_counter() - t
@@ -773,6 +787,7 @@ class Reconciler:
         bidget = be_id.get
         ew, sw = w["endpoint"], w["service"]
         ek, ev, epkey = ew.keys.extend, ew.vals.extend, L.EP_KEY.pack
+        render = self._render_slots
         for sname, (svc, want, same_input) in wanted.items():
             if not want or svc is None:
                 continue
@@ -813,9 +828,9 @@ class Reconciler:
                     sid = cur.id
                 base = offsets[i]
                 eps = [(e.backend_uid, e.target_port, e.weight, e.priority, bid)
-                       for j, e in enumerate(sp.endpoints)
-                       if (bid := live[base + j]) is not None and 0 < e.target_port < 65536]
-                value, vals = self._render_slots(svc.lb_mode, eps)
+                       for e, bid in zip(sp.endpoints, live[base:base + len(sp.endpoints)], strict=True)
+                       if bid is not None and 0 < e.target_port < 65536]
+                value, vals = render(svc.lb_mode, eps)
                 code = -sid
                 fes = tuple(sorted({fe_key(vip, sp.port) for vip in svc.vips}))
                 for k in fes:
@@ -828,8 +843,8 @@ class Reconciler:
                 old_vals = cur.vals if cur is not None else _EMPTY_VALS
                 need["service"] += 0 if cur is not None and cur.value else 1
                 need["names"] += 0 if cur is not None else 1
-                need["endpoint"] += sum(max(0, len(n) - len(o))
-                                        for n, o in zip(vals, old_vals, strict=True)) // 8
+                need["endpoint"] += (sum(map(len, vals)) if cur is None else sum(
+                    max(0, len(n) - len(o)) for n, o in zip(vals, old_vals, strict=True))) // 8
                 need["frontend"] += sum(1 for k in fes if cur is None or k not in cur.fes)
                 staged.append((pname, _Port(sid, pname, sname, value, vals, fes), cur))
             if not reason:
@@ -1011,6 +1026,7 @@ class Reconciler:
                 self._add_port(p)
         self._kept.difference_update(kept_back)
         self._kept.update(kept_now)
+        self._verified = len(verified)
         for bid, b in verified:
             be_src[bid] = b
             self._be_loaded.pop(bid, None)
