@@ -61,7 +61,7 @@ def service_record(name: str, svc: workload_pb2.Service, raw: bytes, version: st
     if name and name != expected:
         raise Invalid(f"resource name does not match service {expected}")
     vips = tuple(_check_ip(a.address, "service address") for a in svc.addresses)
-    ports = _check_ports(svc.ports, "service port")
+    ports = _shared_ports(_check_ports(svc.ports, "service port"))
     lb = svc.load_balancing
     return ServiceRecord(
         name=_intern(expected), namespace=_intern(svc.namespace), hostname=svc.hostname, vips=vips,
