@@ -330,6 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     return Daemon(cfg).run()
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc malloc arenas (as MALLOC_ARENA_MAX=2) before any thread starts.
+
+    Why: the gRPC, admin and event threads each get an arena by default; at 100k endpoints the
+    fragmentation costs ~10 MiB of RSS for nothing (measured by benchmarks.controlplane).
+    """
+    import ctypes
+    import ctypes.util
+
+    m_arena_max = -8
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(m_arena_max, arenas)
+    except (OSError, AttributeError):
+        pass
+
+
 def run() -> None:
     """Console-script entry point (``kmesh-daemon = "daemon.main:run"``)."""
+    _limit_malloc_arenas()
     sys.exit(main())

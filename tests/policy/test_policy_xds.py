@@ -80,6 +80,7 @@ def test_selector_policies_are_named_by_the_workloads_they_select(cluster: Clust
     cluster.policy(ns, "ns-wide", {"action": "DENY", "rules": [deny_outsiders]})
     only_a = {"a1": [f"{ns}/only-a"], "b1": []}
     wait_for(lambda: workload_policies(state, ns) == only_a, 10, "a1 names only-a")
+    wait_for(lambda: {"only-a", "ns-wide"} <= set(policies(state, ns)), 10, "both policies arrived")
     pols = policies(state, ns)
     assert pols["only-a"]["scope"] == "WorkloadSelector" and pols["ns-wide"]["scope"] == "Namespace"
 
