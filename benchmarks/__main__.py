@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks import report
 
 MODES = ("direct", "bpf_vip", "envoy_proxy")
+EXTRA_MODES = ("direct_mesh",)  # diagnostic: pod IP from the cgroup with our programs
 QUICK_DIR = Path(tempfile.gettempdir()) / "kmesh-bench-quick"
 SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http")
 
@@ -38,7 +39,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=2.0, help="seconds per wrk run (default 2)")
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
     p.add_argument("--modes", default=",".join(MODES),
-                   help=f"data-plane modes, comma-separated (default {','.join(MODES)})")
+                   help=f"data-plane modes, comma-separated (default {','.join(MODES)}; diagnostic: "
+                        f"{','.join(EXTRA_MODES)})")
     p.add_argument("--backend", choices=("auto", "nginx", "envoy"), default="auto",
                    help="HTTP backend: nginx (preferred, when found) or Envoy direct_response")
     p.add_argument("--no-pin", action="store_true", help="do not pin server/client to separate CPUs")
@@ -56,9 +58,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.duration < 1:
         p.error("--duration must be >= 1 (wrk counts whole seconds)")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODES + EXTRA_MODES]
     if unknown or not modes:
-        p.error(f"--modes: unknown {', '.join(unknown) or '(empty)'}; use some of {', '.join(MODES)}")
+        p.error(f"--modes: unknown {', '.join(unknown) or '(empty)'}; use some of "
+                f"{', '.join(MODES + EXTRA_MODES)}")
     args.modes = modes
     if args.results_dir is None:
         args.results_dir = QUICK_DIR if args.quick else report.RESULTS_DIR

@@ -36,6 +36,10 @@ from benchmarks import envoy_proc, netns, nginx_proc
 from benchmarks.wrk import WrkResult, run_wrk, write_script
 
 MODES = ("direct", "bpf_vip", "envoy_proxy")
+# Diagnostic, not run by default: wrk -> POD_IP:8080 from the mesh cgroup (our programs run on
+# every connect but nothing is translated): separates "programs attached" from "VIP translated".
+EXTRA_MODES = ("direct_mesh",)
+ALL_MODES = MODES + EXTRA_MODES
 BackendProcess = envoy_proc.EnvoyProcess | nginx_proc.NginxProcess
 POD_PORT = 8080
 VIP = "10.96.250.10"
@@ -176,16 +180,19 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
                                      envoy_proc.PROXY_ADMIN_PORT, cpus["proxy"])
             stack.callback(proxy.stop)
             targets["envoy_proxy"] = (f"http://127.0.0.1:{PROXY_PORT}/", topo.plain_cgroup)
-        if "bpf_vip" in settings.modes:
+        bpf_modes = [m for m in ("bpf_vip", "direct_mesh") if m in settings.modes]
+        if bpf_modes:
             try:
                 pin_dir = _pin_dir(settings, workdir, stack, topo)
                 bpf = BpfVip(topo, pin_dir)
                 stack.callback(bpf.close)
-                targets["bpf_vip"] = (f"http://{VIP}:{VIP_PORT}/", topo.mesh_cgroup)
+                urls = {"bpf_vip": f"http://{VIP}:{VIP_PORT}/", "direct_mesh": pod_url}
+                targets.update({m: (urls[m], topo.mesh_cgroup) for m in bpf_modes})
             except ImportError as exc:
-                unavailable["bpf_vip"] = f"not available: daemon.dataplane not importable ({exc})"
+                unavailable.update({m: f"not available: daemon.dataplane not importable ({exc})"
+                                    for m in bpf_modes})
             except Exception as exc:  # noqa: BLE001 - reported, the other modes still run
-                unavailable["bpf_vip"] = f"not available: {type(exc).__name__}: {exc}"
+                unavailable.update({m: f"not available: {type(exc).__name__}: {exc}" for m in bpf_modes})
         for mode, (url, cgroup) in list(targets.items()):
             try:
                 _probe(topo, cgroup, url)
@@ -244,7 +251,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
         topo: netns.Topology = env["topo"]
         backend: BackendProcess = env["backend"]
         targets: dict[str, tuple[str, Path]] = env["targets"]
-        order = [m for m in MODES if m in targets]
+        order = [m for m in ALL_MODES if m in targets]
         raw: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in order for ka in (False, True)}
         conn_checks: dict[str, list[float]] = {m: [] for m in order}
 
@@ -276,7 +283,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                              f"p99={res.p99_ms:.3f}ms rps={res.rps:.0f} cpu/req={res.cpu_us_per_req}us "
                              f"err={res.errors}")
         out: dict = {"dataplane": {}, "dataplane_keepalive": {}}
-        for mode in MODES:
+        for mode in [*MODES, *(m for m in EXTRA_MODES if m in settings.modes)]:
             for keepalive, section in ((False, "dataplane"), (True, "dataplane_keepalive")):
                 if mode in env["unavailable"]:
                     out[section][mode] = env["unavailable"][mode]

@@ -156,6 +156,14 @@ def busy(loadavg: object, cores: object) -> bool:
         return False
 
 
+def _mode_rows(doc: dict, section: str) -> list[tuple[str, object]]:
+    """The published modes, then any diagnostic mode that was run (from details)."""
+    rows: list[tuple[str, object]] = [(m, doc[section][m]) for m in MODES]
+    extra = lookup(doc, f"details.dataplane_http.{section}") or {}
+    rows += [(m, v) for m, v in extra.items() if m not in MODES and isinstance(v, dict)]  # type: ignore[union-attr]
+    return rows
+
+
 def _detail(doc: dict, section: str, mode: str, key: str) -> object:
     return lookup(doc, f"details.dataplane_http.{section}.{mode}.{key}")
 
@@ -184,8 +192,7 @@ def markdown(doc: dict) -> str:
     for section, title in (("dataplane", "new connection per request (`Connection: close`)"),
                            ("dataplane_keepalive", "keep-alive")):
         lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s | CPU µs/req |", "|---|---:|---:|---:|---:|"]
-        for mode in MODES:
-            fig = doc[section][mode]
+        for mode, fig in _mode_rows(doc, section):
             if isinstance(fig, dict):
                 cells = " | ".join(_fmt(fig[k]) for k in DP_KEYS)
                 cpu = _fmt(_detail(doc, section, mode, "cpu_us_per_req"), 1)
@@ -229,8 +236,7 @@ def table(doc: dict) -> str:
     out = []
     for section in ("dataplane", "dataplane_keepalive"):
         out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9} {'CPU us/req':>11}")
-        for mode in MODES:
-            fig = doc[section][mode]
+        for mode, fig in _mode_rows(doc, section):
             if isinstance(fig, dict):
                 cells = " ".join(f"{_fmt(fig[k]):>9}" for k in DP_KEYS)
                 cpu = _fmt(_detail(doc, section, mode, "cpu_us_per_req"), 1)
