@@ -42,11 +42,24 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+stamp=.venv/.installed-$( (cat pyproject.toml; echo "dev,bench") | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >&2
-    .venv/bin/python -m pip install -q -e '.[dev]' >&2
+    .venv/bin/python -m pip install -q -e '.[dev,bench]' >&2
     rm -f .venv/.installed-*
     touch "$stamp"
+fi
+# nginx for `make bench`'s HTTP backend: Debian's package unpacked, not installed (an installed
+# nginx would start a service on the machine's port 80 and write under /etc).
+NGINX_DIR="$ROOT/.build/nginx"
+if [ ! -x "$NGINX_DIR/usr/sbin/nginx" ]; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download nginx >/dev/null 2>&1); then
+        mkdir -p "$NGINX_DIR"
+        dpkg -x "$tmp"/nginx_*.deb "$NGINX_DIR"
+    else
+        echo "setup: warning: could not download nginx; make bench falls back to Envoy as backend" >&2
+    fi
+    rm -rf "$tmp"
 fi
 echo "setup: ok" >&2
