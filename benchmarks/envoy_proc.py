@@ -13,11 +13,11 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from benchmarks import netns
+from benchmarks import proc
 
 BACKEND_ADMIN_PORT = 9901
 PROXY_ADMIN_PORT = 9902
@@ -101,33 +101,11 @@ def proxy_config(listen_port: int, upstream_ip: str, upstream_port: int,
 
 
 @dataclass
-class EnvoyProcess:
+class EnvoyProcess(proc.ServerProcess):
     """One Envoy started inside a namespace and cgroup; stop() kills it by pid."""
 
-    proc: subprocess.Popen[bytes]
-    netns: str
-    cgroup: Path
-    admin_port: int
-    log: Path
-
-    def admin_get(self, path: str) -> str:
-        status, body = netns.http_get(self.netns, f"http://127.0.0.1:{self.admin_port}{path}")
-        if status != 200:
-            raise RuntimeError(f"envoy admin {path}: {status or body}")
-        return body
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                if self.admin_get("/ready").strip() == "LIVE":
-                    return
-            except RuntimeError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"envoy not ready after {timeout:.0f} s: {self._log_tail()}")
+    label: ClassVar[str] = "envoy"
+    admin_label: ClassVar[str] = "envoy admin"
 
     def counters(self, names: list[str]) -> dict[str, int]:
         """Selected counters from /stats (e.g. http.backend.downstream_cx_total)."""
@@ -144,15 +122,6 @@ class EnvoyProcess:
         values = self.counters(names)
         return values[names[0]], values[names[1]]
 
-    def stop(self) -> None:
-        netns.stop(self.proc)
-
-    def _log_tail(self) -> str:
-        try:
-            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-3:])
-        except OSError:
-            return "(no log)"
-
 
 def start(binary: Path, config: dict, workdir: Path, name: str, ns: str, cgroup: Path,
           admin_port: int, cpus: str | None = None) -> EnvoyProcess:
@@ -162,11 +131,4 @@ def start(binary: Path, config: dict, workdir: Path, name: str, ns: str, cgroup:
     log = workdir / f"{name}.log"
     argv = [str(binary), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart",
             "--log-level", "error", "--use-dynamic-base-id"]
-    proc = netns.spawn(argv, ns, cgroup, cpus=cpus, log=log)
-    env = EnvoyProcess(proc, ns, cgroup, admin_port, log)
-    try:
-        env.wait_ready()
-    except BaseException:
-        env.stop()
-        raise
-    return env
+    return proc.start_ready(EnvoyProcess, argv, ns, cgroup, admin_port, log, cpus=cpus)

@@ -17,11 +17,11 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from benchmarks import netns
+from benchmarks import proc
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS_PORT = 9901
@@ -70,33 +70,16 @@ http {{
 
 
 @dataclass
-class NginxProcess:
+class NginxProcess(proc.ServerProcess):
     """One nginx started inside a namespace and cgroup; stop() kills it by pid."""
 
-    proc: subprocess.Popen[bytes]
-    netns: str
-    cgroup: Path
-    status_port: int
-    log: Path
+    label: ClassVar[str] = "nginx"
+    admin_label: ClassVar[str] = "nginx status"
 
-    def admin_get(self, path: str) -> str:
-        status, body = netns.http_get(self.netns, f"http://127.0.0.1:{self.status_port}{path}")
-        if status != 200:
-            raise RuntimeError(f"nginx status {path}: {status or body}")
-        return body
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                if self.admin_get("/ready").strip() == "LIVE":
-                    return
-            except RuntimeError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"nginx not ready after {timeout:.0f} s: {self._log_tail()}")
+    @property
+    def status_port(self) -> int:
+        """The loopback stub_status/ready port (nginx's name for the admin port)."""
+        return self.admin_port
 
     def totals(self) -> tuple[int, int]:
         """(connections accepted, requests served) so far, from stub_status."""
@@ -106,15 +89,6 @@ class NginxProcess:
             raise RuntimeError(f"unexpected stub_status output: {text[:200]!r}")
         return int(m.group(1)), int(m.group(3))
 
-    def stop(self) -> None:
-        netns.stop(self.proc)
-
-    def _log_tail(self) -> str:
-        try:
-            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-3:])
-        except OSError:
-            return "(no log)"
-
 
 def start(binary: Path, port: int, workdir: Path, ns: str, cgroup: Path,
           cpus: str | None = None) -> NginxProcess:
@@ -122,11 +96,4 @@ def start(binary: Path, port: int, workdir: Path, ns: str, cgroup: Path,
     conf.write_text(config(port, workdir))
     log = workdir / "nginx.log"
     argv = [str(binary), "-c", str(conf), "-p", str(workdir), "-e", str(workdir / "nginx-error.log")]
-    proc = netns.spawn(argv, ns, cgroup, cpus=cpus, log=log)
-    ng = NginxProcess(proc, ns, cgroup, STATUS_PORT, log)
-    try:
-        ng.wait_ready()
-    except BaseException:
-        ng.stop()
-        raise
-    return ng
+    return proc.start_ready(NginxProcess, argv, ns, cgroup, STATUS_PORT, log, cpus=cpus)
