@@ -30,8 +30,9 @@ from typing import Any
 
 import pytest
 
+from tests.support import NETCLIENT, NETSERVER
+
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 PY = sys.executable
 POD_IPS = {"cli": 1, "optout": 2, "be1": 3, "be2": 4}
 
@@ -241,7 +242,7 @@ class Env:
     ) -> list[str]:
         return [
             PY,
-            str(HERE / "podclient.py"),
+            str(NETCLIENT),
             "--netns",
             self.netns_path(pod),
             "--cgroup",
@@ -406,7 +407,8 @@ def env(run_prefix: str, test_cgroup: Path, tmp_path_factory: pytest.TempPathFac
             if pod.startswith("be"):
                 cmd = [
                     PY,
-                    str(HERE / "podserver.py"),
+                    str(NETSERVER),
+                    "--ipv4-only",
                     "--netns",
                     e.netns_path(pod),
                     "--cgroup",

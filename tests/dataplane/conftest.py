@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from dp_topo import HERE, PODS, PY, SERVERS, base_projection, ip4, ip6, sh, sh_quiet
+from dp_topo import PODS, PY, SERVERS, base_projection, ip4, ip6, sh, sh_quiet
 
 from daemon.dataplane import bpfsys
+from tests.support import NETCLIENT, NETSERVER
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Topology:
     def client_cmd(self, pod: str, target: str, n: int = 1, rate: float = 0.0, timeout: float = 2.0,
                    in_cgroup: bool = True, cgroup: Path | None = None) -> list[str]:
         cg = str(cgroup or self.cgroup) if in_cgroup else ""
-        return [PY, str(HERE / "dp_client.py"), "--netns", self.ns_path(pod), "--cgroup", cg,
+        return [PY, str(NETCLIENT), "--netns", self.ns_path(pod), "--cgroup", cg,
                 "--target", target, "-n", str(n), "--rate", str(rate), "--timeout", str(timeout)]
 
 
@@ -146,7 +147,7 @@ def topology(run_prefix: str, make_cgroup) -> Iterator[Topology]:
             sh("ip", "-n", ns, "-6", "addr", "add", f"{ip6(pod)}/64", "dev", "eth0", "nodad")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         for pod in SERVERS:
-            cmd = [PY, str(HERE / "dp_server.py"), "--netns", topo.ns_path(pod), "--name", pod]
+            cmd = [PY, str(NETSERVER), "--netns", topo.ns_path(pod), "--name", pod]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             topo.procs.append(proc)
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
