@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from typing import Any
 import pytest
 
 from tests.support import NETCLIENT, NETSERVER
+from tests.support.procs import free_port, start_logged, stop_process
+from tests.support.procs import wait_for as wait_for  # re-exported: the daemon tests import it from here
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -39,36 +40,6 @@ POD_IPS = {"cli": 1, "optout": 2, "be1": 3, "be2": 4}
 
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-def _kill(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 @dataclass
@@ -83,27 +54,11 @@ class Proc:
 
     def start(self, ready: str, timeout: float = 60.0) -> str:
         self.log.write_text("")
-        logf = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            self.cmd,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=logf,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text()
-            for line in text.splitlines():
-                if ready in line:
-                    return line
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{text[-3000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+        self.proc, line = start_logged(self.cmd, self.log, ready, self.name, self.env, timeout)
+        return line
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        _kill(self.proc, sig)
+        stop_process(self.proc, sig)
         rc = self.proc.returncode if self.proc is not None else None
         self.proc = None
         return rc
@@ -456,7 +411,7 @@ def env(run_prefix: str, test_cgroup: Path, tmp_path_factory: pytest.TempPathFac
         if e.daemon is not None and e.daemon.proc is not None:
             e.daemon.stop(signal.SIGTERM)  # no DaemonSet in this API: the daemon uninstalls itself
         for proc in e.pod_procs.values():
-            _kill(proc)
+            stop_process(proc, signal.SIGKILL)
         if e.pin_dir.exists():
             env_vars = {**os.environ, **e.daemon_env()}
             subprocess.run(

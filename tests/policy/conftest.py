@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,62 +22,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.procs import free_port, start_logged, stop_process, wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ROOT_NS = "istio-system"
 GROUP, VERSION, PLURAL = "security.istio.io", "v1", "authorizationpolicies"
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def _start(cmd: list[str], log: Path, ready: str, env: dict[str, str] | None = None,
-           timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Start a child with stderr in ``log``; return it and its readiness line."""
-    offset = log.stat().st_size if log.exists() else 0
-    with log.open("ab") as logf:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=logf,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with log.open("rb") as f:
-            f.seek(offset)
-            fresh = f.read().decode(errors="replace")
-        for line in fresh.splitlines():
-            if ready in line:
-                return proc, line
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[2]} exited {proc.returncode}:\n{fresh[-3000:]}")
-        time.sleep(0.05)
-    _stop(proc, signal.SIGKILL)
-    raise RuntimeError(f"{cmd[2]} not ready in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @dataclass
@@ -99,12 +47,12 @@ class Cluster:
         cmd = [PY, "-m", "sandbox.pilot", "--kubeconfig", str(self.kubeconfig), "--cluster-id", "Kubernetes",
                "--revision", "1-22", "--tls-port", str(self.ports[0]), "--plaintext-port", str(self.ports[1]),
                "--state-dir", str(self.work / "pilot")]
-        self.pilot, line = _start(cmd, self.work / "pilot.log", "ready tls=")
+        self.pilot, line = start_logged(cmd, self.work / "pilot.log", "ready tls=", "sandbox.pilot")
         parts = dict(p.split("=") for p in line.split()[1:])
         self.ports = (int(parts["tls"]), int(parts["plaintext"]))
 
     def stop_pilot(self) -> None:
-        _stop(self.pilot)
+        stop_process(self.pilot)
         self.pilot = None
 
     @property
@@ -242,10 +190,11 @@ def daemon(cluster: Cluster, run_prefix: str, test_cgroup: Path,
         cmd = [PY, "-m", "daemon", *flags, "--proc-root", "/proc", "--admin-addr", d.admin,
                "--metrics-addr", f"127.0.0.1:{free_port()}", "--plaintext", "--no-enroll",
                "--kubeconfig", str(cluster.kubeconfig)]
-        d.proc, _ = _start(cmd, work / "daemon.log", "kmesh-daemon started", d.env, timeout=120)
+        d.proc, _ = start_logged(cmd, work / "daemon.log", "kmesh-daemon started", "daemon", d.env,
+                                 timeout=120)
         yield d
     finally:
-        _stop(d.proc)
+        stop_process(d.proc)
         if (d.bpffs / "kmesh").exists():
             subprocess.run([PY, "-m", "daemon", "uninstall", *flags], cwd=REPO, env={**os.environ, **d.env},
                            capture_output=True, timeout=120, check=False)
