@@ -252,7 +252,11 @@ def find_daemons(admin_addr: str | None = None, node: str | None = None, kubecon
         return [direct]
     from kmeshctl.common import load_kube
 
-    api = load_kube(kubeconfig, context)
+    try:
+        api = load_kube(kubeconfig, context)
+    except KmeshctlError as exc:
+        raise type(exc)(f"{exc} (or reach a daemon directly with --admin-addr HOST:PORT, "
+                            "or start one with `kmeshctl sandbox up`)") from None
     pods = list_daemon_pods(api)
     if not pods:
         raise KmeshctlError(f"no kmesh daemon pods ({DAEMON_SELECTOR}) in namespace {DAEMON_NAMESPACE}; "
