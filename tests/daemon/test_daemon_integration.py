@@ -21,6 +21,16 @@ from tests.daemon.conftest import POD_IPS, PY, REPO, Env, wait_for
 pytestmark = pytest.mark.kernel
 
 
+@pytest.fixture
+def enrolled(env: Env) -> Env:
+    """The namespace enrolled and its pods translated, whatever ran before (tests run alone too)."""
+    if not {"cli", "be1", "be2"} <= env.enrolled():
+        env.label_namespace("Kmesh")
+        wait_for(lambda: {"cli", "be1", "be2"} <= env.enrolled(), 30, "pods enrolled")
+    wait_for(lambda: env.connect("cli", f"{env.vip}:80")["ok"] == 1, 30, "VIP translated")
+    return env
+
+
 def test_enrolling_namespace_annotates_pods_and_translates(env: Env) -> None:
     # Not labelled yet: nothing enrolled, the VIP is not translated (no route to it in the pod).
     wait_for(lambda: env.status()["enrollment"]["converged"], 60, "enrollment converged")
@@ -80,7 +90,8 @@ def _fresh_dump_from_pilot(env: Env) -> dict:
         client.stop()
 
 
-def test_dump_tables_and_json_agree_with_pilot(env: Env) -> None:
+def test_dump_tables_and_json_agree_with_pilot(enrolled: Env) -> None:
+    env = enrolled
     from kmeshctl.dump import json_section
 
     r = env.kmeshctl("dump", "workloads", "-o", "json", check=True)
@@ -133,7 +144,8 @@ def _bpftool_entries(path: Path) -> list[tuple[str, str]]:
     return sorted(entries)
 
 
-def test_dump_bpf_json_agrees_with_bpftool(env: Env) -> None:
+def test_dump_bpf_json_agrees_with_bpftool(enrolled: Env) -> None:
+    env = enrolled
     data = json.loads(env.kmeshctl("dump", "bpf", "-o", "json", check=True).stdout)
     gens = [d for d in env.pin_dir.iterdir() if d.is_dir()]
     assert len(gens) == 1, gens
@@ -155,7 +167,8 @@ def test_dump_bpf_json_agrees_with_bpftool(env: Env) -> None:
     assert f"{cli_cookie}" in tree and f"{env.namespace}/cli" in tree
 
 
-def test_trace_pod_shows_vip_and_backend(env: Env) -> None:
+def test_trace_pod_shows_vip_and_backend(enrolled: Env) -> None:
+    env = enrolled
     cmd = [
         PY,
         "-m",
@@ -200,7 +213,8 @@ def test_trace_pod_shows_vip_and_backend(env: Env) -> None:
     assert f"=> {env.namespace}/{connect['backend']['pod']} " in line
 
 
-def test_metrics_count_connections_with_istio_labels(env: Env) -> None:
+def test_metrics_count_connections_with_istio_labels(enrolled: Env) -> None:
+    env = enrolled
     assert env.connect("cli", f"{env.vip}:80", n=3)["ok"] == 3
 
     def scrape() -> str:
@@ -323,7 +337,8 @@ def test_tls_xds_with_projected_token(env: Env) -> None:
         _rmdir_cgroup(cgroup)
 
 
-def test_deleted_pod_is_deregistered_from_the_manage_map(env: Env) -> None:
+def test_deleted_pod_is_deregistered_from_the_manage_map(enrolled: Env) -> None:
+    env = enrolled
     """The daemon holds each enrolled netns open, so a pod that is gone (process dead, netns
     otherwise destroyed) is still removed from the manage map; no stale cookies pile up."""
     from tests.daemon.conftest import _mk_pod
@@ -366,7 +381,8 @@ def _maps(env: Env) -> dict:
     return {k: sorted(map(tuple, v)) for k, v in raw.items() if k != "sock"}
 
 
-def test_sigkill_and_restart_under_connection_loop(env: Env) -> None:
+def test_sigkill_and_restart_under_connection_loop(enrolled: Env) -> None:
+    env = enrolled
     wait_for(lambda: env.status()["ready"], 30, "daemon ready")
     before = _maps(env)
     loop = subprocess.Popen(
