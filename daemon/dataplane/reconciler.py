@@ -102,9 +102,20 @@ def decode_name(value: bytes) -> list[str]:
     return value.rstrip(b"\0").decode(errors="replace").split("\0")
 
 
+_LOCAL6 = (bytes(15) + b"\x01", bytes(16))
+
+
+def _routable(ip: bytes) -> bool:
+    """Loopback and unspecified addresses are never another pod: a hostNetwork workload reported
+    at 127.0.0.1 must not turn every pod's own loopback traffic into "direct pod access"."""
+    if len(ip) == 4:
+        return ip[0] != 127 and ip != bytes(4)
+    return ip not in _LOCAL6
+
+
 def _be_keys(b: Backend) -> list[bytes]:
     """Pod-IP frontend keys of a backend (distinct)."""
-    keys = [fe_key(ip, 0) for ip in (b.ipv4, b.ipv6) if ip]
+    keys = [fe_key(ip, 0) for ip in (b.ipv4, b.ipv6) if ip and _routable(ip)]
     return keys if len(keys) < 2 or keys[0] != keys[1] else keys[:1]
 
 

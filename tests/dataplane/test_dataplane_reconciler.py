@@ -304,3 +304,20 @@ def test_write_failure_marks_dirty_and_next_call_repairs() -> None:
     assert not res.rejected
     assert_matches(world, proj, set())
     assert rec.sync(proj).written == 0
+
+
+def test_loopback_workload_gets_no_pod_frontend() -> None:
+    """A hostNetwork workload reported at 127.0.0.1/::1 stays a backend, but a pod's own loopback
+    traffic must never look like direct pod access to it."""
+    cap = Capacity(frontends=16, services=4, endpoints=4, backends=4, manage=4, sockets=4)
+    world = World(cap)
+    rec = Reconciler(world.maps, cap)
+    host = Backend("uid/host", "kmesh-x", "kmesh-system", bytes([127, 0, 0, 1]), bytes(15) + b"\x01")
+    pod = Backend("uid/pod", "p", "ns", bytes([10, 0, 0, 7]))
+    svc = Service("ns/s", (bytes([10, 96, 0, 9]),), (ServicePort(80, (Endpoint("uid/host", 15020),)),))
+    res = rec.sync(Projection({svc.name: svc}, {b.uid: b for b in (host, pod)}))
+    assert not res.rejected
+    rb = decode(world.maps)
+    addresses = {f["address"] for f in rb["frontends"]}
+    assert addresses == {"10.96.0.9", "10.0.0.7"}, addresses
+    assert [(e["backend"], e["target_port"]) for e in rb["endpoints"]] == [("uid/host", 15020)]
