@@ -17,17 +17,15 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CGROUP2_ROOT = Path(os.environ.get("KMESH_CGROUP2_ROOT", "/sys/fs/cgroup/unified"))
+from sandbox.cgroups import CGROUP2_ROOT, own_cgroup, remove_cgroup_tree
 
 OWNER_DIR = Path(os.environ.get("KMESH_BENCH_RUN_DIR", "/run/kmesh-bench"))
 
@@ -62,36 +60,6 @@ def _tune_netns(ns: str) -> None:
                                value, path], capture_output=True, text=True, timeout=20)
         if proc.returncode != 0:
             raise RuntimeError(f"sysctl {key} in netns {ns}: {proc.stderr.strip()}")
-
-
-def own_cgroup() -> Path:
-    """This process's cgroup v2 directory."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return CGROUP2_ROOT / line[3:].lstrip("/")
-    return CGROUP2_ROOT
-
-
-def _kill_cgroup(path: Path) -> None:
-    """Kill what is left in a cgroup tree (only our own processes live there) and remove it."""
-    if not path.exists():
-        return
-    for child in sorted((p for p in path.iterdir() if p.is_dir()), key=str):
-        _kill_cgroup(child)
-    for _ in range(100):
-        try:
-            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-        except OSError:
-            pids = []
-        pids = [p for p in pids if p != os.getpid()]
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-    with contextlib.suppress(OSError):
-        path.rmdir()
 
 
 @dataclass
@@ -162,7 +130,7 @@ class Topology:
     def close(self) -> None:
         """Remove namespaces, cgroups (killing our processes left in them) and mounts registered
         with add_mount(). Idempotent."""
-        _kill_cgroup(self.cgroup)
+        remove_cgroup_tree(self.cgroup)
         for ns in (self.ns_client, self.ns_server, self.ns_bridge):
             if (Path("/run/netns") / ns).exists():
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
@@ -362,7 +330,7 @@ def http_get(ns: str, url: str, timeout: float = 2.0, cgroup: Path | None = None
 @contextlib.contextmanager
 def in_cgroup(cgroup: Path) -> Iterator[None]:
     """Temporarily move this process into `cgroup` (for control connects made in-process)."""
-    original = own_cgroup()
+    original = own_cgroup(CGROUP2_ROOT)
     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     try:
         yield

@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox.cgroups import remove_cgroup_tree
+
 NETNS_DIR = Path("/run/netns")
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 15.0
@@ -71,45 +73,6 @@ def check_cgroup_root(path: Path) -> Path:
     if path == mnt:
         raise RuntimeError_(f"refusing to use the cgroup v2 root {path}: give a child directory of it")
     return path
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    """Kill every process in a cgroup subtree (all ours) and remove the directories."""
-    if not path.exists():
-        return
-    dirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [path]
-    for d in dirs:
-        kill = d / "cgroup.kill"
-        if kill.exists():
-            try:
-                kill.write_text("1")
-            except OSError:
-                pass
-    for d in dirs:
-        for _ in range(100):
-            try:
-                procs = [int(p) for p in (d / "cgroup.procs").read_text().split()]
-            except OSError:
-                procs = []
-            procs = [p for p in procs if p != os.getpid()]
-            if not procs:
-                break
-            for pid in procs:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.02)
-        try:
-            d.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError:
-            time.sleep(0.05)
-            try:
-                d.rmdir()
-            except OSError:
-                pass
 
 
 @dataclass

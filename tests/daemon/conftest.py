@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from sandbox.cgroups import remove_cgroup_tree
 from tests.support import NETCLIENT, NETSERVER
 from tests.support.procs import free_port, start_logged, stop_process
 from tests.support.procs import wait_for as wait_for  # re-exported: the daemon tests import it from here
@@ -438,10 +438,7 @@ def env(run_prefix: str, test_cgroup: Path, tmp_path_factory: pytest.TempPathFac
                 p.stop()
         for ns_name in reversed(netns_made):
             _sh("ip", "netns", "del", ns_name, check=False)
-        for child in sorted(e.cgroup.glob("*"), reverse=True) if e.cgroup.exists() else []:
-            if child.is_dir():
-                _rmdir_cgroup(child)
-        _rmdir_cgroup(e.cgroup)
+        remove_cgroup_tree(e.cgroup)
         if mounted:
             shutil.rmtree(e.pin_dir, ignore_errors=True)
             _sh("umount", str(e.bpffs), check=False)
@@ -450,22 +447,3 @@ def env(run_prefix: str, test_cgroup: Path, tmp_path_factory: pytest.TempPathFac
         except OSError:
             pass
 
-
-def _rmdir_cgroup(path: Path) -> None:
-    if not path.exists():
-        return
-    for _ in range(50):
-        try:
-            pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
-        except OSError:
-            pids = []
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.05)

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox.cgroups import remove_cgroup_tree
+
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=timeout)
@@ -80,14 +82,7 @@ class PodProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=5)
         if self.cgroup is not None:
-            for _ in range(50):
-                try:
-                    self.cgroup.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            remove_cgroup_tree(self.cgroup)
 
 
 @dataclass

@@ -272,7 +272,8 @@ def test_tls_xds_with_projected_token(env: Env) -> None:
     name override (its own cgroup and pins, no enrollment)."""
     from kubernetes import client
 
-    from tests.daemon.conftest import Proc, _rmdir_cgroup, free_port
+    from sandbox.cgroups import remove_cgroup_tree
+    from tests.daemon.conftest import Proc, free_port
 
     for body, create in (
         ({"metadata": {"name": "kmesh-system"}}, lambda b: env.core.create_namespace(b)),
@@ -334,7 +335,7 @@ def test_tls_xds_with_projected_token(env: Env) -> None:
         rc = proc.stop(signal.SIGTERM)
         assert rc == 0, proc.log.read_text()[-3000:]
         assert not (env.bpffs / "kmesh-tls").exists()  # no DaemonSet named kmesh-tls: uninstalled
-        _rmdir_cgroup(cgroup)
+        remove_cgroup_tree(cgroup)
 
 
 def test_deleted_pod_is_deregistered_from_the_manage_map(enrolled: Env) -> None:

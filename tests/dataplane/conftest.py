@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 from dp_topo import PODS, PY, SERVERS, base_projection, ip4, ip6, sh, sh_quiet
 
 from daemon.dataplane import bpfsys
+from sandbox.cgroups import remove_cgroup_tree
 from tests.support import NETCLIENT, NETSERVER
 
 
@@ -91,25 +91,6 @@ def pin_root(run_prefix: str) -> Iterator[Path]:
                 pass
 
 
-def _rm_cgroup(path: Path) -> None:
-    if not path.exists():
-        return
-    for _ in range(50):
-        pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    try:
-        path.rmdir()
-    except OSError:
-        pass
-
-
 @pytest.fixture(scope="session")
 def make_cgroup(test_cgroup: Path) -> Iterator:
     """Factory for child cgroups of the session's test cgroup (removed at the end)."""
@@ -123,7 +104,7 @@ def make_cgroup(test_cgroup: Path) -> Iterator:
 
     yield make
     for p in reversed(made):
-        _rm_cgroup(p)
+        remove_cgroup_tree(p)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from sandbox.cgroups import remove_cgroup_tree
 from tests.support.procs import free_port, start_logged, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -198,13 +198,7 @@ def daemon(cluster: Cluster, run_prefix: str, test_cgroup: Path,
         if (d.bpffs / "kmesh").exists():
             subprocess.run([PY, "-m", "daemon", "uninstall", *flags], cwd=REPO, env={**os.environ, **d.env},
                            capture_output=True, timeout=120, check=False)
-        if d.cgroup.exists():
-            for _ in range(50):
-                try:
-                    d.cgroup.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        remove_cgroup_tree(d.cgroup)
         if mounted:
             shutil.rmtree(d.bpffs / "kmesh", ignore_errors=True)
             subprocess.run(["umount", str(d.bpffs)], check=False, timeout=30)
