@@ -11,24 +11,15 @@ int connect4(struct bpf_sock_addr *ctx)
     __u64 netns = bpf_get_netns_cookie(ctx);
 
     if (dst == KM_HTONL(2)) { /* 0.0.0.2: control address */
-        __u16 p = KM_HTONS(dport);
-        if (p == KM_CTL_ENABLE) {
-            __u32 one = 1;
-            /* EPERM tells the caller it was recorded. If the map is full, send the connect to
+        int r = km_control(netns, dport);
+        if (r == KM_CTL_FULL) {
+            /* EPERM tells the caller it was recorded. With the map full, send the connect to
              * 127.0.0.1:9 instead: refused inside the netns, so nothing leaves and the caller
              * sees another errno. */
-            if (km_manage.update(&netns, &one)) {
-                ctx->user_ip4 = KM_HTONL(0x7f000001);
-                ctx->user_port = (__u32)KM_HTONS(9);
-                return 1;
-            }
-            return 0;
+            ctx->user_ip4 = KM_HTONL(0x7f000001);
+            ctx->user_port = (__u32)KM_HTONS(9);
         }
-        if (p == KM_CTL_DISABLE) {
-            km_manage.delete(&netns);
-            return 0;
-        }
-        return 1;
+        return r == KM_CTL_TAKEN ? 0 : 1;
     }
     if (!km_manage.lookup(&netns))
         return 1; /* unmanaged netns: fail open, untouched */

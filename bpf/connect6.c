@@ -16,24 +16,15 @@ int connect6(struct bpf_sock_addr *ctx)
     __u64 netns = bpf_get_netns_cookie(ctx);
 
     if (a0 == 0 && a1 == 0 && a2 == 0 && a3 == KM_HTONL(2)) { /* [::2]: control address */
-        __u16 p = KM_HTONS(dport);
-        if (p == KM_CTL_ENABLE) {
-            __u32 one = 1;
-            if (km_manage.update(&netns, &one)) { /* full: refused on [::1]:9, see connect4 */
-                ctx->user_ip6[0] = 0;
-                ctx->user_ip6[1] = 0;
-                ctx->user_ip6[2] = 0;
-                ctx->user_ip6[3] = KM_HTONL(1);
-                ctx->user_port = (__u32)KM_HTONS(9);
-                return 1;
-            }
-            return 0;
+        int r = km_control(netns, dport);
+        if (r == KM_CTL_FULL) { /* refused on [::1]:9, see connect4 */
+            ctx->user_ip6[0] = 0;
+            ctx->user_ip6[1] = 0;
+            ctx->user_ip6[2] = 0;
+            ctx->user_ip6[3] = KM_HTONL(1);
+            ctx->user_port = (__u32)KM_HTONS(9);
         }
-        if (p == KM_CTL_DISABLE) {
-            km_manage.delete(&netns);
-            return 0;
-        }
-        return 1;
+        return r == KM_CTL_TAKEN ? 0 : 1;
     }
     if (!km_manage.lookup(&netns))
         return 1;

@@ -12,6 +12,26 @@
 #define KM_HTONS(x) (x)
 #endif
 
+#define KM_CTL_TAKEN 0 /* recorded or removed: reject the connect with EPERM */
+#define KM_CTL_FULL 1  /* manage map full: the caller sends it to a closed loopback port */
+#define KM_CTL_OTHER 2 /* another port on the control address: leave it alone */
+
+/* A connect to the control address (0.0.0.2 / [::2]) from a netns: :929 enrolls the netns
+ * cookie in km_manage, :930 removes it. Shared by connect4 and connect6. */
+static __always_inline int km_control(__u64 netns, __u16 dport)
+{
+    __u16 p = KM_HTONS(dport);
+    if (p == KM_CTL_ENABLE) {
+        __u32 one = 1;
+        return km_manage.update(&netns, &one) ? KM_CTL_FULL : KM_CTL_TAKEN;
+    }
+    if (p == KM_CTL_DISABLE) {
+        km_manage.delete(&netns);
+        return KM_CTL_TAKEN;
+    }
+    return KM_CTL_OTHER;
+}
+
 /* What connect() decided. */
 struct km_choice {
     __u32 verdict;    /* KM_V_* */
