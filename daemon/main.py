@@ -113,19 +113,14 @@ def daemonset_still_exists(api: Any, cfg: DaemonConfig) -> bool | None:
 
 
 def _open_dataplane(dataplane_cls: Any, cfg: DaemonConfig) -> Any:
-    """Dataplane.open; a cgroup v2 root (in-cluster /mnt/kmesh_cgroup2) only when the operator said
-    so with --i-know-this-is-the-node-root and the data plane supports it (``allow_root``)."""
-    import inspect
-
-    kwargs: dict[str, Any] = {}
+    """Dataplane.open; a cgroup v2 root (in-cluster /mnt/kmesh_cgroup2, mounted here if needed)
+    only when the operator said so with --node-wide."""
     if cfg.allow_node_root:
         from daemon.cgroupmount import ensure_cgroup2
 
         if ensure_cgroup2(Path(cfg.cgroup_root)):
             log.info("mounted cgroup2", extra={"path": str(cfg.cgroup_root)})
-        if "allow_root" in inspect.signature(dataplane_cls.open).parameters:
-            kwargs["allow_root"] = True
-    return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, **kwargs)
+    return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, allow_root=cfg.allow_node_root)
 
 
 class Daemon:
@@ -302,11 +297,7 @@ def uninstall(cfg: DaemonConfig) -> int:
     if not cfg.pin_dir.exists():
         log.info("nothing to uninstall", extra={"pin_dir": str(cfg.pin_dir)})
         return 0
-    fn = getattr(dp, "uninstall", None)
-    if callable(fn):
-        fn(cfg.cgroup_root, cfg.pin_dir)
-    else:
-        _open_dataplane(dp.Dataplane, cfg).uninstall()
+    dp.uninstall(cfg.cgroup_root, cfg.pin_dir, allow_root=cfg.allow_node_root)
     log.info("uninstalled", extra={"pin_dir": str(cfg.pin_dir), "cgroup": str(cfg.cgroup_root)})
     return 0
 
