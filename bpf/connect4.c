@@ -28,7 +28,6 @@ int connect4(struct bpf_sock_addr *ctx)
     key.addr[0] = dst;
     key.port = dport;
     key.family = KM_AF_INET;
-    struct km_choice c = {};
     struct km_sock s = {};
     s.orig_addr[0] = dst;
     s.orig_port = dport;
@@ -36,26 +35,18 @@ int connect4(struct bpf_sock_addr *ctx)
     s.backend_port = dport;
     s.family = KM_AF_INET;
     s.connect_ns = bpf_ktime_get_ns();
-    if (!km_choose(&key, &c)) {
+    __u8 verdict = km_translate(&key, &s, 0);
+    if (!verdict) {
         km_record(ctx, netns, &s, KM_V_PASSTHROUGH, 0);
         return 1;
     }
-    s.service_id = c.service_id;
-    s.backend_id = c.backend_id;
-    __u8 verdict = c.verdict;
-    if (verdict == KM_V_TRANSLATED) {
-        struct km_backend *be = c.be;
-        if (be && (be->flags & KM_BE_HAS_V4)) {
-            __u32 ip = be->ip4;
-            ctx->user_ip4 = ip;
-            ctx->user_port = (__u32)c.port;
-            s.backend_addr[0] = ip;
-            s.backend_port = c.port;
-            s.flags = KM_SK_TRANSLATED;
-        } else {
-            verdict = KM_V_NO_HEALTHY; /* chosen backend has no IPv4 address */
-        }
+    if (s.flags & KM_SK_TRANSLATED) {
+        __u32 ip = s.backend_addr[0];
+        ctx->user_ip4 = ip;
+        ctx->user_port = (__u32)s.backend_port;
     }
-    km_record(ctx, netns, &s, verdict, 1);
-    return 1;
+    /* a waypoint without a pod: refuse at once (EPERM), never bypass it */
+    int refuse = verdict == KM_V_NO_WAYPOINT_EP;
+    km_record(ctx, netns, &s, verdict, !refuse);
+    return refuse ? 0 : 1;
 }

@@ -42,7 +42,6 @@ int connect6(struct bpf_sock_addr *ctx)
         key.family = KM_AF_INET6;
     }
     key.port = dport;
-    struct km_choice c = {};
     struct km_sock s = {};
     s.orig_addr[0] = a0;
     s.orig_addr[1] = a1;
@@ -53,42 +52,21 @@ int connect6(struct bpf_sock_addr *ctx)
     s.backend_port = dport;
     s.family = KM_AF_INET6;
     s.connect_ns = bpf_ktime_get_ns();
-    if (!km_choose(&key, &c)) {
+    __u8 verdict = km_translate(&key, &s, mapped);
+    if (!verdict) {
         km_record(ctx, netns, &s, KM_V_PASSTHROUGH, 0);
         return 1;
     }
-    s.service_id = c.service_id;
-    s.backend_id = c.backend_id;
-    __u8 verdict = c.verdict;
-    if (verdict == KM_V_TRANSLATED) {
-        struct km_backend *be = c.be;
-        verdict = KM_V_NO_HEALTHY;
-        if (be && mapped && (be->flags & KM_BE_HAS_V4)) {
-            __u32 ip = be->ip4;
-            ctx->user_ip6[0] = 0;
-            ctx->user_ip6[1] = 0;
-            ctx->user_ip6[2] = KM_HTONL(0xffff);
-            ctx->user_ip6[3] = ip;
-            s.backend_addr[3] = ip;
-            verdict = KM_V_TRANSLATED;
-        } else if (be && !mapped && (be->flags & KM_BE_HAS_V6)) {
-            __u32 b0 = be->ip6[0], b1 = be->ip6[1], b2 = be->ip6[2], b3 = be->ip6[3];
-            ctx->user_ip6[0] = b0;
-            ctx->user_ip6[1] = b1;
-            ctx->user_ip6[2] = b2;
-            ctx->user_ip6[3] = b3;
-            s.backend_addr[0] = b0;
-            s.backend_addr[1] = b1;
-            s.backend_addr[2] = b2;
-            s.backend_addr[3] = b3;
-            verdict = KM_V_TRANSLATED;
-        }
-        if (verdict == KM_V_TRANSLATED) {
-            ctx->user_port = (__u32)c.port;
-            s.backend_port = c.port;
-            s.flags = KM_SK_TRANSLATED;
-        }
+    if (s.flags & KM_SK_TRANSLATED) {
+        __u32 b0 = s.backend_addr[0], b1 = s.backend_addr[1], b2 = s.backend_addr[2],
+              b3 = s.backend_addr[3];
+        ctx->user_ip6[0] = b0;
+        ctx->user_ip6[1] = b1;
+        ctx->user_ip6[2] = b2;
+        ctx->user_ip6[3] = b3;
+        ctx->user_port = (__u32)s.backend_port;
     }
-    km_record(ctx, netns, &s, verdict, 1);
-    return 1;
+    int refuse = verdict == KM_V_NO_WAYPOINT_EP; /* see connect4 */
+    km_record(ctx, netns, &s, verdict, !refuse);
+    return refuse ? 0 : 1;
 }

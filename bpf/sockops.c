@@ -1,5 +1,5 @@
 /* sockops: established and close events (bytes, srtt) for sockets connect4/6 recorded in
- * km_sock. Untracked sockets are ignored. */
+ * km_sock; via-waypoint sockets go into km_wpsock. Untracked sockets are ignored. */
 #include "km_maps.h"
 
 #define KM_TCP_CLOSE 7
@@ -20,7 +20,9 @@ static __always_inline void km_sock_event(struct bpf_sock_ops *skops, struct km_
     ev.backend_id = s->backend_id;
     ev.family = s->family;
     ev.kind = kind;
-    ev.verdict = (s->flags & KM_SK_TRANSLATED) ? KM_V_TRANSLATED : KM_V_PASSTHROUGH;
+    ev.verdict = (s->flags & KM_SK_WAYPOINT)     ? KM_V_VIA_WAYPOINT
+                 : (s->flags & KM_SK_TRANSLATED) ? KM_V_TRANSLATED
+                                                 : KM_V_PASSTHROUGH;
     ev.duration_ns = now - s->connect_ns;
     if (kind == KM_EV_CLOSE) {
         ev.bytes_sent = skops->bytes_acked;
@@ -48,6 +50,24 @@ int sockops(struct bpf_sock_ops *skops)
         return 1;
     }
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        /* via a waypoint: the sk_msg program on km_wpsock writes the hand-off header in front
+         * of the first byte. Established runs before the connecting thread wakes, so the
+         * socket is in the map before any send. */
+        if (s->flags & KM_SK_WAYPOINT) {
+            struct bpf_sock *sk = skops->sk;
+            if (sk) {
+                struct km_handoff *h =
+                    km_handoff.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+                if (h) {
+                    __builtin_memcpy(h->orig_addr, s->orig_addr, 16);
+                    h->orig_port = s->orig_port;
+                    h->family = s->family;
+                    h->mode = s->handoff;
+                    h->done = 0;
+                    km_wpsock.sock_hash_update(skops, &ck, BPF_NOEXIST);
+                }
+            }
+        }
         km_sock_event(skops, s, ck, KM_EV_ESTABLISHED);
         return 1;
     }

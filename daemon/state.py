@@ -28,7 +28,16 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from daemon.dataplane.model import MAX_PRIORITY, Backend, Endpoint, LbMode, Projection, Service, ServicePort
+from daemon.dataplane.model import (
+    MAX_PRIORITY,
+    Backend,
+    Endpoint,
+    LbMode,
+    Projection,
+    Service,
+    ServicePort,
+    Waypoint,
+)
 
 # istio.workload.LoadBalancing enums (numbers fixed by the wire format)
 SCOPE_REGION, SCOPE_ZONE, SCOPE_SUBZONE, SCOPE_NODE, SCOPE_CLUSTER, SCOPE_NETWORK = 1, 2, 3, 4, 5, 6
@@ -37,6 +46,9 @@ HEALTH_ONLY_HEALTHY, HEALTH_ALLOW_ALL = 0, 1
 STATUS_HEALTHY, STATUS_UNHEALTHY = 0, 1
 
 Ports = tuple[tuple[int, int], ...]  # (service_port, target_port) pairs
+# A GatewayAddress as received: ("addr", ip bytes, hbone port) or ("host", "ns/hostname", hbone port)
+GatewayRef = tuple[str, bytes | str, int]
+STATUS_PORT = 15021  # a service with this port is (part of) a waypoint: never sent to a waypoint
 
 
 def _pack(digest: int, version: str) -> bytes:
@@ -58,6 +70,7 @@ class ServiceRecord:
     health_policy: int = HEALTH_ONLY_HEALTHY
     raw: bytes = b""  # serialized istio.workload.Address, for config dumps
     version: str = ""
+    waypoint: GatewayRef | None = None
 
     @property
     def digest(self) -> int:
@@ -75,12 +88,12 @@ class WorkloadProfile:
     """
 
     __slots__ = ("namespace", "node", "cluster_id", "network", "locality", "status", "capacity",
-                 "app_tunnel_port", "services", "rest")
+                 "app_tunnel_port", "services", "rest", "waypoint", "proxy_port")
 
     def __init__(self, namespace: str, node: str = "", cluster_id: str = "", network: str = "",
                  locality: tuple[str, str, str] = ("", "", ""), status: int = STATUS_HEALTHY,
                  capacity: int = 1, app_tunnel_port: int = 0, services: tuple[tuple[str, Ports], ...] = (),
-                 rest: bytes = b"") -> None:
+                 rest: bytes = b"", waypoint: GatewayRef | None = None, proxy_port: int = 0) -> None:
         self.namespace = namespace
         self.node = node
         self.cluster_id = cluster_id
@@ -91,6 +104,8 @@ class WorkloadProfile:
         self.app_tunnel_port = app_tunnel_port
         self.services = services  # ((service key "ns/hostname", ports), ...) in Workload order
         self.rest = rest
+        self.waypoint = waypoint  # this pod's own waypoint (connections straight to its IP)
+        self.proxy_port = proxy_port  # application_tunnel {protocol: PROXY, port}: PROXY v2 hand-off
 
     def ports_of(self, service: str) -> Ports | None:
         """This workload's PortList for ``service`` (None: the workload does not name it)."""
@@ -191,6 +206,19 @@ class WorkloadRecord(Backend):
     @property
     def services(self) -> dict[str, Ports]:
         return dict(self.profile.services)
+
+    @property  # type: ignore[override]
+    def handoff_port(self) -> int:  # shadows Backend's slot: derived from the profile
+        return self.profile.proxy_port
+
+    @property  # type: ignore[override]
+    def waypoint(self) -> Waypoint | None:
+        """An address waypoint as is; a hostname one needs the services (State.projection()
+        hands such workloads on as resolved Backend copies), so here only a placeholder."""
+        ref = self.profile.waypoint
+        if ref is None:
+            return None
+        return Waypoint(ref[1], ref[2]) if ref[0] == "addr" else Waypoint(b"", ref[2], str(ref[1]))
 
     # -- xDS bookkeeping -----------------------------------------------------------------------
     @property
@@ -298,6 +326,11 @@ class State:
         self._svc_cache: dict[str, Service] = {}
         self._addressless: set[str] = set()  # workloads without an address: not in Projection.backends
         self._dirty: set[str] = set()
+        # hostname waypoints: waypoint service key -> services / workload uids naming it, so a
+        # change of the waypoint's Service re-resolves them; and every workload with a waypoint
+        self._wp_services: dict[str, set[str]] = {}
+        self._wp_workloads: dict[str, set[str]] = {}
+        self._wp_uids: set[str] = set()
         self._listeners: list[Listener] = []
         self.synced = False
 
@@ -384,13 +417,72 @@ class State:
                     "policies": len(self.policies)}
 
     def _put_service(self, rec: ServiceRecord, change: Change) -> None:
+        old = self.services.get(rec.name)
+        if old is not None and old.waypoint is not None and old.waypoint[0] == "host":
+            _unlink(self._wp_services, str(old.waypoint[1]), rec.name)
+        if rec.waypoint is not None and rec.waypoint[0] == "host":
+            self._wp_services.setdefault(str(rec.waypoint[1]), set()).add(rec.name)
         self.services[rec.name] = rec
         change.services.add(rec.name)
+        self._waypoint_changed(rec.name, change)
 
     def _remove_service(self, name: str, change: Change) -> None:
-        del self.services[name]
+        old = self.services.pop(name)
+        if old.waypoint is not None and old.waypoint[0] == "host":
+            _unlink(self._wp_services, str(old.waypoint[1]), name)
         change.services.add(name)
+        self._waypoint_changed(name, change)
         # endpoints are kept in _members: a re-added service gets them back (ztunnel does too)
+
+    def _waypoint_changed(self, name: str, change: Change) -> None:
+        """``name`` may be a waypoint's Service: whoever names it by hostname re-resolves."""
+        users = self._wp_services.get(name)
+        if users:
+            change.services.update(users)
+        uids = self._wp_workloads.get(name)
+        if uids:
+            change.backends.update(u for u in uids if u not in self._addressless)
+
+    def _link_workload_waypoint(self, uid: str, old: WorkloadRecord | None,
+                                rec: WorkloadRecord | None) -> None:
+        """Keep the hostname-waypoint index of workloads (only pods with a waypoint get here)."""
+        ref = old.profile.waypoint if old is not None else None
+        if ref is not None and ref[0] == "host":
+            _unlink(self._wp_workloads, str(ref[1]), uid)
+        self._wp_uids.discard(uid)
+        ref = rec.profile.waypoint if rec is not None else None
+        if ref is not None:
+            self._wp_uids.add(uid)
+            if ref[0] == "host":
+                self._wp_workloads.setdefault(str(ref[1]), set()).add(uid)
+
+    def resolve_waypoint(self, ref: GatewayRef | None, own_name: str = "") -> Waypoint | None:
+        """A GatewayAddress -> the waypoint frontend the kernel balances on. A hostname names the
+        waypoint's Service: its first VIP (IPv4 preferred); a Service that is unknown or has no
+        VIP gives an unresolved Waypoint, which the kernel refuses (never a silent bypass)."""
+        if ref is None:
+            return None
+        kind, target, port = ref
+        if kind == "addr":
+            return Waypoint(target, port)  # type: ignore[arg-type]
+        key = str(target)
+        if key == own_name:
+            return None  # a service cannot be its own waypoint
+        wsvc = self.services.get(key)
+        if wsvc is None or not wsvc.vips:
+            return Waypoint(b"", port, key)
+        vip = next((v for v in wsvc.vips if len(v) == 4), wsvc.vips[0])
+        return Waypoint(vip, port, key)
+
+    def _service_waypoint(self, rec: ServiceRecord) -> Waypoint | None:
+        """Kmesh's loop guards: no waypoint for a service that is its own waypoint's address or
+        that has the waypoint status port 15021 (a waypoint's own Service)."""
+        if rec.waypoint is None or any(sp == STATUS_PORT for sp, _ in rec.ports):
+            return None
+        wp = self.resolve_waypoint(rec.waypoint, rec.name)
+        if wp is not None and rec.vips and wp.address == rec.vips[0]:
+            return None
+        return wp
 
     def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> None:
         """Insert or replace workloads. Hot path (100k per initial push): locals, no calls per record."""
@@ -410,6 +502,8 @@ class State:
                             del members[svc]
                     touched.add(svc)
             workloads[uid] = rec
+            if prof.waypoint is not None or (old is not None and old.profile.waypoint is not None):
+                self._link_workload_waypoint(uid, old, rec)
             for svc, _ in prof.services:
                 m = members.get(svc)
                 if m is None:
@@ -444,6 +538,8 @@ class State:
 
     def _remove_workload(self, uid: str, change: Change) -> None:
         old = self.workloads.pop(uid)
+        if old.profile.waypoint is not None:
+            self._link_workload_waypoint(uid, old, None)
         for svc, _ in old.profile.services:
             m = self._members.get(svc)
             if m is not None:
@@ -466,6 +562,10 @@ class State:
         with self._lock:
             self._refresh()
             backends: dict[str, Backend] = dict(self.workloads)  # records are their Backends
+            for uid in self._wp_uids:  # a pod with its own waypoint: a copy with it resolved
+                w = self.workloads[uid]
+                backends[uid] = Backend(w.uid, w.name, w.namespace, w.ipv4, w.ipv6, w.handoff_port,
+                                        self.resolve_waypoint(w.profile.waypoint))
             for uid in self._addressless:
                 del backends[uid]
             return Projection(services=dict(self._svc_cache), backends=backends)
@@ -502,9 +602,10 @@ class State:
         if rec is None or rec.lb_mode == MODE_PASSTHROUGH:
             return None  # PASSTHROUGH: connect to the original destination, nothing to translate
         mode = _LB_MODES.get(rec.lb_mode, LbMode.RANDOM)
+        wp = self._service_waypoint(rec) if rec.waypoint is not None else None
         members = self._members.get(name)
         if not members:
-            return Service(name, rec.vips, tuple([ServicePort(p, ()) for p, _ in rec.ports]), mode)
+            return Service(name, rec.vips, tuple([ServicePort(p, ()) for p, _ in rec.ports]), mode, wp)
         allow_all = rec.health_policy == HEALTH_ALLOW_ALL
         ranked = rec.lb_mode in (MODE_STRICT, MODE_FAILOVER) and bool(rec.routing)
         strict = rec.lb_mode == MODE_STRICT
@@ -527,7 +628,7 @@ class State:
         for i, (sport, _) in enumerate(sports):
             ports.append(ServicePort(sport, tuple([Endpoint(uid, tps[i], weight, prio)
                                                    for prio, uid, weight, tps in chosen if tps[i]])))
-        return Service(name, rec.vips, tuple(ports), mode)
+        return Service(name, rec.vips, tuple(ports), mode, wp)
 
     # ---- config dump -----------------------------------------------------------------------
     def config_dump(self) -> dict:
@@ -549,6 +650,14 @@ class State:
 
 
 _LB_MODES = {MODE_STRICT: LbMode.STRICT, MODE_FAILOVER: LbMode.FAILOVER}
+
+
+def _unlink(index: dict[str, set[str]], key: str, member: str) -> None:
+    users = index.get(key)
+    if users is not None:
+        users.discard(member)
+        if not users:
+            del index[key]
 
 
 def _first_two(m: tuple[int, str, int, tuple[int, ...]]) -> tuple[int, str]:

@@ -35,6 +35,12 @@
 
 /* socket record flags */
 #define KM_SK_TRANSLATED 1
+#define KM_SK_WAYPOINT 2 /* sent to a waypoint: sk_msg writes the hand-off header */
+
+/* waypoint hand-off: how the original destination travels in front of the stream */
+#define KM_HO_TLV 1   /* Kmesh TLV (type 0x01, len, addr+port, end 0xfe + u32 0) */
+#define KM_HO_PROXY 2 /* PROXY protocol v2 */
+#define KM_WP_UNRESOLVED 255 /* wp_family of a waypoint that names no known address: fail closed */
 
 /* event kinds / verdicts (daemon/dataplane/layout.py decodes them) */
 #define KM_EV_CONNECT 1
@@ -43,6 +49,8 @@
 #define KM_V_TRANSLATED 1
 #define KM_V_PASSTHROUGH 2
 #define KM_V_NO_HEALTHY 3
+#define KM_V_VIA_WAYPOINT 4     /* sent to a waypoint pod at its hand-off port */
+#define KM_V_NO_WAYPOINT_EP 5   /* the destination has a waypoint with no endpoint: refused */
 
 /* control addresses: 0.0.0.2 and ::2, ports 929 (enable) / 930 (disable) */
 #define KM_CTL_ENABLE 929
@@ -62,12 +70,23 @@ struct km_fe_val {
     __u32 id;   /* service-port id or backend id */
 };
 
+/* A waypoint reference: the frontend (waypoint service VIP and its HBONE port, usually 15008)
+ * whose endpoints are the waypoint pods. family 0 = no waypoint; KM_WP_UNRESOLVED = a waypoint
+ * that names no known service (the connect is refused rather than bypassing it). */
+struct km_wp {
+    __u32 addr[4];
+    __u16 port;   /* network order */
+    __u8 family;  /* 0, KM_AF_INET, KM_AF_INET6 or KM_WP_UNRESOLVED */
+    __u8 pad;
+};
+
 /* km_service key: u32 service-port id (allocated by userspace, >= 1).
  * value: the load-balancing header of one service port. */
 struct km_service {
     __u32 lb_mode;         /* KM_LB_* */
     __u32 count[KM_PRIOS]; /* number of endpoint slots at each priority */
     __u32 flags;           /* reserved, 0 */
+    struct km_wp wp;       /* the waypoint connections to this service port go to */
 };
 
 /* km_endpoint key: slot `slot` (0-based, < count[prio]) of priority `prio` of a service port.
@@ -91,6 +110,10 @@ struct km_backend {
     __u32 ip4;    /* network order, valid if flags & KM_BE_HAS_V4 */
     __u32 ip6[4]; /* valid if flags & KM_BE_HAS_V6 */
     __u32 flags;
+    struct km_wp wp;      /* this pod's own waypoint (direct pod access) */
+    __u16 handoff_port;   /* as a waypoint pod: where redirected connections go, network order */
+    __u8 handoff_mode;    /* as a waypoint pod: KM_HO_TLV or KM_HO_PROXY */
+    __u8 pad;
 };
 
 /* km_sock key: u64 socket cookie. value: what connect() decided, for getpeername (restore the
@@ -102,9 +125,10 @@ struct km_sock {
     __u16 backend_port;    /* network order */
     __u8 family;
     __u8 flags;            /* KM_SK_* */
-    __u16 pad;
+    __u8 handoff;          /* KM_HO_* when flags & KM_SK_WAYPOINT */
+    __u8 pad;
     __u32 service_id;      /* 0 for direct pod access */
-    __u32 backend_id;
+    __u32 backend_id;      /* via a waypoint: the waypoint pod */
     __u64 connect_ns;
 };
 
@@ -161,6 +185,44 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct km_sock, km_sock, KM_MAX_SOCK, KM_PIN
 BPF_TABLE_PINNED("hash", struct km_name_key, struct km_name, km_names, KM_MAX_NAMES,
                  KM_PIN_DIR "/names", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct km_layout, km_layout, 1, KM_PIN_DIR "/layout");
+/* km_handoff (socket storage, keyed by the socket itself): what the sk_msg program writes in
+ * front of a via-waypoint socket's first byte. Copied from km_sock by sockops when the socket
+ * is established (sk_msg programs cannot read the socket cookie, so not km_sock itself). */
+struct km_handoff {
+    __u32 orig_addr[4]; /* the destination the application connected to (as in km_sock) */
+    __u16 orig_port;    /* network order */
+    __u8 family;        /* of the socket: KM_AF_INET / KM_AF_INET6 (maybe v4-mapped) */
+    __u8 mode;          /* KM_HO_* */
+    __u8 done;          /* 1 once the header is written: exactly once */
+    __u8 pad[3];
+};
+struct km_handoff_table_t {
+    int key;
+    struct km_handoff leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    __u32 flags;
+};
+__attribute__((section("maps/sk_storage:" KM_PIN_DIR "/handoff")))
+struct km_handoff_table_t km_handoff = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(km_handoff, int, struct km_handoff);
+
+/* km_wpsock: via-waypoint sockets (socket cookie -> socket), added by sockops once established;
+ * the sk_msg program attached to it writes the hand-off header. Sockets leave it on close. */
+struct km_wpsock_table_t {
+    __u64 key;
+    int leaf;
+    int (*update)(__u64 *, int *);
+    int (*delete)(__u64 *);
+    int (*sock_hash_update)(void *, void *, __u64);
+    int (*msg_redirect_hash)(void *, void *, __u64);
+    int (*sk_redirect_hash)(void *, void *, __u64);
+    __u32 max_entries;
+};
+/* bcc has no pinned variant of BPF_SOCKHASH: the same struct with a "type:pin" section */
+__attribute__((section("maps/sockhash:" KM_PIN_DIR "/wpsock")))
+struct km_wpsock_table_t km_wpsock = {.max_entries = KM_MAX_SOCK};
+BPF_ANNOTATE_KV_PAIR(km_wpsock, __u64, int);
 
 /* Connection events; not pinned: each loader reads its own programs' buffer. 256 KiB. */
 BPF_RINGBUF_OUTPUT(km_events, 64);

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock)
 
 AF_INET = 2
 AF_INET6 = 10
@@ -22,6 +22,13 @@ BE_HAS_V4 = 1
 BE_HAS_V6 = 2
 
 SK_TRANSLATED = 1
+SK_WAYPOINT = 2
+
+HO_TLV = 1
+HO_PROXY = 2
+HO_NAMES = {HO_TLV: "tlv", HO_PROXY: "proxy"}
+HANDOFF_TLV_PORT = 15019
+WP_UNRESOLVED = 255
 
 NAME_SERVICE = 1
 NAME_BACKEND = 2
@@ -30,7 +37,8 @@ NAME_LEN = 256
 PRIOS = 7
 
 EVENT_KINDS = {1: "connect", 2: "established", 3: "close"}
-VERDICTS = {1: "translated", 2: "passthrough", 3: "no_healthy_endpoint"}
+VERDICTS = {1: "translated", 2: "passthrough", 3: "no_healthy_endpoint", 4: "via_waypoint",
+            5: "no_waypoint_endpoint"}
 
 
 class FeKey(ct.Structure):
@@ -41,8 +49,12 @@ class FeVal(ct.Structure):
     _fields_ = [("kind", ct.c_uint32), ("id", ct.c_uint32)]
 
 
+class Wp(ct.Structure):
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("family", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
 class ServiceVal(ct.Structure):
-    _fields_ = [("lb_mode", ct.c_uint32), ("count", ct.c_uint32 * PRIOS), ("flags", ct.c_uint32)]
+    _fields_ = [("lb_mode", ct.c_uint32), ("count", ct.c_uint32 * PRIOS), ("flags", ct.c_uint32), ("wp", Wp)]
 
 
 class EpKey(ct.Structure):
@@ -54,7 +66,8 @@ class EpVal(ct.Structure):
 
 
 class BackendVal(ct.Structure):
-    _fields_ = [("ip4", ct.c_uint8 * 4), ("ip6", ct.c_uint8 * 16), ("flags", ct.c_uint32)]
+    _fields_ = [("ip4", ct.c_uint8 * 4), ("ip6", ct.c_uint8 * 16), ("flags", ct.c_uint32), ("wp", Wp),
+                ("handoff_port", ct.c_uint16), ("handoff_mode", ct.c_uint8), ("pad", ct.c_uint8)]
 
 
 class SockVal(ct.Structure):
@@ -65,11 +78,19 @@ class SockVal(ct.Structure):
         ("backend_port", ct.c_uint16),
         ("family", ct.c_uint8),
         ("flags", ct.c_uint8),
-        ("pad", ct.c_uint16),
+        ("handoff", ct.c_uint8),
+        ("pad", ct.c_uint8),
         ("service_id", ct.c_uint32),
         ("backend_id", ct.c_uint32),
         ("connect_ns", ct.c_uint64),
     ]
+
+
+class HandoffVal(ct.Structure):
+    """km_handoff socket storage (not dumped: sk_storage maps are keyed by sockets)."""
+
+    _fields_ = [("orig_addr", ct.c_uint8 * 16), ("orig_port", ct.c_uint16), ("family", ct.c_uint8),
+                ("mode", ct.c_uint8), ("done", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
 
 
 class NameKey(ct.Structure):
@@ -124,10 +145,11 @@ MAP_SYMBOLS = {name: f"km_{name}" for name in MAP_LAYOUTS}
 # Fast packers (native byte order for ids; addresses/ports are passed in network order).
 FE_KEY = struct.Struct("=16s2sBB")  # port as 2 network-order bytes
 FE_VAL = struct.Struct("=II")
-SVC_VAL = struct.Struct("=I7II")
+WP = struct.Struct("=16s2sBB")  # km_wp: addr, port as 2 network-order bytes, family, pad
+SVC_VAL = struct.Struct("=I7II16s2sBB")  # lb_mode, count[7], flags, km_wp
 EP_KEY = struct.Struct("=III")
 EP_VAL = struct.Struct("=I2sH")  # port as 2 network-order bytes
-BE_VAL = struct.Struct("=4s16sI")
+BE_VAL = struct.Struct("=4s16sI16s2sBB2sBB")  # ip4, ip6, flags, km_wp, handoff port, mode, pad
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 NAME_KEY = struct.Struct("=II")
@@ -136,4 +158,4 @@ NAME_VAL = struct.Struct(f"={NAME_LEN}s")
 for _s, _c in [(FE_KEY, FeKey), (FE_VAL, FeVal), (SVC_VAL, ServiceVal), (EP_KEY, EpKey), (EP_VAL, EpVal),
                (BE_VAL, BackendVal), (NAME_KEY, NameKey), (NAME_VAL, NameVal)]:
     assert _s.size == ct.sizeof(_c), (_c.__name__, _s.size, ct.sizeof(_c))
-assert ct.sizeof(Event) == 104 and ct.sizeof(SockVal) == 56
+assert ct.sizeof(Event) == 104 and ct.sizeof(SockVal) == 56 and WP.size == ct.sizeof(Wp)

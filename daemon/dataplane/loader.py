@@ -33,7 +33,7 @@ from daemon.dataplane.types import Capacity
 
 REPO = Path(__file__).resolve().parents[2]
 BPF_DIR = REPO / "bpf"
-SOURCES = ("connect4.c", "connect6.c", "getpeername.c", "sockops.c")
+SOURCES = ("connect4.c", "connect6.c", "getpeername.c", "sockops.c", "handoff.c")
 CGROUP2_MAGIC = 0x63677270
 
 # program name -> attach type; all attach to the same cgroup
@@ -44,6 +44,8 @@ SOCK_ADDR_PROGRAMS = {
     "getpeername6": bpfsys.CGROUP_INET6_GETPEERNAME,
 }
 SOCKOPS_PROGRAMS = {"sockops": bpfsys.CGROUP_SOCK_OPS}
+# sk_msg programs and the sockhash they attach to (at load: the pinned map keeps them attached)
+SK_MSG_PROGRAMS = {"handoff": "km_wpsock"}
 ATTACH_TYPES = {**SOCK_ADDR_PROGRAMS, **SOCKOPS_PROGRAMS}
 
 
@@ -153,6 +155,13 @@ def _compile(gen_dir: Path, cap: Capacity) -> Loaded:
         loaded.functions[name] = bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
     for name in SOCKOPS_PROGRAMS:
         loaded.functions[name] = bpf.load_func(name.encode(), BPF.SOCK_OPS)
+    for name, sockhash in SK_MSG_PROGRAMS.items():
+        fn = loaded.functions[name] = bpf.load_func(name.encode(), BPF.SK_MSG)
+        # flags 0 on a map: replaces the previous verdict program; sockets already in the map
+        # keep the program they were added with (their own reference)
+        from bcc.libbcc import lib  # bcc 0.26's Table() does not know sockhash maps
+
+        bpfsys.prog_attach(lib.bpf_table_fd(bpf.module, sockhash.encode()), fn.fd, bpfsys.SK_MSG_VERDICT)
     return loaded
 
 

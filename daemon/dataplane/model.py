@@ -21,6 +21,18 @@ class LbMode(IntEnum):
 
 
 MAX_PRIORITY = 6  # priorities 0..6, as Kmesh: len(routing_preference) - leading matches
+HBONE_PORT = 15008  # GatewayAddress.hbone_mtls_port when unset
+
+
+@dataclass(frozen=True, slots=True)
+class Waypoint:
+    """Where connections to a service (or straight to a pod) with a waypoint go: the frontend
+    of the waypoint's own Service, whose endpoints are the waypoint pods. The kernel picks one
+    of them and sends the connection to that pod's hand-off port (``Backend.handoff_port``)."""
+
+    address: bytes  # a VIP of the waypoint service (4 or 16 bytes); b"" = unresolved: refuse
+    port: int = HBONE_PORT  # the waypoint service port whose endpoints are balanced
+    name: str = ""  # "ns/hostname" of the waypoint service when known, for display only
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +44,8 @@ class Backend:
     namespace: str = ""
     ipv4: bytes | None = None  # 4 bytes, network order
     ipv6: bytes | None = None  # 16 bytes
+    handoff_port: int = 0  # as a waypoint pod: PROXY v2 on this port (application_tunnel); 0 = TLV on 15019
+    waypoint: Waypoint | None = None  # connections straight to this pod go to this waypoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,7 @@ class Service:
     vips: tuple[bytes, ...]  # each 4 or 16 bytes; empty for a headless service (nothing to write)
     ports: tuple[ServicePort, ...] = ()
     lb_mode: LbMode = LbMode.RANDOM
+    waypoint: Waypoint | None = None  # set: every connection to a VIP goes to this waypoint
 
 
 @dataclass(slots=True)

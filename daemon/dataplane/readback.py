@@ -16,6 +16,17 @@ def _ip(raw: bytes, family: int) -> str:
     return str(ipaddress.IPv4Address(raw[:4]) if family == L.AF_INET else ipaddress.IPv6Address(raw))
 
 
+def _wp(raw: bytes, fe_names: dict[tuple[str, int], str]) -> dict | None:
+    """A km_wp as shown: address, port, and the waypoint service its frontend names."""
+    addr, port, fam, _ = L.WP.unpack(raw)
+    if fam == 0:
+        return None
+    if fam == L.WP_UNRESOLVED:
+        return {"address": None, "port": None, "service": "", "unresolved": True}
+    ip, p = _ip(addr, fam), int.from_bytes(port, "big")
+    return {"address": ip, "port": p, "service": fe_names.get((ip, p), "")}
+
+
 def decode(maps: Mapping[str, MapLike]) -> dict:
     names = {L.NAME_KEY.unpack(k): decode_name(v) for k, v in maps["names"].dump()}
 
@@ -41,6 +52,7 @@ def decode(maps: Mapping[str, MapLike]) -> dict:
         else:
             row.update(kind="backend", backend=be(oid))
         frontends.append(row)
+    fe_names = {(r["address"], r["port"]): r["service"] for r in frontends if r["kind"] == "service"}
     services = []
     for k, v in maps["service"].dump():
         sid = L.U32.unpack(k)[0]
@@ -48,7 +60,7 @@ def decode(maps: Mapping[str, MapLike]) -> dict:
         name, port = svc(sid)
         services.append({"id": sid, "name": name, "port": port,
                          "lb_mode": LbMode(lb).name if lb in LbMode._value2member_map_ else str(lb),
-                         "endpoint_counts": rest[:L.PRIOS]})
+                         "endpoint_counts": rest[:L.PRIOS], "waypoint": _wp(v[-L.WP.size:], fe_names)})
     endpoints = []
     for k, v in maps["endpoint"].dump():
         sid, prio, slot = L.EP_KEY.unpack(k)
@@ -59,12 +71,15 @@ def decode(maps: Mapping[str, MapLike]) -> dict:
     backends = []
     for k, v in maps["backend"].dump():
         bid = L.U32.unpack(k)[0]
-        ip4, ip6, flags = L.BE_VAL.unpack(v)
+        ip4, ip6, flags, *_, hport, hmode, _ = L.BE_VAL.unpack(v)
         n = names.get((L.NAME_BACKEND, bid), [""])
         backends.append({"id": bid, "uid": n[0], "name": n[1] if len(n) > 1 else "",
                          "namespace": n[2] if len(n) > 2 else "",
                          "ipv4": _ip(ip4, L.AF_INET) if flags & L.BE_HAS_V4 else None,
-                         "ipv6": _ip(ip6, L.AF_INET6) if flags & L.BE_HAS_V6 else None})
+                         "ipv6": _ip(ip6, L.AF_INET6) if flags & L.BE_HAS_V6 else None,
+                         "waypoint": _wp(v[24:24 + L.WP.size], fe_names),
+                         "handoff": {"port": int.from_bytes(hport, "big"),
+                                     "encoding": L.HO_NAMES.get(hmode, str(hmode))}})
     manage = [{"netns_cookie": L.U64.unpack(k)[0]} for k, _ in maps["manage"].dump()]
     for rows, key in ((frontends, lambda r: (r["family"], r["address"], r["port"])),
                       (services, lambda r: r["id"]),

@@ -43,7 +43,7 @@ from math import gcd
 from typing import Protocol
 
 from daemon.dataplane import layout as L
-from daemon.dataplane.model import MAX_PRIORITY, Backend, LbMode, Projection, Service
+from daemon.dataplane.model import MAX_PRIORITY, Backend, LbMode, Projection, Service, Waypoint
 from daemon.dataplane.types import Capacity, ReconcileResult
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,53 @@ def _be_keys(b: Backend) -> list[bytes]:
     return keys if len(keys) < 2 or keys[0] != keys[1] else keys[:1]
 
 
+_NO_WP = bytes(L.WP.size)
+
+
+def render_wp(wp: Waypoint | None) -> bytes:
+    """km_wp of a waypoint reference (all zero: none; family KM_WP_UNRESOLVED: refuse)."""
+    if wp is None:
+        return _NO_WP
+    a = wp.address
+    if len(a) == 16 and a[:12] == V4MAPPED:
+        a = a[12:]
+    port = wp.port.to_bytes(2, "big") if 0 < wp.port < 65536 else b"\0\0"
+    if len(a) == 4:
+        return L.WP.pack(a, port, L.AF_INET, 0)
+    if len(a) == 16:
+        return L.WP.pack(a, port, L.AF_INET6, 0)
+    return L.WP.pack(_ZERO16, b"\0\0", L.WP_UNRESOLVED, 0)
+
+
+def decode_wp(raw: bytes) -> Waypoint | None:
+    addr, port, fam, _ = L.WP.unpack(raw)
+    if fam == 0:
+        return None
+    if fam == L.WP_UNRESOLVED:
+        return Waypoint(b"", 0)
+    return Waypoint(addr[:4] if fam == L.AF_INET else addr, int.from_bytes(port, "big"))
+
+
 def _render_backend(b: Backend) -> bytes:
     flags = (L.BE_HAS_V4 if b.ipv4 else 0) | (L.BE_HAS_V6 if b.ipv6 else 0)
-    return L.BE_VAL.pack(b.ipv4 or _ZERO4, b.ipv6 or _ZERO16, flags)
+    return L.BE_VAL.pack(b.ipv4 or _ZERO4, b.ipv6 or _ZERO16, flags, *_be_tail(b))
+
+
+def _be_tail(b: Backend) -> tuple:
+    """The waypoint part of a backend value: its own waypoint, and its hand-off as a waypoint pod
+    (PROXY v2 on the application_tunnel port, else Kmesh TLV on 15019)."""
+    hp = b.handoff_port
+    w = b.waypoint
+    if w is None and not hp:
+        return _BE_TAIL_PLAIN  # nearly every backend: no per-backend work
+    wp = render_wp(w)
+    if 0 < hp < 65536:
+        return wp[:16], wp[16:18], wp[18], 0, hp.to_bytes(2, "big"), L.HO_PROXY, 0
+    return wp[:16], wp[16:18], wp[18], 0, _TLV_PORT, L.HO_TLV, 0
+
+
+_TLV_PORT = L.HANDOFF_TLV_PORT.to_bytes(2, "big")
+_BE_TAIL_PLAIN = (_ZERO16, b"\0\0", 0, 0, _TLV_PORT, L.HO_TLV, 0)
 
 
 def _bids(vals: tuple[bytes, ...]) -> set[int]:
@@ -223,6 +267,7 @@ class _Writes:
 
 _EMPTY_VALS = (b"",) * L.PRIOS
 _SVC_VAL_PACK = L.SVC_VAL.pack
+_SVC_HEAD = L.SVC_VAL.size - L.WP.size  # km_service bytes before its km_wp
 
 
 def _port_name(service: str, port: int) -> str:
@@ -406,9 +451,11 @@ class Reconciler:
                 self._hold(self.be_ids, bid)
                 continue
             used_names.add((L.NAME_BACKEND, bid))
-            ip4, ip6, flags = L.BE_VAL.unpack(val)
+            ip4, ip6, flags, wpa, wpp, wpf, _, hport, hmode, _ = L.BE_VAL.unpack(val)
             b = Backend(uid, parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "",
-                        ip4 if flags & L.BE_HAS_V4 else None, ip6 if flags & L.BE_HAS_V6 else None)
+                        ip4 if flags & L.BE_HAS_V4 else None, ip6 if flags & L.BE_HAS_V6 else None,
+                        int.from_bytes(hport, "big") if hmode == L.HO_PROXY else 0,
+                        decode_wp(L.WP.pack(wpa, wpp, wpf, 0)))
             self._set_backend(bid, uid, None)
             self._be_loaded[bid] = b
         for key in names:
@@ -529,7 +576,7 @@ class Reconciler:
             endpoints.sort()
             blob = b"".join([pack(e[4], _htons(e[1]), 0) for e in endpoints])
             n = len(endpoints)
-            return _SVC_VAL_PACK(0, n, 0, 0, 0, 0, 0, 0, 0), (blob, *_EMPTY_VALS[1:])
+            return _SVC_VAL_PACK(0, n, 0, 0, 0, 0, 0, 0, 0, _ZERO16, b"\0\0", 0, 0), (blob, *_EMPTY_VALS[1:])
         counts = [0] * L.PRIOS
         vals = [b""] * L.PRIOS
         for prio, eps in groups.items():
@@ -541,7 +588,7 @@ class Reconciler:
                                  for e, reps in zip(eps, slot_counts([e[2] for e in eps]), strict=True)])
             vals[prio] = blob
             counts[prio] = len(blob) // 8
-        return L.SVC_VAL.pack(int(lb), *counts, 0), tuple(vals)
+        return L.SVC_VAL.pack(int(lb), *counts, 0, _ZERO16, b"\0\0", 0, 0), tuple(vals)
 
     # ------------------------------------------------------------ reconcile
     def sync(self, projection: Projection) -> ReconcileResult:
@@ -727,7 +774,7 @@ class Reconciler:
             nbid = take() if bid is None else bid
             code = nbid
             flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
-            value = bepack(ip4 or _ZERO4, ip6 or _ZERO16, flags)
+            value = bepack(ip4 or _ZERO4, ip6 or _ZERO16, flags, *_be_tail(b))
             name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
             keys = _be_keys(b) if ip6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 else []
             fes = []
@@ -842,6 +889,8 @@ class Reconciler:
                        for e, bid in zip(sp.endpoints, live[base:base + len(sp.endpoints)], strict=True)
                        if bid is not None and 0 < e.target_port < 65536]
                 value, vals = render(svc.lb_mode, eps)
+                if svc.waypoint is not None:
+                    value = value[:_SVC_HEAD] + render_wp(svc.waypoint)
                 code = -sid
                 fes = tuple(sorted({fe_key(vip, sp.port) for vip in svc.vips}))
                 for k in fes:

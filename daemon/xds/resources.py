@@ -18,7 +18,8 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from daemon.state import PolicyRecord, ServiceRecord, WorkloadProfile, WorkloadRecord
+from daemon.dataplane.model import HBONE_PORT
+from daemon.state import GatewayRef, PolicyRecord, ServiceRecord, WorkloadProfile, WorkloadRecord
 from daemon.xds.gen.istio.security import authorization_pb2
 from daemon.xds.gen.istio.workload import workload_pb2
 
@@ -67,7 +68,25 @@ def service_record(name: str, svc: workload_pb2.Service, raw: bytes, version: st
         name=_intern(expected), namespace=_intern(svc.namespace), hostname=svc.hostname, vips=vips,
         ports=ports, lb_mode=lb.mode, routing=tuple(lb.routing_preference), health_policy=lb.health_policy,
         raw=raw, version=version,
+        waypoint=gateway_ref(svc.waypoint) if svc.HasField("waypoint") else None,
     )
+
+
+def gateway_ref(g: workload_pb2.GatewayAddress) -> GatewayRef | None:
+    """A GatewayAddress as the state keeps it: ("addr", ip bytes, hbone port) or
+    ("host", "ns/hostname", hbone port); None when it names nothing."""
+    which = g.WhichOneof("destination")
+    port = g.hbone_mtls_port or HBONE_PORT
+    if not 0 < port < 65536:
+        raise Invalid(f"waypoint hbone_mtls_port {port} out of range 1-65535")
+    if which == "address":
+        return ("addr", _check_ip(g.address.address, "waypoint address"), port)
+    if which == "hostname":
+        h = g.hostname
+        if not h.namespace or not h.hostname:
+            raise Invalid("waypoint hostname without namespace or hostname")
+        return ("host", _intern(f"{h.namespace}/{h.hostname}"), port)
+    return None
 
 
 _NO_LOCALITY = ("", "", "")
@@ -111,8 +130,15 @@ def _new_profile(w: workload_pb2.Workload, rest: bytes) -> WorkloadProfile:
         locality = _NO_LOCALITY
     capacity = w.capacity.value if has("capacity") else 1
     app_port = w.application_tunnel.port if has("application_tunnel") else 0
+    proxy_port = 0
+    if app_port and w.application_tunnel.protocol == workload_pb2.ApplicationTunnel.PROXY:
+        if app_port > 65535:
+            raise Invalid(f"application_tunnel port {app_port} out of range 1-65535")
+        proxy_port = app_port
     prof = WorkloadProfile(_intern(w.namespace), _intern(w.node), _intern(w.cluster_id), _intern(w.network),
-                           locality, w.status, capacity, app_port, tuple(services), rest)
+                           locality, w.status, capacity, app_port, tuple(services), rest,
+                           waypoint=gateway_ref(w.waypoint) if has("waypoint") else None,
+                           proxy_port=proxy_port)
     if len(_PROFILES) >= PROFILE_CACHE_MAX:
         _PROFILES.clear()
     _PROFILES[rest] = prof
