@@ -166,3 +166,17 @@ def dp(dataplane, topology: Topology) -> Iterator:
     control_connect(topology.ns_path("c1"), True, cgroup=topology.cgroup)
     control_connect(topology.ns_path("c2"), False, cgroup=topology.cgroup)
     yield dataplane
+
+
+@pytest.fixture(scope="session")
+def wp_netns(topology: Topology) -> Iterator[str]:
+    """The waypoint pod of the waypoint tests (wp_env): a netns on the topology bridge at
+    10.244.0.9 / fd00:244::9, never enrolled. Tests start their own waypoint processes in it."""
+    from wp_env import WP_IP4, WP_IP6, add_pod
+
+    ns = topology.ns("wp")
+    try:
+        add_pod(topology.ns("br"), ns, 9, WP_IP4, WP_IP6)
+        yield ns
+    finally:
+        sh_quiet("ip", "netns", "del", ns)

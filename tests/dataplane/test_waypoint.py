@@ -18,16 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dp_topo import HERE, PY, VIP4, ip4, ip6, sh_quiet
+from dp_topo import HERE, PY, VIP4, ip4, ip6
 from wp_env import (
     PROXY_PORT,
     TLV_PORT,
     WEB_VIP4,
     WEB_VIP6,
     WP_IP4,
-    WP_IP6,
     WP_UID,
-    add_pod,
     decode_pp2,
     decode_tlv,
     projection,
@@ -39,24 +37,19 @@ from daemon.dataplane.types import ConnEvent
 
 
 @pytest.fixture(scope="module")
-def wp_pod(topology, run_prefix: str) -> Iterator[Path]:
-    """The waypoint pod with the raw sink on :15019 (TLV) and :15030 (PROXY v2)."""
-    ns = topology.ns("wp")
+def wp_pod(topology, wp_netns: str, run_prefix: str) -> Iterator[Path]:
+    """The raw sink in the waypoint pod on :15019 (TLV) and :15030 (PROXY v2)."""
     out = Path(f"/tmp/{run_prefix}-wpsink")
     shutil.rmtree(out, ignore_errors=True)
-    proc = None
+    proc = subprocess.Popen([PY, str(HERE / "wp_sink.py"), "--netns", f"/run/netns/{wp_netns}",
+                             "--dir", str(out), "--port", str(TLV_PORT), "--port", str(PROXY_PORT)],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        add_pod(topology.ns("br"), ns, 9, WP_IP4, WP_IP6)
-        proc = subprocess.Popen([PY, str(HERE / "wp_sink.py"), "--netns", f"/run/netns/{ns}",
-                                 "--dir", str(out), "--port", str(TLV_PORT), "--port", str(PROXY_PORT)],
-                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         yield out
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait(timeout=10)
-        sh_quiet("ip", "netns", "del", ns)
+        proc.kill()
+        proc.wait(timeout=10)
         shutil.rmtree(out, ignore_errors=True)
 
 
