@@ -22,6 +22,7 @@ CONN_LABELS = (
     "destination_workload", "destination_canonical_service", "destination_canonical_revision",
     "destination_workload_namespace", "destination_principal", "destination_cluster",
     "request_protocol", "response_flags", "connection_security_policy",
+    "destination_waypoint",  # the waypoint workload a via-waypoint connection went to, else "none"
 )
 COUNTERS = {
     "kmesh_tcp_connections_opened_total": "Total TCP connections opened (established) by managed pods.",
@@ -116,6 +117,8 @@ class ConnectionMetrics:
             "tcp",
             "-",
             "none",
+            (dst.get("workloadName", "") or dst.get("name", "") or "unknown")
+            if ev.get("verdict") == "via_waypoint" else "none",
         )
 
     def on_event(self, event: Any) -> None:

@@ -151,10 +151,21 @@ def _addr_key(fe: dict[str, Any]) -> tuple[int, bytes]:
         return 9, text.encode()
 
 
+def _fmt_wp(wp: dict[str, Any] | None) -> str:
+    """A km_wp as read back: `` => waypoint ns/name (ip:port)``; empty without a waypoint."""
+    if not wp:
+        return ""
+    if wp.get("unresolved"):
+        return " => waypoint UNRESOLVED (connections refused)"
+    addr = _fmt_addr(wp.get("address", ""), wp.get("port", 0))
+    return f" => waypoint {wp['service']} ({addr})" if wp.get("service") else f" => waypoint {addr}"
+
+
 def render_bpf(bpf: dict[str, Any]) -> str:
     """frontend -> service -> backends with pod names and slots, then the enrolled netns."""
     maps = bpf.get("maps") or {}
     services = {s.get("name") or s.get("service"): s for s in maps.get("services") or []}
+    by_port = {(s.get("name"), s.get("port")): s for s in maps.get("services") or []}
     backends = {b.get("uid") or b.get("name"): b for b in maps.get("backends") or []}
     endpoints_by_svc: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for ep in maps.get("endpoints") or []:
@@ -174,11 +185,12 @@ def render_bpf(bpf: dict[str, Any]) -> str:
         if kind == "backend":
             b = backends.get(target, {})
             rows.append((fe.get("ip", fe.get("address", "")),
-                         f"pod {b.get('namespace', '')}/{b.get('name', '') or target} (backend)"))
+                         f"pod {b.get('namespace', '')}/{b.get('name', '') or target} (backend)"
+                         + _fmt_wp(b.get("waypoint"))))
             continue
-        svc = services.get(target, {})
+        svc = by_port.get((target, fe.get("service_port"))) or services.get(target, {})
         mode = svc.get("lb_mode", "")
-        rows.append((addr, f"{target}" + (f" [{mode}]" if mode else "")))
+        rows.append((addr, f"{target}" + (f" [{mode}]" if mode else "") + _fmt_wp(svc.get("waypoint"))))
         eps = endpoints_by_svc.get((target, int(fe.get("port", 0) or 0))) or []
         for ep in sorted(eps, key=lambda e: (int(e.get("priority", e.get("prio", 0)) or 0),
                                              int(e.get("slot", 0) or 0))):
@@ -186,8 +198,10 @@ def render_bpf(bpf: dict[str, Any]) -> str:
             b = backends.get(uid, {})
             ip = ep.get("ip") or b.get("ipv4") or b.get("ip") or b.get("ipv6") or ""
             pod = f"{b.get('namespace', '')}/{b.get('name', '')}" if b.get("name") else uid
+            ho = b.get("handoff") or {}
+            proxy = f" [hand-off PROXY v2 :{ho.get('port')}]" if ho.get("encoding") == "proxy" else ""
             rows.append(("", f"  {_fmt_addr(ip, ep.get('target_port', ep.get('port', 0)))} ({pod}) "
-                             f"({ep.get('priority', ep.get('prio', 0))}/{ep.get('slot', 0)})"))
+                             f"({ep.get('priority', ep.get('prio', 0))}/{ep.get('slot', 0)}){proxy}"))
         if not eps:
             rows.append(("", "  (no endpoints)"))
     for left, right in rows:

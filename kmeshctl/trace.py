@@ -23,7 +23,8 @@ from kmeshctl.daemonlink import AdminAddrOpt, Daemon, NodeOpt, find_daemons
 trace_app = typer.Typer(help="Trace a pod's connections through the data plane.", no_args_is_help=True)
 
 _VERDICTS = {"translated": "TRANSLATED", "passthrough": "PASSTHROUGH",
-             "no_healthy_endpoint": "NO_HEALTHY_ENDPOINT"}
+             "no_healthy_endpoint": "NO_HEALTHY_ENDPOINT", "via_waypoint": "VIA_WAYPOINT",
+             "no_waypoint_endpoint": "NO_WAYPOINT_ENDPOINT"}
 
 
 def _stamp(iso: str) -> str:
@@ -64,7 +65,8 @@ def format_event(rec: dict[str, Any]) -> str:
     line = f"{_stamp(rec.get('time', ''))}: {source} -> {dest}"
     if be.get("ip") and (be.get("ip"), be.get("port")) != (orig.get("ip"), orig.get("port")):
         pod = f"{be.get('namespace')}/{be.get('pod')}" if be.get("pod") else "?"
-        line += f" => {pod} {_addr(be['ip'], be.get('port', 0))}"
+        via = "waypoint " if rec.get("verdict") == "via_waypoint" else ""  # be is the waypoint pod
+        line += f" => {via}{pod} {_addr(be['ip'], be.get('port', 0))}"
     if kind == "connect":
         line += f" {verdict}"
     elif kind == "established":

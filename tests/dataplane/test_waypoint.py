@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dp_topo import HERE, PY, VIP4, ip4, ip6
+from dp_topo import HERE, PY, VIP4, ip4, ip6, uid
 from wp_env import (
     PROXY_PORT,
     TLV_PORT,
@@ -209,3 +209,42 @@ def test_unmanaged_client_not_redirected(wdp, topology) -> None:
     r = topology.client("c2", f"{ip4('s1')}:8080", in_cgroup=True)
     assert r["ok"] == 1 and r["counts"] == {"s1": 1}, r
     assert topology.client("c1", f"{VIP4}:80", n=3)["ok"] == 3  # no waypoint on default/web: plain LB
+
+
+def test_dump_bpf_shows_waypoints(wdp) -> None:
+    """read-back (dump bpf -o json) and the tree view name each service's and pod's waypoint and
+    the waypoint pods' hand-off."""
+    from kmeshctl.dump import render_bpf
+
+    assert not wdp.sync(projection(handoff_port=PROXY_PORT, pod_waypoint="s1")).rejected
+    rb = wdp.read_back()
+    want = {"address": "10.96.0.30", "port": 15008, "service": "default/waypoint"}
+    svc = {(s["name"], s["port"]): s for s in rb["services"]}
+    assert svc[("default/wpweb", 80)]["waypoint"] == want
+    assert svc[("default/web", 80)]["waypoint"] is None
+    assert svc[("default/waypoint", 15008)]["waypoint"] is None
+    be = {b["uid"]: b for b in rb["backends"]}
+    assert be[uid("s1")]["waypoint"] == want and be[uid("s2")]["waypoint"] is None
+    assert be[WP_UID]["handoff"] == {"port": PROXY_PORT, "encoding": "proxy"}
+    assert be[uid("s2")]["handoff"] == {"port": TLV_PORT, "encoding": "tlv"}
+    text = render_bpf({"maps": rb})
+    assert "default/wpweb [RANDOM] => waypoint default/waypoint (10.96.0.30:15008)" in text
+    assert "pod default/s1 (backend) => waypoint default/waypoint (10.96.0.30:15008)" in text
+    assert f"[hand-off PROXY v2 :{PROXY_PORT}]" in text
+    assert wdp.sync(projection(web_waypoint=Waypoint(b"", 15008))).rejected == {}
+    assert "=> waypoint UNRESOLVED" in render_bpf({"maps": wdp.read_back()})
+
+
+def test_trace_line_of_a_via_waypoint_connection() -> None:
+    from kmeshctl.trace import format_event
+
+    rec = {"time": "2026-12-03T08:00:00.000Z", "kind": "connect", "verdict": "via_waypoint",
+           "source": {"namespace": "default", "pod": "sleep"},
+           "original": {"ip": "10.96.0.3", "port": 80, "service": "default/fortio.default.svc.cluster.local"},
+           "backend": {"ip": "10.244.0.9", "port": 15019, "namespace": "default", "pod": "waypoint-7d9f"}}
+    assert format_event(rec).endswith(
+        "default/sleep -> 10.96.0.3:80 (default/fortio) => waypoint default/waypoint-7d9f 10.244.0.9:15019 "
+        "VIA_WAYPOINT")
+    rec.update(kind="close", bytes_sent=120, bytes_received=300, duration_ms=2.5, srtt_us=40)
+    line = format_event(rec)
+    assert "=> waypoint default/waypoint-7d9f 10.244.0.9:15019 CLOSED sent=120B recv=300B" in line
