@@ -13,19 +13,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daemon.dataplane import Dataplane  # noqa: E402
-from daemon.dataplane.model import Backend, Endpoint, LbMode, Projection, Service, ServicePort  # noqa: E402
+from daemon.dataplane.model import (  # noqa: E402
+    Backend,
+    Endpoint,
+    LbMode,
+    Projection,
+    Service,
+    ServicePort,
+    Waypoint,
+)
 
 
 def load_projection(path: Path) -> Projection:
     raw = json.loads(path.read_text())
     ip = (lambda s: ipaddress.ip_address(s).packed if s else None)  # noqa: E731
+    def wp(w: dict | None) -> Waypoint | None:
+        return None if w is None else Waypoint(ip(w["address"]) or b"", w["port"], w["name"])
+
     backends = {b["uid"]: Backend(b["uid"], b["name"], b["namespace"], ip(b.get("ipv4")),
-                                  ip(b.get("ipv6"))) for b in raw["backends"]}
+                                  ip(b.get("ipv6")), b.get("handoff_port", 0), wp(b.get("waypoint")))
+                for b in raw["backends"]}
     services = {}
     for s in raw["services"]:
         ports = tuple(ServicePort(p["port"], tuple(Endpoint(**e) for e in p["endpoints"]))
                       for p in s["ports"])
-        services[s["name"]] = Service(s["name"], tuple(ip(v) for v in s["vips"]), ports, LbMode(s["lb_mode"]))
+        services[s["name"]] = Service(s["name"], tuple(ip(v) for v in s["vips"]), ports, LbMode(s["lb_mode"]),
+                                      wp(s.get("waypoint")))
     return Projection(services, backends)
 
 

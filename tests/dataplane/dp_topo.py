@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon.dataplane.model import Backend, Endpoint, LbMode, Projection, Service, ServicePort
+from daemon.dataplane.model import Backend, Endpoint, LbMode, Projection, Service, ServicePort, Waypoint
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -64,10 +64,15 @@ def projection_json(proj: Projection) -> str:
     def ip(b: bytes | None) -> str | None:
         return str(ipaddress.ip_address(b)) if b else None
 
+    def wp(w: Waypoint | None) -> dict | None:
+        return None if w is None else {"address": ip(w.address), "port": w.port, "name": w.name}
+
     return json.dumps({
         "backends": [{"uid": b.uid, "name": b.name, "namespace": b.namespace, "ipv4": ip(b.ipv4),
-                      "ipv6": ip(b.ipv6)} for b in proj.backends.values()],
+                      "ipv6": ip(b.ipv6), "handoff_port": b.handoff_port, "waypoint": wp(b.waypoint)}
+                     for b in proj.backends.values()],
         "services": [{"name": s.name, "vips": [ip(v) for v in s.vips], "lb_mode": int(s.lb_mode),
+                      "waypoint": wp(s.waypoint),
                       "ports": [{"port": p.port, "endpoints": [
                           {"backend_uid": e.backend_uid, "target_port": e.target_port, "weight": e.weight,
                            "priority": e.priority} for e in p.endpoints]} for p in s.ports]}

@@ -7,7 +7,9 @@ without being redirected again."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -86,3 +88,47 @@ def test_no_waypoint_service_untouched_by_envoy(dp, envoy_wp: Envoy, topology) -
     assert envoy_wp.stat("listener.waypoint-pp.downstream_cx_total") == before
 
 
+
+
+def test_sigkill_loader_during_waypoint_loop_zero_failures(envoy_wp: Envoy, topology, pin_root, make_cgroup,
+                                                           tmp_path) -> None:
+    """HTTP through the waypoint at 40 requests/s while the process owning the data plane is
+    SIGKILLed and a new one takes over: programs, pinned maps and the sk_msg on the pinned
+    sockhash keep working, so not one request fails."""
+    from dp_topo import projection_json
+    from test_dataplane_restart import _start_loader
+
+    from daemon.dataplane import control_connect, uninstall
+
+    cg = make_cgroup("dp-wprestart")
+    pins = pin_root / "wprestart"
+    proj_file = tmp_path / "projection.json"
+    proj_file.write_text(projection_json(projection(handoff_port=PP_PORT)))
+    procs: list[subprocess.Popen] = []
+    try:
+        a, _ = _start_loader(cg, pins, proj_file)
+        procs.append(a)
+        control_connect(topology.ns_path("c1"), True, cgroup=cg)
+        before = envoy_wp.stat("listener.waypoint-pp.downstream_cx_total")
+        client = subprocess.Popen([PY, str(HERE / "wp_http.py"), "--netns", topology.ns_path("c1"),
+                                   "--cgroup", str(cg), "--target", f"{WEB_VIP4}:80",
+                                   "-n", "240", "--rate", "40"],
+                                  stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert client.poll() is None
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=10)
+        b, _ = _start_loader(cg, pins, proj_file)
+        procs.append(b)
+        assert client.poll() is None, "the new loader must take over while the client is running"
+        out, _ = client.communicate(timeout=120)
+        r = json.loads(out)
+        assert r["fail"] == 0 and r["ok"] == 240, r
+        assert set(r["bodies"]) <= {"s1", "s2", "s3"} and r["peers"] == [f"{WEB_VIP4}:80"], r
+        assert envoy_wp.stat("listener.waypoint-pp.downstream_cx_total") - before == 240
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        uninstall(cg, pins)
