@@ -24,7 +24,7 @@ from benchmarks import report
 MODES = ("direct", "bpf_vip", "envoy_proxy")
 EXTRA_MODES = ("direct_mesh",)  # diagnostic: pod IP from the cgroup with our programs
 QUICK_DIR = Path(tempfile.gettempdir()) / "kmesh-bench-quick"
-SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http")
+SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http", "dataplane_l7")
 
 
 def _log(msg: str) -> None:
@@ -94,6 +94,19 @@ def _run_http(args: argparse.Namespace) -> dict:
     return dp.run(settings)
 
 
+def _run_l7(args: argparse.Namespace) -> dict:
+    if os.geteuid() != 0:
+        return {"error": "not available: the waypoint benchmark needs root (netns, cgroups, BPF)"}
+    from benchmarks import dataplane_l7 as l7
+
+    settings = l7.Settings(rounds=1 if args.quick else args.rounds,
+                           duration_s=1 if args.quick else args.duration, warmup_s=1,
+                           connections=args.connections, pin=not args.no_pin, backend=args.backend)
+    if args.cgroup_parent is not None:
+        settings.cgroup_parent = args.cgroup_parent
+    return l7.run(settings)
+
+
 def _run_foreign(name: str) -> dict:
     """benchmarks.dataplane_maps / benchmarks.controlplane: owned by other areas; run() -> dict."""
     try:
@@ -141,6 +154,8 @@ def _main(args: argparse.Namespace) -> int:
                 sections[name] = _run_cli(args)
             elif name == "dataplane_http":
                 sections[name] = _run_http(args)
+            elif name == "dataplane_l7":
+                sections[name] = _run_l7(args)
             else:
                 sections[name] = _run_foreign(name)
         except Exception as exc:  # noqa: BLE001 - one section failing must not lose the others

@@ -23,6 +23,7 @@ MODES = ("direct", "bpf_vip", "envoy_proxy")
 DP_KEYS = ("p50_ms", "p99_ms", "rps")
 CP_KEYS = ("converge_100k_endpoints_s", "single_update_ms", "daemon_rss_mib")
 CLI_KEYS = ("help_s", "dump_10k_s")
+L7_MODES = ("kmesh_waypoint", "ambient_like")
 
 # (label, json path, comparison, bound) — issue 7 "Targets".
 TARGETS: tuple[tuple[str, str, str, float], ...] = (
@@ -33,6 +34,7 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("daemon RSS (MiB)", "control_plane.daemon_rss_mib", "<=", 150.0),
     ("kmeshctl --help (s)", "cli.help_s", "<=", 0.3),
     ("dump workloads 10k (s)", "cli.dump_10k_s", "<=", 1.0),
+    ("kmesh_waypoint/ambient_like p50 (new conn)", "ratios.kmesh_over_ambient_p50", "<=", 0.70),
 )
 
 
@@ -100,7 +102,14 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
         for mode in MODES:
             fig = http.get(section, {}).get(mode, http.get("error", "not available: not run"))
             doc[section][mode] = ({k: fig.get(k) for k in DP_KEYS} if isinstance(fig, dict) else fig)
-    doc["ratios"] = http.get("ratios", {})
+    doc["ratios"] = dict(http.get("ratios", {}))
+    l7 = sections.get("dataplane_l7", {})
+    for section in ("dataplane_l7", "dataplane_l7_keepalive"):
+        doc[section] = {}
+        for mode in L7_MODES:
+            fig = l7.get(section, {}).get(mode, l7.get("error", "not available: not run"))
+            doc[section][mode] = ({k: fig.get(k) for k in DP_KEYS} if isinstance(fig, dict) else fig)
+    doc["ratios"].update(l7.get("ratios", {}))
     cp = sections.get("controlplane", {})
     cp = cp.get("control_plane", cp) if isinstance(cp, dict) else cp
     doc["control_plane"] = {k: (cp.get(k, cp.get("error", f"not available: controlplane gave no {k}"))
@@ -119,6 +128,11 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
                for section in ("dataplane", "dataplane_keepalive")},
         },
         "cli": {k: v for k, v in cli.items() if k not in CLI_KEYS},
+        "dataplane_l7": {
+            "meta": l7.get("meta"),
+            **{section: {m: v for m, v in l7.get(section, {}).items() if isinstance(v, dict)}
+               for section in ("dataplane_l7", "dataplane_l7_keepalive")},
+        },
     }
     return doc
 
@@ -211,6 +225,22 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {label} | {' | '.join(cells)} |")
     lines += ["", "Paired: the median over rounds of the ratio within each round (runs close in time)."]
     lines.append("")
+    l7meta = (doc.get("details", {}).get("dataplane_l7") or {}).get("meta") or {}
+    if "dataplane_l7" in doc:
+        if l7meta:
+            lines += [f"Through a waypoint (benchmarks/dataplane_l7.py): waypoint {l7meta.get('waypoint')}; "
+                      f"ztunnel stand-in {l7meta.get('ztunnel_stand_in')}; "
+                      f"backend {l7meta.get('backend')}.", ""]
+        for section, title in (("dataplane_l7", "waypoint, new connection per request"),
+                               ("dataplane_l7_keepalive", "waypoint, keep-alive")):
+            lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s |", "|---|---:|---:|---:|"]
+            for mode, fig in doc[section].items():
+                cells = " | ".join(_fmt(fig[k]) for k in DP_KEYS) if isinstance(fig, dict) else _fmt(fig)
+                lines.append(f"| {mode} | {cells} |")
+            lines.append("")
+        lines += [f"kmesh_waypoint / ambient_like p50: {_fmt(r.get('kmesh_over_ambient_p50'))} new conn "
+                  f"(paired {_fmt(r.get('kmesh_over_ambient_p50_paired'))}), "
+                  f"{_fmt(r.get('kmesh_over_ambient_p50_keepalive'))} keep-alive.", ""]
     for section, title in (("control_plane", "Control plane"), ("cli", "CLI")):
         lines += [f"| {title} | value |", "|---|---:|"]
         rows = flatten(doc[section])
@@ -243,6 +273,13 @@ def table(doc: dict) -> str:
                 out.append(f"  {mode:<20} {cells} {cpu:>11}")
             else:
                 out.append(f"  {mode:<20} {_fmt(fig)}")
+    for section in ("dataplane_l7", "dataplane_l7_keepalive"):
+        if section not in doc:
+            continue
+        out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
+        for mode, fig in doc[section].items():
+            cells = " ".join(f"{_fmt(fig[k]):>9}" for k in DP_KEYS) if isinstance(fig, dict) else _fmt(fig)
+            out.append(f"  {mode:<20} {cells}")
     out.append("ratios")
     out += [f"  {k:<40} {_fmt(v)}" for k, v in doc.get("ratios", {}).items()]
     for section in ("control_plane", "cli", "reconciler"):
