@@ -1,10 +1,13 @@
-/* cgroup/connect4: control connects (enrolment) and service translation for IPv4 TCP. */
+/* cgroup/connect4: control connects (enrolment) and service translation for IPv4 TCP; the
+ * decision (service, pod, waypoint) is km_translate() in include/km_lb.h, shared with connect6. */
 #include "km_lb.h"
 
 int connect4(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol != KM_IPPROTO_TCP)
         return 1;
+    /* volatile: keep every ctx load 4 bytes wide (clang may merge or narrow them, which the
+     * verifier rejects for sock_addr contexts) */
     volatile __u32 dst = ctx->user_ip4;
     volatile __u32 uport = ctx->user_port;
     __u16 dport = (__u16)uport;
