@@ -112,3 +112,17 @@ def test_bad_gateway_address_is_rejected(bad: str) -> None:
         a.service.waypoint.hostname.hostname = "waypoint"
     with pytest.raises(Invalid):
         decode_address(svc_key("web"), ADDRESS_TYPE, a.SerializeToString())
+
+
+def test_dump_services_and_workloads_fill_the_waypoint_column() -> None:
+    """The daemon's config dump -> kmeshctl's tables: WAYPOINT names the waypoint Service."""
+    from kmeshctl.dump import service_rows, workload_rows
+
+    st = State()
+    apply(st, waypoint_service(), by_host(service("web", vip="10.96.0.20")),
+          by_addr(service("api", vip="10.96.0.21"), "10.96.0.30"), service("plain", vip="10.96.0.22"),
+          by_host(workload("pod", "10.1.0.1")))
+    dump = st.config_dump()
+    rows = {r[1]: r[3] for r in service_rows(dump)}
+    assert rows == {"api": "waypoint", "plain": "None", "waypoint": "None", "web": "waypoint"}, rows
+    assert {r[1]: r[4] for r in workload_rows(dump)} == {"pod": "waypoint"}
