@@ -101,11 +101,23 @@ static __always_inline void km_waypoint(struct km_wp *wp, struct km_choice *c)
     k.port = wp->port;
     k.family = wp->family;
     struct km_fe_val *fe = km_frontend.lookup(&k);
-    if (!fe || fe->kind != KM_FE_SERVICE)
-        return;
+    if (!fe) { /* a waypoint named by a pod address: that pod */
+        k.port = 0;
+        fe = km_frontend.lookup(&k);
+        if (!fe)
+            return;
+    }
     struct km_choice w = {};
-    if (!km_pick(fe->id, &w))
-        return;
+    if (fe->kind == KM_FE_SERVICE) {
+        if (!km_pick(fe->id, &w))
+            return;
+    } else {
+        __u32 bid = fe->id;
+        w.be = km_backend.lookup(&bid);
+        if (!w.be)
+            return;
+        w.backend_id = bid;
+    }
     struct km_backend *be = w.be;
     c->backend_id = w.backend_id;
     c->be = be;

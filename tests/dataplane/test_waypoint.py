@@ -185,6 +185,19 @@ def test_pod_waypoint_direct_access(wdp, topology, wp_pod, tmp_path) -> None:
     assert topology.client("c1", f"{ip4('s2')}:8080")["ok"] == 1
 
 
+def test_waypoint_named_by_pod_address(wdp, topology, wp_pod, tmp_path) -> None:
+    """A GatewayAddress may name the waypoint pod itself rather than its Service VIP."""
+    from wp_env import WP_IP4 as pod_ip
+
+    from daemon.dataplane.model import Waypoint as W
+
+    assert not wdp.sync(projection(web_waypoint=W(bytes(int(x) for x in pod_ip.split(".")), 15008))).rejected
+    path, data = _payload(tmp_path, 100)
+    r = run_client(topology, "c1", f"{WEB_VIP4}:80", path)
+    assert r["reply"] == f"got {len(data) + 16}\n", r
+    assert decode_tlv(_stream(wp_pod, TLV_PORT))[:2] == (WEB_VIP4, 80)
+
+
 def test_via_waypoint_events_name_the_waypoint_pod(wdp, topology, tmp_path) -> None:
     assert not wdp.sync(projection()).rejected
     wdp.poll_events(lambda e: None, timeout_ms=10)
