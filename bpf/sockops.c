@@ -37,7 +37,7 @@ int sockops(struct bpf_sock_ops *skops)
 {
     volatile __u32 op = skops->op;
     if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-        op != BPF_SOCK_OPS_STATE_CB)
+        op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTT_CB)
         return 1;
     __u64 ck = bpf_get_socket_cookie(skops);
     struct km_sock *s = km_sock.lookup(&ck);
@@ -64,11 +64,31 @@ int sockops(struct bpf_sock_ops *skops)
                     h->family = s->family;
                     h->mode = s->handoff;
                     h->done = 0;
-                    km_wpsock.sock_hash_update(skops, &ck, BPF_NOEXIST);
+                    /* (a statement of its own: bcc appends a ';' to this call) */
+                    long err = km_wpsock.sock_hash_update(skops, &ck, BPF_NOEXIST);
+                    if (!err) {
+                        volatile __u32 cbf = skops->bpf_sock_ops_cb_flags;
+                        bpf_sock_ops_cb_flags_set(skops, cbf | BPF_SOCK_OPS_RTT_CB_FLAG);
+                    }
                 }
             }
         }
         km_sock_event(skops, s, ck, KM_EV_ESTABLISHED);
+        return 1;
+    }
+    if (op == BPF_SOCK_OPS_RTT_CB) {
+        /* An ACK on a via-waypoint socket: once the header is out, take the socket out of
+         * km_wpsock so the rest of the connection is plain TCP (no sk_msg on every send, no
+         * tcp_bpf receive path), and stop these callbacks. */
+        struct bpf_sock *sk = skops->sk;
+        if (!sk)
+            return 1;
+        struct km_handoff *h = km_handoff.sk_storage_get(sk, 0, 0);
+        if (h && !h->done)
+            return 1;
+        km_wpsock.delete(&ck);
+        volatile __u32 cbf = skops->bpf_sock_ops_cb_flags;
+        bpf_sock_ops_cb_flags_set(skops, cbf & ~BPF_SOCK_OPS_RTT_CB_FLAG);
         return 1;
     }
     volatile __u32 newstate = skops->args[1];

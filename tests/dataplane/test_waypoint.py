@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -131,6 +132,53 @@ def test_header_v6_and_dual_stack(wdp, topology, wp_pod, tmp_path, encoding, fam
         ip, dport, n = decode_tlv(stream)
         assert ((ip, dport), n) == (want_dst, hlen)
     assert hashlib.sha256(stream[n:]).digest() == hashlib.sha256(data).digest()
+
+
+def _sockhash_keys(path: Path) -> int:
+    """Number of keys in a pinned sockhash (get_next_key: sockhash values cannot be read)."""
+    import ctypes as ct
+    import struct as st
+
+    from daemon.dataplane import bpfsys
+
+    fd = bpfsys.obj_get(str(path))
+    try:
+        n, key, nxt = 0, ct.create_string_buffer(8), ct.create_string_buffer(8)
+        first = True
+        while n < 100000:
+            attr = ct.create_string_buffer(24)
+            st.pack_into("=IIQQ", attr, 0, fd, 0, 0 if first else ct.addressof(key), ct.addressof(nxt))
+            try:
+                bpfsys._bpf(4, attr)  # BPF_MAP_GET_NEXT_KEY
+            except FileNotFoundError:  # ENOENT: past the last key
+                return n
+            n += 1
+            first = False
+            ct.memmove(key, nxt, 8)
+        return n
+    finally:
+        os.close(fd)
+
+
+def test_socket_leaves_the_sockhash_after_the_header(wdp, topology, wp_pod, tmp_path) -> None:
+    """Once the header is out (and acknowledged) the socket leaves km_wpsock: the rest of the
+    connection is plain TCP. The bytes after the pause still arrive exactly once, unprefixed."""
+    assert not wdp.sync(projection()).rejected
+    path, data = _payload(tmp_path, 300_000)
+    wpsock = wdp.gen_dir / "wpsock"
+    proc = subprocess.Popen([PY, str(HERE / "wp_client.py"), "--netns", topology.ns_path("c1"), "--cgroup",
+                             str(topology.cgroup), "--target", f"{WEB_VIP4}:80", "--mode", "pause",
+                             "--payload", str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "paused"
+    end = time.monotonic() + 1.2
+    while _sockhash_keys(wpsock) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _sockhash_keys(wpsock) == 0
+    r = json.loads(proc.stdout.read())
+    proc.wait(timeout=30)
+    assert r["reply"] == f"got {len(data) + 16}\n", r
+    stream = _stream(wp_pod, TLV_PORT)
+    assert decode_tlv(stream) == (WEB_VIP4, 80, 16) and stream[16:] == data
 
 
 def test_no_waypoint_plain_lb_no_header(wdp, topology, wp_pod, tmp_path) -> None:

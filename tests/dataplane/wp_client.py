@@ -8,6 +8,7 @@ Modes (each ends with shutdown(SHUT_WR) right after the last write):
   sendfile  os.sendfile() from the payload file
   splice    os.splice() from a pipe the payload is written into
   small     many 3-byte send() calls
+  pause     1000 bytes, "paused" on stdout, 1.5 s pause, the rest
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def send(s: socket.socket, mode: str, path: Path) -> None:
             left -= n
         t.join()
         os.close(r)
+    elif mode == "pause":  # a first write, a pause (the test looks at the maps), the rest
+        s.sendall(data[:1000])
+        print("paused", flush=True)
+        time.sleep(1.5)
+        s.sendall(data[1000:])
     elif mode == "small":
         for i in range(0, len(data), 3):
             s.send(data[i:i + 3])
