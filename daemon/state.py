@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from daemon.dataplane.model import (
     MAX_PRIORITY,
@@ -46,8 +47,16 @@ HEALTH_ONLY_HEALTHY, HEALTH_ALLOW_ALL = 0, 1
 STATUS_HEALTHY, STATUS_UNHEALTHY = 0, 1
 
 Ports = tuple[tuple[int, int], ...]  # (service_port, target_port) pairs
-# A GatewayAddress as received: ("addr", ip bytes, hbone port) or ("host", "ns/hostname", hbone port)
-GatewayRef = tuple[str, bytes | str, int]
+
+
+class GatewayRef(NamedTuple):
+    """A GatewayAddress as received (a waypoint): resolved to a ``Waypoint`` at projection time,
+    because a hostname names a Service that may arrive, move or go later."""
+
+    kind: str  # "addr" (target: ip bytes) or "host" (target: "ns/hostname")
+    target: bytes | str
+    hbone_port: int
+
 STATUS_PORT = 15021  # a service with this port is (part of) a waypoint: never sent to a waypoint
 
 

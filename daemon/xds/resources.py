@@ -80,12 +80,12 @@ def gateway_ref(g: workload_pb2.GatewayAddress) -> GatewayRef | None:
     if not 0 < port < 65536:
         raise Invalid(f"waypoint hbone_mtls_port {port} out of range 1-65535")
     if which == "address":
-        return ("addr", _check_ip(g.address.address, "waypoint address"), port)
+        return GatewayRef("addr", _check_ip(g.address.address, "waypoint address"), port)
     if which == "hostname":
         h = g.hostname
         if not h.namespace or not h.hostname:
             raise Invalid("waypoint hostname without namespace or hostname")
-        return ("host", _intern(f"{h.namespace}/{h.hostname}"), port)
+        return GatewayRef("host", _intern(f"{h.namespace}/{h.hostname}"), port)
     return None
 
 
