@@ -86,8 +86,8 @@ class Envoy:
         self.log = workdir / "envoy.log"
         launcher = (f"import os,sys; sys.path.insert(0, {str(SUPPORT)!r}); from podns import enter; "
                     f"enter({netns!r}, {cgroup!r}); os.execv({str(binary)!r}, sys.argv[1:])")
-        argv = [os.fspath(binary), "-c", str(path), "--base-id", str(os.getpid() % 60000 + admin_port % 1000),
-                "--concurrency", "1", "-l", "info", "--log-path", str(self.log)]
+        argv = [os.fspath(binary), "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
+                "-l", "info", "--log-path", str(self.log)]
         self.proc = subprocess.Popen(["python3", "-c", launcher, *argv], env={**os.environ, **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
