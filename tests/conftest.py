@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("BCC_KERNEL_SOURCE", str(REPO / ".build" / "kernel-src"))
 
 # Short, unique per run: fits in 15-char interface names with a suffix ("kt1a2b3c-v0").
-RUN_PREFIX = "kt" + secrets.token_hex(3)
+# KMESH_TEST_RUN_PREFIX: set by tests/test_portability.py for the pytest it runs inside namespaces.
+RUN_PREFIX = os.environ.get("KMESH_TEST_RUN_PREFIX") or "kt" + secrets.token_hex(3)
 
 
 @pytest.fixture(scope="session")
