@@ -33,6 +33,9 @@ SLICE = [
     "tests/dataplane/test_dataplane_inspect.py::test_bpftool_shows_programs_on_test_cgroup_not_root",
     "tests/daemon/test_daemon_integration.py::test_enrolling_namespace_annotates_pods_and_translates",
     "tests/sandbox/test_cgroups.py::test_removes_nested_cgroups_and_kills_their_processes",
+    "tests/sandbox/test_sandbox_kubelet.py::test_kubectl_get_describe_logs",  # a sandbox on free ports
+]
+WALKTHROUGH = [  # `make demo`'s path; needs istiod's and the daemon's fixed ports
     "tests/sandbox/test_sandbox_e2e.py::test_walkthrough_enable_after_pods_exist",
     "tests/sandbox/test_sandbox_e2e.py::test_kubectl_views_of_the_daemon",
 ]
@@ -55,9 +58,9 @@ def _leftovers(prefix: str, cgroup: Path) -> list[str]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, cgroups, BPF)")
 def test_slice_on_pure_cgroup_v2_without_the_machines_kubectl(test_cgroup: Path, tmp_path: Path) -> None:
-    busy = [p for p in E2E_PORTS if not sb.port_free(p)]
-    if busy:
-        pytest.skip(f"the walkthrough's fixed ports are in use: {busy} (a running sandbox?)")
+    # Another sandbox on this shared machine may hold the walkthrough's fixed ports: then the
+    # slice runs without it (the e2e module would skip itself), the rest is still checked.
+    tests = (WALKTHROUGH if all(sb.port_free(p) for p in E2E_PORTS) else []) + SLICE  # first: ports race
     assert os.access(VENV_KUBECTL, os.X_OK), "no .venv/bin/kubectl: run `make setup`"
     prefix = "kv" + secrets.token_hex(3)  # 8 characters like the suite's own, for interface names
     cgroup = test_cgroup / "purev2"
@@ -68,7 +71,7 @@ def test_slice_on_pure_cgroup_v2_without_the_machines_kubectl(test_cgroup: Path,
     shadow.write_text(f'#!/bin/sh\necho "$0 $*" >> {marker}\necho "machine kubectl: shadowed" >&2\nexit 97\n')
     shadow.chmod(0o755)
     inner = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-             "-p", "tests.support.v2audit", "--basetemp", str(tmp_path / "inner"), *SLICE]
+             "-p", "tests.support.v2audit", "--basetemp", str(tmp_path / "inner"), *tests]
     cmd = [sys.executable, str(SUPPORT / "purev2.py"), "enter", str(cgroup), str(shadow), "--", *inner]
     try:
         p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "KMESH_TEST_RUN_PREFIX": prefix},
@@ -76,7 +79,7 @@ def test_slice_on_pure_cgroup_v2_without_the_machines_kubectl(test_cgroup: Path,
         out = p.stdout + p.stderr
         assert p.returncode == 0, out[-6000:]
         assert "controllers enabled at its root" in p.stderr, out[-3000:]
-        assert re.search(rf"\b{len(SLICE)} passed\b", p.stdout) and "skipped" not in p.stdout, out[-3000:]
+        assert re.search(rf"\b{len(tests)} passed\b", p.stdout) and "skipped" not in p.stdout, out[-3000:]
         assert not marker.exists(), f"a kubectl other than .venv/bin's ran: {marker.read_text()}"
         assert _leftovers(prefix, cgroup) == []
     finally:
