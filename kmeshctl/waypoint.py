@@ -258,10 +258,9 @@ def apply(
     # Every check before the first write: a bad input changes nothing.
     ns_obj = _namespace(api, ns)
     _gateway_api_served(api)
-    if revision is None:
+    discovered = revision is None
+    if discovered:
         revision = _discover_revision(api)
-        if revision:
-            note(f"using istiod revision {revision} (label {REV_LABEL}={revision})")
     gw = make_gateway(name, ns, traffic, revision, image)
     current = kubeapi.get(api, _path(ns, name))
     if current is not None and not overwrite:
@@ -280,6 +279,8 @@ def apply(
         warn(f"namespace {ns} is not enrolled in Kmesh: its traffic does not reach the waypoint until you "
              f"run `kmeshctl enable ns {ns}`")
 
+    if discovered and revision:  # said once every check passed: a failed apply prints one line only
+        note(f"using istiod revision {revision} (label {REV_LABEL}={revision})")
     query = [("fieldManager", kubeapi.FIELD_MANAGER)] + ([("force", "true")] if overwrite else [])
     try:
         kubeapi.request(api, "PATCH", _path(ns, name), [*query, ("dryRun", "All")], body=gw,

@@ -123,3 +123,22 @@ def test_deleting_a_gateway_deletes_what_it_owns(cluster: Cluster) -> None:
     from tests.apiserver.conftest import wait_until
 
     wait_until(gone, 10, "the owned Service to be collected")
+
+
+def test_status_writes_keep_the_appliers_managed_fields(cluster: Cluster) -> None:
+    """A controller's /status update must not drop kmeshctl's Apply entry (nor the reverse)."""
+    ns = cluster.new_namespace("gwmf")
+    obj = gateway("mf")
+    obj["metadata"]["namespace"] = ns
+    cluster.kubectl("apply", "--server-side", "--field-manager", "kmeshctl", "-f", "-", stdin=json.dumps(obj))
+    status = {"status": {"addresses": [{"type": "IPAddress", "value": "10.96.0.9"}]}}
+    cluster.kubectl("patch", "gateway", "mf", "-n", ns, "--subresource", "status", "--type", "merge",
+                    "--field-manager", "pilot", "-p", json.dumps(status))
+    cluster.kubectl("label", "gateway", "mf", "-n", ns, "team=a")
+
+    got = json.loads(cluster.kubectl("get", "gateway", "mf", "-n", ns, "-o", "json",
+                                     "--show-managed-fields").stdout)
+    managers = {(m["manager"], m["operation"], m.get("subresource", ""))
+                for m in got["metadata"]["managedFields"]}
+    assert ("kmeshctl", "Apply", "") in managers and ("pilot", "Update", "status") in managers
+    assert any(m[0] == "kubectl-label" for m in managers)
