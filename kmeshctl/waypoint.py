@@ -418,7 +418,7 @@ def status(
 
 
 def delete(
-    names: Annotated[list[str] | None, typer.Argument(metavar="[NAME]...", show_default=False,
+    names: Annotated[list[str] | None, typer.Argument(metavar="NAME", show_default=False,
                                                       help="Waypoints to delete.")] = None,
     all_waypoints: Annotated[bool, typer.Option("--all", help="Delete every waypoint of the namespace."
                                                 )] = False,
