@@ -218,13 +218,22 @@ class Controller:
             self.deployer.enqueue(*key)
 
     # ---- gateways ----------------------------------------------------------------------------
-    def _gateway_snapshot(self, namespace: str, name: str) -> tuple[Obj | None, ...]:
-        """(Gateway, its GatewayClass, Deployment, Service) from the caches, for the deployer."""
+    def _gateway_snapshot(self, namespace: str, name: str) -> Any:
+        """(Gateway, its GatewayClass, Deployment, Service, pods) from the caches, for the deployer."""
         with self._lock:
             gw = self.gateways.get((namespace, name))
             gclass = self.gateway_classes.get(((gw or {}).get("spec") or {}).get("gatewayClassName") or "")
             key = (namespace, name)
-            return gw, gclass, self.gateway_deployments.get(key), self.services.get(key)
+            pods = [p for (ns, _), p in self.pods.items() if ns == namespace and self._gateway_of(p) == name]
+            return gw, gclass, self.gateway_deployments.get(key), self.services.get(key), pods
+
+    @staticmethod
+    def _gateway_of(obj: Obj) -> str | None:
+        """The Gateway a managed waypoint pod or Service belongs to (None: not a waypoint's)."""
+        labels = obj["metadata"].get("labels") or {}
+        if labels.get(gateways.MANAGED_LABEL) != gateways.MANAGED_VALUE:
+            return None
+        return labels.get(gateways.GATEWAY_NAME_LABEL)
 
     def _on_gateway(self, kind: str, obj: Obj) -> None:
         key = _key(obj)
@@ -325,6 +334,9 @@ class Controller:
 
     def _on_pod(self, kind: str, obj: Obj) -> None:
         key = _key(obj)
+        gw_name = self._gateway_of(obj)
+        if gw_name:  # a waypoint's pod: its readiness shows in the Gateway's status message
+            self.deployer.enqueue(key[0], gw_name)
         with self._lock:
             if kind == "DELETED":
                 self.pods.pop(key, None)

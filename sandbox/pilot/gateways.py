@@ -196,7 +196,27 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def gateway_status(gw: Obj, deployment: Obj | None, service: Obj | None) -> Obj:
+def pod_problem(pods: list[Obj]) -> str:
+    """Why the waypoint's pod is not ready, in a few words (for the Programmed message)."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        name = pod["metadata"]["name"]
+        for cs in st.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason"):
+                msg = f": {waiting['message']}" if waiting.get("message") else ""
+                return f"pod {name}: {waiting['reason']}{msg}"
+        if st.get("reason"):
+            msg = f": {st['message']}" if st.get("message") else ""
+            return f"pod {name}: {st['reason']}{msg}"
+        if st.get("phase") and st.get("phase") != "Running":
+            return f"pod {name}: {st['phase']}"
+        return f"pod {name}: running, not ready"
+    return ""
+
+
+def gateway_status(gw: Obj, deployment: Obj | None, service: Obj | None,
+                   pods: list[Obj] | None = None) -> Obj:
     """Accepted/Programmed and addresses, from the Deployment's readiness and the Service's ClusterIP."""
     name, ns = gw["metadata"]["name"], gw["metadata"]["namespace"]
     gen = gw["metadata"].get("generation")
@@ -210,8 +230,10 @@ def gateway_status(gw: Obj, deployment: Obj | None, service: Obj | None) -> Obj:
     elif ip is None:
         programmed = ("False", "AddressNotAssigned", f"service {ns}/{name} has no cluster IP yet")
     elif ready < 1:
+        problem = pod_problem(pods or [])
+        detail = f" ({problem})" if problem else ""
         programmed = ("False", "Pending",
-                      f"deployment {ns}/{name} is not ready: {ready}/{want} replicas ready")
+                      f"deployment {ns}/{name} is not ready: {ready}/{want} replicas ready{detail}")
     else:
         host = f"{name}.{ns}.svc.cluster.local:{HBONE_PORT}"
         programmed = ("True", "Programmed", f"Resource programmed, assigned to service(s) {host}")
@@ -239,7 +261,7 @@ def _status_key(status: Obj) -> Any:
                        "a": status.get("addresses") or []}, sort_keys=True)
 
 
-Snapshot = Callable[[str, str], tuple[Obj | None, Obj | None, Obj | None, Obj | None]]
+Snapshot = Callable[[str, str], tuple[Obj | None, Obj | None, Obj | None, Obj | None, list[Obj]]]
 
 
 class GatewayDeployer:
@@ -248,7 +270,7 @@ class GatewayDeployer:
     def __init__(self, api_client: Any, snapshot: Snapshot, revision: str, cluster_id: str,
                  istio_namespace: str) -> None:
         self.api_client = api_client
-        self.snapshot = snapshot  # (ns, name) -> (gateway, gatewayclass, deployment, service) from caches
+        self.snapshot = snapshot  # (ns, name) -> (gateway, class, deployment, service, pods) from caches
         self.revision = revision
         self.cluster_id = cluster_id
         self.istio_namespace = istio_namespace
@@ -289,10 +311,14 @@ class GatewayDeployer:
                 threading.Timer(1.0, self.enqueue, key).start()
 
     def reconcile(self, namespace: str, name: str) -> None:
-        gw, gwclass, deployment, service = self.snapshot(namespace, name)
+        gw, gwclass, deployment, service, pods = self.snapshot(namespace, name)
         if gw is None or gw["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
-            return  # owned objects are garbage-collected with it
+            # The API server collects the owned objects with the Gateway; this catches one that an
+            # apply in flight re-created just after (its owner uid is gone, and the sandbox's garbage
+            # collector only runs when an owner is deleted).
+            self._collect_orphans(namespace, name)
+            return
         if not is_waypoint_class(gw, gwclass) or not handled_by(gw, self.revision):
             return
         objs = desired_objects(gw, self.revision, self.cluster_id, self.istio_namespace)
@@ -303,14 +329,34 @@ class GatewayDeployer:
                 self._apply(obj)
             self._applied[(namespace, name)] = fingerprint
             log.info("gateway %s/%s: applied serviceaccount, deployment and service", namespace, name)
-            gw, gwclass, deployment, service = self.snapshot(namespace, name)
+            gw, gwclass, deployment, service, pods = self.snapshot(namespace, name)
             if gw is None:
                 return
-        status = gateway_status(gw, deployment, service)
+        status = gateway_status(gw, deployment, service, pods)
         if _status_key(status) != _status_key(gw.get("status") or {}):
             self._write_status(gw, status)
 
     # ---- API writes ------------------------------------------------------------------------
+    def _collect_orphans(self, namespace: str, name: str) -> None:
+        from kubernetes.client.rest import ApiException
+
+        from kmeshctl import kubeapi
+
+        for prefix, plural in (("/apis/apps/v1", "deployments"), ("/api/v1", "services"),
+                               ("/api/v1", "serviceaccounts")):
+            path = f"{prefix}/namespaces/{namespace}/{plural}/{name}"
+            obj = kubeapi.get(self.api_client, path)
+            refs = (obj or {}).get("metadata", {}).get("ownerReferences") or []
+            if obj and any(r.get("kind") == "Gateway" and r.get("name") == name for r in refs):
+                uid = obj["metadata"]["uid"]
+                try:
+                    self._request("DELETE", path, [], {"preconditions": {"uid": uid}}, "application/json")
+                except ApiException as e:
+                    if e.status in (404, 409):  # already gone, or replaced meanwhile
+                        continue
+                    raise
+                log.info("gateway %s/%s is gone: deleted its %s left behind", namespace, name, plural)
+
     def _request(self, method: str, path: str, query: list[tuple[str, str]], body: Any,
                  content_type: str) -> None:
         from kmeshctl import kubeapi

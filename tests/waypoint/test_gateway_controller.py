@@ -72,6 +72,18 @@ def test_gateway_becomes_deployment_and_service_with_status(cluster: Cluster) ->
     assert _condition(got, "Programmed")["reason"] == "Pending"
     assert "0/1 replicas ready" in _condition(got, "Programmed")["message"]
 
+    # The waypoint pod cannot run: the reason shows in the Programmed message (kmeshctl --wait prints it).
+    pod = {"metadata": {"name": "waypoint-abc12", "labels": dict(labels)},
+           "spec": {"containers": [{"name": "istio-proxy", "image": c.image}]}}
+    cluster.core.create_namespaced_pod(ns, pod)
+    cluster.core.patch_namespaced_pod_status("waypoint-abc12", ns, {"status": {
+        "phase": "Failed", "reason": "ImageNotInCatalog", "message": "not in the sandbox image catalog"}})
+    wait_for(lambda: "ImageNotInCatalog" in _condition(cluster.get_gateway(ns), "Programmed")
+             .get("message", ""), 10, "the pod's problem in the message")
+    assert _condition(cluster.get_gateway(ns), "Programmed")["message"] == (
+        f"deployment {ns}/waypoint is not ready: 0/1 replicas ready "
+        "(pod waypoint-abc12: ImageNotInCatalog: not in the sandbox image catalog)")
+
     cluster.deployment_ready(ns, "waypoint", 1)
     wait_for(lambda: _condition(cluster.get_gateway(ns), "Programmed").get("status") == "True", 10,
              "Programmed=True")
