@@ -275,9 +275,6 @@ def apply(
     if enroll_namespace and enrolled_with and enrolled_with != name and not overwrite:
         raise KmeshctlError(f"namespace {ns} already uses waypoint {enrolled_with} ({USE_WAYPOINT_LABEL}="
                             f"{enrolled_with}); pass --overwrite to switch it to {name}; nothing was applied")
-    if enroll_namespace and str(ns_labels.get(DATAPLANE_LABEL, "")).lower() != "kmesh":
-        warn(f"namespace {ns} is not enrolled in Kmesh: its traffic does not reach the waypoint until you "
-             f"run `kmeshctl enable ns {ns}`")
 
     if discovered and revision:  # said once every check passed: a failed apply prints one line only
         note(f"using istiod revision {revision} (label {REV_LABEL}={revision})")
@@ -298,6 +295,9 @@ def apply(
         result = "unchanged"
     else:
         result = "configured"
+    if enroll_namespace and str(ns_labels.get(DATAPLANE_LABEL, "")).lower() != "kmesh":
+        warn(f"namespace {ns} is not enrolled in Kmesh: its traffic does not reach the waypoint until you "
+             f"run `kmeshctl enable ns {ns}`")
     if wait:
         wait_programmed(api, ns, name, seconds)
     print(f"waypoint {ns}/{name} applied ({result})")
