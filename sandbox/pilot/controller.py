@@ -141,19 +141,38 @@ class Controller:
             ("pods", core.list_pod_for_all_namespaces, self._list_pods, self._on_pod),
             ("nodes", core.list_node, self._list_nodes, self._on_node),
             ("authorizationpolicies", list_policies, self._list_policies, self._on_policy),
-            ("gatewayclasses", list_gateway_classes, self._list_gateway_classes, self._on_gateway_class),
-            ("gateways", list_gateways, self._list_gateways, self._on_gateway),
-            ("deployments", list_managed_deployments, self._list_deployments, self._on_deployment),
         ]
-        try:
-            gateways.ensure_waypoint_class(self.api_client)
-        except Exception as e:  # noqa: BLE001 - waypoints are optional; workload xDS still works
-            log.warning("cannot create GatewayClass %s: %s", gateways.WAYPOINT_CLASS, e)
-        self.deployer.start()
+        if self._gateway_api_served():  # as istiod: without the Gateway API CRDs, no waypoints
+            specs += [
+                ("gatewayclasses", list_gateway_classes, self._list_gateway_classes, self._on_gateway_class),
+                ("gateways", list_gateways, self._list_gateways, self._on_gateway),
+                ("deployments", list_managed_deployments, self._list_deployments, self._on_deployment),
+            ]
+            try:
+                gateways.ensure_waypoint_class(self.api_client)
+            except Exception as e:  # noqa: BLE001 - waypoints are optional; workload xDS still works
+                log.warning("cannot create GatewayClass %s: %s", gateways.WAYPOINT_CLASS, e)
+            self.deployer.start()
         for name, fn, on_list, on_event in specs:
             w = Watcher(name, fn, on_list, on_event, self._stop)
             self._watchers.append(w)
             w.start()
+
+    def _gateway_api_served(self) -> bool:
+        from kubernetes.client.rest import ApiException
+
+        from kmeshctl import kubeapi
+
+        try:
+            kubeapi.request(self.api_client, "GET", f"/apis/{gateways.GROUP}/{gateways.VERSION}")
+        except ApiException as e:
+            if e.status == 404:
+                log.warning("the API server does not serve %s/%s: no waypoints", gateways.GROUP,
+                            gateways.VERSION)
+                return False
+        except Exception as e:  # noqa: BLE001 - not reachable yet: assume served, the watches retry
+            log.warning("cannot ask the API server for %s: %s", gateways.GROUP, e)
+        return True
 
     def wait_synced(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
