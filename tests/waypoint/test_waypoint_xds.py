@@ -129,3 +129,12 @@ def test_inbound_binding_gives_the_waypoint_pods_an_application_tunnel(cluster: 
         cluster.kubectl("annotate", "gatewayclass", "istio-waypoint",
                         "ambient.istio.io/waypoint-inbound-binding-")
     assert client.status()["nacks"] == 0
+
+
+def test_inbound_binding_values() -> None:
+    from sandbox.pilot.translate import _parse_binding
+
+    assert _parse_binding("PROXY/15088") == 15088
+    assert _parse_binding("PROXY") == 0  # PROXY on the original port
+    for bad in ("", None, "HBONE", "PROXY/0", "PROXY/70000", "PROXY/x", "proxy/15088"):
+        assert _parse_binding(bad) is None
