@@ -89,6 +89,19 @@ def internal_listener_bootstrap_extension() -> Json:
                   "envoy.extensions.bootstrap.internal_listener.v3.InternalListener")
 
 
+#: Envoy 1.40 runtime flags a waypoint with internal listeners needs. With
+#: ``enable_send_rst_on_user_space_socket`` on (the 1.40 default) an internal-listener connection
+#: that closes right after its last write (an HTTP/1.1 ``Connection: close`` response) reaches
+#: the tcp_proxy in front of ``main_internal`` as a reset, which is then propagated downstream as
+#: an RST and the response body is lost (tests/waypoint shows it; cf. envoyproxy/envoy#45190).
+WAYPOINT_RUNTIME_FLAGS = {"envoy.reloadable_features.enable_send_rst_on_user_space_socket": False}
+
+
+def waypoint_layered_runtime() -> Json:
+    """Bootstrap ``layered_runtime`` with WAYPOINT_RUNTIME_FLAGS as a static layer."""
+    return {"layers": [{"name": "waypoint-static", "static_layer": dict(WAYPOINT_RUNTIME_FLAGS)}]}
+
+
 def socket_address(ip: str, port: int) -> Json:
     return {"socket_address": {"address": ip, "port_value": int(port)}}
 

@@ -155,6 +155,17 @@ class EnvoyProc:
         except OSError:
             return ""
 
+    def wait_log(self, text: str, timeout: float = 15) -> str:
+        """The log once it contains `text` (Envoy flushes its log file every 200 ms here)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log_text()
+            if text in log:
+                return log
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the envoy log after {timeout}s:\n{log[-3000:]}")
+            time.sleep(0.1)
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -209,7 +220,8 @@ def start_envoy(bootstrap: dict, workdir: Path, *, name: str = "envoy", netns: s
     config_path.write_text(json.dumps(cfg, indent=1))
     log = workdir / f"{name}.log"
     argv = [str(binary), "-c", str(config_path), "--concurrency", str(concurrency), "--disable-hot-restart",
-            "--use-dynamic-base-id", "--log-level", log_level, "--log-path", str(log)]
+            "--use-dynamic-base-id", "--log-level", log_level, "--log-path", str(log),
+            "--file-flush-interval-msec", "200"]
     if component_log_level:
         argv += ["--component-log-level", component_log_level]
     env = {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(module_dir)}
