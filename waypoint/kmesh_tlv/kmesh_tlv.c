@@ -112,19 +112,24 @@ struct config {
 
 enum fstate { S_WAITING, S_DONE };
 
+// One connection waiting for its header. Heap-allocated and reference-counted (the filter holds
+// one reference, the timer thread one more while it commits), because the filter can be
+// destroyed on any thread at any moment, including *inside* scheduler_commit on the timer thread
+// (seen on Envoy 1.40: the last strong reference to the Envoy-side filter can be dropped there).
 struct pending {
     struct pending *prev, *next;
     struct timespec deadline;
-    void *sched;  // Envoy scheduler of the connection's worker
-    bool listed;
-    bool fired;
+    void *sched;  // Envoy scheduler bound to the connection's worker dispatcher
+    int refs;     // guarded by config.mu
+    bool listed;  // in config.head; guarded by config.mu
+    bool fired;   // committed once; guarded by config.mu
 };
 
 struct filter {
     struct config *cfg;
     void *envoy;
     enum fstate state;
-    struct pending timer;
+    struct pending *timer;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -228,24 +233,53 @@ static bool parse_config(const char *p, size_t n, struct config *cfg) {
 // ---------------------------------------------------------------------------------------------
 // Timer thread
 // ---------------------------------------------------------------------------------------------
+static void pending_release(struct pending *p) {
+    envoy_dynamic_module_callback_listener_filter_scheduler_delete(p->sched);
+    free(p);
+}
+
+#define FIRE_BATCH 64
+
+// Never holds config.mu while calling into Envoy: scheduler_commit may run the filter's destroy
+// hook on this very thread, and that hook takes config.mu.
 static void *timer_main(void *arg) {
     struct config *cfg = arg;
+    struct pending *batch[FIRE_BATCH];
     pthread_mutex_lock(&cfg->mu);
     while (!cfg->stopping) {
         struct timespec now;
         clock_gettime(CLOCK_MONOTONIC, &now);
         struct pending *earliest = NULL;
+        int n = 0;
         for (struct pending *p = cfg->head; p; p = p->next) {
             if (p->fired)
                 continue;
             if (ts_cmp(&p->deadline, &now) <= 0) {
-                // Posts to the worker's dispatcher; the worker runs on_scheduled. The entry stays
-                // listed until the filter is destroyed, so the scheduler is never used after free.
-                p->fired = true;
-                envoy_dynamic_module_callback_listener_filter_scheduler_commit(p->sched, EVENT_TIMEOUT);
+                if (n < FIRE_BATCH) {
+                    p->fired = true;
+                    p->refs++;
+                    batch[n++] = p;
+                }
             } else if (!earliest || ts_cmp(&p->deadline, &earliest->deadline) < 0) {
                 earliest = p;
             }
+        }
+        if (n) {
+            pthread_mutex_unlock(&cfg->mu);
+            // Posts to the worker's dispatcher; the worker then runs on_scheduled for the filter
+            // (or nothing, if the filter is gone by then).
+            for (int i = 0; i < n; i++)
+                envoy_dynamic_module_callback_listener_filter_scheduler_commit(batch[i]->sched, EVENT_TIMEOUT);
+            pthread_mutex_lock(&cfg->mu);
+            int dead = 0;
+            for (int i = 0; i < n; i++)
+                if (--batch[i]->refs == 0)
+                    batch[dead++] = batch[i];
+            pthread_mutex_unlock(&cfg->mu);
+            for (int i = 0; i < dead; i++)
+                pending_release(batch[i]);
+            pthread_mutex_lock(&cfg->mu);
+            continue;  // re-scan: more may have expired meanwhile
         }
         if (earliest)
             pthread_cond_timedwait(&cfg->cv, &cfg->mu, &earliest->deadline);
@@ -258,10 +292,14 @@ static void *timer_main(void *arg) {
 
 static void timer_arm(struct filter *f) {
     struct config *cfg = f->cfg;
-    struct pending *p = &f->timer;
+    struct pending *p = calloc(1, sizeof *p);
+    if (!p)
+        return;  // the listener's own listener_filters_timeout still applies
     p->sched = envoy_dynamic_module_callback_listener_filter_scheduler_new(f->envoy);
-    if (!p->sched)
-        return;  // no dispatcher: the listener's own listener_filters_timeout still applies
+    if (!p->sched) {
+        free(p);
+        return;
+    }
     clock_gettime(CLOCK_MONOTONIC, &p->deadline);
     p->deadline.tv_sec += (time_t)(cfg->timeout_ms / 1000);
     p->deadline.tv_nsec += (long)(cfg->timeout_ms % 1000) * 1000000L;
@@ -269,6 +307,7 @@ static void timer_arm(struct filter *f) {
         p->deadline.tv_sec++;
         p->deadline.tv_nsec -= 1000000000L;
     }
+    p->refs = 1;
     pthread_mutex_lock(&cfg->mu);
     p->prev = NULL;
     p->next = cfg->head;
@@ -278,11 +317,15 @@ static void timer_arm(struct filter *f) {
     p->listed = true;
     pthread_cond_signal(&cfg->cv);
     pthread_mutex_unlock(&cfg->mu);
+    f->timer = p;
 }
 
 static void timer_disarm(struct filter *f) {
     struct config *cfg = f->cfg;
-    struct pending *p = &f->timer;
+    struct pending *p = f->timer;
+    if (!p)
+        return;
+    f->timer = NULL;
     pthread_mutex_lock(&cfg->mu);
     if (p->listed) {
         if (p->prev)
@@ -293,11 +336,10 @@ static void timer_disarm(struct filter *f) {
             p->next->prev = p->prev;
         p->listed = false;
     }
+    bool last = --p->refs == 0;
     pthread_mutex_unlock(&cfg->mu);
-    if (p->sched) {
-        envoy_dynamic_module_callback_listener_filter_scheduler_delete(p->sched);
-        p->sched = NULL;
-    }
+    if (last)
+        pending_release(p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,7 +475,8 @@ EXPORT const void *envoy_dynamic_module_on_listener_filter_new(const void *confi
 EXPORT int envoy_dynamic_module_on_listener_filter_on_accept(void *filter_envoy, const void *filter) {
     struct filter *f = (struct filter *)filter;
     f->envoy = filter_envoy;
-    timer_arm(f);
+    if (!f->timer)
+        timer_arm(f);
     return KM_STATUS_STOP;  // we need the data
 }
 
@@ -520,6 +563,8 @@ EXPORT void envoy_dynamic_module_on_listener_filter_destroy(const void *filter) 
     struct filter *f = (struct filter *)filter;
     if (!f)
         return;
+    if (f->cfg->thread_started && pthread_equal(pthread_self(), f->cfg->thread))
+        km_log(KM_LOG_DEBUG, "kmesh_tlv: filter destroyed on the timer thread (inside scheduler_commit)");
     timer_disarm(f);
     if (f->state == S_WAITING) {
         // Envoy gave up first (e.g. its listener_filters_timeout is shorter than ours).
