@@ -60,8 +60,8 @@ def test_original_destination_inside_netns(netns: str, envoy_in_netns: EnvoyProc
     sink = run_in_netns(netns, lambda: sink_server(vip, 80))
     try:
         payload = os.urandom(1 << 20)
-        sha, n, ip, port = run_in_netns(netns, lambda: sink_roundtrip(ec.KMESH_TLV_PORT, [tlv.encode(vip, 80)],
-                                                                      payload))
+        header = tlv.encode(vip, 80)
+        sha, n, ip, port = run_in_netns(netns, lambda: sink_roundtrip(ec.KMESH_TLV_PORT, [header], payload))
         assert (ip, port, n) == (vip, 80, len(payload))
         assert sha == hashlib.sha256(payload).hexdigest()
     finally:
