@@ -139,6 +139,22 @@ def main_internal_cluster(name: str = "main_internal", listener_name: str = "mai
     }
 
 
+TCP_DEFER_ACCEPT = 9  # linux/tcp.h
+IPPROTO_TCP = 6
+
+
+def defer_accept_option(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Json:
+    """Listener socket option TCP_DEFER_ACCEPT: the kernel hands a connection to Envoy only once
+    its first bytes (our header, glued to the first application bytes) have arrived.
+
+    Why: Envoy 1.40 drops a connection whose peer half-closes while a listener filter is still
+    waiting (its listener-filter buffer treats EPOLLRDHUP as "closed" before peeking). A client
+    that writes once and shuts down at once would lose that race whenever Envoy's first peek
+    came before the data; with deferred accept the first peek already sees the whole header."""
+    return {"level": IPPROTO_TCP, "name": TCP_DEFER_ACCEPT, "int_value": max(1, -(-int(timeout_ms) // 1000)),
+            "state": "STATE_PREBIND"}
+
+
 def kmesh_tlv_listener(port: int = KMESH_TLV_PORT, address: str = "0.0.0.0", cluster: str = "main_internal",
                        timeout_ms: int = DEFAULT_TIMEOUT_MS, name: str = "kmesh-listener",
                        extra_addresses: Sequence[str] = ()) -> Json:
@@ -153,6 +169,7 @@ def kmesh_tlv_listener(port: int = KMESH_TLV_PORT, address: str = "0.0.0.0", clu
         "listener_filters": kmesh_tlv_listener_filters(timeout_ms),
         "listener_filters_timeout": f"{backstop_ms / 1000:.3f}s",
         "filter_chains": [{"name": "to-" + cluster, "filters": [tcp_proxy(cluster, "kmesh_tlv_" + cluster)]}],
+        "socket_options": [defer_accept_option(timeout_ms)],
     }
     if extra_addresses:
         listener["additional_addresses"] = [{"address": socket_address(a, port)} for a in extra_addresses]

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support import tlv
-from tests.waypoint.backends import Backend, sink_server
-from tests.waypoint.client import sink_roundtrip
+from tests.waypoint.backends import GREETING, Backend, sink_server
+from tests.waypoint.client import connect, recv_all, sink_roundtrip
 from tests.waypoint.conftest import Waypoint
 
 PAYLOADS = {"1B": b"x", "64KiB": os.urandom(64 << 10), "4MiB": os.urandom(4 << 20)}
@@ -60,3 +62,24 @@ def test_header_and_payload_in_one_segment(waypoint_envoy: Waypoint, sinks: dict
     payload = bytes(range(256)) * 4
     sha, n, _, _ = sink_roundtrip(waypoint_envoy.odst_port, [tlv.encode(sink.ip, sink.port) + payload], b"")
     assert n == len(payload) and sha == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3], ids=["at_once", "after_50ms", "after_300ms"])
+def test_write_once_then_half_close(waypoint_envoy: Waypoint, sinks: dict[str, Backend],
+                                    delay: float) -> None:
+    """A client that writes once (header + payload in one segment, as the kernel sends it) and
+    shuts its write side at once. Envoy 1.40 drops such a connection if it is still in a
+    listener filter when the FIN arrives; the module reads the header at accept time and the
+    listener defers accept until data arrived, so the FIN always reaches the connection."""
+    sink = sinks["v4"]
+    for i in range(10):
+        payload = f"one write {i} ".encode() * 300
+        with connect(waypoint_envoy.odst_port) as s:
+            time.sleep(delay)
+            s.sendall(tlv.encode(sink.ip, sink.port) + payload)
+            s.shutdown(socket.SHUT_WR)
+            reply = recv_all(s)
+        assert reply.startswith(GREETING), (i, reply[:80])
+        sha, n, ip, port = reply[len(GREETING):].decode().split()
+        assert (sha, int(n), ip, int(port)) == (hashlib.sha256(payload).hexdigest(), len(payload), sink.ip,
+                                                sink.port)

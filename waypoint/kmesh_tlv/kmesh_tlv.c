@@ -23,6 +23,7 @@
 // and every one of them is exercised by tests/waypoint against the real Envoy 1.40 binary.
 
 #include <arpa/inet.h>
+#include <sys/socket.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -63,6 +64,7 @@ extern int envoy_dynamic_module_callback_listener_filter_config_increment_counte
                                                                                 uint64_t value);
 extern bool envoy_dynamic_module_callback_listener_filter_set_filter_state_typed(void *fenv, km_buf key,
                                                                                km_buf value);
+extern int64_t envoy_dynamic_module_callback_listener_filter_get_socket_fd(void *fenv);
 extern bool envoy_dynamic_module_callback_log_enabled(int level);
 extern void envoy_dynamic_module_callback_log(int level, km_buf msg);
 
@@ -472,12 +474,85 @@ EXPORT const void *envoy_dynamic_module_on_listener_filter_new(const void *confi
     return f;
 }
 
+// Decide on the first n bytes of the connection. Returns KM_STATUS_CONTINUE when the header was
+// read and the address restored (the caller then removes header_len bytes from the socket),
+// KM_STATUS_STOP when more bytes are needed (*need_more) or the connection was rejected.
+static int handle_bytes(struct filter *f, void *fenv, const unsigned char *d, size_t n, struct orig_dst *od,
+                        bool *need_more) {
+    const char *why = "kmesh_tlv.malformed";
+    *need_more = false;
+    switch (parse_header(d, n, od, &why)) {
+    case V_NEED_MORE:
+        if (n >= TLV_MAX) {  // cannot happen for a well-formed prefix; be safe at the peek cap
+            reject(f, C_MALFORMED, "kmesh_tlv.malformed");
+            return KM_STATUS_STOP;
+        }
+        *need_more = true;
+        return KM_STATUS_STOP;
+    case V_MALFORMED:
+        reject(f, C_MALFORMED, why);
+        return KM_STATUS_STOP;
+    case V_OVERSIZED:
+        reject(f, C_OVERSIZED, why);
+        return KM_STATUS_STOP;
+    case V_OK:
+        break;
+    }
+    if (!envoy_dynamic_module_callback_listener_filter_restore_local_address(
+            fenv, (km_buf){od->ip, strlen(od->ip)}, od->port, od->v6)) {
+        reject(f, C_MALFORMED, "kmesh_tlv.bad_address");
+        return KM_STATUS_STOP;
+    }
+    if (f->cfg->typed_filter_state) {
+        char text[INET6_ADDRSTRLEN + 10];
+        int tn = snprintf(text, sizeof text, od->v6 ? "[%s]:%u" : "%s:%u", od->ip, od->port);
+        static const char key[] = "envoy.filters.listener.original_dst.local_ip";
+        bool ok = envoy_dynamic_module_callback_listener_filter_set_filter_state_typed(
+            fenv, (km_buf){key, sizeof key - 1}, (km_buf){text, (size_t)tn});
+        km_log(KM_LOG_DEBUG, "kmesh_tlv: typed filter state %s -> %d", text, ok);
+    }
+    return KM_STATUS_CONTINUE;
+}
+
+static void accepted(struct filter *f, const struct orig_dst *od, const char *path) {
+    f->state = S_DONE;
+    count(f->cfg, C_OK);
+    km_log(KM_LOG_DEBUG, "kmesh_tlv: original destination %s%s%s:%u (%s)", od->v6 ? "[" : "", od->ip,
+           od->v6 ? "]" : "", od->port, path);
+}
+
+// Fast path: when the header is already in the socket at accept time (always, with the
+// listener's TCP_DEFER_ACCEPT and a client that writes at once), read it straight from the
+// socket and continue without a listener-filter buffer. Envoy 1.40's buffer treats a pending
+// FIN (EPOLLRDHUP) as "peer closed" before it peeks, which would drop a client that writes once
+// and half-closes at once; on this path Envoy never waits, so the FIN reaches the connection.
 EXPORT int envoy_dynamic_module_on_listener_filter_on_accept(void *filter_envoy, const void *filter) {
     struct filter *f = (struct filter *)filter;
     f->envoy = filter_envoy;
+    int64_t fd = envoy_dynamic_module_callback_listener_filter_get_socket_fd(filter_envoy);
+    if (fd >= 0) {
+        unsigned char buf[TLV_MAX];
+        ssize_t n = recv((int)fd, buf, sizeof buf, MSG_PEEK | MSG_DONTWAIT);
+        if (n > 0) {
+            struct orig_dst od;
+            bool need_more;
+            int st = handle_bytes(f, filter_envoy, buf, (size_t)n, &od, &need_more);
+            if (st == KM_STATUS_CONTINUE) {
+                ssize_t got = recv((int)fd, buf, od.header_len, MSG_DONTWAIT);
+                if (got != (ssize_t)od.header_len) {  // peeked bytes vanished: cannot happen
+                    reject(f, C_MALFORMED, "kmesh_tlv.read_failed");
+                    return KM_STATUS_STOP;
+                }
+                accepted(f, &od, "accept");
+                return KM_STATUS_CONTINUE;
+            }
+            if (!need_more)
+                return KM_STATUS_STOP;  // rejected and closed
+        }
+    }
     if (!f->timer)
         timer_arm(f);
-    return KM_STATUS_STOP;  // we need the data
+    return KM_STATUS_STOP;  // wait for the rest in on_data
 }
 
 EXPORT int envoy_dynamic_module_on_listener_filter_on_data(void *filter_envoy, const void *filter,
@@ -492,42 +567,14 @@ EXPORT int envoy_dynamic_module_on_listener_filter_on_data(void *filter_envoy, c
     size_t n = chunk.length < data_length ? chunk.length : data_length;
     km_log(KM_LOG_DEBUG, "kmesh_tlv: on_data %zu bytes (chunk %zu)", data_length, chunk.length);
     struct orig_dst od;
-    const char *why = "kmesh_tlv.malformed";
-    enum verdict v = parse_header((const unsigned char *)chunk.ptr, n, &od, &why);
-    switch (v) {
-    case V_NEED_MORE:
-        if (n >= TLV_MAX) {  // cannot happen for a well-formed prefix; be safe at the peek cap
-            reject(f, C_MALFORMED, "kmesh_tlv.malformed");
-            return KM_STATUS_STOP;
-        }
+    bool need_more;
+    if (handle_bytes(f, filter_envoy, (const unsigned char *)chunk.ptr, n, &od, &need_more) != KM_STATUS_CONTINUE)
         return KM_STATUS_STOP;
-    case V_MALFORMED:
-        reject(f, C_MALFORMED, why);
-        return KM_STATUS_STOP;
-    case V_OVERSIZED:
-        reject(f, C_OVERSIZED, why);
-        return KM_STATUS_STOP;
-    case V_OK:
-        break;
-    }
-    if (!envoy_dynamic_module_callback_listener_filter_restore_local_address(
-            filter_envoy, (km_buf){od.ip, strlen(od.ip)}, od.port, od.v6)) {
-        reject(f, C_MALFORMED, "kmesh_tlv.bad_address");
+    if (!envoy_dynamic_module_callback_listener_filter_drain_buffer(filter_envoy, od.header_len)) {
+        reject(f, C_MALFORMED, "kmesh_tlv.read_failed");
         return KM_STATUS_STOP;
     }
-    if (f->cfg->typed_filter_state) {
-        char text[INET6_ADDRSTRLEN + 10];
-        int tn = snprintf(text, sizeof text, od.v6 ? "[%s]:%u" : "%s:%u", od.ip, od.port);
-        static const char key[] = "envoy.filters.listener.original_dst.local_ip";
-        bool ok = envoy_dynamic_module_callback_listener_filter_set_filter_state_typed(
-            filter_envoy, (km_buf){key, sizeof key - 1}, (km_buf){text, (size_t)tn});
-        km_log(KM_LOG_DEBUG, "kmesh_tlv: typed filter state %s -> %d", text, ok);
-    }
-    envoy_dynamic_module_callback_listener_filter_drain_buffer(filter_envoy, od.header_len);
-    f->state = S_DONE;
-    count(f->cfg, C_OK);
-    km_log(KM_LOG_DEBUG, "kmesh_tlv: original destination %s%s%s:%u", od.v6 ? "[" : "", od.ip,
-           od.v6 ? "]" : "", od.port);
+    accepted(f, &od, "data");
     return KM_STATUS_CONTINUE;
 }
 
