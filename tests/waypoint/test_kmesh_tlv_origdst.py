@@ -54,6 +54,9 @@ def test_header_split_across_reads(waypoint_envoy: Waypoint, sinks: dict[str, Ba
     sha, n, ip, port = sink_roundtrip(waypoint_envoy.odst_port, [bytes([b]) for b in header], payload)
     assert (ip, port, n) == (sink.ip, sink.port, len(payload))
     assert sha == hashlib.sha256(payload).hexdigest()
+    # decided in on_data (peeked buffer + drain_buffer), not on the accept-time fast path
+    shown = f"[{sink.ip}]" if ":" in sink.ip else sink.ip
+    waypoint_envoy.envoy.wait_log(f"original destination {shown}:{sink.port} (data)")
 
 
 def test_header_and_payload_in_one_segment(waypoint_envoy: Waypoint, sinks: dict[str, Backend]) -> None:
