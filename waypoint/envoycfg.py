@@ -155,21 +155,28 @@ def defer_accept_option(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Json:
             "state": "STATE_PREBIND"}
 
 
+def kmesh_tlv_listener_fields(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Json:
+    """Everything a listener needs for the hand-off, to merge into one you build yourself:
+    the listener filters, TCP_DEFER_ACCEPT (see defer_accept_option: without it Envoy 1.40 drops
+    a client that writes once and half-closes at once) and a ``listener_filters_timeout`` a
+    little above the module's timeout as a backstop (the module closes and counts first)."""
+    backstop_ms = int(timeout_ms) + 2000
+    return {
+        "listener_filters": kmesh_tlv_listener_filters(timeout_ms),
+        "listener_filters_timeout": f"{backstop_ms / 1000:.3f}s",
+        "socket_options": [defer_accept_option(timeout_ms)],
+    }
+
+
 def kmesh_tlv_listener(port: int = KMESH_TLV_PORT, address: str = "0.0.0.0", cluster: str = "main_internal",
                        timeout_ms: int = DEFAULT_TIMEOUT_MS, name: str = "kmesh-listener",
                        extra_addresses: Sequence[str] = ()) -> Json:
-    """The :15019 listener: kmesh_tlv filters, then one TCP chain forwarding to `cluster`.
-
-    The listener's own ``listener_filters_timeout`` is set a little above the module's timeout
-    as a backstop (the module closes and counts first)."""
-    backstop_ms = int(timeout_ms) + 2000
+    """The :15019 listener: kmesh_tlv_listener_fields, then one TCP chain forwarding to `cluster`."""
     listener: Json = {
         "name": name,
         "address": socket_address(address, port),
-        "listener_filters": kmesh_tlv_listener_filters(timeout_ms),
-        "listener_filters_timeout": f"{backstop_ms / 1000:.3f}s",
+        **kmesh_tlv_listener_fields(timeout_ms),
         "filter_chains": [{"name": "to-" + cluster, "filters": [tcp_proxy(cluster, "kmesh_tlv_" + cluster)]}],
-        "socket_options": [defer_accept_option(timeout_ms)],
     }
     if extra_addresses:
         listener["additional_addresses"] = [{"address": socket_address(a, port)} for a in extra_addresses]

@@ -29,6 +29,7 @@ from waypoint import module
 TIMEOUT_MS = 1500
 VIP_A = "127.0.0.21"
 VIP_B6 = "::1"
+HANDOFF_VIP_PORT = 9090
 #: Envoy component log levels; the module's debug lines are part of what the tests check.
 #: KMESH_TEST_ENVOY_LOG adds more (e.g. "conn_handler:debug,filter:debug") when debugging.
 LOG_LEVELS = ",".join(filter(None, ["dynamic_modules:debug", os.environ.get("KMESH_TEST_ENVOY_LOG", "")]))
@@ -53,6 +54,7 @@ class Waypoint:
     odst_port: int
     waypoint_port: int
     probe_port: int
+    handoff_port: int
     access_log: Path
     http_a: Backend
     http_b: Backend
@@ -77,7 +79,7 @@ def waypoint_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Waypoin
     http_b = http_server("127.0.0.23", "svc-b")
     tcp_a = sink_server(VIP_A)
     backends = [http_a, http_b, tcp_a]
-    odst_port, waypoint_port, probe_port = _free_port(), _free_port(), _free_port()
+    odst_port, waypoint_port, probe_port, handoff_port = (_free_port() for _ in range(4))
     chains = {(VIP_A, 80): "inbound-vip|80|http|svc-a.default.svc.cluster.local",
               (VIP_A, tcp_a.port): f"inbound-vip|{tcp_a.port}|tcp|svc-a.default.svc.cluster.local",
               (VIP_B6, 80): "inbound-vip|80|http|svc-b.default.svc.cluster.local"}
@@ -95,17 +97,25 @@ def waypoint_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Waypoin
     wp = ec.kmesh_tlv_listener(waypoint_port, "127.0.0.1", "main_internal", TIMEOUT_MS, name="kmesh-listener")
     probe = ec.kmesh_tlv_listener(probe_port, "127.0.0.1", "probe_internal", TIMEOUT_MS, name="probe")
     probe["listener_filters"] = [ec.kmesh_tlv_module_filter(TIMEOUT_MS, typed_filter_state=True)]
+    # use_original_dst: the restored destination selects another listener (bind_to_port false)
+    handoff = ec.kmesh_tlv_listener(handoff_port, "127.0.0.1", "blackhole", TIMEOUT_MS, name="handoff")
+    handoff["use_original_dst"] = True
+    vip_listener = {"name": "vip-a-9090", "address": ec.socket_address(VIP_A, HANDOFF_VIP_PORT),
+                    "bind_to_port": False, "filter_chains": [ec.tcp_chain("vip-a-9090", "backend-tcp-a")]}
     bootstrap = {
         "bootstrap_extensions": [ec.internal_listener_bootstrap_extension()],
         "layered_runtime": ec.waypoint_layered_runtime(),
         "static_resources": {
-            "listeners": [odst, wp, probe, internal("main_internal"), internal("probe_internal")],
+            "listeners": [odst, wp, probe, handoff, vip_listener, internal("main_internal"),
+                          internal("probe_internal")],
             "clusters": [
                 ec.original_dst_cluster(),
                 ec.main_internal_cluster(),
                 ec.main_internal_cluster("probe_internal", "probe_internal"),
                 ec.static_cluster("backend-a", [(http_a.ip, http_a.port)]),
                 ec.static_cluster("backend-b", [(http_b.ip, http_b.port)]),
+                ec.static_cluster("backend-tcp-a", [(tcp_a.ip, tcp_a.port)]),
+                ec.static_cluster("blackhole", [("127.0.0.1", 9)]),
             ],
         },
     }
@@ -116,7 +126,7 @@ def waypoint_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Waypoin
             b.close()
         raise
     try:
-        yield Waypoint(envoy, odst_port, waypoint_port, probe_port, work / "odst-access.log",
+        yield Waypoint(envoy, odst_port, waypoint_port, probe_port, handoff_port, work / "odst-access.log",
                        http_a, http_b, tcp_a)
     finally:
         envoy.stop()

@@ -8,7 +8,7 @@ import hashlib
 
 from tests.support import tlv
 from tests.waypoint.client import http_get, sink_roundtrip
-from tests.waypoint.conftest import VIP_A, VIP_B6, Waypoint
+from tests.waypoint.conftest import HANDOFF_VIP_PORT, VIP_A, VIP_B6, Waypoint
 
 
 def _body(response: bytes) -> str:
@@ -53,3 +53,13 @@ def test_module_typed_filter_state_is_not_shared_with_upstream(waypoint_envoy: W
     waypoint_envoy.envoy.wait_log(f"typed filter state {VIP_A}:80 -> 1")
     # and the same request through the real hand-off works
     assert _body(http_get(waypoint_envoy.waypoint_port, tlv.encode(VIP_A, 80))).startswith("svc-a ")
+
+
+def test_use_original_dst_hands_off_to_the_vip_listener(waypoint_envoy: Waypoint) -> None:
+    """Listener with use_original_dst: the restored VIP:port picks the (bind_to_port: false)
+    listener of that address, whose chain forwards to the backend; the catch-all chain of the
+    receiving listener (to a closed port) is never used."""
+    payload = b"handed off" * 500
+    sha, n, _, _ = sink_roundtrip(waypoint_envoy.handoff_port, [tlv.encode(VIP_A, HANDOFF_VIP_PORT)], payload)
+    assert (sha, n) == (hashlib.sha256(payload).hexdigest(), len(payload))
+    assert waypoint_envoy.stat(f"listener.{VIP_A}_{HANDOFF_VIP_PORT}.downstream_cx_total") >= 1
