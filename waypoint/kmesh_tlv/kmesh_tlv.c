@@ -109,6 +109,7 @@ struct config {
     pthread_t thread;
     bool thread_started;
     bool stopping;
+    bool free_on_exit;  // config destroyed on the timer thread itself: the thread frees it
     struct pending *head;
 };
 
@@ -288,7 +289,13 @@ static void *timer_main(void *arg) {
         else
             pthread_cond_wait(&cfg->cv, &cfg->mu);
     }
+    bool free_cfg = cfg->free_on_exit;
     pthread_mutex_unlock(&cfg->mu);
+    if (free_cfg) {
+        pthread_cond_destroy(&cfg->cv);
+        pthread_mutex_destroy(&cfg->mu);
+        free(cfg);
+    }
     return NULL;
 }
 
@@ -456,6 +463,15 @@ EXPORT void envoy_dynamic_module_on_listener_filter_config_destroy(const void *c
         pthread_mutex_lock(&cfg->mu);
         cfg->stopping = true;
         pthread_cond_signal(&cfg->cv);
+        if (pthread_equal(pthread_self(), cfg->thread)) {
+            // The last filter of a removed listener was destroyed inside scheduler_commit on our
+            // timer thread, taking the config with it: cannot join ourselves; the thread frees
+            // the config once it is back in its loop.
+            cfg->free_on_exit = true;
+            pthread_mutex_unlock(&cfg->mu);
+            pthread_detach(cfg->thread);
+            return;
+        }
         pthread_mutex_unlock(&cfg->mu);
         pthread_join(cfg->thread, NULL);
     }
