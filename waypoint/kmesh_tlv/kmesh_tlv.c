@@ -5,10 +5,11 @@
 //
 //   u8 0x01 | u32 BE length (6 = IPv4, 18 = IPv6) | address | port (network order) | u8 0xfe | u32 0
 //
-// 16 bytes for IPv4, 28 for IPv6. The filter peeks at the start of the connection (the header may
-// arrive in several pieces), restores the connection's local address to the original destination
-// (so filter-chain matching, use_original_dst and ORIGINAL_DST clusters see the VIP:port), drains
-// the header so nothing upstream ever sees it, and continues. Handing the original destination on
+// 16 bytes for IPv4, 28 for IPv6. The filter reads the header from the start of the connection
+// (straight from the socket at accept time when it is already there, else from Envoy's peeked
+// buffer as it arrives, possibly in several pieces), restores the connection's local address to
+// the original destination (so filter-chain matching, use_original_dst and ORIGINAL_DST clusters
+// see the VIP:port), removes the header so nothing upstream ever sees it, and continues. Handing the original destination on
 // to an internal listener is done by Envoy's stock set_filter_state listener filter placed after
 // this one (see waypoint/envoycfg.py): the module ABI's filter-state setters cannot share a value
 // with the upstream connection.
