@@ -143,15 +143,17 @@ TCP_DEFER_ACCEPT = 9  # linux/tcp.h
 IPPROTO_TCP = 6
 
 
-def defer_accept_option(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Json:
+def defer_accept_option(seconds: int = 1) -> Json:
     """Listener socket option TCP_DEFER_ACCEPT: the kernel hands a connection to Envoy only once
-    its first bytes (our header, glued to the first application bytes) have arrived.
+    its first bytes (our header, glued to the first application bytes) have arrived, or after
+    about `seconds` without any.
 
     Why: Envoy 1.40 drops a connection whose peer half-closes while a listener filter is still
     waiting (its listener-filter buffer treats EPOLLRDHUP as "closed" before peeking). A client
-    that writes once and shuts down at once would lose that race whenever Envoy's first peek
-    came before the data; with deferred accept the first peek already sees the whole header."""
-    return {"level": IPPROTO_TCP, "name": TCP_DEFER_ACCEPT, "int_value": max(1, -(-int(timeout_ms) // 1000)),
+    that writes once and shuts down at once would lose that race whenever Envoy accepted before
+    the data arrived; deferred, the module finds the whole header in the socket at accept time.
+    Kept short: a silent connection is only accepted (and then timed out) after it."""
+    return {"level": IPPROTO_TCP, "name": TCP_DEFER_ACCEPT, "int_value": int(seconds),
             "state": "STATE_PREBIND"}
 
 
@@ -164,7 +166,7 @@ def kmesh_tlv_listener_fields(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Json:
     return {
         "listener_filters": kmesh_tlv_listener_filters(timeout_ms),
         "listener_filters_timeout": f"{backstop_ms / 1000:.3f}s",
-        "socket_options": [defer_accept_option(timeout_ms)],
+        "socket_options": [defer_accept_option()],
     }
 
 
