@@ -8,7 +8,7 @@ import json
 from kubernetes.client.rest import ApiException
 
 from tests.support.procs import wait_for
-from tests.waypoint.conftest import GROUP, VERSION, Cluster
+from tests.gateway.conftest import GROUP, VERSION, Cluster
 
 
 def _condition(gw: dict, kind: str) -> dict:
