@@ -1,4 +1,4 @@
-"""Waypoint test topology and decoders, shared by the test_waypoint*.py modules.
+"""Waypoint test topology and decoders, shared by the test_dataplane_waypoint*.py modules.
 
 Adds a waypoint pod ``wp`` (10.244.0.9, fd00:244::9) to the data-plane topology's bridge; the
 projection gives it a waypoint Service ``default/waypoint`` (VIPs 10.96.0.30 / fd00:96::30,

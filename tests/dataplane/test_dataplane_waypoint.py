@@ -3,7 +3,7 @@ waypoint pod's hand-off port with the original destination written once in front
 
 A raw sink stands in for the waypoint here (it stores every stream verbatim), so the header and
 the payload are checked byte for byte with this file's own decoders (wp_env). The Envoy tests
-are in test_waypoint_envoy.py.
+are in test_dataplane_waypoint_envoy.py and test_dataplane_waypoint_tlv.py.
 """
 
 from __future__ import annotations
