@@ -174,7 +174,7 @@ def wp_netns(topology: Topology) -> Iterator[str]:
     10.244.0.9 / fd00:244::9, never enrolled. Tests start their own waypoint processes in it."""
     from wp_env import WP_IP4, WP_IP6, add_pod
 
-    ns = topology.ns("wp")
+    ns = topology.ns("wpod")  # not "wp": tests/waypoint uses <prefix>-wp
     try:
         add_pod(topology.ns("br"), ns, 9, WP_IP4, WP_IP6)
         yield ns
