@@ -23,8 +23,10 @@ from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults
 from .deletion import DeleteEndpoints
 from .errors import ApiError
 from .kinds import ResourceType
+from .exec import ExecEndpoints
 from .logs import LogEndpoints, LogResolver
 from .model import Request, Response, Target, json_response, truthy
+from .portforward import PortForwardEndpoints
 from .objects import (
     IpAllocator,
     NodePorts,
@@ -44,7 +46,7 @@ WATCH_DEFAULT_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
-class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
+class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints, ExecEndpoints, PortForwardEndpoints):
     """Routing, discovery and the verbs; token and log endpoints come from the mixins."""
 
     def __init__(
@@ -67,6 +69,7 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
         self.graceful_pod_deletion = False
         self.node_ports = NodePorts()
         self.bookmark_interval = 10.0  # seconds between BOOKMARKs on idle watches that allow them
+        self.stream_counts: dict[str, int] = {}  # exec / portforward sessions served
 
     # ---------------------------------------------------------------- bootstrap / auth
 
@@ -189,6 +192,10 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
             if m != "GET":
                 raise errors.method_not_allowed()
             return self._log(req, t)
+        if t.sub == "exec":
+            return self._exec(req, t)
+        if t.sub == "portforward":
+            return self._portforward(req, t)
         if t.sub == "token":
             if m != "POST":
                 raise errors.method_not_allowed()
