@@ -115,7 +115,8 @@ class ExecSession:
     def __init__(self, ws: websocket.WebSocket, argv: list[str], env: dict[str, str], command: list[str],
                  stdin: bool, stdout: bool, stderr: bool, tty: bool, v5: bool) -> None:
         self.ws, self.argv, self.env, self.command = ws, argv, env, command
-        self.want_stdin, self.want_stdout, self.want_stderr, self.tty, self.v5 = stdin, stdout, stderr, tty, v5
+        self.want_stdin, self.want_stdout, self.want_stderr = stdin, stdout, stderr
+        self.tty, self.v5 = tty, v5
         self.proc: subprocess.Popen[bytes] | None = None
         self.master: int | None = None
         self.stdin_fd: int | None = None

@@ -63,7 +63,8 @@ def pick_container(pod: dict[str, Any], name: str, requested: str | None) -> str
         return requested
     if len(names) == 1:
         return names[0]
-    default = ((pod.get("metadata") or {}).get("annotations") or {}).get("kubectl.kubernetes.io/default-container")
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    default = annotations.get("kubectl.kubernetes.io/default-container")
     if default in names:
         return str(default)
     raise errors.bad_request(

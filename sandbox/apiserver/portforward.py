@@ -76,7 +76,8 @@ def parse_ports(req: Request) -> list[int]:
 
 
 def _dial_error(pod: str, uid: str, port: int, exc: BaseException) -> str:
-    why = "connection refused" if isinstance(exc, ConnectionRefusedError) else (str(exc) or type(exc).__name__)
+    refused = isinstance(exc, ConnectionRefusedError)
+    why = "connection refused" if refused else (str(exc) or type(exc).__name__)
     return (f"error forwarding port {port} to pod {pod}, uid {uid}: failed to connect to localhost:{port} "
             f"inside the pod's network namespace: {why}")
 
@@ -105,7 +106,8 @@ class PortForwardEndpoints:
                 proto = "v4.channel.k8s.io"  # the kubelet's default for a client that names none
             if proto is None:
                 raise errors.bad_request(
-                    f"unable to upgrade connection: subprotocols {websocket.offered_protocols(h)} not supported; "
+                    f"unable to upgrade connection: subprotocols {websocket.offered_protocols(h)} "
+                    "not supported; "
                     f"supported: {', '.join(WS_PROTOCOLS)}")
             ports = parse_ports(req)
             if proto.startswith("SPDY/"):
@@ -134,8 +136,8 @@ class PortForwardEndpoints:
 
             def serve_spdy(handler: Any) -> None:
                 sock = handler.connection
-                sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
-                             b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+                sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
                 rfile = handler.rfile
 
                 def close() -> None:

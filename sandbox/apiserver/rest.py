@@ -22,11 +22,10 @@ from .authn import AuthnEndpoints
 from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults, initial_status
 from .deletion import DeleteEndpoints
 from .errors import ApiError
-from .kinds import ResourceType
 from .exec import ExecEndpoints
+from .kinds import ResourceType
 from .logs import LogEndpoints, LogResolver
 from .model import Request, Response, Target, json_response, truthy
-from .portforward import PortForwardEndpoints
 from .objects import (
     IpAllocator,
     NodePorts,
@@ -36,6 +35,7 @@ from .objects import (
     now_rfc3339,
     strip_for_compare,
 )
+from .portforward import PortForwardEndpoints
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Store
 from .tokens import TokenIssuer

@@ -104,12 +104,13 @@ class Session:
     ``requestid`` are open; it sets the streams' callbacks (kept short: connect, start a pump).
     """
 
-    def __init__(self, read: Reader, write: Writer, on_pair: Callable[[Session, Stream, Stream], None]) -> None:
+    def __init__(self, read: Reader, write: Writer,
+                 on_pair: Callable[[Session, Stream, Stream], None]) -> None:
         self._read, self._write = read, write
         self.on_pair = on_pair
         self._lock = threading.Lock()  # frame writes and the compressor, in wire order
-        self._deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 8, zlib.Z_DEFAULT_STRATEGY,
-                                         DICTIONARY)
+        self._deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 8,
+                                         zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
         self._inflate = zlib.decompressobj(zdict=DICTIONARY)
         self.streams: dict[int, Stream] = {}
         self._waiting: dict[tuple[str, str], dict[str, Stream]] = {}
@@ -140,7 +141,8 @@ class Session:
         while len(view) > 0xFFFFFF:  # a frame's length is 24 bits
             frames.append(struct.pack(">II", stream.id, 0xFFFFFF) + bytes(view[:0xFFFFFF]))
             view = view[0xFFFFFF:]
-        frames.append(struct.pack(">II", stream.id, ((FLAG_FIN if fin else 0) << 24) | len(view)) + bytes(view))
+        flags = FLAG_FIN if fin else 0
+        frames.append(struct.pack(">II", stream.id, (flags << 24) | len(view)) + bytes(view))
         return self._send(b"".join(frames))
 
     def reset(self, stream: Stream, status: int = RST_CANCEL) -> None:
