@@ -48,6 +48,7 @@ def make_pod_box(cluster: Cluster, tmp: Path, cgroup: Path) -> Iterator[PodBox]:
         "metadata": {"name": "box", "annotations": {"sandbox.kmesh.io/runtime-info": str(info)}},
         "spec": {"nodeName": "node-t", "hostNetwork": True,
                  "containers": [{"name": "main", "image": "busybox"}]}})
+    core.patch_namespaced_pod_status("box", ns, {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
     info.write_text(json.dumps({
         "uid": pod.metadata.uid, "namespace": ns, "name": "box", "hostNetwork": True, "netns": None,
         "ip": "127.0.0.1", "cgroup": str(cgroup),
