@@ -90,7 +90,8 @@ def test_official_python_client(box: PodBox, backend: Backend, cluster: Cluster)
 
     core = client.CoreV1Api(cluster.api_client())
     before = cluster.server.api.stream_counts.get("portforward", 0)
-    pf = portforward(core.connect_get_namespaced_pod_portforward, "box", box.namespace, ports=str(backend.port))
+    connect = core.connect_get_namespaced_pod_portforward
+    pf = portforward(connect, "box", box.namespace, ports=str(backend.port))
     s = pf.socket(backend.port)
     s.settimeout(10)
     s.sendall(b"hello through the API server")
@@ -116,13 +117,16 @@ def test_official_python_client(box: PodBox, backend: Backend, cluster: Cluster)
 class KubectlForward:
     def __init__(self, box: PodBox, remote: int, websockets: bool) -> None:
         env = {**box.env, "KUBECTL_PORT_FORWARD_WEBSOCKETS": "true" if websockets else "false"}
-        self.proc = subprocess.Popen(["kubectl", "-n", box.namespace, "port-forward", "pod/box", f":{remote}"],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = ["kubectl", "-n", box.namespace, "port-forward", "pod/box", f":{remote}"]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # Forwarding from 127.0.0.1:NNNNN -> remote
-        assert "Forwarding from 127.0.0.1:" in line, line + (self.proc.stderr.read() if self.proc.stderr else "")
+        assert "Forwarding from 127.0.0.1:" in line, line + self._stderr()
         self.port = int(line.split("127.0.0.1:")[1].split()[0])
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # "Handling connection..."
+
+    def _stderr(self) -> str:
+        return self.proc.stderr.read() if self.proc.stderr else ""
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -155,7 +159,8 @@ def test_kubectl_port_forward(box: PodBox, backend: Backend, websockets: bool) -
         fwd.stop()
 
 
-def test_50_concurrent_streams_and_a_100_mib_transfer_leave_nothing_behind(box: PodBox, backend: Backend) -> None:
+def test_50_concurrent_streams_and_a_100_mib_transfer_leave_nothing_behind(box: PodBox,
+                                                                            backend: Backend) -> None:
     kids, fds, threads = children(), fd_count(), threading.active_count()
     fwd = KubectlForward(box, backend.port, websockets=True)
     try:
@@ -191,4 +196,4 @@ def test_50_concurrent_streams_and_a_100_mib_transfer_leave_nothing_behind(box: 
         fwd.stop()
     assert settle(lambda: children() <= kids), f"left over: {children() - kids}"
     assert settle(lambda: fd_count() <= fds), f"fds {fds} -> {fd_count()}"
-    assert settle(lambda: threading.active_count() <= threads), f"threads {threads} -> {threading.active_count()}"
+    assert settle(lambda: threading.active_count() <= threads), (threads, threading.active_count())
