@@ -36,7 +36,7 @@ DAEMON_SELECTOR = "app=kmesh"
 AdminAddrOpt = Annotated[
     str | None,
     typer.Option("--admin-addr", help="Reach the daemon's admin API at HOST:PORT directly "
-                 "(default: the sandbox, else a port-forward through the Kubernetes API).",
+                 "(default: a port-forward through the Kubernetes API, the sandbox's too).",
                  show_default=False, envvar="KMESH_ADMIN_ADDR"),
 ]
 NodeOpt = Annotated[
