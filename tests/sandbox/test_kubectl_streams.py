@@ -183,7 +183,7 @@ def test_kmeshctl_reaches_the_daemon_by_port_forward(enrolled) -> None:
     direct = h.kmeshctl("dump", "workloads", "-o", "json", "--admin-addr", "127.0.0.1:15200")
     assert direct.returncode == 0, direct.stderr
     assert json.loads(r.stdout) == json.loads(direct.stdout)
-    for cmd in (["status"], ["version"]):
+    for cmd in (["status"], ["version"], ["log"], ["log", "--set", "xds:info"]):
         r = h.kmeshctl(*cmd)
         assert r.returncode == 0, r.stderr
     assert _apiserver_log(h).count(f"portforward kmesh-system/{kmesh}") > after
