@@ -212,3 +212,55 @@ def test_trace_follow_streams_through_port_forward(enrolled) -> None:
     kinds = Counter(rec.get("kind") for rec in records if vip in json.dumps(rec))
     assert kinds["connect"] == n, f"{kinds} for {n} connections; stderr: {err}"
     assert set(kinds.values()) == {n}, kinds  # every kind of event of every connection
+
+
+def _proc_counts(pid: int, api_port: int) -> tuple[int, int, int]:
+    """Of the API server process: (fds that are not its clients' connections, client connections
+    the peer has closed (CLOSE_WAIT), child processes). Client connections themselves come and go
+    with the kubelet's, pilot's and daemon's own requests, so they are not counted."""
+    api_inodes, close_wait = set(), 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == api_port:
+                api_inodes.add(f[9])
+                close_wait += f[3] == "08"
+    other = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if not (target.startswith("socket:[") and target[8:-1] in api_inodes):
+            other += 1
+    kids = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += len(Path(f"/proc/{pid}/task/{t}/children").read_text().split())
+        except OSError:
+            pass  # the thread ended meanwhile
+    return other, close_wait, kids
+
+
+def test_api_server_process_keeps_no_fd_or_child(walk) -> None:  # noqa: F811
+    """exec sessions, kmeshctl's and kubectl's port-forwards: afterwards the API server holds no
+    extra socket to a pod, no half-closed client connection, no child process."""
+    from sandbox import up as sb
+
+    st = sb.State.load(Path(walk.dir))
+    assert st is not None
+    pid, port = st.pids["apiserver"], st.api_port
+    before = _proc_counts(pid, port)
+    assert before[1:] == (0, 0), before
+    pod = _netutils(walk)
+    for _ in range(5):
+        assert walk.kubectl("exec", pod, "--", "true").returncode == 0
+        assert walk.kmeshctl("version").returncode == 0
+    local = _free_port()
+    with _PortForward(walk.env, "svc/fortio", f"{local}:80"):
+        for _ in range(5):
+            assert _get(f"http://127.0.0.1:{local}/")[0] == 200
+    deadline = time.monotonic() + 30
+    while _proc_counts(pid, port) != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _proc_counts(pid, port) == before, f"(other fds, CLOSE_WAIT, children) {before} -> now"
