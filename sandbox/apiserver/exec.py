@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -121,6 +123,10 @@ class ExecSession:
         self.master: int | None = None
         self.stdin_fd: int | None = None
         self.readers: list[threading.Thread] = []
+        # stdin goes through a writer thread, so a command that does not read cannot stall the
+        # reading of the WebSocket (and with it the noticing of a client that went away).
+        self.stdin_q: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self.writer: threading.Thread | None = None
         self.done = threading.Event()  # the command ended and its output is drained
         self.input_done = threading.Event()  # the client closed or vanished
 
@@ -137,6 +143,7 @@ class ExecSession:
                 os.close(slave)
             self.stdin_fd = self.master if self.want_stdin else None
             self._reader(self.master, STDOUT)
+            self._start_writer()
             return
         dev = subprocess.DEVNULL
         self.proc = subprocess.Popen(
@@ -151,6 +158,39 @@ class ExecSession:
             self._reader(self.proc.stdout.fileno(), STDOUT)
         if self.proc.stderr is not None:
             self._reader(self.proc.stderr.fileno(), STDERR)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self.stdin_fd is None:
+            return
+
+        def write() -> None:
+            while True:
+                item = self.stdin_q.get()
+                if item is None:
+                    self._close_stdin()
+                    return
+                try:
+                    _write_all(self.stdin_fd, item)  # type: ignore[arg-type]
+                except (OSError, TypeError):
+                    self._close_stdin()
+                    return
+
+        self.writer = threading.Thread(target=write, name="exec-stdin", daemon=True)
+        self.writer.start()
+
+    def _feed(self, item: bytes | None) -> bool:
+        """Queue stdin for the writer; False when the client vanished while the command was not
+        reading (or the command ended)."""
+        if self.writer is None or not self.writer.is_alive():
+            return True
+        while True:
+            try:
+                self.stdin_q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                if self.done.is_set() or _peer_gone(self.ws.sock):
+                    return False
 
     def _reader(self, fd: int, channel: int) -> None:
         def pump() -> None:
@@ -185,6 +225,12 @@ class ExecSession:
             if not self.done.is_set():
                 self._kill()  # the client went away: nothing may outlive its session
             waiter.join()
+            if self.writer is not None:
+                try:
+                    self.stdin_q.put_nowait(None)
+                except queue.Full:
+                    pass  # the command is gone: the writer's next write fails and it ends
+                self.writer.join(2.0)
             self._close_fds()
 
     def _input_loop(self) -> None:
@@ -196,15 +242,14 @@ class ExecSession:
             if not data:
                 continue
             channel, payload = data[0], data[1:]
-            if channel == STDIN and payload and self.stdin_fd is not None:
-                try:
-                    _write_all(self.stdin_fd, payload)
-                except OSError:
-                    self._close_stdin()
+            if channel == STDIN and payload:
+                if not self._feed(payload):
+                    return
             elif channel == RESIZE and self.master is not None:
                 _resize(self.master, payload)
             elif channel == CLOSE and self.v5 and payload[:1] == bytes([STDIN]):
-                self._close_stdin()
+                if not self._feed(None):
+                    return
 
     def _close_stdin(self) -> None:
         if self.tty:
@@ -263,6 +308,16 @@ class ExecSession:
                         f.close()
                     except OSError:
                         pass
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """The client closed or reset its end, even with unread bytes of it still queued here
+    (the TCP state says so: CLOSE after a reset, CLOSE_WAIT after its FIN)."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except (OSError, ValueError, IndexError):
+        return True
+    return state in (7, 8)  # TCP_CLOSE, TCP_CLOSE_WAIT
 
 
 def _session_members(sid: int) -> list[int]:

@@ -131,3 +131,46 @@ def test_client_that_vanishes_leaves_no_process_or_fd(box: PodBox, cluster: Clus
     assert settle(lambda: fd_count() <= fds), f"fds {fds} -> {fd_count()}"
     out = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
     assert out == [], f"processes of the vanished sessions survive: {out}"
+
+
+def _masked_frame(payload: bytes) -> bytes:
+    import os
+    import struct
+
+    mask = os.urandom(4)
+    n = len(payload)
+    if n >= 1 << 16:
+        head = struct.pack(">BBQ", 0x82, 0x80 | 127, n)
+    else:
+        head = struct.pack(">BBH", 0x82, 0x80 | 126, n)
+    key = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    return head + mask + body
+
+
+def test_client_that_floods_stdin_of_a_command_not_reading_then_vanishes(box: PodBox,
+                                                                         cluster: Cluster) -> None:
+    """The command never reads, the client keeps sending, then dies (its socket reset): the
+    server, which stopped reading the socket meanwhile, still notices and kills the command."""
+    import struct
+
+    time.sleep(0.5)
+    kids, fds = children(), fd_count()
+    s = _raw_exec(cluster, box.namespace, ["sleep", "301"])
+    assert settle(lambda: len(children() - kids) >= 1)
+    chunk = _masked_frame(b"\x00" + b"x" * 65536)
+    s.setblocking(False)
+    sent, deadline = 0, time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the pipe, the queue and both socket buffers are full
+        try:
+            sent += s.send(chunk[sent % len(chunk):])
+        except BlockingIOError:
+            if sent > (6 << 20):
+                break
+            time.sleep(0.2)
+            continue
+    assert sent > (6 << 20), sent
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+    s.close()
+    assert settle(lambda: children() <= kids), f"left over: {children() - kids}"
+    assert settle(lambda: fd_count() <= fds), f"fds {fds} -> {fd_count()}"
