@@ -4,6 +4,7 @@ a client that vanishes mid-command (its processes are killed, no fd or process i
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -123,13 +124,14 @@ def _raw_exec(cluster: Cluster, namespace: str, command: list[str]) -> socket.so
 def test_client_that_vanishes_leaves_no_process_or_fd(box: PodBox, cluster: Cluster) -> None:
     time.sleep(0.5)
     kids, fds = children(), fd_count()
-    socks = [_raw_exec(cluster, box.namespace, ["sh", "-c", "sleep 300 & sleep 300"]) for _ in range(5)]
+    marker = f"sleep 300.{os.getpid()}"  # ours alone, on a shared machine
+    socks = [_raw_exec(cluster, box.namespace, ["sh", "-c", f"{marker} & {marker}"]) for _ in range(5)]
     assert settle(lambda: len(children() - kids) >= 5), "the commands did not start"
     for s in socks:
         s.close()  # gone, without a close frame
     assert settle(lambda: children() <= kids), f"left over: {children() - kids}"
     assert settle(lambda: fd_count() <= fds), f"fds {fds} -> {fd_count()}"
-    out = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert out == [], f"processes of the vanished sessions survive: {out}"
 
 
