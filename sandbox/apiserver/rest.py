@@ -1,7 +1,8 @@
 """REST semantics of the API server, independent of the HTTP transport.
 
 ``Api.handle(Request) -> Response`` routes a request to discovery, a verb on a resource, or a
-subresource (status, scale, token, log) and returns a JSON body, plain text, or a stream of
+subresource (status, scale, token, log; exec and portforward upgrade the connection) and returns a
+JSON body, plain text, or a stream of
 watch events. All writes go through one path: decode -> defaults -> validation -> store, with
 ``dryRun=All`` stopping just before the store.
 """
@@ -47,7 +48,7 @@ SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
 class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints, ExecEndpoints, PortForwardEndpoints):
-    """Routing, discovery and the verbs; token and log endpoints come from the mixins."""
+    """Routing, discovery and the verbs; token, log, exec and portforward come from the mixins."""
 
     def __init__(
         self,
