@@ -2,8 +2,8 @@
 
 ``Api.handle(Request) -> Response`` routes a request to discovery, a verb on a resource, or a
 subresource (status, scale, token, log; exec and portforward upgrade the connection) and returns a
-JSON body, plain text, or a stream of watch events. All writes go through one path: decode -> defaults -> validation -> store, with
-``dryRun=All`` stopping just before the store.
+JSON body, plain text, or a stream of watch events. All writes go through one path: decode ->
+defaults -> validation -> store, with ``dryRun=All`` stopping just before the store.
 """
 
 from __future__ import annotations
