@@ -76,12 +76,13 @@ FORTIO_IP=$(kubectl get svc fortio -o jsonpath='{.spec.clusterIP}')
 step "20 requests from netutils to the fortio ClusterIP $FORTIO_IP (the seed's kubectl loop, verbatim)"
 # Given a terminal (`script`) as a user at a shell has, so `-it` gets a pty and curl -v's headers
 # reach grep; against any cluster, without one kubectl says "Unable to use a TTY" and they go to stderr.
+# (PATH: the loop's `kubectl` is the pinned .venv/bin/kubectl, as everywhere in this script.)
 SEED_LOOP="$KMESH_SANDBOX_DIR/seed-loop.sh"
 cat >"$SEED_LOOP" <<'LOOP'
 for i in {1..20}; do kubectl exec -it $(kubectl get pod | grep netutils | awk '{print $1}') -- curl -v $(kubectl get svc -owide | grep fortio | awk '{print $3}'):80 | grep "Server:"; done
 LOOP
 printf '$ %s\n' "$(cat "$SEED_LOOP")"
-OUT=$(script -qec "bash $SEED_LOOP" /dev/null </dev/null | tr -d '\r' | sed -n 's/^.*\(Server:.*\)$/\1/p') || true
+OUT=$(PATH="$REPO/.venv/bin:$PATH" script -qec "bash $SEED_LOOP" /dev/null </dev/null | tr -d '\r' | sed -n 's/^.*\(Server:.*\)$/\1/p') || true
 echo "$OUT"
 OK=$(grep -c '^Server:' <<<"$OUT" || true)
 echo

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.apiserver.conftest import Cluster
+from tests.support.kubectl import kubectl_path
 
 
 @dataclass
@@ -30,14 +30,14 @@ class PodBox:
 
     def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 60,
                 extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["kubectl", "-n", self.namespace, *args], input=stdin, capture_output=True,
+        return subprocess.run([kubectl_path(), "-n", self.namespace, *args], input=stdin, capture_output=True,
                               text=True, timeout=timeout, env={**self.env, **(extra_env or {})})
 
 
 def make_pod_box(cluster: Cluster, tmp: Path, cgroup: Path) -> Iterator[PodBox]:
     if os.geteuid() != 0:
         pytest.skip("needs root (exec joins the container's namespaces and cgroup)")
-    assert shutil.which("kubectl"), "kubectl is not installed"
+    kubectl_path()  # a one-line error when there is none
     from kubernetes import client
 
     core = client.CoreV1Api(cluster.api_client())

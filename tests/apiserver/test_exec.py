@@ -15,6 +15,7 @@ import pytest
 
 from tests.apiserver.conftest import Cluster
 from tests.apiserver.podbox import PodBox, children, fd_count, make_pod_box, settle
+from tests.support.kubectl import kubectl_path
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_stdin_is_piped_and_its_end_reaches_the_command(box: PodBox) -> None:
 
 
 def test_tty_under_a_terminal_gets_a_pty_of_the_terminals_size(box: PodBox) -> None:
-    cmd = (f"stty rows 31 cols 101; kubectl -n {box.namespace} exec -it box -- "
+    cmd = (f"stty rows 31 cols 101; {kubectl_path()} -n {box.namespace} exec -it box -- "
            "sh -c 'tty; stty size; test -t 0 && echo interactive; exit 5'")
     r = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=box.env,
                        stdin=subprocess.DEVNULL, timeout=60)

@@ -19,6 +19,7 @@ import pytest
 from sandbox.apiserver import spdy
 from tests.apiserver.conftest import Cluster
 from tests.apiserver.podbox import PodBox, children, fd_count, make_pod_box, settle
+from tests.support.kubectl import kubectl_path
 
 BIG = 100 << 20
 
@@ -117,7 +118,7 @@ def test_official_python_client(box: PodBox, backend: Backend, cluster: Cluster)
 class KubectlForward:
     def __init__(self, box: PodBox, remote: int, websockets: bool) -> None:
         env = {**box.env, "KUBECTL_PORT_FORWARD_WEBSOCKETS": "true" if websockets else "false"}
-        cmd = ["kubectl", "-n", box.namespace, "port-forward", "pod/box", f":{remote}"]
+        cmd = [kubectl_path(), "-n", box.namespace, "port-forward", "pod/box", f":{remote}"]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # Forwarding from 127.0.0.1:NNNNN -> remote

