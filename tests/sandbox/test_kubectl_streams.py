@@ -84,7 +84,7 @@ def test_seed_loop_verbatim_prints_20_server_lines(enrolled, kubectl: str) -> No
                        timeout=240)
     lines = [ln for ln in r.stdout.splitlines() if "Server:" in ln]
     assert len(lines) == 20, r.stdout + r.stderr
-    assert all(re.search(r"Server: fortio-v[12]", ln) for ln in lines), lines
+    assert all(re.search(r"Server: [12]\s*$", ln) for ln in lines), lines  # Kmesh's sample: 1 / 2
 
 
 @pytest.mark.parametrize("kubectl", KUBECTLS, ids=[_version(k) for k in KUBECTLS])
@@ -95,7 +95,7 @@ def test_seed_loop_without_a_terminal_carries_on(enrolled, kubectl: str) -> None
     r = subprocess.run(["bash", "-c", SEED_LOOP], capture_output=True, text=True, env=env,
                        stdin=subprocess.DEVNULL, timeout=240)
     assert r.stderr.count("Unable to use a TTY") == 20  # (the loop's status is the last grep's: 1)
-    assert len(re.findall(r"< Server: fortio-v[12]", r.stderr)) == 20, r.stderr[-2000:]
+    assert len(re.findall(r"< Server: [12]\s", r.stderr)) == 20, r.stderr[-2000:]
 
 
 def _netutils(h) -> str:
@@ -167,7 +167,7 @@ def test_port_forward_to_the_daemon_pod_and_a_service(walk, kubectl: str) -> Non
     with _PortForward(env, "svc/fortio", f"{local}:80"):
         for _ in range(3):
             status, headers, _ = _get(f"http://127.0.0.1:{local}/")
-            assert status == 200 and headers["Server"].startswith("fortio-v")
+            assert status == 200 and headers["Server"] in ("1", "2")
 
 
 def _apiserver_log(h) -> str:
