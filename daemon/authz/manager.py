@@ -111,7 +111,7 @@ class AuthzManager:
         self._held = []
 
     def _on_change(self, change: Any) -> None:
-        if change.full or change.policies or change.backends or change.services:
+        if change.full or change.policies or change.backends or getattr(change, "workloads", None):
             with self._cond:
                 self._dirty = True
                 self._cond.notify_all()
@@ -329,7 +329,15 @@ class AuthzManager:
         if comp is None:
             return {}
         names = {w.uid: f"{w.namespace}/{w.name}" for w in self._workload_infos()}
-        return {p: sorted(names.get(u, u) for u in uids) for p, uids in comp.selected.items()}
+        enrolled = None
+        if self.enroll is not None:
+            enrolled = {f"{p.namespace}/{p.name}" for p in self.enroll.enrolled()}
+
+        def label(uid: str) -> str:
+            name = names.get(uid, uid)
+            return name if enrolled is None or name in enrolled else f"{name} (not enrolled)"
+
+        return {p: sorted(label(u) for u in uids) for p, uids in comp.selected.items()}
 
     def dump(self) -> dict[str, Any]:
         """What `kmeshctl dump bpf` shows: the live tables, decoded."""

@@ -59,8 +59,11 @@ class Prober:
     proc: subprocess.Popen
 
     def attempt(self, dst: str, port: int, src: str = "", timeout: float = 2.0) -> dict[str, Any]:
+        return self.send({"src": src, "dst": dst, "port": port, "timeout": timeout})
+
+    def send(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"src": src, "dst": dst, "port": port, "timeout": timeout}) + "\n")
+        self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
@@ -120,8 +123,8 @@ class KernelEnv:
         return self.server_log.read_text().splitlines() if self.server_log.exists() else []
 
 
-def _prober(netns: str) -> Prober:
-    proc = subprocess.Popen([PY, str(PROBE), "client", "--netns", netns], stdin=subprocess.PIPE,
+def prober(netns: str, cgroup: str = "") -> Prober:
+    proc = subprocess.Popen([PY, str(PROBE), "client", "--netns", netns, "--cgroup", cgroup], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     return Prober(proc)
 
@@ -173,8 +176,8 @@ def kenv(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         e.writer = MapWriter(e.gen_dir)
         e.links = Links(bpffs / "kmesh")
         e.links.attach(e.netns("srv"), netns_cookie(e.netns("srv")), e.programs.prog_fds["authz"])
-        e.cli = _prober(e.netns("cli"))
-        e.node = _prober(e.netns("br"))
+        e.cli = prober(e.netns("cli"))
+        e.node = prober(e.netns("br"))
         e.procs += [e.cli.proc, e.node.proc]
         # dad: wait until every address answers (no policy yet)
         for src in SOURCES:

@@ -20,7 +20,10 @@ import threading
 import time
 
 
-def enter(netns: str) -> None:
+def enter(netns: str, cgroup: str = "") -> None:
+    if cgroup:  # first: the daemon finds a pod's netns through its processes' cgroup
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
     fd = os.open(netns, os.O_RDONLY)
     if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
         sys.exit(f"setns {netns} failed")
@@ -53,9 +56,25 @@ def attempt(src: str, dst: str, port: int, timeout: float) -> dict:
 
 
 def client() -> None:
+    held: dict[int, socket.socket] = {}
     for line in sys.stdin:
         req = json.loads(line)
-        out = attempt(req.get("src", ""), req["dst"], int(req["port"]), float(req.get("timeout", 2.0)))
+        op = req.get("op", "attempt")
+        if op == "open":  # an established connection kept for later (policies arriving meanwhile)
+            s = socket.create_connection((req["dst"], int(req["port"])), timeout=2.0)
+            held[int(req["id"])] = s
+            out = {"result": "open"}
+        elif op == "finish":  # use the held connection now: send, read the greeting
+            s = held.pop(int(req["id"]))
+            try:
+                s.sendall(b"hello\n")
+                out = {"result": "ok" if s.recv(100) else "closed"}
+            except OSError as e:
+                out = {"result": f"error:{errno.errorcode.get(e.errno or 0, e.errno)}"}
+            finally:
+                s.close()
+        else:
+            out = attempt(req.get("src", ""), req["dst"], int(req["port"]), float(req.get("timeout", 2.0)))
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
 
@@ -98,8 +117,9 @@ if __name__ == "__main__":
     ap.add_argument("--netns", required=True)
     ap.add_argument("--ports", default="8080")
     ap.add_argument("--log", default="/dev/null")
+    ap.add_argument("--cgroup", default="")
     a = ap.parse_args()
-    enter(a.netns)
+    enter(a.netns, a.cgroup)
     if a.mode == "client":
         client()
     else:
