@@ -93,18 +93,40 @@ class KernelEnv:
 
         from daemon.authz.compiler import Identity, WorkloadInfo
 
-        out = [WorkloadInfo(uid=f"Kubernetes//Pod/{ns}/{sa}-{ip.rsplit('.', 1)[1]}",
-                            name=f"{sa}-{ip.rsplit('.', 1)[1]}", namespace=ns,
-                            addresses=(ipaddress.ip_address(ip).packed,),
-                            identity=Identity("cluster.local", ns, sa), node="other-node")
-               for ip, who in SOURCES.items() if who for ns, sa in [who]]
-        out.append(WorkloadInfo(uid="Kubernetes//Pod/default/fortio-0", name="fortio-0", namespace="default",
-                                addresses=tuple(ipaddress.ip_address(a).packed for a in SRV_IPS),
-                                identity=Identity("cluster.local", "default", "fortio"), node="n1",
-                                policies=()))
-        out.append(WorkloadInfo(uid="Kubernetes//Pod/default/plain-0", name="plain-0", namespace="default",
-                                addresses=(ipaddress.ip_address(SRV2_IP).packed,),
-                                identity=Identity("cluster.local", "default", "plain"), node="n1"))
+        out = [
+            WorkloadInfo(
+                uid=f"Kubernetes//Pod/{ns}/{sa}-{ip.rsplit('.', 1)[1]}",
+                name=f"{sa}-{ip.rsplit('.', 1)[1]}",
+                namespace=ns,
+                addresses=(ipaddress.ip_address(ip).packed,),
+                identity=Identity("cluster.local", ns, sa),
+                node="other-node",
+            )
+            for ip, who in SOURCES.items()
+            if who
+            for ns, sa in [who]
+        ]
+        out.append(
+            WorkloadInfo(
+                uid="Kubernetes//Pod/default/fortio-0",
+                name="fortio-0",
+                namespace="default",
+                addresses=tuple(ipaddress.ip_address(a).packed for a in SRV_IPS),
+                identity=Identity("cluster.local", "default", "fortio"),
+                node="n1",
+                policies=(),
+            )
+        )
+        out.append(
+            WorkloadInfo(
+                uid="Kubernetes//Pod/default/plain-0",
+                name="plain-0",
+                namespace="default",
+                addresses=(ipaddress.ip_address(SRV2_IP).packed,),
+                identity=Identity("cluster.local", "default", "plain"),
+                node="n1",
+            )
+        )
         return out
 
     def apply(self, policies: dict[str, Any], workloads: list[Any] | None = None) -> Any:
@@ -113,9 +135,13 @@ class KernelEnv:
 
         from daemon.authz.compiler import compile_tables
 
-        compiled = compile_tables(policies, self.workloads() if workloads is None else workloads,
-                                  self.writer.inactive_epoch(), node="n1",
-                                  node_addresses=[ipaddress.ip_address(NODE_IP).packed])
+        compiled = compile_tables(
+            policies,
+            self.workloads() if workloads is None else workloads,
+            self.writer.inactive_epoch(),
+            node="n1",
+            node_addresses=[ipaddress.ip_address(NODE_IP).packed],
+        )
         self.writer.apply(compiled)
         return compiled
 
@@ -124,8 +150,12 @@ class KernelEnv:
 
 
 def prober(netns: str, cgroup: str = "") -> Prober:
-    proc = subprocess.Popen([PY, str(PROBE), "client", "--netns", netns, "--cgroup", cgroup], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PY, str(PROBE), "client", "--netns", netns, "--cgroup", cgroup],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return Prober(proc)
 
 
@@ -166,10 +196,21 @@ def kenv(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         for short in ("srv", "srv2"):
-            p = subprocess.Popen([PY, str(PROBE), "server", "--netns", e.netns(short), "--ports",
-                                  ",".join(map(str, PORTS)), "--log", str(e.server_log if short == "srv" else
-                                                                           work / "srv2.log")],
-                                 stdout=subprocess.PIPE, text=True)
+            p = subprocess.Popen(
+                [
+                    PY,
+                    str(PROBE),
+                    "server",
+                    "--netns",
+                    e.netns(short),
+                    "--ports",
+                    ",".join(map(str, PORTS)),
+                    "--log",
+                    str(e.server_log if short == "srv" else work / "srv2.log"),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             e.procs.append(p)
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         e.programs = load_in_child(e.gen_dir, Capacity())

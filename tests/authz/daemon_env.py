@@ -78,20 +78,48 @@ class DaemonEnv:
 
     # ----- daemon ---------------------------------------------------------------------------
     def daemon_cmd(self) -> list[str]:
-        return [PY, "-m", "daemon", "--cgroup-root", str(self.cgroup), "--bpf-fs", str(self.bpffs),
-                "--pin-prefix", "kmesh", "--proc-root", "/proc", "--admin-addr", self.admin,
-                "--metrics-addr", f"127.0.0.1:{self.metrics_port}", "--plaintext",
-                "--kubeconfig", str(self.kubeconfig)]
+        return [
+            PY,
+            "-m",
+            "daemon",
+            "--cgroup-root",
+            str(self.cgroup),
+            "--bpf-fs",
+            str(self.bpffs),
+            "--pin-prefix",
+            "kmesh",
+            "--proc-root",
+            "/proc",
+            "--admin-addr",
+            self.admin,
+            "--metrics-addr",
+            f"127.0.0.1:{self.metrics_port}",
+            "--plaintext",
+            "--kubeconfig",
+            str(self.kubeconfig),
+        ]
 
     def daemon_env(self) -> dict[str, str]:
-        return {"XDS_ADDRESS": f"127.0.0.1:{self.pilot_ports[1]}", "CLUSTER_ID": "Kubernetes",
-                "NODE_NAME": self.node, "POD_NAME": f"kmesh-{self.prefix}", "POD_NAMESPACE": "kmesh-system",
-                "INSTANCE_IP": NODE_IP, "SERVICE_ACCOUNT": "kmesh",
-                "BCC_KERNEL_SOURCE": os.environ.get("BCC_KERNEL_SOURCE", "")}
+        return {
+            "XDS_ADDRESS": f"127.0.0.1:{self.pilot_ports[1]}",
+            "CLUSTER_ID": "Kubernetes",
+            "NODE_NAME": self.node,
+            "POD_NAME": f"kmesh-{self.prefix}",
+            "POD_NAMESPACE": "kmesh-system",
+            "INSTANCE_IP": NODE_IP,
+            "SERVICE_ACCOUNT": "kmesh",
+            "BCC_KERNEL_SOURCE": os.environ.get("BCC_KERNEL_SOURCE", ""),
+        }
 
     def start_daemon(self) -> None:
-        self.daemon, _ = start_logged(self.daemon_cmd(), self.work / "daemon.log", "kmesh-daemon started",
-                                      "daemon", self.daemon_env(), timeout=180)
+        self.daemon, _ = start_logged(
+            self.daemon_cmd(),
+            self.work / "daemon.log",
+            "kmesh-daemon started",
+            "daemon",
+            self.daemon_env(),
+            timeout=180,
+        )
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=10) as resp:
@@ -102,19 +130,35 @@ class DaemonEnv:
             return r.read().decode()
 
     def kmeshctl_env(self) -> dict[str, str]:
-        return {**os.environ, "KMESH_SANDBOX_DIR": str(self.work / "no-sandbox"),
-                "KUBECONFIG": str(self.kubeconfig)}
+        return {
+            **os.environ,
+            "KMESH_SANDBOX_DIR": str(self.work / "no-sandbox"),
+            "KUBECONFIG": str(self.kubeconfig),
+        }
 
     def kmeshctl_cmd(self, *args: str) -> list[str]:
         return [PY, "-m", "kmeshctl.main", *args, "--admin-addr", self.admin]
 
     def kmeshctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(self.kmeshctl_cmd(*args), cwd=REPO, env=self.kmeshctl_env(), capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            self.kmeshctl_cmd(*args),
+            cwd=REPO,
+            env=self.kmeshctl_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["kubectl", "--kubeconfig", str(self.kubeconfig), *args], input=stdin,
-                              capture_output=True, text=True, timeout=60, check=True)
+        return subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
 
     def apply(self, yaml_text: str) -> None:
         self.kubectl("apply", "-f", "-", stdin=yaml_text)
@@ -123,34 +167,61 @@ class DaemonEnv:
         self.kubectl("delete", "authorizationpolicy", name, "-n", ns, "--ignore-not-found")
 
     # ----- traffic --------------------------------------------------------------------------
-    def attempt(self, client: str, dst: str = FORTIO, port: int = 8080, timeout: float = 2.0,
-                src: str = "") -> dict[str, Any]:
+    def attempt(
+        self, client: str, dst: str = FORTIO, port: int = 8080, timeout: float = 2.0, src: str = ""
+    ) -> dict[str, Any]:
         return self.clients[client].attempt(dst, port, src, timeout)
 
-    def wait_outcome(self, client: str, want: str, dst: str = FORTIO, port: int = 8080,
-                     timeout: float = 20.0) -> float:
+    def wait_outcome(
+        self, client: str, want: str, dst: str = FORTIO, port: int = 8080, timeout: float = 20.0
+    ) -> float:
         """Poll until an attempt gives ``want``; returns the seconds it took."""
         t0 = time.monotonic()
-        wait_for(lambda: self.attempt(client, dst, port, timeout=1.0)["result"] == want, timeout,
-                 f"{client} -> {dst}:{port} {want}")
+        wait_for(
+            lambda: self.attempt(client, dst, port, timeout=1.0)["result"] == want,
+            timeout,
+            f"{client} -> {dst}:{port} {want}",
+        )
         return time.monotonic() - t0
 
 
 def _mk_pod(e: DaemonEnv, name: str) -> None:
     ns, ip, sa, labels, _ = PODS[name]
-    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "spec": {"nodeName": e.node, "serviceAccountName": sa,
-                     "containers": [{"name": "app", "image": "netutils", "ports": [{"containerPort": 8080}]}]}}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            "nodeName": e.node,
+            "serviceAccountName": sa,
+            "containers": [{"name": "app", "image": "netutils", "ports": [{"containerPort": 8080}]}],
+        },
+    }
     pod = e.core.create_namespaced_pod(ns, body)
     e.uids[name] = pod.metadata.uid
-    e.core.patch_namespaced_pod_status(name, ns, {"status": {
-        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-        "conditions": [{"type": "Ready", "status": "True"}]}})
+    e.core.patch_namespaced_pod_status(
+        name,
+        ns,
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }
+        },
+    )
 
 
 def make_env(run_prefix: str, test_cgroup: Path, work: Path) -> Iterator[DaemonEnv]:
-    e = DaemonEnv(prefix=run_prefix, work=work, cgroup=test_cgroup / "azd", bpffs=Path(f"/tmp/{run_prefix}-azd-bpffs"),
-                  node=f"node-{run_prefix}", kubeconfig=work / "kubeconfig")
+    e = DaemonEnv(
+        prefix=run_prefix,
+        work=work,
+        cgroup=test_cgroup / "azd",
+        bpffs=Path(f"/tmp/{run_prefix}-azd-bpffs"),
+        node=f"node-{run_prefix}",
+        kubeconfig=work / "kubeconfig",
+    )
     made: list[str] = []
     mounted = False
     try:
@@ -158,17 +229,48 @@ def make_env(run_prefix: str, test_cgroup: Path, work: Path) -> Iterator[DaemonE
         e.bpffs.mkdir(exist_ok=True)
         sh("mount", "-t", "bpf", "bpf", str(e.bpffs))
         mounted = True
-        e.apiserver, _ = start_logged([PY, "-m", "sandbox.apiserver", "--port", "0", "--kubeconfig",
-                                       str(e.kubeconfig), "--state-dir", str(work / "api")],
-                                      work / "apiserver.log", "apiserver ready on", "apiserver")
+        e.apiserver, _ = start_logged(
+            [
+                PY,
+                "-m",
+                "sandbox.apiserver",
+                "--port",
+                "0",
+                "--kubeconfig",
+                str(e.kubeconfig),
+                "--state-dir",
+                str(work / "api"),
+            ],
+            work / "apiserver.log",
+            "apiserver ready on",
+            "apiserver",
+        )
         from kubernetes import client, config
 
         e.core = client.CoreV1Api(config.new_client_from_config(config_file=str(e.kubeconfig)))
         e.pilot_ports = (free_port(), free_port())
-        e.pilot, _ = start_logged([PY, "-m", "sandbox.pilot", "--kubeconfig", str(e.kubeconfig), "--cluster-id",
-                                   "Kubernetes", "--revision", "1-22-6", "--tls-port", str(e.pilot_ports[0]),
-                                   "--plaintext-port", str(e.pilot_ports[1]), "--state-dir", str(work / "pilot")],
-                                  work / "pilot.log", "ready tls=", "pilot")
+        e.pilot, _ = start_logged(
+            [
+                PY,
+                "-m",
+                "sandbox.pilot",
+                "--kubeconfig",
+                str(e.kubeconfig),
+                "--cluster-id",
+                "Kubernetes",
+                "--revision",
+                "1-22-6",
+                "--tls-port",
+                str(e.pilot_ports[0]),
+                "--plaintext-port",
+                str(e.pilot_ports[1]),
+                "--state-dir",
+                str(work / "pilot"),
+            ],
+            work / "pilot.log",
+            "ready tls=",
+            "pilot",
+        )
         for ns in ("default", "other", "istio-system"):
             try:
                 e.core.create_namespace({"metadata": {"name": ns}})
@@ -186,7 +288,21 @@ def make_env(run_prefix: str, test_cgroup: Path, work: Path) -> Iterator[DaemonE
         sh("ip", "-n", br, "link", "set", "br0", "up")
         for i, (pod, (_ns, ip, *_rest)) in enumerate(PODS.items()):
             ns_name = f"{run_prefix}-z{pod}"
-            sh("ip", "-n", br, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns_name)
+            sh(
+                "ip",
+                "-n",
+                br,
+                "link",
+                "add",
+                f"v{i}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns_name,
+            )
             sh("ip", "-n", br, "link", "set", f"v{i}", "master", "br0", "up")
             sh("ip", "-n", ns_name, "addr", "add", f"{ip}/24", "dev", "eth0")
             sh("ip", "-n", ns_name, "link", "set", "eth0", "up")
@@ -194,9 +310,23 @@ def make_env(run_prefix: str, test_cgroup: Path, work: Path) -> Iterator[DaemonE
             _mk_pod(e, pod)
             e.pod_cgroup(pod).mkdir(exist_ok=True)
             if PODS[pod][4]:
-                p = subprocess.Popen([PY, str(PROBE), "server", "--netns", e.netns(pod), "--cgroup",
-                                      str(e.pod_cgroup(pod)), "--ports", "8080,9090",
-                                      "--log", str(work / f"{pod}.accepted")], stdout=subprocess.PIPE, text=True)
+                p = subprocess.Popen(
+                    [
+                        PY,
+                        str(PROBE),
+                        "server",
+                        "--netns",
+                        e.netns(pod),
+                        "--cgroup",
+                        str(e.pod_cgroup(pod)),
+                        "--ports",
+                        "8080,9090",
+                        "--log",
+                        str(work / f"{pod}.accepted"),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 e.procs.append(p)
                 assert p.stdout is not None and p.stdout.readline().strip() == "ready"
             else:
@@ -210,8 +340,11 @@ def make_env(run_prefix: str, test_cgroup: Path, work: Path) -> Iterator[DaemonE
         e.admin_port, e.metrics_port = free_port(), free_port()
         e.start_daemon()
         # every enrolled pod linked, tables compiled
-        wait_for(lambda: e.get("/authz").get("linked_pods", 0) >= 3 and e.get("/authz").get("compiles", 0) >= 1,
-                 60, "authz links for the enrolled pods")
+        wait_for(
+            lambda: e.get("/authz").get("linked_pods", 0) >= 3 and e.get("/authz").get("compiles", 0) >= 1,
+            60,
+            "authz links for the enrolled pods",
+        )
         yield e
     finally:
         if e.daemon is not None:
@@ -219,9 +352,25 @@ def make_env(run_prefix: str, test_cgroup: Path, work: Path) -> Iterator[DaemonE
         for p in e.procs:
             stop_process(p, signal.SIGKILL)
         if (e.bpffs / "kmesh").exists():
-            subprocess.run([PY, "-m", "daemon", "uninstall", "--cgroup-root", str(e.cgroup), "--bpf-fs", str(e.bpffs),
-                            "--pin-prefix", "kmesh"], cwd=REPO, env={**os.environ, **e.daemon_env()},
-                           capture_output=True, timeout=120, check=False)
+            subprocess.run(
+                [
+                    PY,
+                    "-m",
+                    "daemon",
+                    "uninstall",
+                    "--cgroup-root",
+                    str(e.cgroup),
+                    "--bpf-fs",
+                    str(e.bpffs),
+                    "--pin-prefix",
+                    "kmesh",
+                ],
+                cwd=REPO,
+                env={**os.environ, **e.daemon_env()},
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
         for p in (e.pilot, e.apiserver):
             stop_process(p)
         for name in reversed(made):

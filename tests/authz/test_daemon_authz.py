@@ -72,9 +72,17 @@ def refused_times(denv: DaemonEnv, client: str, n: int = 20, port: int = 8080) -
 
 
 def test_deny_namespace_refused_fast_server_untouched_and_visible(denv: DaemonEnv) -> None:
-    traces = [subprocess.Popen(denv.kmeshctl_cmd("trace", "pod", pod, "--count", "1000", "--timeout", "15"),
-                               cwd=REPO, env=denv.kmeshctl_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True) for pod in ("other/other-netutils", "default/fortio")]
+    traces = [
+        subprocess.Popen(
+            denv.kmeshctl_cmd("trace", "pod", pod, "--count", "1000", "--timeout", "15"),
+            cwd=REPO,
+            env=denv.kmeshctl_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pod in ("other/other-netutils", "default/fortio")
+    ]
     time.sleep(3)  # both streams open
     try:
         denv.apply(DENY_OTHER)
@@ -86,10 +94,26 @@ def test_deny_namespace_refused_fast_server_untouched_and_visible(denv: DaemonEn
         assert len(denv.server_log("fortio")) == before, "a refused connection reached the server"
         # a real curl from the pod: connection refused (exit 7), fast
         t0 = time.monotonic()
-        curl = subprocess.run(["ip", "netns", "exec", Path(denv.netns("other-netutils")).name, "curl", "-sS",
-                               "--max-time", "5", f"http://{FORTIO}:8080/"], capture_output=True, text=True,
-                              timeout=30)
-        assert curl.returncode == 7 and "failed to connect" in curl.stderr.lower(), (curl.returncode, curl.stderr)
+        curl = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                Path(denv.netns("other-netutils")).name,
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                f"http://{FORTIO}:8080/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert curl.returncode == 7 and "failed to connect" in curl.stderr.lower(), (
+            curl.returncode,
+            curl.stderr,
+        )
         assert time.monotonic() - t0 < 2
         assert denv.attempt("netutils")["result"] == "ok"
         # inspection: dump policies says whom it selects, dump bpf shows the rules
@@ -102,12 +126,20 @@ def test_deny_namespace_refused_fast_server_untouched_and_visible(denv: DaemonEn
         assert re.search(r"DENY default/deny-other: namespaces=\['other'\]", bpf.stdout), bpf.stdout
         assert re.search(rf"{re.escape(FORTIO)}\s+default/fortio", bpf.stdout), bpf.stdout
         # metrics with Istio-style labels
-        wait_for(lambda: re.search(r'kmesh_authz_denied_connections_total\{[^}]*policy="default/deny-other"'
-                                   r'[^}]*source_workload="other-netutils",source_workload_namespace="other"'
-                                   r'[^}]*destination_workload="fortio"[^}]*\} (\d+)', denv.metrics()), 10,
-                 "denied counter")
-        m = re.search(r'kmesh_authz_denied_connections_total\{[^}]*policy="default/deny-other"[^}]*\} (\d+)',
-                      denv.metrics())
+        wait_for(
+            lambda: re.search(
+                r'kmesh_authz_denied_connections_total\{[^}]*policy="default/deny-other"'
+                r'[^}]*source_workload="other-netutils",source_workload_namespace="other"'
+                r'[^}]*destination_workload="fortio"[^}]*\} (\d+)',
+                denv.metrics(),
+            ),
+            10,
+            "denied counter",
+        )
+        m = re.search(
+            r'kmesh_authz_denied_connections_total\{[^}]*policy="default/deny-other"[^}]*\} (\d+)',
+            denv.metrics(),
+        )
         assert m and int(m.group(1)) >= 30
     finally:
         t_del = time.monotonic()
@@ -117,7 +149,8 @@ def test_deny_namespace_refused_fast_server_untouched_and_visible(denv: DaemonEn
     print(f"reopened {took:.3f}s after kubectl delete was issued")
     assert took <= 1.5
     out_src, out_dst = (p.communicate(timeout=40)[0] for p in traces)
-    line = "other/other-netutils (10.78.0.3) -> 10.78.0.10:8080 (default/fortio) DENIED (policy default/deny-other)"
+    line = ("other/other-netutils (10.78.0.3) -> 10.78.0.10:8080 (default/fortio) "
+            "DENIED (policy default/deny-other)")
     assert line in out_src, out_src
     assert line in out_dst, out_dst
 
@@ -142,14 +175,26 @@ def test_allow_principal_and_port_then_removal_reopens(denv: DaemonEnv) -> None:
 
 
 CASES = [  # (name, spec, client, port, want)
-    ("ipblocks-allow", "  rules:\n  - from:\n    - source: {ipBlocks: [10.78.0.2/32]}\n",
-     [("netutils", 8080, "ok"), ("other-netutils", 8080, "refused")]),
-    ("notipblocks-deny", "  action: DENY\n  rules:\n  - from:\n    - source: {notIpBlocks: [10.78.0.0/31, 10.78.0.2]}\n",
-     [("netutils", 8080, "ok"), ("other-netutils", 8080, "refused")]),
-    ("notports-deny", "  action: DENY\n  rules:\n  - to:\n    - operation: {notPorts: [\"8080\"]}\n",
-     [("netutils", 8080, "ok"), ("netutils", 9090, "refused")]),
-    ("notnamespaces-allow", "  rules:\n  - from:\n    - source: {notNamespaces: [other]}\n",
-     [("netutils", 9090, "ok"), ("other-netutils", 9090, "refused")]),
+    (
+        "ipblocks-allow",
+        "  rules:\n  - from:\n    - source: {ipBlocks: [10.78.0.2/32]}\n",
+        [("netutils", 8080, "ok"), ("other-netutils", 8080, "refused")],
+    ),
+    (
+        "notipblocks-deny",
+        "  action: DENY\n  rules:\n  - from:\n    - source: {notIpBlocks: [10.78.0.0/31, 10.78.0.2]}\n",
+        [("netutils", 8080, "ok"), ("other-netutils", 8080, "refused")],
+    ),
+    (
+        "notports-deny",
+        '  action: DENY\n  rules:\n  - to:\n    - operation: {notPorts: ["8080"]}\n',
+        [("netutils", 8080, "ok"), ("netutils", 9090, "refused")],
+    ),
+    (
+        "notnamespaces-allow",
+        "  rules:\n  - from:\n    - source: {notNamespaces: [other]}\n",
+        [("netutils", 9090, "ok"), ("other-netutils", 9090, "refused")],
+    ),
 ]
 
 
@@ -178,13 +223,25 @@ def test_allow_nothing_spares_node_probes_and_dry_run_only_counts(denv: DaemonEn
         denv.delete("default", "allow-nothing")
     denv.wait_outcome("netutils", "ok")
     try:
-        denv.apply(policy("dry-deny", "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [other]}\n",
-                          annotations='"istio.io/dry-run": "true"'))
+        denv.apply(
+            policy(
+                "dry-deny",
+                "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [other]}\n",
+                annotations='"istio.io/dry-run": "true"',
+            )
+        )
         wait_for(lambda: "default/dry-deny" in denv.get("/authz").get("selected", {}), 10, "dry-run policy")
         for _ in range(3):
             assert denv.attempt("other-netutils")["result"] == "ok"
-        wait_for(lambda: re.search(r'kmesh_authz_dry_run_denied_connections_total\{[^}]*policy="default/dry-deny"'
-                                   r'[^}]*\} [3-9]', denv.metrics()), 10, "dry-run counter")
+        wait_for(
+            lambda: re.search(
+                r'kmesh_authz_dry_run_denied_connections_total\{[^}]*policy="default/dry-deny"'
+                r"[^}]*\} [3-9]",
+                denv.metrics(),
+            ),
+            10,
+            "dry-run counter",
+        )
     finally:
         denv.delete("default", "dry-deny")
 
@@ -218,7 +275,9 @@ def test_deny_never_lapses_while_other_policies_churn(denv: DaemonEnv) -> None:
         t = threading.Thread(target=hammer)
         t.start()
         for i in range(8):
-            denv.apply(policy(f"churn-{i}", "  rules:\n  - to:\n    - operation: {ports: [\"8080\", \"9090\"]}\n"))
+            denv.apply(
+                policy(f"churn-{i}", '  rules:\n  - to:\n    - operation: {ports: ["8080", "9090"]}\n')
+            )
             time.sleep(0.3)
             denv.delete("default", f"churn-{i}")
             time.sleep(0.2)
@@ -239,7 +298,9 @@ def test_kmeshctl_authz_disable_enable_status(denv: DaemonEnv) -> None:
         denv.wait_outcome("other-netutils", "refused")
         st = denv.kmeshctl("authz", "status")
         assert st.returncode == 0, st.stderr
-        assert re.search(r"^POD\s+AUTHORIZATION STATUS$", st.stdout, re.M) and "enabled" in st.stdout, st.stdout
+        assert re.search(r"^POD\s+AUTHORIZATION STATUS$", st.stdout, re.M) and "enabled" in st.stdout, (
+            st.stdout
+        )
         off = denv.kmeshctl("authz", "disable")
         assert off.returncode == 0 and "disabled" in off.stdout, off
         denv.wait_outcome("other-netutils", "ok", timeout=5)
