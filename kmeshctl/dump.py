@@ -121,7 +121,7 @@ def render_policies(dump: dict[str, Any]) -> str:
         return format_table(POLICY_COLUMNS, policy_rows(dump))
     # with the daemon's authorization view: which local workloads each policy selects
     rows = [(*r, ",".join(selected.get(f"{r[0]}/{r[1]}", [])) or "-") for r in policy_rows(dump)]
-    return format_table((*POLICY_COLUMNS, "SELECTS (THIS NODE)"), rows)
+    return format_table((*POLICY_COLUMNS, "SELECTS"), rows)
 
 
 def _sorted_section(items: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
