@@ -37,6 +37,7 @@ SRV_IPS = ("10.77.0.10", "10.77.0.11")
 SRV2_IP = "10.77.0.20"
 NODE_IP = "10.77.0.254"
 PORTS = (8080, 9090)
+SRV_IP6, CLI_IP6 = "fd00:77::10", "fd00:77::4"  # IPv6: the server workload and other/netutils
 # source address -> (namespace, service account) of the workload owning it; .6 owns nothing
 SOURCES = {
     "10.77.0.2": ("default", "netutils"),
@@ -98,7 +99,8 @@ class KernelEnv:
                 uid=f"Kubernetes//Pod/{ns}/{sa}-{ip.rsplit('.', 1)[1]}",
                 name=f"{sa}-{ip.rsplit('.', 1)[1]}",
                 namespace=ns,
-                addresses=(ipaddress.ip_address(ip).packed,),
+                addresses=(ipaddress.ip_address(ip).packed,)
+                + ((ipaddress.ip_address(CLI_IP6).packed,) if ip == "10.77.0.4" else ()),
                 identity=Identity("cluster.local", ns, sa),
                 node="other-node",
             )
@@ -111,7 +113,7 @@ class KernelEnv:
                 uid="Kubernetes//Pod/default/fortio-0",
                 name="fortio-0",
                 namespace="default",
-                addresses=tuple(ipaddress.ip_address(a).packed for a in SRV_IPS),
+                addresses=tuple(ipaddress.ip_address(a).packed for a in (*SRV_IPS, SRV_IP6)),
                 identity=Identity("cluster.local", "default", "fortio"),
                 node="n1",
                 policies=(),
@@ -194,6 +196,9 @@ def kenv(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             sh("ip", "-n", br, "link", "set", f"v{i}", "master", "br0", "up")
             for ip in ips:
                 sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            v6 = {"srv": SRV_IP6, "cli": CLI_IP6}.get(short)
+            if v6:
+                sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
         for short in ("srv", "srv2"):
             p = subprocess.Popen(

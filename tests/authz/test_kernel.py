@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sandbox.pilot.authz import convert
-from tests.authz.conftest import NODE_IP, SRV2_IP, SRV_IPS, KernelEnv
+from tests.authz.conftest import CLI_IP6, NODE_IP, SRV2_IP, SRV_IP6, SRV_IPS, KernelEnv
 
 FORTIO = SRV_IPS[0]
 
@@ -62,3 +62,19 @@ def test_allow_principal_and_port(kenv: KernelEnv) -> None:
     assert outcome(kenv, "10.77.0.4", dst=SRV2_IP, port=9090) == "ok"
     kenv.apply({})
     assert outcome(kenv, "10.77.0.4", port=9090) == "ok"
+
+
+def test_ipv6_syn_is_judged_and_answered(kenv: KernelEnv) -> None:
+    """The same tables for an IPv6 SYN: identity by the v6 address, v6 CIDRs, a v6 reset."""
+    kenv.apply(policies(pol("default", "deny-other", {"action": "DENY", "rules": [
+        {"from": [{"source": {"namespaces": ["other"]}}]}]})))
+    r = kenv.cli.attempt(SRV_IP6, 8080, CLI_IP6, timeout=2.0)
+    assert r["result"] == "refused" and r["ms"] < 100, r
+    kenv.apply(policies(pol("default", "deny-v6-block", {"action": "DENY", "rules": [
+        {"from": [{"source": {"ipBlocks": ["fd00:77::/120"]}}],
+         "to": [{"operation": {"ports": ["9090"]}}]}]})))
+    assert kenv.cli.attempt(SRV_IP6, 9090, CLI_IP6)["result"] == "refused"
+    assert kenv.cli.attempt(SRV_IP6, 8080, CLI_IP6)["result"] == "ok"
+    assert kenv.cli.attempt(SRV_IPS[0], 9090, "10.77.0.4")["result"] == "ok"  # v4 source: not in the block
+    kenv.apply({})
+    assert kenv.cli.attempt(SRV_IP6, 9090, CLI_IP6)["result"] == "ok"
