@@ -131,34 +131,71 @@ def string_match_text(sm: Any) -> str:
     return "*"
 
 
-def _identity_ok(m: Any, ident: Identity) -> bool:
-    """Every identity kind of a Match (values of a kind OR-ed, kinds AND-ed) for a known identity."""
-    if m.namespaces and not any(string_match(s, ident.namespace) for s in m.namespaces):
-        return False
-    if m.not_namespaces and any(string_match(s, ident.namespace) for s in m.not_namespaces):
-        return False
-    if m.principals and not any(string_match(s, ident.principal) for s in m.principals):
-        return False
-    if m.not_principals and any(string_match(s, ident.principal) for s in m.not_principals):
-        return False
+class IdentityIndex:
+    """Identity predicates as bitmasks over identity ids (bit 0: unknown source).
 
-    def sa_hit(sa: Any) -> bool:
-        return sa.namespace == ident.namespace and sa.serviceAccount == ident.service_account
+    Why masks and indexes: at 2,000 identities x thousands of matches, testing every identity
+    against every match costs seconds; instead each StringMatch is resolved once against the
+    distinct namespaces or principals (exact ones by dict lookup), and a Match's identity kinds
+    combine with integer AND/OR."""
 
-    if m.service_accounts and not any(sa_hit(s) for s in m.service_accounts):
-        return False
-    if m.not_service_accounts and any(sa_hit(s) for s in m.not_service_accounts):
-        return False
-    return True
+    def __init__(self, ident_id: dict[Identity, int]) -> None:
+        self.universe = 0
+        self.by_ns: dict[str, int] = {}
+        self.by_principal: dict[str, int] = {}
+        self.by_sa: dict[tuple[str, str], int] = {}
+        for ident, i in ident_id.items():
+            bit = 1 << i
+            self.universe |= bit
+            self.by_ns[ident.namespace] = self.by_ns.get(ident.namespace, 0) | bit
+            self.by_principal[ident.principal] = self.by_principal.get(ident.principal, 0) | bit
+            key = (ident.namespace, ident.service_account)
+            self.by_sa[key] = self.by_sa.get(key, 0) | bit
+        self._cache: dict[tuple[str, str, str], int] = {}
+
+    def _string(self, table: dict[str, int], which: str, sm: Any) -> int:
+        kind = sm.WhichOneof("match_type")
+        value = getattr(sm, kind) if kind in ("exact", "prefix", "suffix") else ""
+        if kind == "exact":
+            return table.get(value, 0)
+        if kind == "presence":
+            return self.universe
+        key = (which, kind or "", value)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = 0
+            for name, bits in table.items():
+                if string_match(sm, name):
+                    hit |= bits
+            self._cache[key] = hit
+        return hit
+
+    def mask(self, m: Any) -> int:
+        """Bits of the identities (and bit 0, unknown) satisfying every identity kind of m."""
+        mask = self.universe | 1
+        ns, pr = self.by_ns, self.by_principal
+        for field_name, table, which, negate in (
+                ("namespaces", ns, "ns", False), ("not_namespaces", ns, "ns", True),
+                ("principals", pr, "p", False), ("not_principals", pr, "p", True)):
+            values = getattr(m, field_name)
+            if values:
+                hit = 0
+                for sm in values:
+                    hit |= self._string(table, which, sm)
+                mask = mask & ~hit if negate else mask & hit
+        for field_name, negate in (("service_accounts", False), ("not_service_accounts", True)):
+            values = getattr(m, field_name)
+            if values:
+                hit = 0
+                for sa in values:
+                    hit |= self.by_sa.get((sa.namespace, sa.serviceAccount), 0)
+                mask = mask & ~hit if negate else mask & hit
+        return mask
 
 
 def _has_identity_kind(m: Any) -> bool:
     return bool(m.namespaces or m.not_namespaces or m.principals or m.not_principals
                 or m.service_accounts or m.not_service_accounts)
-
-
-def _has_positive_identity_kind(m: Any) -> bool:
-    return bool(m.namespaces or m.principals or m.service_accounts)
 
 
 def _cidr(a: Any) -> tuple[bytes, int]:
@@ -182,7 +219,7 @@ class _Sets:
         self.next = 1
         self.ip: dict[frozenset, int] = {}
         self.ports: dict[frozenset, int] = {}
-        self.ids: dict[frozenset, int] = {}
+        self.ids: dict[int, int] = {}
 
     def _new(self) -> int:
         sid = self.bit | self.next
@@ -208,15 +245,15 @@ class _Sets:
                 self.out.port[L.PORT_KEY.pack(sid, p)] = b"\x01"
         return sid
 
-    def id_set(self, ids: frozenset[int]) -> int:
-        sid = self.ids.get(ids)
+    def id_set(self, mask: int) -> int:
+        sid = self.ids.get(mask)
         if sid is None:
-            sid = self.ids[ids] = self._new()
-            words: dict[int, int] = {}
-            for i in ids:
-                words[i >> 6] = words.get(i >> 6, 0) | (1 << (i & 63))
-            for w, bits in words.items():
-                self.out.bits[L.BITS_KEY.pack(sid, w)] = L.U64.pack(bits)
+            sid = self.ids[mask] = self._new()
+            raw = mask.to_bytes((mask.bit_length() + 63) // 64 * 8, "little")
+            for w in range(len(raw) // 8):
+                chunk = raw[w * 8:(w + 1) * 8]
+                if chunk != b"\0" * 8:
+                    self.out.bits[L.BITS_KEY.pack(sid, w)] = L.U64.pack(int.from_bytes(chunk, "little"))
         return sid
 
 
@@ -256,12 +293,21 @@ def compile_tables(policies: dict[str, Any], workloads: Iterable[WorkloadInfo], 
     out.workload_ids = {v: k for k, v in wl_ids.items()}
     sets = _Sets(out)
     # identity predicate cache: Match bytes -> frozenset of identity ids (0 = unknown)
-    id_cache: dict[bytes, frozenset[int]] = {}
-    all_ids = list(ident_id.items())
+    id_cache: dict[bytes, int] = {}
+    index = IdentityIndex(ident_id)
     rulesets: dict[tuple[str, ...], tuple[int, int]] = {}
-    order = sorted(policies)
+    # index by scope: a workload's policies without scanning every policy
+    global_names: list[str] = []
+    by_namespace: dict[str, list[str]] = {}
+    for n, p in policies.items():
+        if p.scope == SCOPE_GLOBAL:
+            global_names.append(n)
+        elif p.scope == SCOPE_NAMESPACE:
+            by_namespace.setdefault(p.namespace, []).append(n)
     for w in sorted(local, key=lambda x: x.uid):
-        names = tuple(n for n in order if applicable(policies[n], w, root_namespace))
+        cand = {*global_names, *by_namespace.get(w.namespace, ()),
+                *(n for n in w.policies if n in policies and policies[n].scope == SCOPE_SELECTOR)}
+        names = tuple(sorted(n for n in cand if applicable(policies[n], w, root_namespace)))
         for n in names:
             out.selected.setdefault(n, []).append(w.uid)
         if not names:
@@ -270,7 +316,7 @@ def compile_tables(policies: dict[str, Any], workloads: Iterable[WorkloadInfo], 
         if rs is None:
             rid = bit | (len(rulesets) + 1)
             count = _emit_ruleset(out, rid, [policies[n] for n in names], [pol_ids[n] for n in names],
-                                  sets, id_cache, all_ids)
+                                  sets, id_cache, index)
             rs = rulesets[names] = (rid, count)
             out.rulesets[rid] = list(names)
         for a in w.addresses:
@@ -279,7 +325,7 @@ def compile_tables(policies: dict[str, Any], workloads: Iterable[WorkloadInfo], 
 
 
 def _emit_ruleset(out: Compiled, rid: int, pols: list[Any], pids: list[int], sets: _Sets,
-                  id_cache: dict[bytes, frozenset[int]], all_ids: list[tuple[Identity, int]]) -> int:
+                  id_cache: dict[bytes, int], index: IdentityIndex) -> int:
     rows: list[tuple[int, int, int, int, tuple[int, ...], dict[str, Any]]] = []
     for pol, pid in zip(pols, pids, strict=True):
         action = L.DENY if pol.action == 1 else L.ALLOW
@@ -295,7 +341,7 @@ def _emit_ruleset(out: Compiled, rid: int, pols: list[Any], pids: list[int], set
                     rows.append((pid, action, dry, L.FALSE | L.END_CLAUSE, (0,) * 7, {"false": True}))
                     continue
                 for m in clause.matches:
-                    flags, sids, text = _match(m, sets, id_cache, all_ids)
+                    flags, sids, text = _match(m, sets, id_cache, index)
                     rows.append((pid, action, dry, flags, sids, text))
                 last = rows[-1]
                 rows[-1] = (last[0], last[1], last[2], last[3] | L.END_CLAUSE, last[4], last[5])
@@ -319,8 +365,8 @@ def _emit_ruleset(out: Compiled, rid: int, pols: list[Any], pids: list[int], set
     return len(rows)
 
 
-def _match(m: Any, sets: _Sets, id_cache: dict[bytes, frozenset[int]],
-           all_ids: list[tuple[Identity, int]]) -> tuple[int, tuple[int, ...], dict[str, Any]]:
+def _match(m: Any, sets: _Sets, id_cache: dict[bytes, int],
+           index: IdentityIndex) -> tuple[int, tuple[int, ...], dict[str, Any]]:
     text: dict[str, Any] = {}
     flags = 0
     id_set = 0
@@ -328,10 +374,8 @@ def _match(m: Any, sets: _Sets, id_cache: dict[bytes, frozenset[int]],
         key = m.SerializeToString(deterministic=True)  # same Match, same identity set
         ids = id_cache.get(key)
         if ids is None:
-            chosen = {i for ident, i in all_ids if _identity_ok(m, ident)}
-            if not _has_positive_identity_kind(m):
-                chosen.add(0)  # unknown sources pass not_* forms
-            ids = id_cache[key] = frozenset(chosen)
+            # bit 0 (unknown) survives only the not_* forms: no positive kind ever holds it
+            ids = id_cache[key] = index.mask(m)
         if ids:
             id_set = sets.id_set(ids)
         else:
@@ -344,7 +388,7 @@ def _match(m: Any, sets: _Sets, id_cache: dict[bytes, frozenset[int]],
             vals = getattr(m, fname)
             if vals:
                 text[fname] = [f"{s.namespace}/{s.serviceAccount}" for s in vals]
-        text["identities"] = len(ids)
+        text["identities"] = ids.bit_count()
     sids = [id_set]
     for fname in ("source_ips", "not_source_ips", "destination_ips", "not_destination_ips"):
         vals = getattr(m, fname)
