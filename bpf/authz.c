@@ -144,6 +144,10 @@ static __always_inline long km_az_step(__u32 idx, struct km_az_ctx *c)
             c->s_allowed |= c->policy;
         }
         c->policy = 0;
+        /* DENY policies come first (the compiler orders them so): once an enforced ALLOW has
+         * matched, or an enforced and a counted DENY have, nothing later changes the outcome */
+        if (c->allowed || (c->deny && c->s_deny))
+            return 1;
     }
     return 0;
 }
@@ -249,11 +253,9 @@ int authz(struct __sk_buff *skb)
     if ((void *)(eth + 1) > data_end)
         return TC_ACT_OK;
 
-    __u32 zero = 0;
-    struct km_az_ctx *cp = km_authz_scratch.lookup(&zero);
-    if (!cp)
-        return TC_ACT_OK;
-    __builtin_memset(cp, 0, sizeof(*cp));
+    /* parse into locals first: every packet of an established connection leaves at the
+     * SYN test, touching no map */
+    __u32 saddr[4] = {}, daddr[4] = {};
     __u32 l4_off;
     int v6 = 0;
     if (eth->h_proto == bpf_htons(ETH_P_IP)) {
@@ -265,10 +267,10 @@ int authz(struct __sk_buff *skb)
         if (ip->frag_off & bpf_htons(0x3fff))
             return TC_ACT_OK; /* fragments: not a plain SYN */
         l4_off = sizeof(struct ethhdr) + ip->ihl * 4;
-        cp->saddr[2] = bpf_htonl(0xffff);
-        cp->saddr[3] = ip->saddr;
-        cp->daddr[2] = bpf_htonl(0xffff);
-        cp->daddr[3] = ip->daddr;
+        saddr[2] = bpf_htonl(0xffff);
+        saddr[3] = ip->saddr;
+        daddr[2] = bpf_htonl(0xffff);
+        daddr[3] = ip->daddr;
     } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
@@ -276,8 +278,8 @@ int authz(struct __sk_buff *skb)
         if (ip6->nexthdr != KM_IPPROTO_TCP)
             return TC_ACT_OK;
         l4_off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
-        __builtin_memcpy(cp->saddr, &ip6->saddr, 16);
-        __builtin_memcpy(cp->daddr, &ip6->daddr, 16);
+        __builtin_memcpy(saddr, &ip6->saddr, 16);
+        __builtin_memcpy(daddr, &ip6->daddr, 16);
         v6 = 1;
     } else {
         return TC_ACT_OK;
@@ -289,22 +291,32 @@ int authz(struct __sk_buff *skb)
         return TC_ACT_OK;
     if (!th->syn || th->ack || th->rst)
         return TC_ACT_OK; /* only connection attempts are judged */
-    cp->dport = bpf_ntohs(th->dest);
+    __u32 dport = bpf_ntohs(th->dest);
 
+    __u32 zero = 0;
     struct km_authz_cfg *cfg = km_authz_cfg.lookup(&zero);
     if (!cfg || cfg->disabled)
         return TC_ACT_OK;
     struct km_authz_addr_key ak = {};
     ak.epoch = cfg->epoch;
-    __builtin_memcpy(ak.addr, cp->daddr, 16);
+    __builtin_memcpy(ak.addr, daddr, 16);
     struct km_authz_dst *dst = km_authz_dst.lookup(&ak);
     if (!dst || !dst->count)
         return TC_ACT_OK; /* not a local workload's address, or no policy applies */
-    __builtin_memcpy(ak.addr, cp->saddr, 16);
+    __builtin_memcpy(ak.addr, saddr, 16);
     __u32 *ident = km_authz_ident.lookup(&ak);
-    cp->ident = ident ? *ident : 0;
-    if (cp->ident == KM_AUTHZ_ID_NODE)
+    __u32 id = ident ? *ident : 0;
+    if (id == KM_AUTHZ_ID_NODE)
         return TC_ACT_OK; /* the node (kubelet probes) */
+
+    struct km_az_ctx *cp = km_authz_scratch.lookup(&zero);
+    if (!cp)
+        return TC_ACT_OK;
+    __builtin_memset(cp, 0, sizeof(*cp));
+    __builtin_memcpy(cp->saddr, saddr, 16);
+    __builtin_memcpy(cp->daddr, daddr, 16);
+    cp->dport = dport;
+    cp->ident = id;
     cp->ruleset = dst->ruleset;
     cp->count = dst->count;
     cp->workload = dst->workload;

@@ -307,7 +307,9 @@ def compile_tables(policies: dict[str, Any], workloads: Iterable[WorkloadInfo], 
     for w in sorted(local, key=lambda x: x.uid):
         cand = {*global_names, *by_namespace.get(w.namespace, ()),
                 *(n for n in w.policies if n in policies and policies[n].scope == SCOPE_SELECTOR)}
-        names = tuple(sorted(n for n in cand if applicable(policies[n], w, root_namespace)))
+        # DENY policies first: the kernel stops at the first enforced ALLOW that matches
+        names = tuple(sorted((n for n in cand if applicable(policies[n], w, root_namespace)),
+                             key=lambda n: (policies[n].action != 1, n)))
         for n in names:
             out.selected.setdefault(n, []).append(w.uid)
         if not names:
