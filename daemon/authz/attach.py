@@ -6,8 +6,8 @@ killed, and a new daemon swaps in its freshly loaded program with one atomic BPF
 links also coexist with other tc programs (CNIs) instead of replacing them. An ifindex only
 means something inside its netns, so the link is created from a thread that entered it.
 
-Pins: ``<pin_dir>/authz/<netns cookie>-<ifindex>``; removing the pin (and closing our fd)
-detaches the program.
+Pins: ``<pin_dir>/authz-link-<netns cookie>-<ifindex>`` (files beside the generation
+directories, which hold only maps); removing the pin (and closing our fd) detaches the program.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ BPF_OBJ_PIN = 6
 BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_TCX_INGRESS = 46
-PIN_RE = re.compile(r"^(\d+)-(\d+)$")
+PIN_RE = re.compile(r"^authz-link-(\d+)-(\d+)$")
 
 
 def _link_create(prog_fd: int, ifindex: int) -> int:
@@ -72,8 +72,7 @@ class Links:
     """The pinned authz links of this node."""
 
     def __init__(self, pin_dir: Path) -> None:
-        self.dir = Path(pin_dir) / "authz"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(pin_dir)
 
     def pinned(self) -> dict[int, list[Path]]:
         """netns cookie -> pin paths."""
@@ -91,7 +90,7 @@ class Links:
 
         def run() -> None:
             for idx, name in _interfaces_here():
-                pin = self.dir / f"{cookie}-{idx}"
+                pin = self.dir / f"authz-link-{cookie}-{idx}"
                 if pin.exists():
                     fd = bpfsys.obj_get(str(pin))
                     try:

@@ -349,3 +349,24 @@ def test_policies_stay_enforced_across_sigkill_and_restart(denv: DaemonEnv) -> N
         stop.set()
         denv.delete("default", "deny-other")
     denv.wait_outcome("other-netutils", "ok")
+
+
+def test_workload_change_follows_within_a_second(denv: DaemonEnv) -> None:
+    """A relabelled pod leaves a selector policy's scope: its new connections follow at once."""
+    try:
+        denv.apply(DENY_OTHER)
+        denv.wait_outcome("other-netutils", "refused")
+        t0 = time.monotonic()
+        denv.kubectl("label", "pod", "fortio", "-n", "default", "app=fortio-canary", "--overwrite")
+        denv.wait_outcome("other-netutils", "ok", timeout=5)
+        took = time.monotonic() - t0
+        print(f"\nrelabel -> allowed in {took:.3f}s")
+        assert took <= 1.5
+        t0 = time.monotonic()
+        denv.kubectl("label", "pod", "fortio", "-n", "default", "app=fortio", "--overwrite")
+        denv.wait_outcome("other-netutils", "refused", timeout=5)
+        assert time.monotonic() - t0 <= 1.5
+    finally:
+        denv.kubectl("label", "pod", "fortio", "-n", "default", "app=fortio", "--overwrite")
+        denv.delete("default", "deny-other")
+    denv.wait_outcome("other-netutils", "ok")
