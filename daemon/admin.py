@@ -69,6 +69,8 @@ class AdminContext:
                 if p.get("ratio", 0) >= PRESSURE_WARN:
                     problems.append(f"BPF map {name} is {p.get('ratio', 0):.0%} full "
                                     f"({p.get('entries')}/{p.get('max')})")
+        if self.authz is not None and self.authz.last_error:
+            problems.append(f"authorization tables not updated: {self.authz.last_error}")
         if self.enroll is not None:
             st = self.enroll.status()
             if not st.get("converged"):
