@@ -91,6 +91,7 @@ class AuthzManager:
         self._wl_cache: dict[bytes, tuple[str, str, str, tuple[str, ...], str]] = {}
         self._pol_cache: dict[bytes, Any] = {}
         self._seen: dict[bytes, int] | None = None
+        self._by_ip: dict[bytes, WorkloadInfo] = {}
         self.denied: dict[tuple[str, ...], int] = {}
         self.dry_run: dict[tuple[str, ...], int] = {}
         self._thread = threading.Thread(target=self._run, name="authz", daemon=True)
@@ -207,7 +208,9 @@ class AuthzManager:
 
     def compile_and_apply(self) -> Compiled:
         t0 = time.perf_counter()
-        compiled = compile_tables(self._policies(), self._workload_infos(), self.writer.inactive_epoch(),
+        infos = self._workload_infos()
+        self._by_ip = {a: w for w in infos for a in w.addresses}  # records -> names, per compile
+        compiled = compile_tables(self._policies(), infos, self.writer.inactive_epoch(),
                                   node=self.node_name, node_addresses=self.node_ips,
                                   root_namespace=self.root_namespace)
         self.writer.apply(compiled)
@@ -271,9 +274,18 @@ class AuthzManager:
                 self._record(k, delta, last_ns)
         self._seen = new
 
-    def _who(self, addr: bytes) -> dict[str, str]:
-        resolver = _Resolver(self)
-        return resolver.by_ip(str(ipaddress.ip_address(L.addr_from16(addr))))
+    def _who(self, addr: bytes) -> dict[str, Any]:
+        """Workload name/namespace/principal (and enrolled netns cookie) owning an address."""
+        w = self._by_ip.get(L.addr_from16(addr))
+        if w is None:
+            return {}
+        out: dict[str, Any] = {"workload": w.name, "namespace": w.namespace, "uid": w.uid,
+                               "principal": f"spiffe://{w.identity.principal}"}
+        if self.enroll is not None:
+            pod = self.enroll.find(w.namespace, w.name)
+            if pod is not None:
+                out["cookie"] = pod.netns_cookie
+        return out
 
     def _record(self, key: bytes, delta: int, last_ns: int) -> None:
         pid, wid, saddr, daddr, dport, kind = L.LOG_KEY.unpack(key)[:6]
@@ -377,23 +389,3 @@ class AuthzManager:
                 fam.add(value, **dict(zip(DENY_LABELS, labels, strict=True)))
             fams.append(fam)
         return fams
-
-
-class _Resolver:
-    """Address -> workload name/namespace/principal and enrolled netns cookie (for records)."""
-
-    def __init__(self, mgr: AuthzManager) -> None:
-        self.mgr = mgr
-
-    def by_ip(self, ip: str) -> dict[str, str]:
-        packed = ipaddress.ip_address(ip).packed
-        for w in self.mgr._workload_infos():
-            if packed in w.addresses:
-                out: dict[str, Any] = {"workload": w.name, "namespace": w.namespace, "uid": w.uid,
-                                       "principal": f"spiffe://{w.identity.principal}"}
-                if self.mgr.enroll is not None:
-                    pod = self.mgr.enroll.find(w.namespace, w.name)
-                    if pod is not None:
-                        out["cookie"] = pod.netns_cookie
-                return out
-        return {}
