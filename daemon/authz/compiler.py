@@ -323,6 +323,8 @@ def compile_tables(policies: dict[str, Any], workloads: Iterable[WorkloadInfo], 
             out.rulesets[rid] = list(names)
         for a in w.addresses:
             out.dst[L.ADDR_KEY.pack(epoch, L.addr16(a))] = L.DST_VAL.pack(rs[0], rs[1], wl_ids[w.uid], 0)
+    if not out.dst:  # no policy applies here: the program stops at the destination lookup
+        out.ident = {}
     return out
 
 

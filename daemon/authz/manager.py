@@ -214,6 +214,8 @@ class AuthzManager:
                                   node=self.node_name, node_addresses=self.node_ips,
                                   root_namespace=self.root_namespace)
         self.writer.apply(compiled)
+        # keep what inspection reads (destinations, rulesets, names); the rest is in the kernel
+        compiled.ident, compiled.entry, compiled.bits, compiled.port, compiled.ipset = {}, {}, {}, {}, {}
         self.compiled = compiled
         self.compiles += 1
         self.last_error = ""
