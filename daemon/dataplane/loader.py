@@ -33,7 +33,7 @@ from daemon.dataplane.types import Capacity
 
 REPO = Path(__file__).resolve().parents[2]
 BPF_DIR = REPO / "bpf"
-SOURCES = ("connect4.c", "connect6.c", "getpeername.c", "sockops.c", "handoff.c")
+SOURCES = ("connect4.c", "connect6.c", "getpeername.c", "sockops.c", "handoff.c", "authz.c")
 CGROUP2_MAGIC = 0x63677270
 
 # program name -> attach type; all attach to the same cgroup
@@ -162,6 +162,10 @@ def _compile(gen_dir: Path, cap: Capacity) -> Loaded:
         from bcc.libbcc import lib  # bcc 0.26's Table() does not know sockhash maps
 
         bpfsys.prog_attach(lib.bpf_table_fd(bpf.module, sockhash.encode()), fn.fd, bpfsys.SK_MSG_VERDICT)
+    # tc (tcx) program of daemon/authz: loaded here, attached per pod netns by daemon/authz/attach.py
+    loaded.functions["authz"] = bpf.load_func(b"authz", BPF.SCHED_CLS)
+    walk = bpf.load_func(b"authz_walk", BPF.SCHED_CLS)
+    bpf[b"km_authz_jmp"][ct.c_int(0)] = ct.c_int(walk.fd)  # pinned: outlives this process
     return loaded
 
 
