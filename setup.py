@@ -32,6 +32,6 @@ setup(
     packages=find_namespace_packages(include=["kmeshctl*", "daemon*", "sandbox*", "waypoint*"],
                                       exclude=["*.__pycache__"]) + sorted(ASSETS),
     package_dir=ASSETS,
-    package_data={"": ["*.proto", "*.yaml", "*.yml", "*.c", "*.h", "*.j2", "*.md", "*.json", "*.pem"],
+    package_data={"": ["*.proto", "*.yaml", "*.yml", "*.c", "*.h", "*.j2", "*.md", "*.json", "*.conf"],
                   **{p: ["*"] for p in ASSETS}},
 )

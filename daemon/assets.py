@@ -45,3 +45,13 @@ def bpf_dir() -> Path:
 def checkout_root() -> Path | None:
     """The source checkout this code runs from, if any (for .build/ caches such as kernel-src)."""
     return _SITE if (_SITE / "pyproject.toml").is_file() and (_SITE / "daemon").is_dir() else None
+
+
+def kernel_headers_fallback() -> Path | None:
+    """Headers for bcc when the node has no /lib/modules/$(uname -r)/build: $KMESH_KERNEL_HEADERS
+    (the image's merged Debian tree), else the checkout's .build/kernel-src (`make setup`)."""
+    env = os.environ.get("KMESH_KERNEL_HEADERS")
+    if env and Path(env).is_dir():
+        return Path(env)
+    built = _SITE / ".build" / "kernel-src"
+    return built if built.is_dir() else None

@@ -54,7 +54,10 @@ def ensure_kernel_source() -> None:
         return
     if Path(f"/lib/modules/{os.uname().release}/build").exists():
         return
-    os.environ["BCC_KERNEL_SOURCE"] = str(REPO / ".build" / "kernel-src")
+    from daemon.assets import kernel_headers_fallback
+
+    built = kernel_headers_fallback()
+    os.environ["BCC_KERNEL_SOURCE"] = str(built or REPO / ".build" / "kernel-src")
 
 
 def check_cgroup(cgroup: Path, allow_root: bool = False) -> Path:
