@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from kmeshctl.common import KmeshctlError, UsageError
+from kmeshctl.common import AllNamespacesOpt, KmeshctlError, ListNamespaceOpt, UsageError, namespace_scope
 
 DirOpt = Annotated[
     str | None,
@@ -64,13 +64,18 @@ def down(directory: DirOpt = None) -> None:
 def status(
     directory: DirOpt = None,
     output: Annotated[str, typer.Option("-o", "--output", help="table or json.")] = "table",
+    namespace: ListNamespaceOpt = None,
+    all_namespaces: AllNamespacesOpt = False,
 ) -> None:
-    """Show what the sandbox runs."""
+    """Show what the sandbox runs (pods of all namespaces unless -n)."""
     from sandbox import up as sb
 
     if output not in ("table", "json"):
         raise UsageError(f"--output must be table or json, not {output!r}")
+    only = namespace_scope(namespace, all_namespaces)
     info = sb.status(Path(directory) if directory else None)
+    if only is not None and info.get("pods"):
+        info["pods"] = [p for p in info["pods"] if p["namespace"] == only]
     if output == "json":
         print(json.dumps(info, indent=2))
         return
@@ -83,6 +88,7 @@ def status(
     print(f"api server   {info['apiServer']}")
     print(f"cgroup root  {info['cgroupRoot']}")
     print(f"pins         {info['pinDir']}")
+    print(f"daemon       {info.get('daemonRuntime', 'unknown')}")
     print(f"{'COMPONENT':<11}{'PID':>8}  {'STATE':<9} DETAIL")
     for name, c in info["components"].items():
         state = "ready" if c["ready"] else ("starting" if c["running"] else "stopped")
@@ -136,7 +142,8 @@ def exec_(
         command = command[1:]
     if not command:
         raise UsageError(
-            "give the command to run after --, e.g. `kmeshctl sandbox exec netutils -- curl -sI fortio`"
+            "give the command to run after --, e.g. "
+            "`kmeshctl sandbox exec netutils -n default -- curl -sI fortio`"
         )
     d = sb.sandbox_dir(directory)
     if sb.State.load(d) is None:
@@ -184,5 +191,7 @@ def register(app: typer.Typer) -> None:
     group.command("up")(up)
     group.command("down")(down)
     group.command("status")(status)
-    group.command("exec", context_settings={"allow_interspersed_args": False})(exec_)
+    # Options may come before or after POD (kubectl's `exec POD -n ns -- cmd`); everything after `--`
+    # is the command, never an option of ours.
+    group.command("exec")(exec_)
     app.add_typer(group, name="sandbox")
