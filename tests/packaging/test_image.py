@@ -46,6 +46,7 @@ def child_cgroup(test_cgroup: Path) -> Iterator[Path]:
     finally:
         remove_v1_cgroups(path)
         remove_cgroup_tree(path)
+        remove_v1_cgroups(test_cgroup)  # runc also made the parent path in every v1 hierarchy
 
 
 @pytest.fixture
@@ -74,18 +75,45 @@ def test_daemon_runs_in_the_image(daemon_image: str, child_cgroup: Path, private
     admin, metrics = _free_port(), _free_port()
     parent = "/" + str(child_cgroup.relative_to(Path("/sys/fs/cgroup/unified")))
     try:
-        podman("run", "-d", "--name", name, "--privileged", "--network", "host", "--cgroupns", "private",
-               "--cgroup-parent", f"{parent}/pod", "-v", f"{child_cgroup}:/mnt/kmesh_cgroup2",
-               "-v", f"{private_bpffs}:/sys/fs/bpf", "-e", "KMESH_CGROUP_ROOT=/mnt/kmesh_cgroup2",
-               daemon_image, "--node-wide", "--plaintext", "--xds-address", "127.0.0.1:1", "--no-enroll",
-               "--admin-addr", f"127.0.0.1:{admin}", "--metrics-addr", f"127.0.0.1:{metrics}")
+        podman(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--privileged",
+            "--network",
+            "host",
+            "--cgroupns",
+            "private",
+            "--cgroup-parent",
+            f"{parent}/pod",
+            "-v",
+            f"{child_cgroup}:/mnt/kmesh_cgroup2",
+            "-v",
+            f"{private_bpffs}:/sys/fs/bpf",
+            "-e",
+            "KMESH_CGROUP_ROOT=/mnt/kmesh_cgroup2",
+            daemon_image,
+            "--node-wide",
+            "--plaintext",
+            "--xds-address",
+            "127.0.0.1:1",
+            "--no-enroll",
+            "--admin-addr",
+            f"127.0.0.1:{admin}",
+            "--metrics-addr",
+            f"127.0.0.1:{metrics}",
+        )
         deadline = time.monotonic() + 120
         st: dict | None = None
         while time.monotonic() < deadline:
             st = _status(admin)
             if st and "data plane not loaded" not in st.get("problems", []):
                 break
-            if podman("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() != "true":
+            if (
+                podman("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip()
+                != "true"
+            ):
                 break
             time.sleep(0.5)
         logs = podman("logs", name, check=False).stdout[-3000:]
@@ -93,13 +121,18 @@ def test_daemon_runs_in_the_image(daemon_image: str, child_cgroup: Path, private
         assert "data plane not loaded" not in st.get("problems", []), logs
         assert st["cgroup"] == "/mnt/kmesh_cgroup2"
         # Attached to the child cgroup (the node root as the container sees it), pinned in the private bpffs.
-        shown = subprocess.run(["bpftool", "cgroup", "show", str(child_cgroup)], capture_output=True, text=True)
+        shown = subprocess.run(
+            ["bpftool", "cgroup", "show", str(child_cgroup)], capture_output=True, text=True
+        )
         assert "connect4" in shown.stdout and "sockops" in shown.stdout, shown.stdout + shown.stderr
         assert any((private_bpffs / "kmesh").iterdir())
         # The daemon process itself is inside the subtree it redirects (its control connect must be).
         pid = podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
-        own = next(line[3:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                   if line.startswith("0::"))
+        own = next(
+            line[3:]
+            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            if line.startswith("0::")
+        )
         assert own.startswith(parent + "/pod/"), own
     finally:
         podman("rm", "-f", "-t", "2", name, check=False)
