@@ -2,8 +2,8 @@
 #
 # `make image` builds it with podman from a locally debootstrapped base (BASE=localhost/kmesh-base:...)
 # and a build context holding the kmesh-py wheel and its dependencies as wheels (see scripts/image.sh).
-# Elsewhere: `pip wheel -w wheels . && docker build --build-arg BASE=debian:bookworm-slim .`
-# with the wheels/ directory next to this file.
+# Elsewhere: `pip wheel -w deps . && mkdir app && mv deps/kmesh_py-*.whl app/ && rm deps/kubernetes_validate-*
+# && docker build --build-arg BASE=debian:bookworm-slim .`
 #
 # Contents: Debian bookworm's python3 with bcc (python3-bpfcc), clang for bcc's compilation at daemon
 # start, and Debian's kernel headers merged into one tree (/opt/kmesh/kernel-src) for nodes without
@@ -29,13 +29,19 @@ RUN apt-get update -q \
       /usr/share/doc/* /usr/share/man/* /usr/share/locale/*
 
 # A venv on top of the system python so `import bcc` (python3-bpfcc) keeps working; installed from
-# the wheels in the build context only (no index): the image build needs no registry.
-COPY wheels /tmp/wheels
+# wheels in the build context only (no index): the image build needs no registry. Two layers: the
+# dependencies (deps/, rarely change, cached) and kmesh-py itself (app/, rebuilt on every change).
+# kubernetes-validate (kmeshctl's install checks, ~110 MB of schemas) is left out: the daemon never
+# uses it.
+COPY deps /tmp/deps
 RUN python3 -m venv --system-site-packages /opt/kmesh/venv \
- && /opt/kmesh/venv/bin/pip install -q --no-cache-dir --no-index --find-links /tmp/wheels kmesh-py \
- && /opt/kmesh/venv/bin/pip uninstall -q -y kubernetes-validate pip \
- && rm -rf /tmp/wheels \
- && find /opt/kmesh/venv -name __pycache__ -prune -exec rm -rf {} + \
+ && /opt/kmesh/venv/bin/pip install -q --no-cache-dir --no-index --no-deps /tmp/deps/*.whl \
+ && rm -rf /tmp/deps \
+ && /opt/kmesh/venv/bin/python -m compileall -q /opt/kmesh/venv/lib
+COPY app /tmp/app
+RUN /opt/kmesh/venv/bin/pip install -q --no-cache-dir --no-index --no-deps /tmp/app/*.whl \
+ && /opt/kmesh/venv/bin/pip uninstall -q -y pip \
+ && rm -rf /tmp/app \
  && /opt/kmesh/venv/bin/python -m compileall -q /opt/kmesh/venv/lib
 ENV PATH=/opt/kmesh/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     KMESH_KERNEL_HEADERS=/opt/kmesh/kernel-src \

@@ -65,13 +65,15 @@ else
     t0=$(date +%s)
     ctx=$(mktemp -d "$OUT/ctx.XXXXXX")
     trap 'rm -rf "$ctx"' EXIT
-    # The wheel and every dependency as wheels (pip's cache makes this quick on a set-up machine);
-    # the image build then installs with --no-index.
+    # The wheel (app/) and every dependency (deps/) as wheels (pip's cache makes this quick on a
+    # set-up machine); the image build then installs with --no-index.
     PY=${PYTHON:-$ROOT/.venv/bin/python}
     [ -x "$PY" ] || PY=python3
-    "$PY" -m pip wheel -q --no-build-isolation -w "$ctx/wheels" "$ROOT" >"$OUT/wheels.log" 2>&1 \
+    "$PY" -m pip wheel -q --no-build-isolation -w "$ctx/deps" "$ROOT" >"$OUT/wheels.log" 2>&1 \
         || { grep -v "is ignored" "$OUT/wheels.log" | tail -20 >&2; exit 1; }
     rm -rf "$ROOT/build"
+    mkdir "$ctx/app" && mv "$ctx"/deps/kmesh_py-*.whl "$ctx/app/"
+    rm -f "$ctx"/deps/kubernetes_validate-*.whl
     cp Dockerfile "$ctx/"
     log "podman build ($REF)"
     podman build --network host --pull=never --build-arg "BASE=$BASE_REF" -t "$REF" \
@@ -82,6 +84,11 @@ else
     size=$(podman image inspect --format '{{.Size}}' "$REF")
     log "built $REF in $(( $(date +%s) - t0 )) s, $(( size / 1000000 )) MB"
 fi
+# Older builds go (an image a running container uses stays); so does the dangling layer cache.
+for old in $(podman images --format '{{.Repository}}:{{.Tag}}' localhost/kmesh-daemon | grep -vx "$REF"); do
+    podman rmi "$old" >/dev/null 2>&1 || true
+done
+rm -f $(ls "$OUT"/daemon-*.id 2>/dev/null | grep -v "daemon-$src_hash.id") 2>/dev/null || true
 # The name the install manifests use follows the last build.
 podman tag "$REF" "ghcr.io/kmesh-py/kmesh-daemon:$VERSION"
 echo "$REF" >"$OUT/current"
