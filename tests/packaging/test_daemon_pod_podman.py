@@ -27,7 +27,8 @@ from tests.packaging.conftest import podman
 REPO = Path(__file__).resolve().parents[2]
 KMESHCTL = str(REPO / ".venv" / "bin" / "kmeshctl")
 SAMPLES = [REPO / "manifests/samples/fortio/fortio-route.yaml", REPO / "manifests/samples/netutils.yaml"]
-pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
+# The first test to need the image may build it (fresh machine: ~3-5 min under load).
+pytestmark = [pytest.mark.e2e, pytest.mark.kernel, pytest.mark.timeout(1200)]
 
 
 class Sbx:

@@ -22,7 +22,8 @@ from sandbox.cgroups import remove_cgroup_tree
 from sandbox.kubelet.podman import remove_v1_cgroups
 from tests.packaging.conftest import podman
 
-pytestmark = pytest.mark.kernel
+# The first test to need the image may build it (fresh machine: ~3-5 min under load).
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1200)]
 
 
 def _free_port() -> int:

@@ -184,6 +184,7 @@ def _lock(timeout: float = 600) -> int:
             time.sleep(1)
 
 
+@pytest.mark.timeout(900)  # may wait for /tmp/kmesh-demo.lock held by a running demo
 def test_sandbox_up_down_from_the_wheel(venv: tuple[Path, dict[str, str], Path]) -> None:
     v, env, cwd = venv
     kmeshctl = str(v / "bin" / "kmeshctl")
