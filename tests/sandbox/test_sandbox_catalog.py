@@ -19,7 +19,7 @@ def _no_daemon_override(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 CTX = NodeContext(
-    cgroup_root="/sys/fs/cgroup/unified/kmesh-sandbox-x",
+    cgroup_root="/sys/fs/cgroup/kmesh-sandbox-x",
     pin_prefix="ksx",
     bin_dir=Path(sys.executable).parent,
 )
@@ -58,14 +58,14 @@ def test_daemon_flags_seed_style_and_plain() -> None:
     assert plain == ["--mode=dual-engine", "--enable-bpf-log=true"]
     # The sandbox decides where the daemon attaches: manifest flags cannot point it at the machine's root.
     assert daemon_flags(
-        [], ["--cgroup-root", "/sys/fs/cgroup/unified", "--pin-prefix=x", "--mode=dual-engine"]
+        [], ["--cgroup-root", "/sys/fs/cgroup", "--pin-prefix=x", "--mode=dual-engine"]
     ) == ["--mode=dual-engine"]
 
 
 def test_daemon_env_is_confined_to_the_sandbox(tmp_path: Path) -> None:
     (tmp_path / "kmesh-daemon").write_text("#!/bin/sh\n")
     ctx = NodeContext(cgroup_root=CTX.cgroup_root, pin_prefix="ksx", bin_dir=tmp_path)
-    env = {"KMESH_CGROUP_ROOT": "/sys/fs/cgroup/unified", "XDS_ADDRESS": "istiod:15012"}
+    env = {"KMESH_CGROUP_ROOT": "/sys/fs/cgroup", "XDS_ADDRESS": "istiod:15012"}
     prog = resolve(
         "ghcr.io/kmesh-py/kmesh-daemon:0.1.0", ["kmesh-daemon"], ["--mode=dual-engine"], env, [], "x", ctx
     )
@@ -81,11 +81,16 @@ def test_daemon_missing_is_a_clear_failure(tmp_path: Path) -> None:
     assert e.value.reason == "DaemonNotInstalled" and "make setup" in e.value.message
 
 
-def test_fortio_port_and_version() -> None:
-    p = resolve("fortio/fortio", None, ["server", "-http-port", "9090"], {}, [8080], "v2", CTX)
-    assert p.argv[-4:] == ["--port", "9090", "--server-name", "fortio-v2"]
+def test_fortio_gets_its_own_arguments_and_version() -> None:
+    # Kmesh's sample: command fortio, fortio's flags in args.
+    args = ["server", "-http-port", "0.0.0.0:8080", "-echo-server-default-params", "header=server:1"]
+    p = resolve("fortio/fortio", ["fortio"], args, {}, [8080], "v2", CTX)
+    assert p.argv[1:] == ["-m", "sandbox.images.fortio", "--sandbox-server", "fortio-v2", "--", *args]
+    # The image's entrypoint is fortio: args only, or nothing (default command `server`).
     p = resolve("fortio/fortio", None, ["server"], {}, [8081], "v1", CTX)
-    assert p.argv[-4:] == ["--port", "8081", "--server-name", "fortio-v1"]
+    assert p.argv[-3:] == ["fortio-v1", "--", "server"]
+    p = resolve("fortio/fortio", ["/usr/bin/fortio", "server"], None, {}, [], "v1", CTX)
+    assert p.argv[-2:] == ["--", "server"]
 
 
 def test_tools_images() -> None:
