@@ -22,8 +22,15 @@ from kmeshctl.main import _register, app
 REPO = Path(__file__).resolve().parents[2]
 KMESHCTL = [sys.executable, "-m", "kmeshctl.main"]
 # long flag -> the short form it must have wherever it exists (None: no short form anywhere)
-COMMON = {"--namespace": "-n", "--output": "-o", "--all-namespaces": "-A", "--container": "-c",
-          "--kubeconfig": None, "--context": None, "--help": None}
+COMMON = {
+    "--namespace": "-n",
+    "--output": "-o",
+    "--all-namespaces": "-A",
+    "--container": "-c",
+    "--kubeconfig": None,
+    "--context": None,
+    "--help": None,
+}
 
 
 @functools.cache
@@ -56,15 +63,34 @@ def _options(cmd: object) -> list[object]:
 
 def test_the_walk_sees_the_commands_users_know() -> None:
     names = {" ".join(p) for p, _ in COMMANDS}
-    for expected in ("install", "uninstall", "dump", "status", "log", "version", "enable ns", "disable pod",
-                     "trace pod", "sandbox up", "sandbox exec", "sandbox status", "completion"):
+    for expected in (
+        "install",
+        "uninstall",
+        "dump",
+        "status",
+        "log",
+        "version",
+        "enable ns",
+        "disable pod",
+        "trace pod",
+        "sandbox up",
+        "sandbox exec",
+        "sandbox status",
+        "completion",
+    ):
         assert expected in names, f"{expected!r} missing from {sorted(names)}"
 
 
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=lambda p: " ".join(p))
 def test_help_works_everywhere(path: list[str]) -> None:
-    r = subprocess.run([*KMESHCTL, *path, "--help"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "COLUMNS": "120"}, cwd=REPO)
+    r = subprocess.run(
+        [*KMESHCTL, *path, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "120"},
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert f"Usage: kmeshctl {' '.join(path)}" in " ".join(r.stdout.split()), r.stdout[:300]
     assert r.stderr == ""
@@ -81,15 +107,17 @@ def test_common_flags_are_the_same_everywhere(path: list[str], cmd: object) -> N
             if n in COMMON:
                 longs.add(n)
                 want = COMMON[n]
-                assert shorts == ({want} if want else set()), \
+                assert shorts == ({want} if want else set()), (
                     f"{where}: {n} has short form {shorts or 'none'}"
+                )
         for long, short in COMMON.items():
             if short and short in shorts:
                 assert long in names, f"{where}: {short} means {names}, everywhere else it is {long}"
     if "--kubeconfig" in longs or "--context" in longs:
         assert {"--kubeconfig", "--context"} <= longs, f"{where}: --kubeconfig and --context go together"
-    assert getattr(cmd, "context_settings", {}).get("allow_interspersed_args") is not False, \
+    assert getattr(cmd, "context_settings", {}).get("allow_interspersed_args") is not False, (
         f"{where}: flags must be accepted after positional arguments"
+    )
 
 
 def _ctx(args: list[str]) -> dict:
@@ -105,21 +133,31 @@ def _ctx(args: list[str]) -> dict:
     return ctx.params
 
 
-@pytest.mark.parametrize(("args", "expect"), [
-    (["sandbox", "exec", "netutils", "-n", "demo", "--", "sh", "-c", "echo ok"],
-     {"pod": "netutils", "namespace": "demo", "command": ["sh", "-c", "echo ok"]}),
-    (["sandbox", "exec", "-n", "demo", "netutils", "--", "sh", "-c", "echo -n x"],
-     {"namespace": "demo", "command": ["sh", "-c", "echo -n x"]}),
-    (["trace", "pod", "client", "-n", "demo", "-o", "json"],
-     {"name": "client", "namespace": "demo", "output": "json"}),
-    (["enable", "ns", "demo", "--dry-run"], {"names": ["demo"], "dry_run": True}),
-    (["disable", "pod", "a", "-n", "demo", "b", "--dry-run"], {"names": ["a", "b"], "namespace": "demo"}),
-    (["dump", "workloads", "-A"], {"kind": "workloads", "all_namespaces": True}),
-    (["dump", "services", "-n", "demo", "-o", "yaml"], {"namespace": "demo", "output": "yaml"}),
-    (["sandbox", "status", "-A", "-o", "json"], {"all_namespaces": True, "output": "json"}),
-    (["version", "kmesh-abc", "-o", "json"], {"pod": "kmesh-abc", "output": "json"}),
-    (["completion", "zsh"], {"shell": "zsh"}),
-])
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (
+            ["sandbox", "exec", "netutils", "-n", "demo", "--", "sh", "-c", "echo ok"],
+            {"pod": "netutils", "namespace": "demo", "command": ["sh", "-c", "echo ok"]},
+        ),
+        (
+            ["sandbox", "exec", "-n", "demo", "netutils", "--", "sh", "-c", "echo -n x"],
+            {"namespace": "demo", "command": ["sh", "-c", "echo -n x"]},
+        ),
+        (
+            ["trace", "pod", "client", "-n", "demo", "-o", "json"],
+            {"name": "client", "namespace": "demo", "output": "json"},
+        ),
+        (["enable", "ns", "demo", "--dry-run"], {"names": ["demo"], "dry_run": True}),
+        (["disable", "pod", "a", "-n", "demo", "b", "--dry-run"], {"names": ["a", "b"], "namespace": "demo"}),
+        (["dump", "workloads", "-A"], {"kind": "workloads", "all_namespaces": True}),
+        (["dump", "services", "-n", "demo", "-o", "yaml"], {"namespace": "demo", "output": "yaml"}),
+        (["sandbox", "status", "-A", "-o", "json"], {"all_namespaces": True, "output": "json"}),
+        (["version", "kmesh-abc", "-o", "json"], {"pod": "kmesh-abc", "output": "json"}),
+        (["waypoint", "list", "-A", "-o", "json"], {"all_namespaces": True}),
+        (["completion", "zsh"], {"shell": "zsh"}),
+    ],
+)
 def test_flags_before_or_after_positionals(args: list[str], expect: dict) -> None:
     params = _ctx(args)
     for k, v in expect.items():
@@ -127,8 +165,13 @@ def test_flags_before_or_after_positionals(args: list[str], expect: dict) -> Non
 
 
 def test_namespace_and_all_namespaces_conflict() -> None:
-    r = subprocess.run([*KMESHCTL, "dump", "workloads", "-n", "a", "-A"], capture_output=True, text=True,
-                       timeout=60, cwd=REPO)
+    r = subprocess.run(
+        [*KMESHCTL, "dump", "workloads", "-n", "a", "-A"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "not both" in r.stderr and r.stdout == ""
 
 
@@ -140,9 +183,14 @@ def test_completion_scripts(shell: str) -> None:
 
 def test_bash_completion_answers() -> None:
     """The script's callback: `kmeshctl sandbox e<TAB>` -> exec; `kmeshctl dump -<TAB>` lists -A."""
+
     def complete(words: str, cword: int) -> list[str]:
-        env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": str(cword),
-               "_KMESHCTL_COMPLETE": "complete_bash"}
+        env = {
+            **os.environ,
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+            "_KMESHCTL_COMPLETE": "complete_bash",
+        }
         r = subprocess.run(KMESHCTL, capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
         assert r.returncode == 0, r.stderr
         return r.stdout.split()
