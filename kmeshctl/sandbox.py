@@ -30,15 +30,35 @@ def _note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _xds_ports(value: str | None) -> tuple[int, int] | None:
+    """``TLS,PLAINTEXT`` ports, ``auto`` (two free ports), or None (istiod's 15012,15010)."""
+    from sandbox import up as sb
+
+    if value is None:
+        return None
+    if value == "auto":
+        return sb.free_port(), sb.free_port()
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 65536 for p in parts):
+        raise UsageError(f"--xds-ports {value!r}: give TLS,PLAINTEXT (e.g. 15012,15010) or auto")
+    return int(parts[0]), int(parts[1])
+
+
 def up(
     directory: DirOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait until ready.")] = 60.0,
+    xds_ports: Annotated[str | None, typer.Option(
+        "--xds-ports", show_default=False,
+        help="istiod stand-in ports TLS,PLAINTEXT (default 15012,15010 as istiod), or auto for free ones "
+             "(then install with --xds istiod-1-22-6.istio-system.svc:PORT).")] = None,
 ) -> None:
     """Start the sandbox API server, control plane and node (in the background)."""
     from sandbox import up as sb
 
+    ports = _xds_ports(xds_ports)
     try:
-        st = sb.up(Path(directory) if directory else None, timeout=timeout, log=_note)
+        st = sb.up(Path(directory) if directory else None, timeout=timeout, log=_note,
+                   **({"xds_ports": ports} if ports else {}))
     except sb.SandboxError as e:
         raise KmeshctlError(str(e)) from None
     _note(

@@ -23,6 +23,7 @@ import pytest
 
 from sandbox import up as sb
 from tests.packaging.conftest import podman
+from tests.support.kubectl import kubectl_path
 
 REPO = Path(__file__).resolve().parents[2]
 KMESHCTL = str(REPO / ".venv" / "bin" / "kmeshctl")
@@ -44,7 +45,7 @@ class Sbx:
         return subprocess.run(list(cmd), capture_output=True, text=True, env=env or self.env, timeout=timeout)
 
     def kubectl(self, *args: str) -> subprocess.CompletedProcess:
-        r = self.run("kubectl", *args)
+        r = self.run(kubectl_path(), *args)
         assert r.returncode == 0, f"kubectl {' '.join(args)}: {r.stderr}"
         return r
 
@@ -88,7 +89,7 @@ class Sbx:
         return "\n".join(
             [
                 json.dumps(pod.get("status"), indent=1)[-2000:],
-                self.run("kubectl", "logs", "-n", "kmesh-system", "-l", "app=kmesh").stdout[-3000:],
+                self.run(kubectl_path(), "logs", "-n", "kmesh-system", "-l", "app=kmesh").stdout[-3000:],
                 podman("ps", "-a", check=False).stdout,
                 (self.dir / "logs" / "kubelet.log").read_text()[-3000:],
             ]

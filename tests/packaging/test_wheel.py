@@ -9,12 +9,10 @@ checkout's rendering), ``kmesh-daemon --help``/``version`` and a ``sandbox up``/
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +22,9 @@ import pytest
 import yaml
 
 from daemon.version import version
+from tests.support.kubectl import kubectl_path
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_LOCK = Path("/tmp/kmesh-demo.lock")  # `kmeshctl sandbox up` takes istiod's fixed ports 15010/15012
 REQUIRED = [
     "kmesh_assets/manifests/kmesh/daemonset.yaml",
     "kmesh_assets/manifests/kmesh/rbac.yaml",
@@ -170,51 +168,33 @@ def test_install_dry_run_yaml_is_valid_and_complete(venv: tuple[Path, dict[str, 
     assert here.stdout == r.stdout
 
 
-def _lock(timeout: float = 600) -> int:
-    fd = os.open(DEMO_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                pytest.fail(f"{DEMO_LOCK} held for {timeout:.0f}s by another sandbox on istiod's ports")
-            time.sleep(1)
-
-
-@pytest.mark.timeout(900)  # may wait for /tmp/kmesh-demo.lock held by a running demo
 def test_sandbox_up_down_from_the_wheel(venv: tuple[Path, dict[str, str], Path]) -> None:
     v, env, cwd = venv
     kmeshctl = str(v / "bin" / "kmeshctl")
     d = cwd / "sandbox"
     env = {**env, "KMESH_SANDBOX_DIR": str(d), "KMESH_SANDBOX_DAEMON_RUNTIME": "process"}
-    fd = _lock()
+    # Free xDS ports (--xds-ports auto): no clash with a demo on istiod's 15012/15010.
+    up = _run([kmeshctl, "sandbox", "up", "--xds-ports", "auto"], cwd, env, timeout=180)
     try:
-        up = _run([kmeshctl, "sandbox", "up"], cwd, env, timeout=180)
-        try:
-            assert up.returncode == 0, up.stderr[-3000:]
-            assert up.stdout.strip() == f"export KUBECONFIG={d / 'kubeconfig'}"
-            st = json.loads(_run([kmeshctl, "sandbox", "status", "-o", "json"], cwd, env).stdout)
-            assert st["running"] and all(c["ready"] for c in st["components"].values()), st
-            for c in st["components"].values():  # every component runs the venv's code
-                cmdline = Path(f"/proc/{c['pid']}/cmdline").read_bytes().split(b"\0")
-                assert cmdline[0].decode().startswith(str(v)), cmdline
-            kubectl = subprocess.run(
-                ["kubectl", "get", "nodes", "-o", "name"],
-                capture_output=True,
-                text=True,
-                env={**env, "KUBECONFIG": str(d / "kubeconfig")},
-                timeout=30,
-            )
-            assert kubectl.returncode == 0 and kubectl.stdout.startswith("node/"), kubectl.stderr
-            cgroup = Path(st["cgroupRoot"])
-        finally:
-            down = _run([kmeshctl, "sandbox", "down"], cwd, env, timeout=120)
-        assert down.returncode == 0 and "sandbox is down" in down.stderr, down.stderr
-        assert not cgroup.exists()
-        netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
-        assert not [n for n in netns if n.startswith(st["prefix"])]
+        assert up.returncode == 0, up.stderr[-3000:]
+        assert up.stdout.strip() == f"export KUBECONFIG={d / 'kubeconfig'}"
+        st = json.loads(_run([kmeshctl, "sandbox", "status", "-o", "json"], cwd, env).stdout)
+        assert st["running"] and all(c["ready"] for c in st["components"].values()), st
+        for c in st["components"].values():  # every component runs the venv's code
+            cmdline = Path(f"/proc/{c['pid']}/cmdline").read_bytes().split(b"\0")
+            assert cmdline[0].decode().startswith(str(v)), cmdline
+        kubectl = subprocess.run(
+            [kubectl_path(), "get", "nodes", "-o", "name"],
+            capture_output=True,
+            text=True,
+            env={**env, "KUBECONFIG": str(d / "kubeconfig")},
+            timeout=30,
+        )
+        assert kubectl.returncode == 0 and kubectl.stdout.startswith("node/"), kubectl.stderr
+        cgroup = Path(st["cgroupRoot"])
     finally:
-        os.close(fd)
+        down = _run([kmeshctl, "sandbox", "down"], cwd, env, timeout=120)
+    assert down.returncode == 0 and "sandbox is down" in down.stderr, down.stderr
+    assert not cgroup.exists()
+    netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    assert not [n for n in netns if n.startswith(st["prefix"])]
