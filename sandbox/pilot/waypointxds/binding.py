@@ -1,0 +1,109 @@
+"""How connections enter the sandbox's waypoint: Kmesh's TLV on :15019, or PROXY protocol.
+
+Kmesh's waypoint image knows ``envoy.listener.kmesh_tlv``; the sandbox's waypoint is stock
+Envoy 1.40, which would NACK the listener (kmesh#678). So every listener filter of that name
+(or whose TypedStruct names the ``KmeshTlv`` type) is rendered as this project's ``kmesh_tlv``
+dynamic module followed by Envoy's ``set_filter_state`` (``waypoint.envoycfg``): the module
+strips the TLV and restores the original VIP:port as the local address, the second filter
+shares it with the upstream connection, as connect_terminate does for HBONE.
+
+Such a listener then carries, ahead of the EnvoyFilter's own chains, one chain per VIP:port the
+waypoint serves that hands the connection to ``main_internal`` (where the service's L7 routes
+live); every other destination still takes the EnvoyFilter's chain (tcp_proxy to
+``kmesh_original_dst_cluster``). This is the hand-off istiod gets from connect_terminate and
+that Kmesh's image gets from its filter; without it the restored connection would bypass the
+VirtualService.
+
+``ambient.istio.io/waypoint-inbound-binding: PROXY/<port>`` on the Gateway or its GatewayClass
+adds listener ``proxy_protocol_inbound`` on that port with Envoy's ``proxy_protocol`` listener
+filter and the same chains (istiod's "sandwich" binding; the sender is the Kmesh daemon here).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from sandbox.pilot.waypointxds import inputs as inp
+from sandbox.pilot.waypointxds.build import Config, tcp_proxy, typed
+
+Json = dict[str, Any]
+KMESH_TLV_NAME = "envoy.listener.kmesh_tlv"
+KMESH_TLV_TYPE = "KmeshTlv"
+ORIGINAL_DST_CLUSTER = "kmesh_original_dst_cluster"
+PROXY_LISTENER = "proxy_protocol_inbound"
+DEFAULT_PROXY_PORT = 15088
+
+
+def is_kmesh_tlv(lf: Json) -> bool:
+    if lf.get("name") == KMESH_TLV_NAME:
+        return True
+    tc = lf.get("typed_config") or {}
+    inner = str(tc.get("type_url") or tc.get("@type") or "")
+    return inner.endswith("." + KMESH_TLV_TYPE)
+
+
+def kmesh_tlv_filters() -> list[Json]:
+    from waypoint.envoycfg import kmesh_tlv_listener_filters
+
+    return kmesh_tlv_listener_filters()
+
+
+def share_original_dst() -> Json:
+    from waypoint.envoycfg import share_original_dst_filter
+
+    return share_original_dst_filter()
+
+
+def inbound_binding(snap: inp.Snapshot, proxy: inp.Proxy) -> tuple[str, int] | None:
+    """("PROXY", port) from the Gateway's annotation, else its GatewayClass's; None otherwise."""
+    gw = snap.gateways.get((proxy.namespace, proxy.gateway)) or {}
+    value = inp.annotations_of(gw).get(inp.INBOUND_BINDING)
+    if value is None:
+        cls = snap.gatewayclasses.get(str((gw.get("spec") or {}).get("gatewayClassName") or ""))
+        value = inp.annotations_of(cls or {}).get(inp.INBOUND_BINDING)
+    if not value:
+        return None
+    proto, _, port = value.partition("/")
+    if proto.upper() != "PROXY":
+        return None
+    return "PROXY", int(port) if port.isdigit() else DEFAULT_PROXY_PORT
+
+
+def _fallback(cfg: Config) -> list[Json]:
+    if any(c.get("name") == ORIGINAL_DST_CLUSTER for c in cfg.clusters):
+        return [{"name": "kmesh-original-dst", "filters": [tcp_proxy(ORIGINAL_DST_CLUSTER)]}]
+    return []
+
+
+def render(cfg: Config, snap: inp.Snapshot, proxy: inp.Proxy) -> None:
+    """Rewrite kmesh_tlv listener filters and add the entry bindings (see module doc)."""
+    for listener in cfg.listeners:
+        lfs = listener.get("listener_filters") or []
+        if not any(is_kmesh_tlv(lf) for lf in lfs):
+            continue
+        out: list[Json] = []
+        for lf in lfs:
+            out.extend(kmesh_tlv_filters() if is_kmesh_tlv(lf) else [lf])
+        listener["listener_filters"] = out
+        listener["filter_chains"] = copy.deepcopy(cfg.bound_chains) + list(
+            listener.get("filter_chains") or []
+        )
+    binding = inbound_binding(snap, proxy)
+    if binding is not None:
+        _, port = binding
+        cfg.listeners.append(
+            {
+                "name": PROXY_LISTENER,
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+                "listener_filters": [
+                    typed(
+                        "envoy.filters.listener.proxy_protocol",
+                        "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
+                        stat_prefix="waypoint_inbound",
+                    ),
+                    share_original_dst(),
+                ],
+                "filter_chains": copy.deepcopy(cfg.bound_chains) + _fallback(cfg),
+            }
+        )
