@@ -196,3 +196,29 @@ def test_unbound_destination_is_not_routed(wp: WaypointEnv) -> None:
 def test_vip_is_the_one_the_service_has(wp: WaypointEnv) -> None:
     svc = wp.core.read_namespaced_service("fortio", "default")
     assert svc.spec.cluster_ip == VIP
+
+
+def test_kmesh_tlv_listener_routes_by_the_original_destination(wp: WaypointEnv) -> None:
+    """The seed's kmesh-listener on :15019 (kmesh_tlv rendered as the dynamic module) hands
+    bound VIP:ports to main_internal, so the VirtualService applies (here its header rule)."""
+    vs = wp.custom.get_namespaced_custom_object(
+        "networking.istio.io", "v1beta1", "default", "virtualservices", "fortio"
+    )
+    if not any("match" in rule for rule in vs["spec"]["http"]):
+        header_rule = {
+            "match": [{"headers": {"x-version": {"exact": "v2"}}}],
+            "route": [{"destination": {"host": "fortio", "subset": "v2"}}],
+        }
+        wp.patch_istio(
+            "default", "virtualservices", "fortio", {"spec": {"http": [header_rule, *vs["spec"]["http"]]}}
+        )
+    wp.wait(
+        lambda: wp.requests("tlv", 20, {"x-version": "v2"}) == {"fortio-v2": 20}, 10, "header rule via TLV"
+    )
+    counts = wp.requests("tlv", 100)
+    assert set(counts) <= {"fortio-v1", "fortio-v2"} and sum(counts.values()) == 100, counts
+    stats = wp.admin("/stats?filter=kmesh_tlv")
+    assert any(
+        line.split(":")[0].endswith("kmesh_tlv.header_ok") and int(line.split(":")[1]) >= 120
+        for line in stats.splitlines()
+    ), stats
