@@ -93,6 +93,7 @@ def bootstrap(
                         "envoy.filters.network.http_connection_manager",
                         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         stat_prefix="readiness",
+            http_protocol_options={"accept_http_10": True},  # probes may speak HTTP/1.0
                         route_config={
                             "name": "readiness",
                             "virtual_hosts": [

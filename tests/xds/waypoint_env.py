@@ -36,7 +36,9 @@ WAYPOINT_LABELS = {
 
 CLIENT = r"""
 import json, socket, struct, sys
-mode, port, n, vip, vport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+mode, target, n, vip, vport = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+host, _, port = target.rpartition(":") if ":" in target else ("127.0.0.1", "", target)
+port = int(port)
 headers = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 def hand_off(dst_ip, dst_port):
     src = socket.inet_aton("10.244.0.5"); dst = socket.inet_aton(dst_ip)
@@ -48,7 +50,7 @@ def hand_off(dst_ip, dst_port):
 counts = {}
 for i in range(n):
     try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s = socket.create_connection((host, port), timeout=5)
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         s.sendall(hand_off(vip, vport) + f"GET / HTTP/1.1\r\nHost: fortio\r\n{extra}\r\n".encode())
         data = b""
