@@ -88,8 +88,14 @@ def wp(sandbox: SandboxHandle) -> Iterator[SandboxHandle]:
     h.kubectl("apply", "-f", str(REPO / "manifests/envoyfilters/waypoint.yaml"))
     h.apply(WAYPOINT)
     for selector in ("app=fortio", "app=netutils", "gateway.networking.k8s.io/gateway-name=waypoint"):
-        h.wait(lambda sel=selector: all(_ready(p) for p in h.get("pods", "-n", "default", "-l", sel)["items"]) and
-               h.get("pods", "-n", "default", "-l", sel)["items"], 90, f"pods {selector} Ready")
+        h.wait(
+            lambda sel=selector: (
+                all(_ready(p) for p in h.get("pods", "-n", "default", "-l", sel)["items"])
+                and h.get("pods", "-n", "default", "-l", sel)["items"]
+            ),
+            90,
+            f"pods {selector} Ready",
+        )
     yield h
 
 
@@ -107,7 +113,9 @@ def _exec(h: SandboxHandle, pod: str, *argv: str, timeout: float = 60) -> str:
     if r.returncode != 0:
         logs = h.kubectl("logs", pod, "--tail=40", check=False)
         status = h.kubectl("get", "pod", pod, "-o", "jsonpath={.status}", check=False)
-        raise AssertionError(f"exec in {pod} failed: {r.stderr}\nstatus: {status.stdout}\nlogs: {logs.stdout}")
+        raise AssertionError(
+            f"exec in {pod} failed: {r.stderr}\nstatus: {status.stdout}\nlogs: {logs.stdout}"
+        )
     return r.stdout
 
 
@@ -124,8 +132,20 @@ def test_requests_through_the_waypoint_pod_split_90_10(wp: SandboxHandle) -> Non
     waypoint_ip = _pod(wp, "gateway.networking.k8s.io/gateway-name=waypoint")["status"]["podIP"]
     vip = wp.get("svc", "fortio", "-n", "default")["spec"]["clusterIP"]
     netutils = _pod(wp, "app=netutils")["metadata"]["name"]
-    out = _exec(wp, netutils, sys.executable, "-c", CLIENT, "proxy", f"{waypoint_ip}:{PROXY_PORT}", "200", vip,
-                "80", "{}", timeout=120)
+    out = _exec(
+        wp,
+        netutils,
+        sys.executable,
+        "-c",
+        CLIENT,
+        "proxy",
+        f"{waypoint_ip}:{PROXY_PORT}",
+        "200",
+        vip,
+        "80",
+        "{}",
+        timeout=120,
+    )
     counts = json.loads(out)
     v2 = sum(n for k, n in counts.items() if k.endswith("2"))
     assert sum(counts.values()) == 200 and not any(k.startswith("error") for k in counts), counts
