@@ -222,3 +222,85 @@ def test_kmesh_tlv_listener_routes_by_the_original_destination(wp: WaypointEnv) 
         line.split(":")[0].endswith("kmesh_tlv.header_ok") and int(line.split(":")[1]) >= 120
         for line in stats.splitlines()
     ), stats
+
+
+def test_destinationrule_change_moves_the_subset_within_a_second(wp: WaypointEnv) -> None:
+    dr = wp.custom.get_namespaced_custom_object(
+        "networking.istio.io", "v1beta1", "default", "destinationrules", "fortio"
+    )
+    subsets = dr["spec"]["subsets"]
+    moved = [{"name": s["name"], "labels": {"version": "v1"}} for s in subsets]
+    vs = wp.custom.get_namespaced_custom_object(
+        "networking.istio.io", "v1beta1", "default", "virtualservices", "fortio"
+    )
+    wp.patch_istio(
+        "default",
+        "virtualservices",
+        "fortio",
+        {
+            "spec": {
+                "http": [
+                    {
+                        "match": [{"headers": {"x-version": {"exact": "v2"}}}],
+                        "route": [{"destination": {"host": "fortio", "subset": "v2"}}],
+                    },
+                    *[r for r in vs["spec"]["http"] if "match" not in r],
+                ]
+            }
+        },
+    )
+    wp.wait(lambda: wp.requests("proxy", 5, {"x-version": "v2"}) == {"fortio-v2": 5}, 10, "header rule")
+    t0 = time.monotonic()
+    wp.patch_istio("default", "destinationrules", "fortio", {"spec": {"subsets": moved}})
+    try:
+        wp.wait(
+            lambda: wp.requests("proxy", 5, {"x-version": "v2"}) == {"fortio-v1": 5},
+            10,
+            "subset v2 -> v1 pods",
+        )
+        assert time.monotonic() - t0 < 1.0 + 1.0  # 1 s budget plus the probe requests themselves
+    finally:
+        wp.patch_istio("default", "destinationrules", "fortio", {"spec": {"subsets": subsets}})
+    wp.wait(lambda: wp.requests("proxy", 5, {"x-version": "v2"}) == {"fortio-v2": 5}, 10, "subsets restored")
+
+
+def test_envoy_nack_is_logged_with_the_resource_names(wp: WaypointEnv) -> None:
+    """A patch that parses but Envoy refuses (a second listener on the PROXY port)."""
+    dup = {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": "dup-port", "namespace": "istio-system"},
+        "spec": {
+            "configPatches": [
+                {
+                    "applyTo": "LISTENER",
+                    "match": {"context": "SIDECAR_INBOUND"},
+                    "patch": {
+                        "operation": "ADD",
+                        "value": {
+                            "name": "dup-listener",
+                            "address": {"socket_address": {"address": "0.0.0.0", "port_value": PROXY_PORT}},
+                            "filter_chains": [{"filters": []}],
+                        },
+                    },
+                }
+            ]
+        },
+    }
+    wp.create_istio("istio-system", dup)
+    try:
+        wp.wait(
+            lambda: (
+                "NACK from waypoint~" in Path(wp.pilot.log).read_text()
+                and "dup-listener"
+                in [line for line in Path(wp.pilot.log).read_text().splitlines() if "NACK" in line][-1]
+            ),
+            15,
+            "NACK logged",
+        )
+        # the listeners Envoy had keep working
+        assert wp.requests("proxy", 5, {"x-version": "v2"}) == {"fortio-v2": 5}
+    finally:
+        wp.custom.delete_namespaced_custom_object(
+            "networking.istio.io", "v1alpha3", "istio-system", "envoyfilters", "dup-port"
+        )
