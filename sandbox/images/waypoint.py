@@ -30,12 +30,34 @@ T = "type.googleapis.com/"
 ISTIO_VERSION = "1.22.6"
 
 
+POD_LABELS_FILE = "/etc/istio/pod/labels"  # downward API volume of istiod's waypoint template
+
+
+def _downward(path: str) -> dict[str, str]:
+    """``key="value"`` lines, as the downward API writes metadata.labels."""
+    out: dict[str, str] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            try:
+                out[k.strip()] = json.loads(v)
+            except json.JSONDecodeError:
+                out[k.strip()] = v.strip().strip('"')
+    return out
+
+
 def _labels(env: dict[str, str]) -> dict[str, str]:
     raw = env.get("ISTIO_METAJSON_LABELS") or env.get("KMESH_WAYPOINT_LABELS") or ""
     try:
         value = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         value = {}
+    if not value:
+        value = _downward(env.get("KMESH_WAYPOINT_LABELS_FILE") or POD_LABELS_FILE)
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
