@@ -405,3 +405,53 @@ def test_proxy_version_is_a_regex_on_istio_version(snap, proxy) -> None:
 def test_invalid_filters_are_rejected_with_a_reason(patch: dict, reason: str) -> None:
     with pytest.raises(envoyfilter.InvalidFilter, match=reason):
         envoyfilter.parse(_ef("bad", [patch]))
+
+
+def test_inbound_binding_from_gateway_or_class(snap, proxy) -> None:
+    from sandbox.pilot.waypointxds import binding
+
+    gw = {
+        "metadata": {"name": "waypoint", "namespace": "default", "annotations": {}},
+        "spec": {"gatewayClassName": "istio-waypoint"},
+    }
+    snap.gateways[("default", "waypoint")] = gw
+    snap.gatewayclasses["istio-waypoint"] = {
+        "metadata": {
+            "name": "istio-waypoint",
+            "annotations": {"ambient.istio.io/waypoint-inbound-binding": "PROXY/15088"},
+        }
+    }
+
+    def proxy_listeners() -> dict[int, str]:
+        cfg = build.build(snap, proxy)
+        binding.render(cfg, snap, proxy)
+        _encode_all(cfg)
+        return {
+            x["address"]["socket_address"]["port_value"]: x["name"]
+            for x in cfg.listeners
+            if x["name"].startswith("proxy_protocol_inbound")
+        }
+
+    assert proxy_listeners() == {15088: "proxy_protocol_inbound"}  # the class's annotation
+    gw["metadata"]["annotations"]["ambient.istio.io/waypoint-inbound-binding"] = "PROXY"
+    assert proxy_listeners() == {80: "proxy_protocol_inbound_80"}  # no port: the original port
+    gw["metadata"]["annotations"]["ambient.istio.io/waypoint-inbound-binding"] = "NONE"
+    snap.gatewayclasses.clear()
+    assert proxy_listeners() == {}
+
+
+def test_kmesh_tlv_is_rendered_as_the_dynamic_module_with_entry_chains(snap, proxy) -> None:
+    from sandbox.pilot.waypointxds import binding
+
+    cfg = build.build(snap, proxy)
+    envoyfilter.apply(cfg, _seed_filters(), proxy, "istio-system")
+    binding.render(cfg, snap, proxy)
+    _encode_all(cfg)
+    kl = next(x for x in cfg.listeners if x["name"] == "kmesh-listener")
+    names = [f["name"] for f in kl["listener_filters"]]
+    assert "envoy.listener.kmesh_tlv" not in names and names[0] == "kmesh_tlv"
+    assert names[1] == "envoy.filters.listener.set_filter_state"
+    first, *_, last = kl["filter_chains"]
+    assert first["filter_chain_match"]["destination_port"] == 80
+    assert first["filters"][0]["typed_config"]["cluster"] == "main_internal"
+    assert last["filters"][0]["typed_config"]["cluster"] == "kmesh_original_dst_cluster"  # everything else

@@ -17,6 +17,8 @@ VirtualService.
 ``ambient.istio.io/waypoint-inbound-binding: PROXY/<port>`` on the Gateway or its GatewayClass
 adds listener ``proxy_protocol_inbound`` on that port with Envoy's ``proxy_protocol`` listener
 filter and the same chains (istiod's "sandwich" binding; the sender is the Kmesh daemon here).
+``PROXY`` without a port means the sender keeps the original destination port (workload xDS
+``application_tunnel`` port 0): one such listener per port the waypoint serves.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ KMESH_TLV_NAME = "envoy.listener.kmesh_tlv"
 KMESH_TLV_TYPE = "KmeshTlv"
 ORIGINAL_DST_CLUSTER = "kmesh_original_dst_cluster"
 PROXY_LISTENER = "proxy_protocol_inbound"
-DEFAULT_PROXY_PORT = 15088
 
 
 def is_kmesh_tlv(lf: Json) -> bool:
@@ -67,7 +68,7 @@ def inbound_binding(snap: inp.Snapshot, proxy: inp.Proxy) -> tuple[str, int] | N
     proto, _, port = value.partition("/")
     if proto.upper() != "PROXY":
         return None
-    return "PROXY", int(port) if port.isdigit() else DEFAULT_PROXY_PORT
+    return "PROXY", int(port) if port.isdigit() else 0
 
 
 def _fallback(cfg: Config) -> list[Json]:
@@ -90,12 +91,30 @@ def render(cfg: Config, snap: inp.Snapshot, proxy: inp.Proxy) -> None:
             listener.get("filter_chains") or []
         )
     binding = inbound_binding(snap, proxy)
-    if binding is not None:
-        _, port = binding
+    if binding is None:
+        return
+    _, port = binding
+    # PROXY without a port: the sender connects to the original destination port (istio's
+    # application_tunnel port 0), so there is one listener per port the waypoint serves
+    ports = (
+        [port]
+        if port
+        else sorted({int(c["filter_chain_match"]["destination_port"]) for c in cfg.bound_chains})
+    )
+    taken = {
+        int(((x.get("address") or {}).get("socket_address") or {}).get("port_value", 0))
+        for x in cfg.listeners
+    }
+    for p in ports:
+        if p in taken:
+            continue
+        chains = copy.deepcopy(cfg.bound_chains) + _fallback(cfg)
+        if not chains:
+            continue  # nothing to serve yet; Envoy refuses a listener without chains
         cfg.listeners.append(
             {
-                "name": PROXY_LISTENER,
-                "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+                "name": PROXY_LISTENER if port else f"{PROXY_LISTENER}_{p}",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": p}},
                 "listener_filters": [
                     typed(
                         "envoy.filters.listener.proxy_protocol",
@@ -104,6 +123,6 @@ def render(cfg: Config, snap: inp.Snapshot, proxy: inp.Proxy) -> None:
                     ),
                     share_original_dst(),
                 ],
-                "filter_chains": copy.deepcopy(cfg.bound_chains) + _fallback(cfg),
+                "filter_chains": chains,
             }
         )
