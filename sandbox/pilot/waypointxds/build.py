@@ -302,6 +302,8 @@ class _Builder:
             use_remote_address=False,
             normalize_path=True,
             server_header_transformation="PASS_THROUGH",
+            # HTTP/1 header names as the application wrote them ("Server: 1", as the seed prints)
+            http_protocol_options={"header_key_format": {"proper_case_words": {}}},
             route_config={
                 "name": name,
                 "validate_clusters": False,
