@@ -34,6 +34,27 @@ WAYPOINT_LABELS = {
     "gateway.networking.k8s.io/gateway-name": "waypoint",
 }
 
+# The "pods": a minimal HTTP/1.1 server answering `Server: <name>` (independent of the fortio stand-in).
+BACKEND = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+ip, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def version_string(self):
+        return name
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = (name + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer((ip, port), H).serve_forever()
+"""
+
 CLIENT = r"""
 import json, socket, struct, sys
 mode, target, n, vip, vport = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -182,17 +203,7 @@ class WaypointEnv:
     def start_backends(self) -> None:
         for version, ip in PODS.items():
             self._in_netns(
-                [
-                    sys.executable,
-                    "-m",
-                    "sandbox.images.fortio",
-                    "--bind",
-                    ip,
-                    "--port",
-                    str(BACKEND_PORT),
-                    "--server-name",
-                    f"fortio-{version}",
-                ],
+                [sys.executable, "-c", BACKEND, ip, str(BACKEND_PORT), f"fortio-{version}"],
                 f"fortio-{version}.log",
             )
 
