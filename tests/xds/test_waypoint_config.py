@@ -455,3 +455,51 @@ def test_kmesh_tlv_is_rendered_as_the_dynamic_module_with_entry_chains(snap, pro
     assert first["filter_chain_match"]["destination_port"] == 80
     assert first["filters"][0]["typed_config"]["cluster"] == "main_internal"
     assert last["filters"][0]["typed_config"]["cluster"] == "kmesh_original_dst_cluster"  # everything else
+
+
+def test_route_patches_apply_to_the_inline_route_configs(snap, proxy) -> None:
+    rc = {"portNumber": 80, "vhost": {"name": "inbound|http|80"}}
+    pf = envoyfilter.parse(
+        _ef(
+            "routes",
+            [
+                {
+                    "applyTo": "HTTP_ROUTE",
+                    "match": {"routeConfiguration": rc},
+                    "patch": {
+                        "operation": "INSERT_FIRST",
+                        "value": {
+                            "name": "health",
+                            "match": {"path": "/healthz"},
+                            "direct_response": {"status": 204},
+                        },
+                    },
+                },
+                {
+                    "applyTo": "VIRTUAL_HOST",
+                    "match": {"routeConfiguration": rc},
+                    "patch": {
+                        "operation": "MERGE",
+                        "value": {
+                            "request_headers_to_add": [{"header": {"key": "x-waypoint", "value": "yes"}}]
+                        },
+                    },
+                },
+                {
+                    "applyTo": "ROUTE_CONFIGURATION",
+                    "match": {"routeConfiguration": {"portNumber": 81}},
+                    "patch": {"operation": "MERGE", "value": {"validate_clusters": True}},
+                },
+            ],
+        )
+    )
+    cfg = build.build(snap, proxy)
+    assert envoyfilter.apply(cfg, [pf], proxy, "istio-system") == []
+    _encode_all(cfg)
+    main = next(x for x in cfg.listeners if x["name"] == "main_internal")
+    hcm = next(c for c in main["filter_chains"] if c["name"] == f"inbound-vip|80|http|{HOST}")["filters"][0]
+    route_config = hcm["typed_config"]["route_config"]
+    vh = route_config["virtual_hosts"][0]
+    assert [r.get("name") for r in vh["routes"]][0] == "health"
+    assert vh["request_headers_to_add"][0]["header"]["key"] == "x-waypoint"
+    assert route_config["validate_clusters"] is False  # port 81 matched nothing

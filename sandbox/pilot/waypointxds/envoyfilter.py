@@ -38,6 +38,9 @@ _VALUE_TYPES = {
     "LISTENER_FILTER": "envoy.config.listener.v3.ListenerFilter",
     "HTTP_FILTER": "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
     "CLUSTER": "envoy.config.cluster.v3.Cluster",
+    "ROUTE_CONFIGURATION": "envoy.config.route.v3.RouteConfiguration",
+    "VIRTUAL_HOST": "envoy.config.route.v3.VirtualHost",
+    "HTTP_ROUTE": "envoy.config.route.v3.Route",
 }
 _OPS = {
     "LISTENER": {"ADD", "REMOVE", "MERGE"},
@@ -46,6 +49,9 @@ _OPS = {
     "HTTP_FILTER": {"ADD", "REMOVE", "MERGE", "REPLACE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST"},
     "LISTENER_FILTER": {"ADD", "REMOVE", "MERGE", "REPLACE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST"},
     "CLUSTER": {"ADD", "REMOVE", "MERGE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST"},
+    "ROUTE_CONFIGURATION": {"MERGE"},
+    "VIRTUAL_HOST": {"ADD", "REMOVE", "MERGE"},
+    "HTTP_ROUTE": {"ADD", "REMOVE", "MERGE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST"},
 }
 WAYPOINT_CONTEXTS = {"ANY", "SIDECAR_INBOUND", "GATEWAY"}
 
@@ -325,6 +331,52 @@ def _patch_clusters(cfg: Config, p: Patch) -> None:
     cfg.clusters[:] = keep
 
 
+def _route_configs(cfg: Config) -> list[Json]:
+    """The waypoint's route configurations: inline in its HTTP chains (istiod inlines them too)."""
+    out = []
+    for listener in cfg.listeners:
+        for chain in _chains(listener):
+            hcm = _hcm(chain)
+            if hcm is not None and isinstance(hcm.get("route_config"), dict):
+                out.append(hcm["route_config"])
+    return out
+
+
+def _patch_routes(cfg: Config, p: Patch) -> None:
+    """ROUTE_CONFIGURATION / VIRTUAL_HOST / HTTP_ROUTE on the inline route configs, matched by
+    ``routeConfiguration.{name, portNumber, vhost.{name, route.{name}}}``."""
+    rm = p.match.get("routeConfiguration") or {}
+    vm = rm.get("vhost") or {}
+    route_name = (vm.get("route") or {}).get("name")
+    for rc in _route_configs(cfg):
+        name = str(rc.get("name") or "")
+        if rm.get("name") and rm["name"] != name:
+            continue
+        if rm.get("portNumber") and name.split("|")[1:2] != [str(rm["portNumber"])]:
+            continue
+        if p.apply_to == "ROUTE_CONFIGURATION":
+            merge(rc, p.value or {})
+            continue
+        vhosts = rc.setdefault("virtual_hosts", [])
+        if p.apply_to == "VIRTUAL_HOST":
+            if p.op == "ADD":
+                vhosts.append(copy.deepcopy(p.value))
+                continue
+            keep = []
+            for vh in vhosts:
+                if not vm.get("name") or vm["name"] == vh.get("name"):
+                    if p.op == "REMOVE":
+                        continue
+                    merge(vh, p.value or {})
+                keep.append(vh)
+            rc["virtual_hosts"] = keep
+            continue
+        for vh in vhosts:
+            if vm.get("name") and vm["name"] != vh.get("name"):
+                continue
+            vh["routes"] = _apply_list(vh.get("routes") or [], p, route_name)
+
+
 def apply_one(cfg: Config, pf: ParsedFilter, proxy: inp.Proxy) -> None:
     """Existing resources are patched first; added listeners are appended afterwards."""
     added: list[Json] = []
@@ -337,6 +389,8 @@ def apply_one(cfg: Config, pf: ParsedFilter, proxy: inp.Proxy) -> None:
             added.append(copy.deepcopy(p.value))
         elif p.apply_to == "CLUSTER":
             _patch_clusters(cfg, p)
+        elif p.apply_to in ("ROUTE_CONFIGURATION", "VIRTUAL_HOST", "HTTP_ROUTE"):
+            _patch_routes(cfg, p)
         else:
             _patch_listeners(cfg, p)
     cfg.listeners.extend(added)
