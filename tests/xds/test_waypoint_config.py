@@ -5,6 +5,7 @@ order, operations, validation). Every resource produced must encode as its Envoy
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +454,8 @@ def test_kmesh_tlv_is_rendered_as_the_dynamic_module_with_entry_chains(snap, pro
     assert names[1] == "envoy.filters.listener.set_filter_state"
     first, *_, last = kl["filter_chains"]
     assert first["filter_chain_match"]["destination_port"] == 80
-    assert first["filters"][0]["typed_config"]["cluster"] == "main_internal"
+    assert first["name"] == f"inbound-vip|80|http|{HOST}"  # the service's own HTTP chain and routes
+    assert "weighted_clusters" in json.dumps(first)
     assert last["filters"][0]["typed_config"]["cluster"] == "kmesh_original_dst_cluster"  # everything else
 
 

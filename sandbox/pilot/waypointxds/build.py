@@ -19,6 +19,7 @@ certificates and Kmesh never sends HBONE to a waypoint.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ class Config:
     listeners: list[Json] = field(default_factory=list)
     clusters: list[Json] = field(default_factory=list)
     endpoints: dict[str, Json] = field(default_factory=dict)  # cluster name -> ClusterLoadAssignment
-    bound_chains: list[Json] = field(default_factory=list)  # entry chains: VIP:port -> main_internal
+    bound_chains: list[Json] = field(default_factory=list)  # per bound VIP:port, for the entry listeners
     warnings: list[str] = field(default_factory=list)
 
 
@@ -329,7 +330,7 @@ class _Builder:
 
     def build(self) -> Config:
         chains: list[Json] = []
-        for host, svc in self.bound.items():
+        for svc in self.bound.values():
             for port in (svc.get("spec") or {}).get("ports") or []:
                 if (port.get("protocol") or "TCP") != "TCP":
                     continue
@@ -348,13 +349,8 @@ class _Builder:
                         self._http_chain(svc, port, {**match, "application_protocols": ["http/1.1", "h2c"]})
                     )
                     chains.append(self._tcp_chain(svc, port, match))
-                self.cfg.bound_chains.append(
-                    {
-                        "name": f"kmesh-entry|{p}|{host}",
-                        "filter_chain_match": dict(match),
-                        "filters": [tcp_proxy(MAIN_INTERNAL, f"entry|{p}|{host}")],
-                    }
-                )
+        # the entry listeners (kmesh-listener, the PROXY binding) carry the same chains; see binding.py
+        self.cfg.bound_chains = copy.deepcopy(chains)
         self.cfg.listeners = [
             {
                 "name": MAIN_INTERNAL,
