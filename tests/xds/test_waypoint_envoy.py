@@ -323,3 +323,28 @@ def test_connection_close_responses_are_never_lost(wp: WaypointEnv) -> None:
     for mode in ("proxy", "tlv"):
         counts = wp.requests(mode, 60, {"Connection": "close"})
         assert set(counts) <= {"fortio-v1", "fortio-v2"} and sum(counts.values()) == 60, (mode, counts)
+
+
+def test_new_service_reaches_the_waypoint_within_a_second(wp: WaypointEnv) -> None:
+    body = {
+        "metadata": {"name": "fortio-extra"},
+        "spec": {
+            "selector": {"app": "fortio"},
+            "clusterIP": "10.96.0.20",
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        },
+    }
+    assert all(k.startswith("error:") for k in wp.requests("proxy", 1, vip="10.96.0.20"))
+    t0 = time.monotonic()
+    wp.core.create_namespaced_service("default", body)
+    try:
+        wp.wait(
+            lambda: "fortio-extra" in json.dumps(_listeners(wp.config_dump())["proxy_protocol_inbound"]),
+            10,
+            "the new service's chain",
+        )
+        assert time.monotonic() - t0 < 1.0 + 0.5  # 1 s budget, plus the dump's own latency
+        counts = wp.requests("proxy", 10, vip="10.96.0.20")
+        assert set(counts) <= {"fortio-v1", "fortio-v2"} and sum(counts.values()) == 10, counts
+    finally:
+        wp.core.delete_namespaced_service("fortio-extra", "default")
