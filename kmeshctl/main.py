@@ -32,6 +32,7 @@ _COMMAND_MODULES: list[str] = [
     "logcmd",
     "version",
     "sandbox",
+    "waypoint",
 ]
 
 

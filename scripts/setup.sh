@@ -49,6 +49,8 @@ if [ ! -f "$stamp" ]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+# The waypoint's kmesh_tlv Envoy dynamic module (C, system compiler); rebuilt when its source changes.
+.venv/bin/python -m waypoint.module >&2
 # nginx for `make bench`'s HTTP backend: Debian's package unpacked, not installed (an installed
 # nginx would start a service on the machine's port 80 and write under /etc).
 NGINX_DIR="$ROOT/.build/nginx"

@@ -159,6 +159,11 @@ def initial_status(kind: str, obj: dict[str, Any] | None = None) -> dict[str, An
         return {"loadBalancer": {}}
     if kind == "Node":
         return None
+    if kind in ("Gateway", "GatewayClass"):  # the Gateway API CRDs' status default
+        types = ("Accepted", "Programmed") if kind == "Gateway" else ("Accepted",)
+        return {"conditions": [{"type": t, "status": "Unknown", "reason": "Pending",
+                                "message": "Waiting for controller",
+                                "lastTransitionTime": "1970-01-01T00:00:00Z"} for t in types]}
     return None
 
 
@@ -173,6 +178,7 @@ STATUS_SUBRESOURCE_KINDS = {
     "Namespace",
     "Node",
     "Gateway",
+    "GatewayClass",
 }
 # Kinds whose metadata.generation tracks spec changes.
 GENERATION_KINDS = {  # not Pod: pods have no generation before Kubernetes 1.33
@@ -186,4 +192,5 @@ GENERATION_KINDS = {  # not Pod: pods have no generation before Kubernetes 1.33
     "PeerAuthentication",
     "DestinationRule",
     "Gateway",
+    "GatewayClass",
 }

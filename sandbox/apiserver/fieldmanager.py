@@ -353,6 +353,8 @@ def record_update(
             new["metadata"].pop("managedFields")
         return
     for e in mgrs.others(manager, "Update", subresource):
+        if e.get("subresource", "") != subresource:
+            continue  # new_fields covers this subresource only: other sections are untouched
         e["_set"] = {p for p in e["_set"] if p not in changed and p in new_fields}
     mine = mgrs._entry(manager, "Update", api_version, subresource)
     mine["_set"] = {p for p in mine["_set"] if p in new_fields} | changed

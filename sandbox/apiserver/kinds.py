@@ -128,6 +128,17 @@ RESOURCES: tuple[ResourceType, ...] = (
         builtin=False,
         categories=("gateway-api",),
     ),
+    ResourceType(
+        "gateway.networking.k8s.io",
+        ("v1",),
+        "GatewayClass",
+        "gatewayclasses",
+        False,
+        ("gc",),
+        ("status",),
+        builtin=False,
+        categories=("gateway-api",),
+    ),
 )
 
 

@@ -79,8 +79,26 @@ def _found(value: Any) -> str:
     return "null"
 
 
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+def _check_gateway_api(obj: dict[str, Any], strict: bool) -> None:
+    """CRD structural pruning: unknown fields are a 400 when strict, else dropped (values: validation)."""
+    from kmeshctl import gatewayschema
+
+    unknown = [p for p in gatewayschema.problems(obj) if p.unknown]
+    if unknown and strict:
+        fields = ", ".join(f'unknown field "{p.path}"' for p in sorted(unknown, key=lambda p: p.path))
+        raise ApiError(400, "BadRequest", f"strict decoding error: {fields}")
+    for p in unknown:
+        p.parent.pop(p.key, None)
+
+
 def check(rt: ResourceType, obj: dict[str, Any], strict: bool) -> None:
     """Raise 400 for wrong JSON types; unknown fields: 400 when ``strict``, else dropped in place."""
+    if rt.group == GATEWAY_GROUP:
+        _check_gateway_api(obj, strict)
+        return
     if not rt.builtin:
         return
     validator = _validator(rt.kind, obj.get("apiVersion") or rt.api_version(rt.versions[0]), True)

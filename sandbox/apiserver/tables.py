@@ -93,6 +93,18 @@ def _selector(obj: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sel.items()) or "<none>"
 
 
+def _condition(obj: dict[str, Any], kind: str) -> str:
+    """``.status.conditions[?(@.type==kind)].status`` as the CRD's printer column (empty if absent)."""
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind:
+            return str(c.get("status", ""))
+    return ""
+
+
+def _gateway_addresses(obj: dict[str, Any]) -> str:
+    return ",".join(str(a.get("value")) for a in (obj.get("status") or {}).get("addresses") or [])
+
+
 def _name(o: dict[str, Any]) -> str:
     return str((o.get("metadata") or {}).get("name", ""))
 
@@ -144,6 +156,19 @@ COLUMNS: dict[str, list[Column]] = {
             ),
         ),
         ("Age", "string", _age),
+    ],
+    # The Gateway API CRDs' additionalPrinterColumns.
+    "Gateway": [
+        ("Class", "string", lambda o: (o.get("spec") or {}).get("gatewayClassName", "")),
+        ("Address", "string", _gateway_addresses),
+        ("Programmed", "string", lambda o: _condition(o, "Programmed")),
+        ("Age", "string", _age),
+    ],
+    "GatewayClass": [
+        ("Controller", "string", lambda o: (o.get("spec") or {}).get("controllerName", "")),
+        ("Accepted", "string", lambda o: _condition(o, "Accepted")),
+        ("Age", "string", _age),
+        ("Description", "string", lambda o: (o.get("spec") or {}).get("description", "")),
     ],
     "Namespace": [
         ("Status", "string", lambda o: (o.get("status") or {}).get("phase", "")),
@@ -204,7 +229,7 @@ COLUMNS: dict[str, list[Column]] = {
 
 
 # Columns kubectl shows only with ``-o wide``.
-WIDE_ONLY = {"IP", "Node", "Selector", "Node Selector"}
+WIDE_ONLY = {"IP", "Node", "Selector", "Node Selector", "Description"}
 
 
 def to_table(rt: ResourceType, objs: list[dict[str, Any]], rv: str) -> dict[str, Any]:

@@ -454,6 +454,23 @@ def _check_data(kind: str, obj: dict[str, Any]) -> list[Cause]:
     return out
 
 
+def _check_gateway_api(obj: dict[str, Any]) -> list[Cause]:
+    """The Gateway API CRD's OpenAPI checks (unknown fields were pruned or refused before)."""
+    from kmeshctl import gatewayschema
+
+    out: list[Cause] = []
+    for p in gatewayschema.problems(obj):
+        if p.unknown:
+            continue
+        if p.message.endswith("Required value"):
+            out.append(required(p.path))
+        elif "Duplicate value" in p.message:
+            out.append(duplicate(p.path, {"name": p.value}))
+        else:
+            out.append(invalid(p.path, p.value, p.message))
+    return out
+
+
 def validate(kind: str, obj: dict[str, Any], service_cidr_contains: Any = None) -> list[Cause]:
     """All problems with ``obj`` of ``kind`` (empty list: valid)."""
     out = check_metadata(kind, obj)
@@ -467,16 +484,14 @@ def validate(kind: str, obj: dict[str, Any], service_cidr_contains: Any = None) 
         out += _check_rbac(kind, obj)
     elif kind in ("ConfigMap", "Secret"):
         out += _check_data(kind, obj)
+    elif kind == "GatewayClass":
+        out += _check_gateway_api(obj)
     elif kind in ("EnvoyFilter", "VirtualService", "DestinationRule", "Gateway"):
         spec = obj.get("spec")
         if spec is not None and not isinstance(spec, dict):
             out.append(invalid("spec", spec, "must be an object"))
         if kind == "Gateway":
-            spec = spec or {}
-            if not spec.get("gatewayClassName"):
-                out.append(required("spec.gatewayClassName"))
-            if not spec.get("listeners"):
-                out.append(required("spec.listeners"))
+            out += _check_gateway_api(obj)
         if kind == "DestinationRule" and isinstance(spec, dict) and not spec.get("host"):
             out.append(required("spec.host"))
     return out

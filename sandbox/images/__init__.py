@@ -12,10 +12,11 @@ image (repository, any tag)        program
                                    flags), the container env, plus ``KMESH_CGROUP_ROOT`` (the
                                    sandbox's cgroup root, never the machine's) and
                                    ``KMESH_PIN_PREFIX`` (the sandbox prefix).
-``fortio/fortio*``, ``*/fortio*``  a built-in HTTP server (sandbox.images.fortio) on the
-                                   container's ``-http-port`` arg or first containerPort
-                                   (default 8080); every response carries
-                                   ``Server: fortio-<version label>`` (pod name if unlabelled).
+``fortio/fortio*``, ``*/fortio*``  ``fortio server``'s echo server (sandbox.images.fortio)
+                                   with the container's fortio flags (-http-port,
+                                   -echo-server-default-params, ...) and echo query
+                                   parameters (header=, status=, delay=, size=); without a
+                                   Server header of its own, ``Server: fortio-<version label>``.
 ``*netutils*``, ``*curl*``,        the container's command if it exists on the machine (a
 ``busybox``, ``*netshoot*``,       curl image's entrypoint is ``curl``), else an idle
 ``alpine``, ``debian``,            ``sleep infinity`` in which ``kmeshctl sandbox exec`` runs
@@ -128,16 +129,13 @@ def daemon_flags(command: list[str], args: list[str]) -> list[str]:
     return out
 
 
-def _fortio_port(args: list[str], ports: list[int]) -> int:
-    for i, a in enumerate(args):
-        flag, _, value = a.partition("=")
-        if flag in ("-http-port", "--http-port"):
-            value = value or (args[i + 1] if i + 1 < len(args) else "")
-            try:
-                return int(value.rsplit(":", 1)[-1])
-            except ValueError:
-                break
-    return ports[0] if ports else 8080
+def fortio_args(command: list[str], args: list[str]) -> list[str]:
+    """fortio's own arguments: the container's command without the ``fortio`` program, then args
+    (the image's entrypoint is fortio, its default command ``server``)."""
+    tokens = list(command)
+    if tokens and tokens[0].rsplit("/", 1)[-1] == "fortio":
+        tokens.pop(0)
+    return tokens + list(args)
 
 
 def resolve(image: str, command: list[str] | None, args: list[str] | None, env: dict[str, str],
@@ -175,10 +173,9 @@ def resolve(image: str, command: list[str] | None, args: list[str] | None, env: 
         env.update({"KMESH_CGROUP_ROOT": ctx.cgroup_root, "KMESH_PIN_PREFIX": ctx.pin_prefix})
         return Program(kind, [str(program), *daemon_flags(command, args)], env)
     if kind == "fortio":
-        port = _fortio_port(args, ports)
         env.setdefault("PYTHONPATH", str(REPO))
-        return Program(kind, [ctx.python, "-m", "sandbox.images.fortio", "--port", str(port),
-                              "--server-name", f"fortio-{version}"], env)
+        argv = [ctx.python, "-m", "sandbox.images.fortio", "--sandbox-server", f"fortio-{version}", "--"]
+        return Program(kind, [*argv, *fortio_args(command, args)], env)
     if not command and args and "curl" in repository(image).rsplit("/", 1)[-1]:
         command = ["curl"]
     argv = command + args if command else (args or ["sleep", "infinity"])

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on 127.0.0.1 ({ports}): {e}; pick free ports (0 = any)", file=sys.stderr)
         return 1
     controller = Controller(api_client, store, args.cluster_id, cert.root_pem,
-                            root_namespace=args.root_namespace or args.namespace)
+                            root_namespace=args.root_namespace or args.namespace,
+                            revision=args.revision, istio_namespace=args.namespace)
     controller.start()
     waypoints.start()
     # istiod too refuses streams before its caches are synced

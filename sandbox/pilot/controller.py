@@ -1,11 +1,14 @@
-"""Watch Namespaces, Pods, Services, AuthorizationPolicies (and Nodes, for locality); keep the store current.
+"""Watch Namespaces, Pods, Services, AuthorizationPolicies, Gateways (+ Nodes); keep the store current.
 
 List-then-watch per kind, through the official kubernetes client, with raw JSON objects
 (``_preload_content=False`` / ``raw_object``) so nothing is lost to model conversion. Each
 event recomputes only what it can affect: a pod -> its workload; a service -> the service and
 the workloads of its namespace; a namespace -> its workloads and its root-cert ConfigMap; an
 AuthorizationPolicy -> its Authorization resource and the workloads it may select (its namespace,
-or every namespace from the root namespace), whose ``authorization_policies`` name it.
+or every namespace from the root namespace), whose ``authorization_policies`` name it. Gateways,
+GatewayClasses and waypoint Services change which services and workloads carry a waypoint, so
+they recompute everything (a handful of objects in the sandbox); the gateway deployment
+controller (gateways.py) is fed from the same caches.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.xds.gen.istio.workload import workload_pb2 as wl
-from sandbox.pilot import authz, translate
+from sandbox.pilot import authz, gateways, translate
 from sandbox.pilot.server import ADDRESS_TYPE, AUTHORIZATION_TYPE, ResourceStore
 
 log = logging.getLogger("sandbox.pilot.controller")
 ROOT_CERT_CONFIGMAP = "istio-ca-root-cert"
 ROOT_CERT_KEY = "root-cert.pem"
 SECURITY_GROUP, SECURITY_VERSION, AUTHZ_PLURAL = "security.istio.io", "v1", "authorizationpolicies"
+MANAGED_SELECTOR = f"{gateways.MANAGED_LABEL}={gateways.MANAGED_VALUE}"
 
 Obj = dict[str, Any]
 
@@ -88,7 +92,8 @@ class Controller:
     """Kubernetes state -> ResourceStore (Address and Authorization types), plus the root-cert ConfigMaps."""
 
     def __init__(self, api_client: Any, store: ResourceStore, cluster_id: str, root_pem: bytes,
-                 root_namespace: str = authz.ROOT_NAMESPACE) -> None:
+                 root_namespace: str = authz.ROOT_NAMESPACE, revision: str = "default",
+                 istio_namespace: str = "istio-system") -> None:
         self.api_client = api_client
         self.store = store
         self.cluster_id = cluster_id
@@ -100,6 +105,12 @@ class Controller:
         self.namespaces: dict[str, Obj] = {}
         self.nodes: dict[str, Obj] = {}
         self.policies: dict[tuple[str, str], Obj] = {}  # AuthorizationPolicies that are served
+        self.gateways: dict[tuple[str, str], Obj] = {}
+        self.gateway_classes: dict[str, Obj] = {}
+        self.gateway_deployments: dict[tuple[str, str], Obj] = {}  # managed by the gateway controller
+        self.waypoints: dict[tuple[str, str], translate.Waypoint] = {}
+        self.deployer = gateways.GatewayDeployer(api_client, self._gateway_snapshot, revision, cluster_id,
+                                                 istio_namespace)
         self._stop = threading.Event()
         self._published: set[str] = set()
         self._watchers: list[Watcher] = []
@@ -114,6 +125,16 @@ class Controller:
         def list_policies(**kw: Any) -> Any:
             return custom.list_cluster_custom_object(SECURITY_GROUP, SECURITY_VERSION, AUTHZ_PLURAL, **kw)
 
+        def list_gateways(**kw: Any) -> Any:
+            return custom.list_cluster_custom_object(gateways.GROUP, gateways.VERSION, "gateways", **kw)
+
+        def list_gateway_classes(**kw: Any) -> Any:
+            return custom.list_cluster_custom_object(gateways.GROUP, gateways.VERSION, "gatewayclasses", **kw)
+
+        def list_managed_deployments(**kw: Any) -> Any:
+            return client.AppsV1Api(self.api_client).list_deployment_for_all_namespaces(
+                label_selector=MANAGED_SELECTOR, **kw)
+
         specs = [
             ("namespaces", core.list_namespace, self._list_namespaces, self._on_namespace),
             ("services", core.list_service_for_all_namespaces, self._list_services, self._on_service),
@@ -121,10 +142,37 @@ class Controller:
             ("nodes", core.list_node, self._list_nodes, self._on_node),
             ("authorizationpolicies", list_policies, self._list_policies, self._on_policy),
         ]
+        if self._gateway_api_served():  # as istiod: without the Gateway API CRDs, no waypoints
+            specs += [
+                ("gatewayclasses", list_gateway_classes, self._list_gateway_classes, self._on_gateway_class),
+                ("gateways", list_gateways, self._list_gateways, self._on_gateway),
+                ("deployments", list_managed_deployments, self._list_deployments, self._on_deployment),
+            ]
+            try:
+                gateways.ensure_waypoint_class(self.api_client)
+            except Exception as e:  # noqa: BLE001 - waypoints are optional; workload xDS still works
+                log.warning("cannot create GatewayClass %s: %s", gateways.WAYPOINT_CLASS, e)
+            self.deployer.start()
         for name, fn, on_list, on_event in specs:
             w = Watcher(name, fn, on_list, on_event, self._stop)
             self._watchers.append(w)
             w.start()
+
+    def _gateway_api_served(self) -> bool:
+        from kubernetes.client.rest import ApiException
+
+        from kmeshctl import kubeapi
+
+        try:
+            kubeapi.request(self.api_client, "GET", f"/apis/{gateways.GROUP}/{gateways.VERSION}")
+        except ApiException as e:
+            if e.status == 404:
+                log.warning("the API server does not serve %s/%s: no waypoints", gateways.GROUP,
+                            gateways.VERSION)
+                return False
+        except Exception as e:  # noqa: BLE001 - not reachable yet: assume served, the watches retry
+            log.warning("cannot ask the API server for %s: %s", gateways.GROUP, e)
+        return True
 
     def wait_synced(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -137,6 +185,7 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
+        self.deployer.stop()
 
     # ---- list handlers (replace a whole kind) ----------------------------------------------
     def _list_namespaces(self, items: list[Obj]) -> None:
@@ -169,6 +218,103 @@ class Controller:
                     self.policies[_key(o)] = o
         self.rebuild()
 
+    def _list_gateways(self, items: list[Obj]) -> None:
+        with self._lock:
+            self.gateways = {_key(o): o for o in items}
+        self.rebuild()
+        for key in list(self.gateways):
+            self.deployer.enqueue(*key)
+
+    def _list_gateway_classes(self, items: list[Obj]) -> None:
+        with self._lock:
+            self.gateway_classes = {o["metadata"]["name"]: o for o in items}
+        self.rebuild()
+
+    def _list_deployments(self, items: list[Obj]) -> None:
+        with self._lock:
+            self.gateway_deployments = {_key(o): o for o in items}
+        for key in list(self.gateways):
+            self.deployer.enqueue(*key)
+
+    # ---- gateways ----------------------------------------------------------------------------
+    def _gateway_snapshot(self, namespace: str, name: str) -> Any:
+        """(Gateway, its GatewayClass, Deployment, Service, pods) from the caches, for the deployer."""
+        with self._lock:
+            gw = self.gateways.get((namespace, name))
+            gclass = self.gateway_classes.get(((gw or {}).get("spec") or {}).get("gatewayClassName") or "")
+            key = (namespace, name)
+            pods = [p for (ns, _), p in self.pods.items() if ns == namespace and self._gateway_of(p) == name]
+            return gw, gclass, self.gateway_deployments.get(key), self.services.get(key), pods
+
+    @staticmethod
+    def _gateway_of(obj: Obj) -> str | None:
+        """The Gateway a managed waypoint pod or Service belongs to (None: not a waypoint's)."""
+        labels = obj["metadata"].get("labels") or {}
+        if labels.get(gateways.MANAGED_LABEL) != gateways.MANAGED_VALUE:
+            return None
+        return labels.get(gateways.GATEWAY_NAME_LABEL)
+
+    def _on_gateway(self, kind: str, obj: Obj) -> None:
+        key = _key(obj)
+        with self._lock:
+            if kind == "DELETED":
+                self.gateways.pop(key, None)
+            else:
+                self.gateways[key] = obj
+        self.deployer.enqueue(*key)
+        self.rebuild()
+
+    def _on_gateway_class(self, kind: str, obj: Obj) -> None:
+        name = obj["metadata"]["name"]
+        with self._lock:
+            if kind == "DELETED":
+                self.gateway_classes.pop(name, None)
+            else:
+                self.gateway_classes[name] = obj
+            mine = [k for k, g in self.gateways.items()
+                    if (g.get("spec") or {}).get("gatewayClassName") == name]
+        for key in mine:
+            self.deployer.enqueue(*key)
+        self.rebuild()
+
+    def _on_deployment(self, kind: str, obj: Obj) -> None:
+        key = _key(obj)
+        with self._lock:
+            if kind == "DELETED":
+                self.gateway_deployments.pop(key, None)
+            else:
+                self.gateway_deployments[key] = obj
+        gw_name = (obj["metadata"].get("labels") or {}).get(gateways.GATEWAY_NAME_LABEL)
+        if gw_name:
+            self.deployer.enqueue(key[0], gw_name)
+
+    @staticmethod
+    def _is_waypoint_service(svc: Obj) -> bool:
+        return (svc["metadata"].get("labels") or {}).get(gateways.MANAGED_LABEL) == gateways.MANAGED_VALUE
+
+    def _ns_labels(self, namespace: str) -> dict[str, str]:
+        return (self.namespaces.get(namespace, {}).get("metadata") or {}).get("labels") or {}
+
+    def _service(self, svc: Obj) -> Any:
+        """The Service resource with its waypoint (None: not published)."""
+        ns = svc["metadata"]["namespace"]
+        waypoint = translate.service_waypoint(svc, self._ns_labels(ns), self.waypoints)
+        return translate.service_resource(svc, waypoint)
+
+    def _recompute_services(self, which: Callable[[Obj], bool]) -> None:
+        with self._lock:
+            ups: dict[str, bytes] = {}
+            removed: list[str] = []
+            for svc in self.services.values():
+                if not which(svc):
+                    continue
+                res = self._service(svc)
+                if res is None:
+                    removed.append(translate.service_key(svc))
+                else:
+                    ups[translate.service_key(svc)] = wl.Address(service=res).SerializeToString()
+            self.store.update(ADDRESS_TYPE, ups, removed)
+
     # ---- event handlers --------------------------------------------------------------------
     def _on_namespace(self, kind: str, obj: Obj) -> None:
         name = obj["metadata"]["name"]
@@ -180,6 +326,7 @@ class Controller:
                 self.namespaces[name] = obj
         if kind != "DELETED":
             self.publish_root_cert(name)
+        self._recompute_services(lambda s: s["metadata"]["namespace"] == name)
         self._recompute_pods(lambda p: p["metadata"]["namespace"] == name)
 
     def _on_service(self, kind: str, obj: Obj) -> None:
@@ -191,15 +338,24 @@ class Controller:
                 self.store.update(ADDRESS_TYPE, removed=[name])
             else:
                 self.services[key] = obj
-                res = translate.service_resource(obj)
+                res = self._service(obj)
                 if res is None:
                     self.store.update(ADDRESS_TYPE, removed=[name])
                 else:
                     self.store.update(ADDRESS_TYPE, {name: wl.Address(service=res).SerializeToString()})
+        if self._is_waypoint_service(obj):  # its ClusterIP is the address of a waypoint
+            gw_name = (obj["metadata"].get("labels") or {}).get(gateways.GATEWAY_NAME_LABEL)
+            if gw_name:
+                self.deployer.enqueue(key[0], gw_name)
+            self.rebuild()
+            return
         self._recompute_pods(lambda p: p["metadata"]["namespace"] == key[0])
 
     def _on_pod(self, kind: str, obj: Obj) -> None:
         key = _key(obj)
+        gw_name = self._gateway_of(obj)
+        if gw_name:  # a waypoint's pod: its readiness shows in the Gateway's status message
+            self.deployer.enqueue(key[0], gw_name)
         with self._lock:
             if kind == "DELETED":
                 self.pods.pop(key, None)
@@ -247,7 +403,9 @@ class Controller:
         node = self.nodes.get((pod.get("spec") or {}).get("nodeName") or "", {})
         node_labels = (node.get("metadata") or {}).get("labels") or {}
         svcs = [s for (sns, _), s in self.services.items() if sns == ns]
-        w = translate.pod_workload(pod, svcs, self.cluster_id, ns_labels, node_labels)
+        waypoint = translate.workload_waypoint(pod, ns_labels, self.waypoints)
+        tunnel = translate.application_tunnel(pod, self.waypoints)
+        w = translate.pod_workload(pod, svcs, self.cluster_id, ns_labels, node_labels, waypoint, tunnel)
         if w is not None and self.policies:
             labels = pod["metadata"].get("labels") or {}
             w.authorization_policies.extend(
@@ -272,9 +430,10 @@ class Controller:
     def rebuild(self) -> None:
         """Recompute every resource and make the store exactly that set."""
         with self._lock:
+            self.waypoints = translate.waypoints(self.gateways.values(), self.gateway_classes, self.services)
             full: dict[str, bytes] = {}
             for svc in self.services.values():
-                res = translate.service_resource(svc)
+                res = self._service(svc)
                 if res is not None:
                     full[translate.service_key(svc)] = wl.Address(service=res).SerializeToString()
             for key, pod in self.pods.items():

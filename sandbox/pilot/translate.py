@@ -12,12 +12,16 @@ ambient, summarised in shared/reference/workload-xds.md):
   headless service), ports with numeric target ports (0 when named), trafficDistribution
   PreferClose -> FAILOVER over network/region/zone/subzone, internalTrafficPolicy Local ->
   STRICT on node.
+- Waypoints (bottom of this file): a Service or pod that uses a waypoint Gateway carries its
+  GatewayAddress (the waypoint Service's ClusterIP, HBONE port 15008); a waypoint's own pods
+  carry ``application_tunnel`` PROXY when the Gateway (or class) has an inbound binding.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from daemon.xds.gen.istio.workload import workload_pb2 as wl
@@ -79,7 +83,7 @@ def _container_ports(pod: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def service_resource(svc: Mapping[str, Any]) -> wl.Service | None:
+def service_resource(svc: Mapping[str, Any], waypoint: wl.GatewayAddress | None = None) -> wl.Service | None:
     spec = svc.get("spec") or {}
     if spec.get("type") == "ExternalName":
         return None
@@ -104,6 +108,8 @@ def service_resource(svc: Mapping[str, Any]) -> wl.Service | None:
         out.load_balancing.routing_preference.append(lb.NODE)
     if spec.get("publishNotReadyAddresses"):
         out.load_balancing.health_policy = lb.ALLOW_ALL
+    if waypoint is not None:
+        out.waypoint.CopyFrom(waypoint)
     return out
 
 
@@ -135,6 +141,8 @@ def pod_workload(
     cluster_id: str,
     namespace_labels: Mapping[str, str] | None = None,
     node_labels: Mapping[str, str] | None = None,
+    waypoint: wl.GatewayAddress | None = None,
+    app_tunnel: wl.ApplicationTunnel | None = None,
 ) -> wl.Workload | None:
     """The Workload for a pod, or None when istiod would not publish it (no IP, finished)."""
     md = pod["metadata"]
@@ -171,6 +179,10 @@ def pod_workload(
         cluster_id=cluster_id,
         network_mode=wl.HOST_NETWORK if spec.get("hostNetwork") else wl.STANDARD,
     )
+    if waypoint is not None:
+        out.waypoint.CopyFrom(waypoint)
+    if app_tunnel is not None:
+        out.application_tunnel.CopyFrom(app_tunnel)
     nl = node_labels or {}
     region = labels.get(REGION_LABEL) or nl.get(REGION_LABEL) or ""
     zone = labels.get(ZONE_LABEL) or nl.get(ZONE_LABEL) or ""
@@ -190,3 +202,146 @@ def pod_workload(
             if target:
                 plist.ports.add(service_port=int(p["port"]), target_port=target)
     return out
+
+
+# ---- waypoints (istio pilot/pkg/serviceregistry/kube/controller/ambient/waypoints.go) ----------
+
+USE_WAYPOINT = "istio.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+WAYPOINT_FOR = "istio.io/waypoint-for"
+INBOUND_BINDING = "ambient.istio.io/waypoint-inbound-binding"
+MANAGED_GATEWAY = "gateway.istio.io/managed"
+MESH_CONTROLLER_VALUE = "istio.io-mesh-controller"
+GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
+WAYPOINT_CLASS = "istio-waypoint"
+MESH_CONTROLLER = "istio.io/mesh-controller"
+HBONE_MTLS_PORT = 15008
+TRAFFIC_TYPES = ("service", "workload", "all", "none")
+
+
+@dataclass(frozen=True)
+class Waypoint:
+    """A waypoint Gateway that has an address: what services and workloads that use it carry."""
+
+    namespace: str
+    name: str
+    address: bytes  # its Service's ClusterIP (packed)
+    traffic_type: str  # service | workload | all | none
+    binding_port: int | None = None  # inbound binding PROXY/<port> (0: PROXY without a port)
+
+    def gateway_address(self) -> wl.GatewayAddress:
+        return wl.GatewayAddress(address=wl.NetworkAddress(network="", address=self.address),
+                                 hbone_mtls_port=HBONE_MTLS_PORT)
+
+
+def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
+    return ((obj or {}).get("metadata") or {}).get("labels") or {}
+
+
+def _parse_binding(value: str | None) -> int | None:
+    """``PROXY`` -> 0, ``PROXY/15088`` -> 15088; anything else -> None (no binding)."""
+    if not value:
+        return None
+    proto, _, port = value.strip().partition("/")
+    if proto != "PROXY":
+        return None
+    if not port:
+        return 0
+    return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
+
+
+def is_waypoint_gateway(gw: Mapping[str, Any], gateway_class: Mapping[str, Any] | None) -> bool:
+    if (gw.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS:
+        return True
+    return (((gateway_class or {}).get("spec") or {}).get("controllerName")) == MESH_CONTROLLER
+
+
+def waypoints(gateways: Iterable[Mapping[str, Any]], classes: Mapping[str, Mapping[str, Any]],
+              services: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[tuple[str, str], Waypoint]:
+    """(namespace, name) -> Waypoint for every waypoint Gateway with an address.
+
+    The address is the Gateway's status IPAddress (written by the gateway controller), else its
+    Service's ClusterIP; a Gateway with neither is not (yet) a waypoint, as in istiod.
+    waypoint-for comes from the Gateway's label, else its GatewayClass's, default ``service``.
+    """
+    out: dict[tuple[str, str], Waypoint] = {}
+    for gw in gateways:
+        md = gw["metadata"]
+        if md.get("deletionTimestamp"):
+            continue
+        gclass = classes.get((gw.get("spec") or {}).get("gatewayClassName") or "")
+        if not is_waypoint_gateway(gw, gclass):
+            continue
+        ns, name = md["namespace"], md["name"]
+        addr: bytes | None = None
+        for a in (gw.get("status") or {}).get("addresses") or []:
+            if a.get("type", "IPAddress") == "IPAddress" and a.get("value"):
+                addr = _ip_bytes(str(a["value"]))
+                if addr:
+                    break
+        if addr is None:
+            svc = services.get((ns, name))
+            ip = ((svc or {}).get("spec") or {}).get("clusterIP")
+            addr = _ip_bytes(ip) if ip and ip != "None" else None
+        if addr is None:
+            continue
+        traffic = _labels(gw).get(WAYPOINT_FOR) or _labels(gclass).get(WAYPOINT_FOR) or "service"
+        if traffic not in TRAFFIC_TYPES:
+            traffic = "service"
+        annotations = md.get("annotations") or {}
+        class_annotations = ((gclass or {}).get("metadata") or {}).get("annotations") or {}
+        binding = _parse_binding(annotations.get(INBOUND_BINDING) or class_annotations.get(INBOUND_BINDING))
+        out[(ns, name)] = Waypoint(ns, name, addr, traffic, binding)
+    return out
+
+
+def _use_waypoint(labels: Mapping[str, str], fallback_namespace: str) -> tuple[tuple[str, str] | None, bool]:
+    """(waypoint key, opted out) from istio.io/use-waypoint[-namespace] labels."""
+    value = labels.get(USE_WAYPOINT)
+    if value is None:
+        return None, False
+    if value == "none":
+        return None, True
+    return (labels.get(USE_WAYPOINT_NAMESPACE) or fallback_namespace, value), False
+
+
+def _waypoint_for_target(obj: Mapping[str, Any], namespace_labels: Mapping[str, str],
+                         index: Mapping[tuple[str, str], Waypoint],
+                         accepts: tuple[str, ...]) -> Waypoint | None:
+    md = obj["metadata"]
+    if (md.get("labels") or {}).get(MANAGED_GATEWAY) == MESH_CONTROLLER_VALUE:
+        return None  # a waypoint (or its Service) has no waypoint
+    key, opted_out = _use_waypoint(md.get("labels") or {}, md["namespace"])
+    if opted_out:
+        return None
+    if key is None:
+        key, _ = _use_waypoint(namespace_labels, md["namespace"])
+    found = index.get(key) if key else None
+    return found if found is not None and found.traffic_type in accepts else None
+
+
+def service_waypoint(svc: Mapping[str, Any], namespace_labels: Mapping[str, str],
+                     index: Mapping[tuple[str, str], Waypoint]) -> wl.GatewayAddress | None:
+    """The Service's waypoint: its own use-waypoint label, else its namespace's (``none`` opts out);
+    only a waypoint for ``service`` or ``all`` traffic."""
+    found = _waypoint_for_target(svc, namespace_labels, index, ("service", "all"))
+    return found.gateway_address() if found else None
+
+
+def workload_waypoint(pod: Mapping[str, Any], namespace_labels: Mapping[str, str],
+                      index: Mapping[tuple[str, str], Waypoint]) -> wl.GatewayAddress | None:
+    """The pod's waypoint (same rules, for ``workload`` or ``all`` waypoints)."""
+    found = _waypoint_for_target(pod, namespace_labels, index, ("workload", "all"))
+    return found.gateway_address() if found else None
+
+
+def application_tunnel(pod: Mapping[str, Any],
+                       index: Mapping[tuple[str, str], Waypoint]) -> wl.ApplicationTunnel | None:
+    """PROXY {port} for the pods of a waypoint bound with waypoint-inbound-binding, else None."""
+    labels = _labels(pod)
+    if labels.get(MANAGED_GATEWAY) != MESH_CONTROLLER_VALUE or not labels.get(GATEWAY_NAME):
+        return None
+    found = index.get((pod["metadata"]["namespace"], labels[GATEWAY_NAME]))
+    if found is None or found.binding_port is None:
+        return None
+    return wl.ApplicationTunnel(protocol=wl.ApplicationTunnel.PROXY, port=found.binding_port)

@@ -82,11 +82,16 @@ def test_daemon_missing_is_a_clear_failure(tmp_path: Path) -> None:
     assert e.value.reason == "DaemonNotInstalled" and "make setup" in e.value.message
 
 
-def test_fortio_port_and_version() -> None:
-    p = resolve("fortio/fortio", None, ["server", "-http-port", "9090"], {}, [8080], "v2", CTX)
-    assert p.argv[-4:] == ["--port", "9090", "--server-name", "fortio-v2"]
+def test_fortio_gets_its_own_arguments_and_version() -> None:
+    # Kmesh's sample: command fortio, fortio's flags in args.
+    args = ["server", "-http-port", "0.0.0.0:8080", "-echo-server-default-params", "header=server:1"]
+    p = resolve("fortio/fortio", ["fortio"], args, {}, [8080], "v2", CTX)
+    assert p.argv[1:] == ["-m", "sandbox.images.fortio", "--sandbox-server", "fortio-v2", "--", *args]
+    # The image's entrypoint is fortio: args only, or nothing (default command `server`).
     p = resolve("fortio/fortio", None, ["server"], {}, [8081], "v1", CTX)
-    assert p.argv[-4:] == ["--port", "8081", "--server-name", "fortio-v1"]
+    assert p.argv[-3:] == ["fortio-v1", "--", "server"]
+    p = resolve("fortio/fortio", ["/usr/bin/fortio", "server"], None, {}, [], "v1", CTX)
+    assert p.argv[-2:] == ["--", "server"]
 
 
 def test_tools_images() -> None:
