@@ -115,7 +115,7 @@ def bootstrap(
                         "envoy.filters.network.http_connection_manager",
                         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         stat_prefix="readiness",
-            http_protocol_options={"accept_http_10": True},  # probes may speak HTTP/1.0
+                        http_protocol_options={"accept_http_10": True},  # probes may speak HTTP/1.0
                         route_config={
                             "name": "readiness",
                             "virtual_hosts": [
@@ -200,6 +200,7 @@ def bootstrap(
                 },
             ],
         },
+        "layered_runtime": runtime(),
         "bootstrap_extensions": [
             _typed(
                 "envoy.bootstrap.internal_listener",
@@ -207,6 +208,13 @@ def bootstrap(
             )
         ],
     }
+
+
+def runtime() -> dict[str, Any]:
+    """Envoy 1.40 runtime flags a waypoint with internal listeners needs (waypoint.envoycfg)."""
+    from waypoint.envoycfg import waypoint_layered_runtime
+
+    return waypoint_layered_runtime()
 
 
 def envoy_path() -> str:

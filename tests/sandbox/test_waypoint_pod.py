@@ -1,9 +1,9 @@
 """A waypoint pod in the sandbox: the catalog's proxyv2 image, configured by the pilot over its unix socket.
 
-Objects are applied with kubectl as a user (or istiod's gateway controller) would: the fortio
-sample (Services, Deployments, DestinationRule, VirtualService 90/10), the seed's EnvoyFilters,
-and a waypoint Deployment/Service/Gateway shaped like istiod's (the Gateway carries the PROXY
-binding annotation). The waypoint pod has its own netns; it reaches the pilot only through the
+Objects are applied with kubectl as a user would: the fortio sample (Services, Deployments,
+DestinationRule, VirtualService 90/10), the seed's EnvoyFilters, and a waypoint Gateway with the
+PROXY binding annotation, which the pilot's gateway controller turns into a Deployment and
+Service (istiod's waypoint template, image docker.io/istio/proxyv2:<revision's version>). The waypoint pod has its own netns; it reaches the pilot only through the
 socket mounted in its filesystem view. Requests come from a netutils pod, PROXY v2 framed (what
 the daemon sends for a PROXY-bound waypoint), so no kernel redirection is needed here.
 """
@@ -32,50 +32,6 @@ metadata:
 spec:
   gatewayClassName: istio-waypoint
   listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: waypoint
-  namespace: default
-  labels: {{gateway.istio.io/managed: istio.io-mesh-controller, istio.io/waypoint-for: service}}
-spec:
-  selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}
-  ports:
-  - {{name: mesh, port: 15008}}
-  - {{name: kmesh, port: 15019}}
-  - {{name: status-port, port: 15021}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: waypoint
-  namespace: default
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
-  template:
-    metadata:
-      labels:
-        gateway.istio.io/managed: istio.io-mesh-controller
-        gateway.networking.k8s.io/gateway-name: waypoint
-    spec:
-      containers:
-      - name: istio-proxy
-        image: docker.io/istio/proxyv2:1.22.6
-        args: [proxy, waypoint, --domain, $(POD_NAMESPACE).svc.cluster.local]
-        env:
-        - name: POD_NAME
-          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
-        - name: POD_NAMESPACE
-          valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}
-        - name: INSTANCE_IP
-          valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}
-        - name: ISTIO_META_CLUSTER_ID
-          value: Kubernetes
-        readinessProbe:
-          httpGet: {{path: /healthz/ready, port: 15021}}
 """
 
 

@@ -47,10 +47,17 @@ def is_kmesh_tlv(lf: Json) -> bool:
     return inner.endswith("." + KMESH_TLV_TYPE)
 
 
-def kmesh_tlv_filters() -> list[Json]:
-    from waypoint.envoycfg import kmesh_tlv_listener_filters
+def kmesh_tlv_fields() -> Json:
+    """listener_filters, socket_options (TCP_DEFER_ACCEPT) and the backstop timeout of the module."""
+    from waypoint.envoycfg import kmesh_tlv_listener_fields
 
-    return kmesh_tlv_listener_filters()
+    return kmesh_tlv_listener_fields()
+
+
+def defer_accept() -> Json:
+    from waypoint.envoycfg import defer_accept_option
+
+    return defer_accept_option()
 
 
 def share_original_dst() -> Json:
@@ -86,10 +93,13 @@ def render(cfg: Config, snap: inp.Snapshot, proxy: inp.Proxy) -> None:
         lfs = listener.get("listener_filters") or []
         if not any(is_kmesh_tlv(lf) for lf in lfs):
             continue
+        fields = kmesh_tlv_fields()
         out: list[Json] = []
         for lf in lfs:
-            out.extend(kmesh_tlv_filters() if is_kmesh_tlv(lf) else [lf])
+            out.extend(fields["listener_filters"] if is_kmesh_tlv(lf) else [lf])
         listener["listener_filters"] = out
+        listener.setdefault("listener_filters_timeout", fields["listener_filters_timeout"])
+        listener["socket_options"] = list(listener.get("socket_options") or []) + fields["socket_options"]
         listener["filter_chains"] = copy.deepcopy(cfg.bound_chains) + list(
             listener.get("filter_chains") or []
         )
@@ -118,6 +128,7 @@ def render(cfg: Config, snap: inp.Snapshot, proxy: inp.Proxy) -> None:
             {
                 "name": PROXY_LISTENER if port else f"{PROXY_LISTENER}_{p}",
                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": p}},
+                "socket_options": [defer_accept()],  # as for kmesh_tlv: the header is there at accept
                 "listener_filters": [
                     typed(
                         "envoy.filters.listener.proxy_protocol",
