@@ -38,7 +38,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
-CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 
 
 def _out(line: str) -> None:
@@ -168,7 +167,9 @@ def _open_dataplane(prefix: str) -> tuple[Any, Any]:
     pins = Path(f"/tmp/{prefix}-bpffs")
     pins.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
-    cgroup = CGROUP2_ROOT / f"kmesh-bench-{prefix}"
+    from sandbox.cgroups import cgroup2_root
+
+    cgroup = cgroup2_root() / f"kmesh-bench-{prefix}"
     cgroup.mkdir(exist_ok=True)
     try:
         dp = Dataplane.open(cgroup, pins / "kmesh")

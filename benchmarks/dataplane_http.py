@@ -60,7 +60,7 @@ class Settings:
     pin: bool = True
     modes: tuple[str, ...] = MODES
     backend: str = "auto"  # "nginx", "envoy", or "auto" (nginx when found, else Envoy)
-    cgroup_parent: Path = netns.CGROUP2_ROOT
+    cgroup_parent: Path = field(default_factory=netns.cgroup2_root)
     prefix: str = field(default_factory=lambda: "kh" + secrets.token_hex(3))
 
 

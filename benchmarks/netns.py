@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.cgroups import CGROUP2_ROOT, own_cgroup, remove_cgroup_tree
+from sandbox.cgroups import cgroup2_root, own_cgroup, remove_cgroup_tree
 
 OWNER_DIR = Path(os.environ.get("KMESH_BENCH_RUN_DIR", "/run/kmesh-bench"))
 
@@ -67,7 +67,7 @@ class Topology:
     """client netns -- bridge netns -- server netns, plus the benchmark cgroups."""
 
     prefix: str
-    cgroup_parent: Path = CGROUP2_ROOT
+    cgroup_parent: Path = field(default_factory=cgroup2_root)  # wherever this host mounts cgroup v2
     ns_bridge: str = ""
     ns_client: str = ""
     ns_server: str = ""
@@ -100,9 +100,9 @@ class Topology:
         return Path("/run/netns") / name
 
     def open(self) -> Topology:
-        parent = self.cgroup_parent.resolve()
-        if parent != CGROUP2_ROOT.resolve() and CGROUP2_ROOT.resolve() not in parent.parents:
-            raise ValueError(f"{self.cgroup_parent} is not inside the cgroup v2 hierarchy {CGROUP2_ROOT}")
+        parent, root = self.cgroup_parent.resolve(), cgroup2_root().resolve()
+        if parent != root and root not in parent.parents:
+            raise ValueError(f"{self.cgroup_parent} is not inside the cgroup v2 hierarchy {root}")
         # Programs go to <parent>/kmesh-bench-<prefix>/mesh: never the cgroup v2 root itself.
         try:
             self._write_owner()
@@ -330,7 +330,7 @@ def http_get(ns: str, url: str, timeout: float = 2.0, cgroup: Path | None = None
 @contextlib.contextmanager
 def in_cgroup(cgroup: Path) -> Iterator[None]:
     """Temporarily move this process into `cgroup` (for control connects made in-process)."""
-    original = own_cgroup(CGROUP2_ROOT)
+    original = own_cgroup()
     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     try:
         yield

@@ -22,8 +22,8 @@ DEFAULT_TOKEN_PATH = "/var/run/secrets/tokens/istio-token"
 DEFAULT_ROOT_CA = "/var/run/secrets/istio/root-cert.pem"
 DEFAULT_XDS_ADDRESS = "istiod.istio-system.svc:15012"
 BPF_FS = Path("/sys/fs/bpf")
-# The machine's cgroup v2 roots: attaching there would redirect every process on the node.
-NODE_CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+# /sys/fs/cgroup is the standard place of the node's cgroup v2 root even where it is not mounted yet.
+STANDARD_CGROUP2_ROOT = Path("/sys/fs/cgroup")
 SUBSYSTEMS = ("default", "xds", "dataplane", "enroll", "admin", "bpf")
 
 
@@ -153,6 +153,18 @@ def _parse_levels(items: list[str]) -> dict[str, str]:
     return levels
 
 
+def node_cgroup_roots() -> set[Path]:
+    """The machine's cgroup v2 roots (every cgroup2 mount point, wherever the host mounts it):
+    attaching there would redirect every process on the node."""
+    from daemon.cgroupmount import cgroup2_mounts
+
+    try:
+        mounts = {Path(os.path.realpath(m)) for m, _ in cgroup2_mounts()}
+    except OSError:
+        mounts = set()
+    return mounts | {STANDARD_CGROUP2_ROOT}
+
+
 def validate_cgroup_root(value: str | None, allow_node_root: bool) -> Path:
     """The attach point must be a cgroup v2 dir chosen on purpose, never the node root by accident."""
     if not value:
@@ -162,7 +174,7 @@ def validate_cgroup_root(value: str | None, allow_node_root: bool) -> Path:
     if not path.is_absolute():
         raise ConfigError(f"--cgroup-root {value!r}: must be an absolute path")
     resolved = Path(os.path.realpath(path))
-    if resolved in NODE_CGROUP_ROOTS and not allow_node_root:
+    if resolved in node_cgroup_roots() and not allow_node_root:
         raise ConfigError(f"--cgroup-root {value}: that is the machine's cgroup v2 root; pick a child "
                           "cgroup, or pass --i-know-this-is-the-node-root")
     return path

@@ -48,16 +48,15 @@ def inside_cgroup(cgroup_root: Path) -> bool:
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         if line.startswith("0::"):
             own = line[3:]
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) > 2 and parts[2] == "cgroup2":
-            mount = Path(parts[1])
-            full = mount / own.lstrip("/")
-            try:
-                if full.resolve().is_relative_to(Path(cgroup_root).resolve()):
-                    return True
-            except OSError:
-                continue
+    from daemon.cgroupmount import cgroup2_mounts
+
+    for mount, _ in cgroup2_mounts():
+        full = mount / own.lstrip("/")
+        try:
+            if full.resolve().is_relative_to(Path(cgroup_root).resolve()):
+                return True
+        except OSError:
+            continue
     return False
 
 

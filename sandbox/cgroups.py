@@ -2,6 +2,13 @@
 
 Why one place: every throw-away cgroup we make (a pod, a test run, a benchmark) is removed the
 same way, and getting it wrong leaves processes or directories behind on a shared machine.
+Where the hierarchy is mounted comes from ``daemon.cgroupmount.cgroup2_root`` (never a fixed
+path): /sys/fs/cgroup on a pure v2 host, elsewhere on a hybrid one.
+
+cgroup v2's no-internal-processes rule: a cgroup that enables controllers for its children
+may hold no processes (the hierarchy root excepted). A run or a node cgroup has children (pods,
+areas), so the processes of a run go into a leaf of it (``enter_leaf``), never the run cgroup
+itself; that stays valid whatever controllers a host turns on.
 """
 
 from __future__ import annotations
@@ -11,15 +18,22 @@ import signal
 import time
 from pathlib import Path
 
-CGROUP2_ROOT = Path(os.environ.get("KMESH_CGROUP2_ROOT", "/sys/fs/cgroup/unified"))
+from daemon.cgroupmount import Cgroup2Missing, cgroup2_root, own_cgroup
+
+__all__ = ["Cgroup2Missing", "cgroup2_root", "own_cgroup", "enter_leaf", "remove_cgroup_tree"]
+
+LEAF = "runner"
 
 
-def own_cgroup(root: Path = CGROUP2_ROOT) -> Path:
-    """This process's cgroup v2 directory under ``root``."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return root / line[3:].lstrip("/")
-    return root
+def enter_leaf(parent: Path, name: str = LEAF, pid: int | None = None) -> Path:
+    """Move ``pid`` (default: this process) into the leaf ``parent/name``, created if needed.
+
+    ``parent`` itself stays free of processes, so it may have child cgroups with controllers.
+    """
+    leaf = parent / name
+    leaf.mkdir(parents=True, exist_ok=True)
+    (leaf / "cgroup.procs").write_text(str(pid or os.getpid()))
+    return leaf
 
 
 def remove_cgroup_tree(path: Path) -> None:

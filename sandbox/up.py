@@ -95,11 +95,13 @@ class State:
 
 
 def cgroup2_mount() -> Path:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        f = line.split()
-        if len(f) > 2 and f[2] == "cgroup2":
-            return Path(f[1])
-    raise SandboxError("no cgroup v2 hierarchy is mounted; the sandbox needs one (kernel >= 4.15)")
+    """The detected cgroup v2 hierarchy (sandbox.cgroups), or SandboxError saying what to do."""
+    from sandbox.cgroups import Cgroup2Missing, cgroup2_root
+
+    try:
+        return cgroup2_root()
+    except Cgroup2Missing as e:
+        raise SandboxError(f"the sandbox needs cgroup v2: {e}") from e
 
 
 def is_bpffs(path: Path) -> bool:

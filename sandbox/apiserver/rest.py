@@ -300,8 +300,23 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
         since = int(rv_text) if rv_text and rv_text != "0" else None
         timeout = float(req.query.get("timeoutSeconds") or self.watch_timeout)
         table = tables.wants_table(req.headers.get("accept", ""))
+        # Watch-list (client-go's WatchListClient, on by default from kubectl 1.35): the current
+        # objects as ADDED events, then a BOOKMARK annotated k8s.io/initial-events-end. Without it
+        # `kubectl delete -f` of a newer kubectl waits forever for the end of the initial events.
+        initial_events = truthy(req.query.get("sendInitialEvents"))
+        if initial_events:
+            if req.query.get("resourceVersionMatch") != "NotOlderThan":
+                raise errors.bad_request("sendInitialEvents requires resourceVersionMatch=NotOlderThan")
+            if not truthy(req.query.get("allowWatchBookmarks")):
+                raise errors.bad_request("sendInitialEvents requires allowWatchBookmarks=true")
+            since = None
         try:
-            watcher = self.store.watch(t.rt, t.namespace, lambda o: label(o) and fields(o), since)
+            with self.store.lock:  # the end marker sits right after the initial events, nothing between
+                watcher = self.store.watch(t.rt, t.namespace, lambda o: label(o) and fields(o), since)
+                if initial_events:
+                    end_rv = str(self.store.resource_version)
+                    watcher.queue.put(("BOOKMARK", {"metadata": {
+                        "resourceVersion": end_rv, "annotations": {"k8s.io/initial-events-end": "true"}}}))
         except ApiError as e:
             # Like the watch cache: a 200 stream whose single event is an ERROR carrying the Status.
             body = json.dumps({"type": "ERROR", "object": e.status()}).encode() + b"\n"
@@ -343,6 +358,11 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
                         yield b""  # lets the transport notice a closed connection
                         continue
                     typ, obj = item
+                    if typ == "BOOKMARK":
+                        mark = {"kind": t.rt.kind, "apiVersion": t.rt.api_version(t.version), **obj}
+                        line = json.dumps({"type": typ, "object": mark}, separators=(",", ":"))
+                        yield line.encode() + b"\n"
+                        continue
                     out = self._out(t, obj)
                     if table:
                         out = tables.to_table(t.rt, [out], obj["metadata"].get("resourceVersion", ""))

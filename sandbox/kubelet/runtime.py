@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon.cgroupmount import cgroup2_mounts
 from sandbox.cgroups import remove_cgroup_tree
 
 NETNS_DIR = Path("/run/netns")
@@ -55,12 +56,9 @@ def _ip(args: list[str], netns: str | None = None, check: bool = True) -> subpro
 def cgroup2_mount_of(path: Path) -> Path:
     """The cgroup v2 mount point that contains `path` (raises if none)."""
     best: Path | None = None
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            mnt = Path(fields[1])
-            if (path == mnt or mnt in path.parents) and (best is None or len(mnt.parts) > len(best.parts)):
-                best = mnt
+    for mnt, _ in cgroup2_mounts():
+        if (path == mnt or mnt in path.parents) and (best is None or len(mnt.parts) > len(best.parts)):
+            best = mnt
     if best is None:
         raise RuntimeError_(f"{path} is not on a cgroup v2 mount")
     return best

@@ -7,7 +7,6 @@ both over HTTP through a kubeconfig the server wrote.
 from __future__ import annotations
 
 import itertools
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from sandbox.apiserver import ApiServer
+from tests.support.kubectl import kubectl_path
 
 _ns_counter = itertools.count(1)
 
@@ -46,9 +46,8 @@ class Cluster:
     def kubectl(
         self, *args: str, check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        kubectl = shutil.which("kubectl")
-        assert kubectl, "kubectl is not installed"
-        cmd = [kubectl, "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.cache_dir), *args]
+        cmd = [kubectl_path(), "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.cache_dir),
+               *args]
         proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=30)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr}")

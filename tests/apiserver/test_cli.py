@@ -15,6 +15,8 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from tests.support.kubectl import kubectl_path
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -59,7 +61,7 @@ def test_ready_line_and_kubeconfig(process: tuple[subprocess.Popen[str], Path, s
         api.close()
     assert {"default", "kube-system"} <= set(names)
     out = subprocess.run(
-        ["kubectl", "--kubeconfig", str(kubeconfig), "get", "ns", "default", "-o", "name"],
+        [kubectl_path(), "--kubeconfig", str(kubeconfig), "get", "ns", "default", "-o", "name"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.kubectl import kubectl_path
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -69,7 +71,7 @@ class ApiServer:
         return client.ApiClient(configuration=cfg)
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run(["kubectl", "--kubeconfig", self.kubeconfig, *args], capture_output=True,
+        p = subprocess.run([kubectl_path(), "--kubeconfig", self.kubeconfig, *args], capture_output=True,
                            text=True, timeout=60)
         if check and p.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {p.stderr}")

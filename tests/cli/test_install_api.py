@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tests.cli.conftest import REPO, ApiServer, _env, run_cli, snapshot
+from tests.support.kubectl import kubectl_path
 
 CID = "c0f1e2d3c4b5a6978"
 MANAGED = "app.kubernetes.io/managed-by=kmeshctl"
@@ -36,7 +37,7 @@ def _istiod(srv: ApiServer, *revisions: str) -> None:
 
 def _kubectl_apply(srv: ApiServer, docs: list[dict], manager: str) -> None:
     text = "".join("---\n" + yaml.safe_dump(d) for d in docs)
-    p = subprocess.run(["kubectl", "--kubeconfig", srv.kubeconfig, "apply", "--server-side",
+    p = subprocess.run([kubectl_path(), "--kubeconfig", srv.kubeconfig, "apply", "--server-side",
                         f"--field-manager={manager}", "-f", "-"], input=text, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr

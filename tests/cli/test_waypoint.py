@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.cli.conftest import REPO, ApiServer, Result, _env, free_port, run_cli
+from tests.support.kubectl import kubectl_path
 from tests.support.procs import start_logged, stop_process, wait_for
 
 GROUP, VERSION = "gateway.networking.k8s.io", "v1"
@@ -123,7 +124,7 @@ def test_generate_prints_a_gateway_the_api_server_accepts(cluster: ApiServer) ->
                  "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}
     assert gatewayschema.problems(gw) == []
     # The real kubectl, strict field validation, server-side dry run: accepted, nothing created.
-    p = subprocess.run(["kubectl", "--kubeconfig", cluster.kubeconfig, "apply", "--server-side",
+    p = subprocess.run([kubectl_path(), "--kubeconfig", cluster.kubeconfig, "apply", "--server-side",
                         "--dry-run=server", "--validate=strict", "-f", "-"], input=r.out, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and "serverside-applied (server dry run)" in p.stdout, p.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cgroupmount import is_cgroup2
+from daemon.cgroupmount import cgroup2_root, is_cgroup2
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for mount 
 
 
 def test_detects_cgroup2_and_plain_dirs(tmp_path: Path) -> None:
-    assert is_cgroup2(Path("/sys/fs/cgroup/unified")) or is_cgroup2(Path("/sys/fs/cgroup"))
+    assert is_cgroup2(cgroup2_root())
     assert not is_cgroup2(tmp_path)
     assert not is_cgroup2(tmp_path / "missing")
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.cgroupmount import cgroup2_root
 from daemon.config import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
-BASE_ENV = {"NODE_NAME": "node1", "KMESH_CGROUP_ROOT": "/sys/fs/cgroup/unified/kmesh-x"}
+BASE_ENV = {"NODE_NAME": "node1", "KMESH_CGROUP_ROOT": "/sys/fs/cgroup/kmesh-x"}
+DETECTED = str(cgroup2_root())  # where this host mounts cgroup v2
 
 
 def test_seed_flags_and_environment() -> None:
@@ -48,7 +50,7 @@ def test_admin_addr_loopback_accepted(addr: str) -> None:
     parse_config([f"--admin-addr={addr}"], BASE_ENV)
 
 
-@pytest.mark.parametrize("root", ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/unified/"])
+@pytest.mark.parametrize("root", [DETECTED, "/sys/fs/cgroup", DETECTED + "/"])
 def test_node_cgroup_root_refused(root: str) -> None:
     with pytest.raises(ConfigError, match="machine's cgroup v2 root"):
         parse_config([f"--cgroup-root={root}"], {"NODE_NAME": "n"})

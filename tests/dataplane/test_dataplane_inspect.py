@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from dp_topo import VIP4, ip4, uid
 
+from daemon.cgroupmount import cgroup2_root
 from daemon.dataplane import ConnEvent, netns_cookie, read_pins
 
 pytestmark = pytest.mark.kernel
@@ -31,7 +31,7 @@ def test_bpftool_shows_programs_on_test_cgroup_not_root(dp, topology) -> None:
     assert by_type["cgroup_inet4_getpeername"]["id"] == ids["getpeername4"]
     assert by_type["cgroup_inet6_getpeername"]["id"] == ids["getpeername6"]
     assert by_type["cgroup_sock_ops"]["id"] == ids["sockops"]
-    at_root = {p["id"] for p in bpftool("cgroup", "show", str(Path("/sys/fs/cgroup/unified")))}
+    at_root = {p["id"] for p in bpftool("cgroup", "show", str(cgroup2_root()))}
     assert not at_root & set(ids.values())
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.kubectl import kubectl_path
 from tests.support.procs import start_logged, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ class Cluster:
 
     def kubectl(self, *args: str, stdin: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run(["kubectl", "--kubeconfig", str(self.kubeconfig), *args], input=stdin,
+        p = subprocess.run([kubectl_path(), "--kubeconfig", str(self.kubeconfig), *args], input=stdin,
                            capture_output=True, text=True, timeout=60)
         if check and p.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {p.stderr}")

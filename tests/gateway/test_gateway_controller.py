@@ -7,8 +7,8 @@ import json
 
 from kubernetes.client.rest import ApiException
 
-from tests.support.procs import wait_for
 from tests.gateway.conftest import GROUP, VERSION, Cluster
+from tests.support.procs import wait_for
 
 
 def _condition(gw: dict, kind: str) -> dict:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.support.procs import wait_for
 from tests.gateway.conftest import GROUP, VERSION, Cluster
+from tests.support.procs import wait_for
 
 WP_POD_LABELS = {"gateway.istio.io/managed": "istio.io-mesh-controller",
                  "gateway.networking.k8s.io/gateway-name": "waypoint", "istio.io/dataplane-mode": "none"}

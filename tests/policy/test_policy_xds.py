@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.policy.conftest import ROOT_NS, Cluster, wait_for
+from tests.support.kubectl import kubectl_path
 
 
 def policies(state: Any, ns: str) -> dict[str, dict[str, Any]]:
@@ -201,7 +202,7 @@ spec:
 """)
 
     def kubectl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["kubectl", "--kubeconfig", str(cluster.kubeconfig), *args],
+        return subprocess.run([kubectl_path(), "--kubeconfig", str(cluster.kubeconfig), *args],
                               capture_output=True, text=True, timeout=60, check=False)
 
     applied = kubectl("apply", "-f", str(manifest))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.kubelet.runtime import Runtime
+from tests.support.kubectl import kubectl_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +57,8 @@ class SandboxHandle:
         self, *args: str, check: bool = True, stdin: str | None = None, timeout: float = 30
     ) -> subprocess.CompletedProcess:
         r = subprocess.run(
-            ["kubectl", *args], capture_output=True, text=True, env=self.env, input=stdin, timeout=timeout
+            [kubectl_path(), *args], capture_output=True, text=True, env=self.env, input=stdin,
+            timeout=timeout,
         )
         if check and r.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {r.stderr}")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroup
 
 
 def test_removes_nested_cgroups_and_kills_their_processes(test_cgroup: Path, run_prefix: str) -> None:
-    assert own_cgroup() == test_cgroup  # pytest runs in the run's cgroup, outside the tree removed
+    assert own_cgroup() == test_cgroup / "runner"  # pytest runs in the run's leaf, outside the tree removed
     top = test_cgroup / f"{run_prefix}-rmtree"
     leaves = [top / "a", top / "b" / "c"]  # processes only in leaves (cgroup v2 rule)
     procs = []

@@ -19,7 +19,7 @@ def _no_daemon_override(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 CTX = NodeContext(
-    cgroup_root="/sys/fs/cgroup/unified/kmesh-sandbox-x",
+    cgroup_root="/sys/fs/cgroup/kmesh-sandbox-x",
     pin_prefix="ksx",
     bin_dir=Path(sys.executable).parent,
 )
@@ -59,14 +59,14 @@ def test_daemon_flags_seed_style_and_plain() -> None:
     assert plain == ["--mode=dual-engine", "--enable-bpf-log=true"]
     # The sandbox decides where the daemon attaches: manifest flags cannot point it at the machine's root.
     assert daemon_flags(
-        [], ["--cgroup-root", "/sys/fs/cgroup/unified", "--pin-prefix=x", "--mode=dual-engine"]
+        [], ["--cgroup-root", "/sys/fs/cgroup", "--pin-prefix=x", "--mode=dual-engine"]
     ) == ["--mode=dual-engine"]
 
 
 def test_daemon_env_is_confined_to_the_sandbox(tmp_path: Path) -> None:
     (tmp_path / "kmesh-daemon").write_text("#!/bin/sh\n")
     ctx = NodeContext(cgroup_root=CTX.cgroup_root, pin_prefix="ksx", bin_dir=tmp_path)
-    env = {"KMESH_CGROUP_ROOT": "/sys/fs/cgroup/unified", "XDS_ADDRESS": "istiod:15012"}
+    env = {"KMESH_CGROUP_ROOT": "/sys/fs/cgroup", "XDS_ADDRESS": "istiod:15012"}
     prog = resolve(
         "ghcr.io/kmesh-py/kmesh-daemon:0.1.0", ["kmesh-daemon"], ["--mode=dual-engine"], env, [], "x", ctx
     )

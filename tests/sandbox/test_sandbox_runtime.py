@@ -179,7 +179,8 @@ def test_cleanup_node_leaves_nothing(run_prefix: str, test_cgroup: Path, tmp_pat
 
 
 def test_refuses_cgroup_v2_root(tmp_path: Path) -> None:
+    from sandbox.cgroups import cgroup2_root
     from sandbox.kubelet.runtime import RuntimeError_
 
     with pytest.raises(RuntimeError_, match="refusing"):
-        Runtime(tmp_path, Path("/sys/fs/cgroup/unified"), "x")
+        Runtime(tmp_path, cgroup2_root(), "x")
