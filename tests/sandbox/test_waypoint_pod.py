@@ -3,8 +3,9 @@
 Objects are applied with kubectl as a user would: the fortio sample (Services, Deployments,
 DestinationRule, VirtualService 90/10), the seed's EnvoyFilters, and a waypoint Gateway with the
 PROXY binding annotation, which the pilot's gateway controller turns into a Deployment and
-Service (istiod's waypoint template, image docker.io/istio/proxyv2:<revision's version>). The waypoint pod has its own netns; it reaches the pilot only through the
-socket mounted in its filesystem view. Requests come from a netutils pod, PROXY v2 framed (what
+Service (istiod's waypoint template, image docker.io/istio/proxyv2:<revision's version>). The
+waypoint pod has its own netns; it reaches the pilot only through the socket visible in its
+filesystem view. Requests come from a netutils pod, PROXY v2 framed (what
 the daemon sends for a PROXY-bound waypoint), so no kernel redirection is needed here.
 """
 
