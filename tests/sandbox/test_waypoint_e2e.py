@@ -40,6 +40,8 @@ def _skip_reason() -> str | None:
         return "needs root (netns, cgroups, BPF)"
     if not DAEMON_SCRIPT.exists() and importlib.util.find_spec("daemon.main") is None:
         return "the kmesh daemon is absent"
+    if not (REPO / "bpf" / "handoff.c").exists():
+        return "the kernel hand-off to waypoints (bpf/handoff.c) is not in this tree"
     busy = [f"{p} ({what})" for p, what in FIXED_PORTS.items() if not sb.port_free(p)]
     if busy:
         return f"127.0.0.1 ports in use: {', '.join(busy)} (a running sandbox? `kmeshctl sandbox down`)"
