@@ -29,7 +29,7 @@ TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.T
 @pytest.fixture(scope="module")
 def wp(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaypointEnv]:
     root = tmp_path_factory.mktemp("waypoint")
-    env = WaypointEnv(root, f"{run_prefix}c2")
+    env = WaypointEnv(root, f"{run_prefix}p")
     try:
         env.seed()
         env.custom.create_namespaced_custom_object(
