@@ -84,9 +84,16 @@ via_waypoint() {  # the waypoint's Envoy adds x-request-id; the kernel-only path
 }
 wait_for 30 "requests to fortio to go through the waypoint" via_waypoint
 
-step "20 requests from netutils to the fortio ClusterIP $FORTIO_IP (the seed's curl loop)"
-OUT=$("$KMESHCTL" sandbox exec netutils -- sh -c \
-    "for i in \$(seq 1 20); do curl -s -m 2 -I http://$FORTIO_IP/ | grep -i '^Server:'; done") || true
+step "20 requests from netutils to the fortio ClusterIP $FORTIO_IP (the seed's kubectl loop, verbatim)"
+# Given a terminal (`script`) as a user at a shell has, so `-it` gets a pty and curl -v's headers
+# reach grep; against any cluster, without one kubectl says "Unable to use a TTY" and they go to stderr.
+# (PATH: the loop's `kubectl` is the pinned .venv/bin/kubectl, as everywhere in this script.)
+SEED_LOOP="$KMESH_SANDBOX_DIR/seed-loop.sh"
+cat >"$SEED_LOOP" <<'LOOP'
+for i in {1..20}; do kubectl exec -it $(kubectl get pod | grep netutils | awk '{print $1}') -- curl -v $(kubectl get svc -owide | grep fortio | awk '{print $3}'):80 | grep "Server:"; done
+LOOP
+printf '$ %s\n' "$(cat "$SEED_LOOP")"
+OUT=$(PATH="$REPO/.venv/bin:$PATH" script -qec "bash $SEED_LOOP" /dev/null </dev/null | tr -d '\r' | sed -n 's/^.*\(Server:.*\)$/\1/p') || true
 echo "$OUT"
 OK=$(grep -ci '^Server:' <<<"$OUT" || true)
 [[ "$OK" -eq 20 ]] || fail "only $OK of 20 requests were answered: see \`$KMESHCTL dump bpf\`, the daemon log ($KUBECTL logs -n kmesh-system -l app=kmesh) and the waypoint's ($KUBECTL logs deploy/waypoint)"
@@ -123,8 +130,9 @@ Done in $(elapsed)s. The sandbox is still running. Explore (kubectl and kmeshctl
   export KUBECONFIG=$KUBECONFIG PATH=$REPO/.venv/bin:\$PATH
   kubectl get pods -A -o wide; kubectl describe pod -l app=fortio; kubectl logs -n kmesh-system -l app=kmesh
   $KMESHCTL trace pod \$(kubectl get pods -l app=netutils -o jsonpath='{.items[0].metadata.name}')
-  $KMESHCTL sandbox exec netutils -- curl -sI http://fortio
-  $KMESHCTL sandbox exec waypoint -- curl -s 127.0.0.1:15000/config_dump   # the waypoint Envoy
+  kubectl exec deploy/netutils -- curl -sI http://fortio
+  kubectl port-forward svc/fortio 8080:80    # then: curl -sI 127.0.0.1:8080
+  kubectl exec deploy/waypoint -- curl -s 127.0.0.1:15000/config_dump   # the waypoint Envoy's admin
   $KMESHCTL dump services; $KMESHCTL dump bpf; $KMESHCTL sandbox status
 Stop and remove everything:  make demo-down
 EOF
