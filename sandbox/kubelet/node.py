@@ -138,6 +138,9 @@ class Kubelet:
                 }.items()
                 if v
             },
+            # the pilot's unix socket (sandbox layout: DIR/kubelet and DIR/pilot side by side)
+            xds_socket=os.environ.get("KMESH_SANDBOX_XDS_SOCKET")
+            or str(Path(state_dir).resolve().parent / "pilot" / "xds.sock"),
         )
         self.controllers = Controllers(self.api, self.node, self.event)
         self.pods: dict[str, LocalPod] = {}
