@@ -24,7 +24,7 @@ from benchmarks import report
 MODES = ("direct", "bpf_vip", "envoy_proxy")
 EXTRA_MODES = ("direct_mesh",)  # diagnostic: pod IP from the cgroup with our programs
 QUICK_DIR = Path(tempfile.gettempdir()) / "kmesh-bench-quick"
-SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http")
+SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http", "authz")
 
 
 def _log(msg: str) -> None:

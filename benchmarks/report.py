@@ -33,7 +33,10 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("daemon RSS (MiB)", "control_plane.daemon_rss_mib", "<=", 150.0),
     ("kmeshctl --help (s)", "cli.help_s", "<=", 0.3),
     ("dump workloads 10k (s)", "cli.dump_10k_s", "<=", 1.0),
+    ("authz allowed p50, 1000 policies / none", "authz.allowed_overhead_p50", "<=", 1.03),
+    ("authz compile+write 10k policies (s)", "authz.compile_10k_s", "<=", 1.0),
 )
+AUTHZ_KEYS = ("allowed_overhead_p50", "compile_10k_s", "deny_latency_ms")
 
 
 def _cmd(argv: list[str]) -> str:
@@ -111,6 +114,9 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
     doc["cli"] = {k: cli.get(k, cli.get("error", "not available: not run")) for k in CLI_KEYS}
     maps = sections.get("dataplane_maps", {})
     doc["reconciler"] = maps.get("reconciler", maps) if isinstance(maps, dict) else maps
+    az = sections.get("authz", {})
+    doc["authz"] = {k: (az.get(k, az.get("error", f"not available: authz gave no {k}"))
+                        if isinstance(az, dict) else az) for k in AUTHZ_KEYS}
     doc["targets"] = judge(doc)
     doc["details"] = {
         "dataplane_http": {
@@ -119,6 +125,7 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
                for section in ("dataplane", "dataplane_keepalive")},
         },
         "cli": {k: v for k, v in cli.items() if k not in CLI_KEYS},
+        "authz": az.get("details") if isinstance(az, dict) else None,
     }
     return doc
 
@@ -211,7 +218,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {label} | {' | '.join(cells)} |")
     lines += ["", "Paired: the median over rounds of the ratio within each round (runs close in time)."]
     lines.append("")
-    for section, title in (("control_plane", "Control plane"), ("cli", "CLI")):
+    for section, title in (("control_plane", "Control plane"), ("cli", "CLI"), ("authz", "Authorization")):
         lines += [f"| {title} | value |", "|---|---:|"]
         rows = flatten(doc[section])
         if section == "cli":
@@ -245,7 +252,7 @@ def table(doc: dict) -> str:
                 out.append(f"  {mode:<20} {_fmt(fig)}")
     out.append("ratios")
     out += [f"  {k:<40} {_fmt(v)}" for k, v in doc.get("ratios", {}).items()]
-    for section in ("control_plane", "cli", "reconciler"):
+    for section in ("control_plane", "cli", "reconciler", "authz"):
         out.append(section)
         out += [f"  {k:<40} {_fmt(v)}" for k, v in flatten(doc.get(section))]
     out.append("targets")

@@ -40,6 +40,7 @@ class AdminContext:
     hub: Any = None
     resolver: Any = None
     sync: Any = None
+    authz: Any = None
     started: float = 0.0
 
     def xds_status(self) -> dict[str, Any]:
@@ -68,6 +69,8 @@ class AdminContext:
                 if p.get("ratio", 0) >= PRESSURE_WARN:
                     problems.append(f"BPF map {name} is {p.get('ratio', 0):.0%} full "
                                     f"({p.get('entries')}/{p.get('max')})")
+        if self.authz is not None and self.authz.last_error:
+            problems.append(f"authorization tables not updated: {self.authz.last_error}")
         if self.enroll is not None:
             st = self.enroll.status()
             if not st.get("converged"):
@@ -156,6 +159,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(ctx.status())
             elif path == "/debug/trace":
                 self._trace(query)
+            elif path == "/authz":
+                self._authz(None)
             else:
                 self._error(404, f"no such endpoint {path}; see /status, /debug/config_dump, /debug/bpf, "
                                  "/debug/trace, /debug/loggers, /debug/ready, /version")
@@ -170,6 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
+        if url.path.rstrip("/") == "/authz":
+            self._authz({k: v[-1] for k, v in parse_qs(url.query).items()})
+            return
         if url.path.rstrip("/") != "/debug/loggers":
             code = 404 if url.path not in self._known_get() else 405
             self._error(code, f"POST not supported on {url.path}")
@@ -193,6 +201,20 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _known_get() -> tuple[str, ...]:
         return ("/version", "/debug/config_dump", "/debug/bpf", "/debug/ready", "/status", "/debug/trace")
+
+    def _authz(self, query: dict[str, str] | None) -> None:
+        """GET: authorization state; POST ?enable=true|false (Kmesh's /authz)."""
+        ctx = self.server.ctx
+        if ctx.authz is None:
+            self._error(503, "authorization not started yet")
+            return
+        if query is not None:
+            value = (query.get("enable") or "").lower()
+            if value not in ("true", "false"):
+                self._error(400, "use POST /authz?enable=true or ?enable=false")
+                return
+            ctx.authz.set_enabled(value == "true")
+        self._json({**ctx.authz.status(), "selected": ctx.authz.selected()})
 
     def _config_dump(self, query: dict[str, str]) -> None:
         ctx = self.server.ctx
@@ -222,6 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
         enrolled = [p.as_dict() for p in ctx.enroll.enrolled()] if ctx.enroll is not None else []
         self._json({"maps": ctx.dataplane.read_back(), "raw": ctx.dataplane.raw_maps(),
                     "pressure": ctx.dataplane.map_pressure(), "enrolled": enrolled,
+                    "authz": ctx.authz.dump() if ctx.authz is not None else None,
                     "pin_dir": str(getattr(ctx.config, "pin_dir", ""))})
 
     def _trace(self, query: dict[str, str]) -> None:
@@ -298,8 +321,10 @@ class _CookieMatch:
         self.cookie = cookie
 
     def __call__(self, event: Any) -> bool:
-        value = event.get("netns_cookie") if isinstance(event, dict) else getattr(event, "netns_cookie", None)
-        return value == self.cookie
+        if isinstance(event, dict):  # authz records name both ends
+            cookies = event.get("netns_cookies") or ()
+            return event.get("netns_cookie") == self.cookie or self.cookie in cookies
+        return getattr(event, "netns_cookie", None) == self.cookie
 
 
 class AdminServer(ThreadingHTTPServer):

@@ -237,6 +237,7 @@ class NameResolver:
                            "bytes_received": ev.get("bytes_received", 0),
                            "duration_ms": round(ev.get("duration_ns", 0) / 1e6, 3),
                            "srtt_us": ev.get("srtt_us", 0)})
+        record.update(ev.get("extra") or {})  # fields a producer resolved itself (authz records)
         return record
 
 

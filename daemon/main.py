@@ -139,6 +139,7 @@ class Daemon:
         self.hub: Any = None
         self.admin: Any = None
         self.metrics: Any = None
+        self.authz: Any = None
 
     def start(self) -> None:
         from daemon.admin import AdminContext, AdminServer
@@ -191,6 +192,11 @@ class Daemon:
         self.xds = XdsClient(xds_cfg, self.state)
         self.sync = DataplaneSync(self.state, self.dataplane)
         self.ctx.xds, self.ctx.sync = self.xds, self.sync
+        from daemon.authz.manager import AuthzManager, node_addresses
+
+        node_ips = node_addresses(cfg.instance_ip, os.environ.get("KMESH_NODE_IPS", ""))
+        self.authz = AuthzManager(self.state, self.dataplane, node_name=cfg.node_name, node_ips=node_ips)
+        self.ctx.authz = self.authz
         self.xds.start()
 
         if cfg.enroll:
@@ -215,6 +221,9 @@ class Daemon:
         self.metrics_source.conn = conn
         self.ctx.hub, self.ctx.resolver = self.hub, resolver
         self.hub.start()
+        self.authz.enroll, self.authz.emit = self.enroll, self.hub.dispatch
+        self.metrics_source.extra = self.authz.families
+        self.authz.start()
         log.info("kmesh-daemon started", extra={"xds": cfg.xds_address, "cluster_id": cfg.cluster_id,
                                                 "node": cfg.node_name})
 
@@ -231,7 +240,7 @@ class Daemon:
                         server.server_close()
                 except Exception:  # noqa: BLE001
                     pass
-        for comp in (self.hub, self.enroll, self.xds, self.sync):
+        for comp in (self.authz, self.hub, self.enroll, self.xds, self.sync):
             if comp is not None:
                 try:
                     comp.stop()

@@ -265,9 +265,12 @@ class Change:
     backends: set[str] = field(default_factory=set)
     policies: set[str] = field(default_factory=set)
     full: bool = False
+    # uids of workloads added, removed or changed in any field (authorization needs identity
+    # and authorization_policies changes that leave the Backend equal)
+    workloads: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
-        return bool(self.services or self.backends or self.policies or self.full)
+        return bool(self.services or self.backends or self.policies or self.full or self.workloads)
 
 
 Listener = Callable[[Change], None]
@@ -401,6 +404,8 @@ class State:
             uid = rec.uid
             prof = rec.profile
             old = workloads.get(uid)
+            if old is None or old.profile is not prof or old != rec:
+                change.workloads.add(uid)
             if old is not None:  # an update replaces the old entry entirely
                 for svc, _ in old.profile.services:
                     m = members.get(svc)
@@ -444,6 +449,7 @@ class State:
 
     def _remove_workload(self, uid: str, change: Change) -> None:
         old = self.workloads.pop(uid)
+        change.workloads.add(uid)
         for svc, _ in old.profile.services:
             m = self._members.get(svc)
             if m is not None:

@@ -18,11 +18,6 @@ from kmeshctl.common import UsageError
 
 SHELLS = ("bash", "zsh", "fish")
 COMPLETE_VAR = "_KMESHCTL_COMPLETE"
-_HELP = {
-    "bash": "source <(kmeshctl completion bash)   # or save it under /etc/bash_completion.d/kmeshctl",
-    "zsh": "kmeshctl completion zsh > \"${fpath[1]}/_kmeshctl\"",
-    "fish": "kmeshctl completion fish > ~/.config/fish/completions/kmeshctl.fish",
-}
 
 
 def _init_classes() -> None:
@@ -35,7 +30,9 @@ def completion(
     ctx: typer.Context,
     shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
 ) -> None:
-    """Print the completion script for SHELL on stdout."""
+    """Print the completion script for SHELL on stdout: bash `source <(kmeshctl completion bash)`,
+    zsh `kmeshctl completion zsh > "${fpath[1]}/_kmeshctl"`, fish `kmeshctl completion fish >
+    ~/.config/fish/completions/kmeshctl.fish`."""
     if shell not in SHELLS:
         raise UsageError(f"unsupported shell {shell!r}; use one of {', '.join(SHELLS)}")
     _init_classes()
@@ -51,5 +48,5 @@ def completion(
 def register(app: typer.Typer) -> None:
     if os.environ.get(COMPLETE_VAR):  # the shell asking for completions: typer's classes answer
         _init_classes()
-    help_text = "Print a shell completion script (bash, zsh or fish). " + " | ".join(_HELP.values())
-    app.command("completion", help=help_text)(completion)
+    app.command("completion", help="Print a shell completion script for bash, zsh or fish, e.g. "
+                                   "`source <(kmeshctl completion bash)`.")(completion)

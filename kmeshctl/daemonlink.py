@@ -1,14 +1,14 @@
 """How kmeshctl reaches the daemons' admin API (loopback port 15200 on each node).
 
-Three ways, tried in this order:
+Two ways, tried in this order:
 
 1. ``--admin-addr HOST:PORT``: straight HTTP (on the node itself, or through your own tunnel).
-2. The sandbox: when ``$KMESH_SANDBOX_DIR`` (default ``~/.kmesh/sandbox``) holds a kubeconfig and
-   ``127.0.0.1:15200`` answers ``/version``, the daemon pod is host-network on this machine.
-   Skipped when ``--kubeconfig``/``--context`` name another cluster.
-3. A Kubernetes port-forward (``kubernetes.stream.portforward``, the same API ``kubectl
+2. A Kubernetes port-forward (``kubernetes.stream.portforward``, the same API ``kubectl
    port-forward`` uses) to port 15200 of each ``app=kmesh`` pod in ``kmesh-system``;
-   ``--node`` picks the daemon of one node.
+   ``--node`` picks the daemon of one node. The cluster is ``--kubeconfig``/``--context``, else
+   ``$KUBECONFIG``; with none of those, a running sandbox (``$KMESH_SANDBOX_DIR``, default
+   ``~/.kmesh/sandbox``, whose API server serves pods/portforward like a cluster's), else
+   ``~/.kube/config``.
 
 Each HTTP request gets its own connection (one port-forward stream per request), so a
 daemon restart between two requests is harmless.
@@ -36,7 +36,7 @@ DAEMON_SELECTOR = "app=kmesh"
 AdminAddrOpt = Annotated[
     str | None,
     typer.Option("--admin-addr", help="Reach the daemon's admin API at HOST:PORT directly "
-                 "(default: the sandbox, else a port-forward through the Kubernetes API).",
+                 "(default: a port-forward through the Kubernetes API, the sandbox's too).",
                  show_default=False, envvar="KMESH_ADMIN_ADDR"),
 ]
 NodeOpt = Annotated[
@@ -65,7 +65,7 @@ class Daemon:
     @property
     def where(self) -> str:
         if self.pod is not None:
-            return f"pod {self.pod[0]}/{self.pod[1]} (port-forward to {ADMIN_PORT})"
+            return f"pod {self.pod[0]}/{self.pod[1]} (port-forward to {self.port})"
         return f"{self.host}:{self.port}"
 
     # ----- transport ---------------------------------------------------------------------
@@ -78,10 +78,10 @@ class Daemon:
             core = client.CoreV1Api(self.api)
             try:
                 pf = portforward(core.connect_get_namespaced_pod_portforward, self.pod[1], self.pod[0],
-                                 ports=str(ADMIN_PORT))
+                                 ports=str(self.port))
             except Exception as exc:  # noqa: BLE001 - one line for any client/websocket error
                 raise KmeshctlError(f"cannot port-forward to {self.where}: {_short(exc)}") from None
-            sock = pf.socket(ADMIN_PORT)
+            sock = pf.socket(self.port)
             sock.settimeout(timeout)
             conn.sock = sock
             self.extra["portforward"] = pf
@@ -189,24 +189,32 @@ def _probe(host: str, port: int, timeout: float = 1.0) -> dict[str, Any] | None:
         return None
 
 
-def _sandbox_daemon(kubeconfig: str | None, context: str | None) -> Daemon | None:
-    sdir = sandbox_dir()
-    sandbox_kc = sdir / "kubeconfig"
+def _sandbox_kubeconfig(kubeconfig: str | None, context: str | None) -> str | None:
+    """The sandbox's kubeconfig when nothing names another cluster and its API server is up."""
+    sandbox_kc = sandbox_dir() / "kubeconfig"
+    if kubeconfig is not None or context is not None or os.environ.get("KUBECONFIG"):
+        kc = kubeconfig or os.environ.get("KUBECONFIG") or ""
+        if context is not None or not sandbox_kc.exists() or not Path(kc).expanduser().exists():
+            return None
+        return str(sandbox_kc) if Path(kc).expanduser().resolve() == sandbox_kc.resolve() else None
     if not sandbox_kc.exists():
         return None
-    if context is not None:
-        return None
-    if kubeconfig is not None and Path(kubeconfig).expanduser().resolve() != sandbox_kc.resolve():
-        return None
-    env_kc = os.environ.get("KUBECONFIG")
-    if kubeconfig is None and env_kc and Path(env_kc).expanduser().resolve() != sandbox_kc.resolve():
-        return None
-    port = int(os.environ.get("KMESH_SANDBOX_ADMIN_PORT") or ADMIN_PORT)  # tests run beside a sandbox
-    info = _probe("127.0.0.1", port)
-    if info is None:
-        return None
-    return Daemon(label=info.get("pod") or f"127.0.0.1:{port}", node=info.get("node", ""),
-                  host="127.0.0.1", port=port)
+    return str(sandbox_kc) if _api_answers(sandbox_kc) else None
+
+
+def _api_answers(kubeconfig: Path) -> bool:
+    """Whether the kubeconfig's server accepts a TCP connection (a sandbox that is down does not)."""
+    from urllib.parse import urlsplit
+
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(kubeconfig.read_text()) or {}
+        url = urlsplit(cfg["clusters"][0]["cluster"]["server"])
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 443), timeout=1.0):
+            return True
+    except (OSError, ValueError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return False
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
@@ -242,14 +250,11 @@ def find_daemons(admin_addr: str | None = None, node: str | None = None, kubecon
         info = _probe(host, port) or {}
         return [Daemon(label=info.get("pod") or f"{host}:{port}", node=info.get("node", ""), host=host,
                        port=port)]
-    direct = _sandbox_daemon(kubeconfig, context)
-    if direct is not None:
-        if node and direct.node and node != direct.node:
-            raise KmeshctlError(f"no kmesh daemon on node {node!r}; "
-                                f"the sandbox's daemon runs on {direct.node!r}")
-        if pod_name and pod_name != direct.label:
-            raise KmeshctlError(f"no kmesh daemon pod {pod_name!r}; the sandbox's is {direct.label!r}")
-        return [direct]
+    port = ADMIN_PORT
+    sandbox_kc = _sandbox_kubeconfig(kubeconfig, context)
+    if sandbox_kc is not None:
+        kubeconfig = sandbox_kc
+        port = int(os.environ.get("KMESH_SANDBOX_ADMIN_PORT") or ADMIN_PORT)  # tests beside a sandbox
     from kmeshctl.common import load_kube
 
     try:
@@ -270,7 +275,7 @@ def find_daemons(admin_addr: str | None = None, node: str | None = None, kubecon
         pods = [p for p in pods if _node(p) == node]
         if not pods:
             raise KmeshctlError(f"no kmesh daemon on node {node!r}; daemons run on: {', '.join(nodes)}")
-    return [Daemon(label=_name(p), node=_node(p), pod=(DAEMON_NAMESPACE, _name(p)), api=api,
+    return [Daemon(label=_name(p), node=_node(p), port=port, pod=(DAEMON_NAMESPACE, _name(p)), api=api,
                    ready=_pod_ready(p)) for p in pods]
 
 

@@ -124,7 +124,12 @@ def render_services(dump: dict[str, Any]) -> str:
 
 
 def render_policies(dump: dict[str, Any]) -> str:
-    return format_table(POLICY_COLUMNS, policy_rows(dump))
+    selected = dump.get("_selected")
+    if not selected:  # an older daemon, or no policy selects a workload on this node
+        return format_table(POLICY_COLUMNS, policy_rows(dump))
+    # with the daemon's authorization view: which local workloads each policy selects
+    rows = [(*r, ",".join(selected.get(f"{r[0]}/{r[1]}", [])) or "-") for r in policy_rows(dump)]
+    return format_table((*POLICY_COLUMNS, "SELECTS"), rows)
 
 
 def _sorted_section(items: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
@@ -302,14 +307,47 @@ def dump(
     elif kind == "services":
         _write(render_services(config))
     elif kind == "policies":
+        config["_selected"] = _selected(daemon)
         _write(render_policies(config))
     elif kind == "bpf":
-        _write(render_bpf(bpf))
+        _write(render_bpf(bpf) + render_authz(bpf.get("authz")))
     else:
         _write("------ WORKLOAD INFO ------\n" + render_workloads(config)
                + "\n------ SERVICE INFO ------\n" + render_services(config)
                + "\n------ POLICY INFO ------\n" + render_policies(config)
                + f"\n------ BPF MAPS (node {daemon.node or daemon.label}) ------\n" + render_bpf(bpf))
+
+
+def _selected(daemon: Any) -> dict[str, list[str]] | None:
+    """policy -> local workloads it selects, from the daemon's /authz (None: an older daemon)."""
+    from kmeshctl.common import KmeshctlError
+
+    try:
+        return daemon.get_json("/authz").get("selected") or {}
+    except KmeshctlError:
+        return None
+
+
+def render_authz(authz: dict[str, Any] | None) -> str:
+    """The compiled authorization tables: destinations -> rulesets -> entries, readable."""
+    if not authz:
+        return ""
+    st = authz.get("status") or {}
+    state = "enabled" if st.get("enabled") else "disabled"
+    lines = ["", f"AUTHORIZATION ({state}, epoch {st.get('epoch', 0)}, {st.get('policies', 0)} policies, "
+                 f"{len(authz.get('links') or [])} links)"]
+    lines.append(format_table(("DESTINATION", "WORKLOAD", "RULESET", "ENTRIES"),
+                              [(d["address"], d.get("workload", ""), str(d["ruleset"]), str(d["entries"]))
+                               for d in authz.get("destinations") or []]).rstrip("\n"))
+    for rs in authz.get("rulesets") or []:
+        lines.append(f"ruleset {rs['id']}: {', '.join(rs.get('policies') or [])}")
+        for e in rs.get("entries") or []:
+            match = e.get("match") or {}
+            text = "; ".join(f"{k}={v}" for k, v in match.items())
+            dry = " dry-run" if e.get("dry_run") else ""
+            ends = f" [end {'+'.join(e.get('ends') or [])}]" if e.get("ends") else ""
+            lines.append(f"  {e['idx']:>3} {e['action']}{dry} {e['policy']}: {text}{ends}")
+    return "\n".join(lines) + "\n"
 
 
 def register(app: typer.Typer) -> None:

@@ -33,6 +33,7 @@ _COMMAND_MODULES: list[str] = [
     "version",
     "sandbox",
     "waypoint",
+    "authz",
     "completion",
 ]
 

@@ -182,24 +182,12 @@ def exec_(
             f"pod {namespace}/{info['name']} has no running container {container!r} "
             f"(running: {', '.join(containers)})"
         )
-    c = containers[container]
-    argv = [
-        sys.executable,
-        "-m",
-        "sandbox.kubelet.launch",
-        "enter",
-        str(c["pid"]),
-        c["cgroup"],
-        "host" if info.get("hostNetwork") else "net",
-        "--",
-        *command,
-    ]
+    from sandbox.kubelet.launch import enter_argv, enter_env
+
+    argv = enter_argv(info, container, command)
     sys.stdout.flush()
     sys.stderr.flush()
-    repo = str(Path(sb.__file__).resolve().parents[1])
-    env = dict(
-        os.environ, PYTHONPATH=repo + (":" + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    )
+    env = enter_env()
     os.execve(sys.executable, argv, env)
 
 

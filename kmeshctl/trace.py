@@ -47,8 +47,26 @@ def short_service(name: str) -> str:
     return name
 
 
+def format_denied(rec: dict[str, Any]) -> str:
+    """A connection attempt refused (or, dry run, that would be) by authorization policy."""
+    src = rec.get("source") or {}
+    be = rec.get("backend") or {}
+    source = f"{src['namespace']}/{src['pod']}" if src.get("pod") else src.get("ip") or "?"
+    if src.get("pod") and src.get("ip"):
+        source += f" ({src['ip']})"
+    dest = _addr(be.get("ip", ""), be.get("port", 0))
+    if be.get("pod"):
+        dest += f" ({be.get('namespace')}/{be['pod']})"
+    what = "DENIED" if rec.get("kind") == "denied" else "WOULD BE DENIED (dry run)"
+    n = int(rec.get("count", 1) or 1)
+    return (f"{_stamp(rec.get('time', ''))}: {source} -> {dest} {what} ({rec.get('reason', '')})"
+            + (f" x{n}" if n > 1 else ""))
+
+
 def format_event(rec: dict[str, Any]) -> str:
     """One compact line for a trace record (see daemon.events.NameResolver.enrich)."""
+    if rec.get("kind") in ("denied", "dry_run_denied"):  # authz records (daemon/authz/manager.py)
+        return format_denied(rec)
     src = rec.get("source") or {}
     orig = rec.get("original") or {}
     be = rec.get("backend") or {}

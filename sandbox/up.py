@@ -173,8 +173,7 @@ def _commands(st: State) -> dict[str, list[str]]:
             str(st.kubeconfig),
             "--state-dir",
             str(d / "apiserver"),
-            "--token",
-            st.token,
+            f"--token={st.token}",  # one argument: a token may start with "-"
         ],
         "pilot": [
             py,

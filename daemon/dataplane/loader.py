@@ -34,7 +34,7 @@ from daemon.dataplane.types import Capacity
 
 REPO = Path(__file__).resolve().parents[2]  # checkout or site-packages: the child's PYTHONPATH
 BPF_DIR = bpf_dir()  # packaged bpf/ (daemon.assets), or the checkout's
-SOURCES = ("connect4.c", "connect6.c", "getpeername.c", "sockops.c")
+SOURCES = ("connect4.c", "connect6.c", "getpeername.c", "sockops.c", "authz.c")
 CGROUP2_MAGIC = 0x63677270
 
 # program name -> attach type; all attach to the same cgroup
@@ -157,6 +157,10 @@ def _compile(gen_dir: Path, cap: Capacity) -> Loaded:
         loaded.functions[name] = bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
     for name in SOCKOPS_PROGRAMS:
         loaded.functions[name] = bpf.load_func(name.encode(), BPF.SOCK_OPS)
+    # tc (tcx) program of daemon/authz: loaded here, attached per pod netns by daemon/authz/attach.py
+    loaded.functions["authz"] = bpf.load_func(b"authz", BPF.SCHED_CLS)
+    walk = bpf.load_func(b"authz_walk", BPF.SCHED_CLS)
+    bpf[b"km_authz_jmp"][ct.c_int(0)] = ct.c_int(walk.fd)  # pinned: outlives this process
     return loaded
 
 

@@ -89,6 +89,9 @@ def resource_list(group: str, version: str) -> dict[str, Any] | None:
                 )
             elif sub == "log":
                 sub_entry["verbs"] = ["get"]
+            elif sub in ("exec", "portforward"):
+                sub_entry.update(kind="PodExecOptions" if sub == "exec" else "PodPortForwardOptions",
+                                 verbs=["create", "get"])
             out.append(sub_entry)
     gv = f"{group}/{version}" if group else version
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}

@@ -46,7 +46,9 @@ _ISTIO_SECURITY_VERSIONS = ("v1", "v1beta1")  # security.istio.io serves both (v
 RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("", ("v1",), "Namespace", "namespaces", False, ("ns",), ("status",)),
     ResourceType("", ("v1",), "Node", "nodes", False, ("no",), ("status",)),
-    ResourceType("", ("v1",), "Pod", "pods", True, ("po",), ("status", "log"), ("all",)),
+    ResourceType(
+        "", ("v1",), "Pod", "pods", True, ("po",), ("status", "log", "exec", "portforward"), ("all",)
+    ),
     ResourceType("", ("v1",), "Service", "services", True, ("svc",), ("status",), ("all",)),
     ResourceType("", ("v1",), "Endpoints", "endpoints", True, ("ep",)),
     ResourceType("", ("v1",), "ServiceAccount", "serviceaccounts", True, ("sa",), ("token",)),

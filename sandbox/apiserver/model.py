@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
     user: str = "system:anonymous"
+    raw_query: str = ""  # for repeated parameters (exec's command=...&command=...)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Response:
     body: Any = None
     content_type: str = "application/json"
     stream: Iterator[bytes] | None = None
+    # exec/portforward: called with the HTTP handler to take over the connection (101 Switching).
+    upgrade: Callable[[Any], None] | None = None
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """REST semantics of the API server, independent of the HTTP transport.
 
 ``Api.handle(Request) -> Response`` routes a request to discovery, a verb on a resource, or a
-subresource (status, scale, token, log) and returns a JSON body, plain text, or a stream of
-watch events. All writes go through one path: decode -> defaults -> validation -> store, with
-``dryRun=All`` stopping just before the store.
+subresource (status, scale, token, log; exec and portforward upgrade the connection) and returns a
+JSON body, plain text, or a stream of watch events. All writes go through one path: decode ->
+defaults -> validation -> store, with ``dryRun=All`` stopping just before the store.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .authn import AuthnEndpoints
 from .defaults import GENERATION_KINDS, STATUS_SUBRESOURCE_KINDS, apply_defaults, initial_status
 from .deletion import DeleteEndpoints
 from .errors import ApiError
+from .exec import ExecEndpoints
 from .kinds import ResourceType
 from .logs import LogEndpoints, LogResolver
 from .model import Request, Response, Target, json_response, truthy
@@ -34,6 +35,7 @@ from .objects import (
     now_rfc3339,
     strip_for_compare,
 )
+from .portforward import PortForwardEndpoints
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Store
 from .tokens import TokenIssuer
@@ -44,8 +46,8 @@ WATCH_DEFAULT_TIMEOUT = 1800.0
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
-class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
-    """Routing, discovery and the verbs; token and log endpoints come from the mixins."""
+class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints, ExecEndpoints, PortForwardEndpoints):
+    """Routing, discovery and the verbs; token, log, exec and portforward come from the mixins."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
         self.graceful_pod_deletion = False
         self.node_ports = NodePorts()
         self.bookmark_interval = 10.0  # seconds between BOOKMARKs on idle watches that allow them
+        self.stream_counts: dict[str, int] = {}  # exec / portforward sessions served
 
     # ---------------------------------------------------------------- bootstrap / auth
 
@@ -189,6 +192,10 @@ class Api(DeleteEndpoints, AuthnEndpoints, LogEndpoints):
             if m != "GET":
                 raise errors.method_not_allowed()
             return self._log(req, t)
+        if t.sub == "exec":
+            return self._exec(req, t)
+        if t.sub == "portforward":
+            return self._portforward(req, t)
         if t.sub == "token":
             if m != "POST":
                 raise errors.method_not_allowed()

@@ -68,7 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         headers = {k.lower(): v for k, v in self.headers.items()}
         req = Request(
-            self.command, url.path, dict(parse_qsl(url.query, keep_blank_values=True)), headers, body
+            self.command, url.path, dict(parse_qsl(url.query, keep_blank_values=True)), headers, body,
+            raw_query=url.query,
         )
         auth = headers.get("authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
@@ -81,6 +82,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(self.api.handle(req))
 
     def _send(self, resp: Response) -> None:
+        if resp.upgrade is not None:
+            # exec/portforward: the handler owns the connection until the session ends.
+            self.close_connection = True
+            resp.upgrade(self)
+            return
         if resp.stream is not None:
             self._send_stream(resp)
             return

@@ -219,8 +219,41 @@ def run(spec: dict) -> None:
         raise LaunchError(f"exec {argv[0]}: {e.strerror}") from e
 
 
-def enter(pid: int, cgroup_dir: str | None, argv: list[str], host_network: bool) -> None:
-    """Join the namespaces, cgroup and root of running container process `pid`, then exec argv."""
+def enter_argv(pod_info: dict, container: str, command: list[str], tty: bool = False) -> list[str]:
+    """The command line that runs ``command`` in ``container`` of a pod the kubelet published in
+    its ``pod.json`` (``kmeshctl sandbox exec`` and the API server's pods/exec both use it)."""
+    c = pod_info["containers"][container]
+    mode = "host" if pod_info.get("hostNetwork") else "net"
+    return [sys.executable, "-m", "sandbox.kubelet.launch", "enter", str(c["pid"]), c["cgroup"], mode,
+            *(["tty"] if tty else []), "--", *command]
+
+
+def enter_env() -> dict[str, str]:
+    """The environment for :func:`enter_argv`: this repository importable as ``sandbox``."""
+    repo = str(Path(__file__).resolve().parents[2])
+    extra = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=repo + (":" + extra if extra else ""))
+
+
+def take_terminal() -> None:
+    """Make stdin (a pty slave) our controlling terminal; we must be a session leader (setsid)."""
+    import fcntl
+    import termios
+
+    try:
+        os.setsid()
+    except OSError:
+        pass  # already a session leader (started with start_new_session)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def enter(pid: int, cgroup_dir: str | None, argv: list[str], host_network: bool, tty: bool = False) -> None:
+    """Join the namespaces, cgroup and root of running container process `pid`, then exec argv.
+
+    ``tty``: stdin is a pty slave that becomes the controlling terminal (``kubectl exec -t``).
+    """
+    if tty:
+        take_terminal()
     proc = f"/proc/{pid}"
     if not os.path.exists(proc):
         raise LaunchError(f"container process {pid} is not running")
@@ -254,9 +287,9 @@ def main(args: list[str]) -> int:
         elif len(args) >= 5 and args[0] == "enter" and "--" in args:
             sep = args.index("--")
             pid, cgroup_dir, host_network = int(args[1]), args[2] or None, args[3] == "host"
-            enter(pid, cgroup_dir, args[sep + 1 :], host_network)
+            enter(pid, cgroup_dir, args[sep + 1 :], host_network, tty="tty" in args[4:sep])
         else:
-            print("usage: launch run SPEC.json | enter PID CGROUP net|host -- CMD...", file=sys.stderr)
+            print("usage: launch run SPEC.json | enter PID CGROUP net|host [tty] -- CMD...", file=sys.stderr)
             return 2
     except (LaunchError, OSError) as e:
         print(f"sandbox: {e}", file=sys.stderr)

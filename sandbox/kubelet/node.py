@@ -39,6 +39,7 @@ from sandbox.kubelet.runtime import (
 log = logging.getLogger("sandbox.kubelet")
 NODE_IP = "127.0.0.1"  # hostNetwork pods and the node itself: nothing addresses the machine's NICs
 LOG_PATH_ANNOTATION = "sandbox.kmesh.io/log-path"
+RUNTIME_INFO_ANNOTATION = "sandbox.kmesh.io/runtime-info"
 BACKOFF_MAX = 30.0
 GRACE_MAX = 5.0
 
@@ -141,6 +142,9 @@ class Kubelet:
                 }.items()
                 if v
             },
+            # the pilot's unix socket (sandbox layout: DIR/kubelet and DIR/pilot side by side)
+            xds_socket=os.environ.get("KMESH_SANDBOX_XDS_SOCKET")
+            or str(Path(state_dir).resolve().parent / "pilot" / "xds.sock"),
         )
         self.controllers = Controllers(self.api, self.node, self.event)
         self.pods: dict[str, LocalPod] = {}
@@ -476,6 +480,8 @@ class Kubelet:
         annotations = {f"{LOG_PATH_ANNOTATION}.{n}": str(logs / f"{n}.log") for n in names}
         if names:
             annotations[LOG_PATH_ANNOTATION] = str(logs / f"{names[0]}.log")
+        # Where pods/exec and pods/portforward find the netns and container pids (pod.json).
+        annotations[RUNTIME_INFO_ANNOTATION] = str(lp.sandbox.dir / "pod.json")
         try:
             self.api.merge_patch(
                 f"/api/v1/namespaces/{lp.namespace}/pods/{lp.name}",

@@ -80,34 +80,58 @@ def test_status_over_portforward_exits_nonzero_when_one_daemon_unhealthy(cluster
         find_one(None, None, str(kc), None, need_node=True)
 
 
-def test_sandbox_is_reached_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sandbox dir with a kubeconfig and a daemon answering on loopback: no API needed."""
+def test_sandbox_is_reached_through_its_api_servers_portforward(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox dir with a running API server: kmeshctl port-forwards to the daemon pod through it,
+    as in a cluster (the real sandbox API server; the daemon pod is host-network, as installed)."""
     from kmeshctl.common import KmeshctlError
     from kmeshctl.daemonlink import find_daemons
+    from sandbox.apiserver import ApiServer
 
     class Cfg:
         node_name, pod_name = "node-s", "kmesh-sbx"
 
     server = AdminServer("127.0.0.1", 0, AdminContext(config=Cfg(), xds=Xds(), started=1.0))
     server.start()
+    api = ApiServer(port=0, state_dir=tmp_path / "api")
+    api.start()
     try:
-        (tmp_path / "kubeconfig").write_text("{}")
+        api.write_kubeconfig(tmp_path / "kubeconfig")
+        _host_network_daemon_pod(api, tmp_path)
         monkeypatch.setenv("KMESH_SANDBOX_DIR", str(tmp_path))
         monkeypatch.setenv("KMESH_SANDBOX_ADMIN_PORT", str(server.server_address[1]))
         monkeypatch.delenv("KUBECONFIG", raising=False)
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config to fall back to
         (d,) = find_daemons()
-        assert (d.label, d.node, d.host, d.pod) == ("kmesh-sbx", "node-s", "127.0.0.1", None)
+        assert (d.label, d.node, d.pod) == ("kmesh-sbx", "node-s", ("kmesh-system", "kmesh-sbx"))
+        before = api.api.stream_counts.get("portforward", 0)
         assert d.get_json("/version")["pod"] == "kmesh-sbx"
+        assert api.api.stream_counts["portforward"] == before + 1
         # Another cluster named explicitly: the sandbox is not used.
         other = tmp_path / "other-kubeconfig"
         other.write_text("{}")
         with pytest.raises(KmeshctlError, match="invalid kubeconfig"):
             find_daemons(kubeconfig=str(other))
-        # No daemon answering: not a running sandbox.
-        monkeypatch.setenv("KMESH_SANDBOX_ADMIN_PORT", "1")
-        with pytest.raises(KmeshctlError, match="no kubeconfig"):
-            find_daemons()
     finally:
+        api.stop()
         server.stop()
+    # The sandbox's API server is down: not a running sandbox.
+    with pytest.raises(KmeshctlError, match="no kubeconfig"):
+        find_daemons()
+
+
+def _host_network_daemon_pod(api, tmp_path: Path) -> None:
+    """A Running hostNetwork pod app=kmesh whose runtime info (as the kubelet publishes it) exists."""
+    from kubernetes import client, config
+
+    core = client.CoreV1Api(config.new_client_from_config(str(tmp_path / "kubeconfig")))
+    core.create_namespace({"metadata": {"name": "kmesh-system"}})
+    info = tmp_path / "pod.json"
+    pod = core.create_namespaced_pod("kmesh-system", {
+        "metadata": {"name": "kmesh-sbx", "labels": {"app": "kmesh"},
+                     "annotations": {"sandbox.kmesh.io/runtime-info": str(info)}},
+        "spec": {"nodeName": "node-s", "hostNetwork": True,
+                 "containers": [{"name": "kmesh", "image": "kmesh"}]}})
+    info.write_text(json.dumps({"uid": pod.metadata.uid, "namespace": "kmesh-system", "name": "kmesh-sbx",
+                                "hostNetwork": True, "netns": None, "containers": {}}))

@@ -87,8 +87,8 @@ def test_open_keeps_bcc_and_llvm_out_of_the_process(make_cgroup, pin_root: Path)
         out = subprocess.run([sys.executable, "-c", _PROBE, str(cg), str(pins)], cwd=repo,
                              capture_output=True, text=True, timeout=300, check=True)
         r = json.loads(out.stdout)
-        assert r["attached"] and r["progs"] == ["connect4", "connect6", "getpeername4", "getpeername6",
-                                                "sockops"], r
+        assert r["attached"] and r["progs"] == ["authz", "connect4", "connect6", "getpeername4",
+                                                "getpeername6", "sockops"], r
         assert not r["bcc_imported"] and not r["libbcc_mapped"] and not r["llvm_mapped"], r
         assert r["rss_kib"] < 60 * 1024, r  # the in-process compile alone left ~120 MiB resident
     finally:

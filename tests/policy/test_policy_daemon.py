@@ -51,11 +51,11 @@ def test_dump_policies_table_and_json(cluster: Cluster, daemon: Daemon) -> None:
 
         def table() -> list[str] | None:
             r = daemon.kmeshctl("dump", "policies")
-            rows = [row for row in _rows(r.stdout) if row[0] in (ns, ROOT_NS)]
+            rows = [row[:4] for row in _rows(r.stdout) if row[0] in (ns, ROOT_NS)]  # + SELECTS (authz)
             return r.stdout.splitlines() if r.returncode == 0 and rows == want_rows else None
 
         lines = wait_for(table, 30, "daemon shows the four policies", interval=0.3)
-        assert lines[0].split() == ["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE"]
+        assert lines[0].split() == ["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE", "SELECTS"]
         # tabwriter layout: columns start where the header's do
         header = lines[0]
         row = next(line for line in lines if " allow-web " in line)
