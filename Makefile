@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export BCC_KERNEL_SOURCE ?= $(CURDIR)/.build/kernel-src
 
-.PHONY: setup test lint protos bench demo demo-down clean
+.PHONY: setup test lint protos bench demo demo-down clean image
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,10 @@ protos: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# The daemon image from ./Dockerfile, built with podman offline (see scripts/image.sh); cached by content hash.
+image: setup
+	bash scripts/image.sh
 
 demo: setup
 	bash scripts/demo.sh

@@ -37,8 +37,10 @@ def _ensure_kernel_source() -> None:
         return
     if Path(f"/lib/modules/{os.uname().release}/build").exists():
         return
-    built = REPO / ".build" / "kernel-src"
-    if built.is_dir():
+    from daemon.assets import kernel_headers_fallback
+
+    built = kernel_headers_fallback()
+    if built is not None:
         os.environ["BCC_KERNEL_SOURCE"] = str(built)
 
 

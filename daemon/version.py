@@ -7,15 +7,13 @@ import sys
 from functools import cache
 from typing import Any
 
+# The one place the version lives: pyproject.toml reads it (tool.setuptools.dynamic), the wheel's
+# metadata, `kmeshctl version`, `kmesh-daemon version`, /version and the default image tag follow.
+__version__ = "0.1.0"
 
-@cache
+
 def version() -> str:
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version("kmesh-py")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (source tree)
-        return "0.1.0"
+    return __version__
 
 
 @cache
@@ -24,6 +22,8 @@ def git_commit() -> str:
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
+    if not (repo / ".git").exists():  # an installed wheel: never ask an unrelated enclosing repo
+        return "unknown"
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=2)

@@ -77,6 +77,24 @@ NamespaceOpt = Annotated[
     str,
     typer.Option("-n", "--namespace", help="Kubernetes namespace."),
 ]
+AllNamespacesOpt = Annotated[
+    bool,
+    typer.Option("-A", "--all-namespaces", help="List across all namespaces (as kubectl -A)."),
+]
+ListNamespaceOpt = Annotated[
+    str | None,
+    typer.Option("-n", "--namespace", help="Only this namespace (default: all namespaces).",
+                 show_default=False),
+]
+
+
+def namespace_scope(namespace: str | None, all_namespaces: bool) -> str | None:
+    """The namespace a list is limited to, or None for all; -n with -A is a usage error (as kubectl)."""
+    if namespace and all_namespaces:
+        raise UsageError("give either -n/--namespace or -A/--all-namespaces, not both")
+    return None if all_namespaces else (namespace or None)
+
+
 OutputOpt = Annotated[
     str,
     typer.Option("-o", "--output", help="Output format: table, json or yaml.", callback=_check_output),

@@ -17,7 +17,15 @@ from typing import Annotated, Any
 
 import typer
 
-from kmeshctl.common import ContextOpt, KubeconfigOpt, UsageError, to_yaml
+from kmeshctl.common import (
+    AllNamespacesOpt,
+    ContextOpt,
+    KubeconfigOpt,
+    ListNamespaceOpt,
+    UsageError,
+    namespace_scope,
+    to_yaml,
+)
 from kmeshctl.daemonlink import AdminAddrOpt, NodeOpt, find_one
 
 WORKLOAD_COLUMNS = ("NAMESPACE", "POD NAME", "ADDRESS", "NODE", "WAYPOINT", "PROTOCOL", "STATUS")
@@ -277,6 +285,8 @@ def fetch_config(daemon: Any, kind: str, output: str) -> dict[str, Any]:
 def dump(
     kind: Annotated[str, typer.Argument(help="workloads, services, policies, bpf or all.")],
     output: Annotated[str, typer.Option("-o", "--output", help="table, json or yaml.")] = "table",
+    namespace: ListNamespaceOpt = None,
+    all_namespaces: AllNamespacesOpt = False,
     node: NodeOpt = None,
     admin_addr: AdminAddrOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -288,8 +298,13 @@ def dump(
         raise UsageError(f"unknown dump kind {kind!r}; use one of {', '.join(KINDS)}")
     if output not in ("table", "json", "yaml"):
         raise UsageError(f"--output must be one of table, json, yaml, not {output!r}")
+    only = namespace_scope(namespace, all_namespaces)
     daemon = find_one(admin_addr, node, kubeconfig, context, need_node=kind in ("bpf", "all"))
     config = fetch_config(daemon, kind, output)
+    if only is not None:
+        for section in ("workloads", "services", "policies"):
+            if isinstance(config.get(section), list):
+                config[section] = [x for x in config[section] if x.get("namespace") == only]
     bpf = daemon.get_json("/debug/bpf") if kind in ("bpf", "all") else {}
     if output != "table":
         if kind == "bpf":

@@ -36,6 +36,8 @@ NamesArg = Annotated[list[str], typer.Argument(metavar="NAME...", help="Names (o
 PodNamespaceOpt = Annotated[str | None, typer.Option("-n", "--namespace", show_default=False,
                                                      help="Namespace of the pods (default: the "
                                                           "context's namespace).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate the label change on the API server "
+                                                           "(dryRun=All); change nothing.")]
 EnrollOutputOpt = Annotated[str | None, typer.Option("-o", "--output", show_default=False,
                                                      help="json or yaml list of results.")]
 
@@ -115,7 +117,24 @@ def _label_patch(value: str | None) -> dict:
     return {"metadata": {"labels": {LABEL: value}}}
 
 
-def set_namespaces(names: list[str], enable: bool, kubeconfig: str | None, context: str | None) -> list[dict]:
+def _patch(api: ApiClient, path: str, patch: dict, dry_run: bool) -> None:
+    """A merge patch; with dry_run the API server validates it (dryRun=All) and stores nothing."""
+    from kmeshctl import kubeapi
+
+    query = [("dryRun", "All")] if dry_run else None
+    kubeapi.request(api, "PATCH", path, query, body=patch, content_type="application/merge-patch+json")
+
+
+def _dry(rows: list[dict], dry_run: bool) -> list[dict]:
+    if dry_run:
+        for r in rows:
+            if not r["result"].startswith("already"):
+                r["result"] += " (server dry run)"
+    return rows
+
+
+def set_namespaces(names: list[str], enable: bool, kubeconfig: str | None, context: str | None,
+                   dry_run: bool = False) -> list[dict]:
     """Enable or disable namespaces; returns [{kind, namespace, name, result}]."""
     from kmeshctl import kubeapi
     from kmeshctl.common import load_kube
@@ -131,12 +150,12 @@ def set_namespaces(names: list[str], enable: bool, kubeconfig: str | None, conte
             if _enrolled(labels):
                 result = "already enabled"
             else:
-                kubeapi.merge_patch(api, kubeapi.NAMESPACE.path(name), _label_patch(VALUE))
+                _patch(api, kubeapi.NAMESPACE.path(name), _label_patch(VALUE), dry_run)
                 result = "enabled" + (f" (was {LABEL}={current})" if current else "")
             _warn_sidecars(api, name, obj)
         else:
             if _enrolled(labels):
-                kubeapi.merge_patch(api, kubeapi.NAMESPACE.path(name), _label_patch(None))
+                _patch(api, kubeapi.NAMESPACE.path(name), _label_patch(None), dry_run)
                 result = "disabled"
                 kept = [p["metadata"]["name"] for p in _list_pods(api, name)
                         if _enrolled(p.get("metadata", {}).get("labels"))]
@@ -152,7 +171,7 @@ def set_namespaces(names: list[str], enable: bool, kubeconfig: str | None, conte
 
 
 def set_pods(names: list[str], namespace: str | None, enable: bool, kubeconfig: str | None,
-             context: str | None) -> list[dict]:
+             context: str | None, dry_run: bool = False) -> list[dict]:
     """Enable or disable pods of one namespace; returns [{kind, namespace, name, result}]."""
     from kmeshctl import kubeapi
     from kmeshctl.common import context_namespace, load_kube
@@ -175,7 +194,7 @@ def set_pods(names: list[str], namespace: str | None, enable: bool, kubeconfig: 
             elif ns_enrolled and current is None:
                 result = f"already enabled (namespace {ns} is enrolled)"
             else:
-                kubeapi.merge_patch(api, path, _label_patch(VALUE))
+                _patch(api, path, _label_patch(VALUE), dry_run)
                 result = "enabled" + (f" (was {LABEL}={current})" if current else "")
             if _sidecar_pods([pod]):
                 warn(f"pod {ns}/{name} carries an istio-proxy sidecar: Kmesh does not manage it until it is "
@@ -187,10 +206,10 @@ def set_pods(names: list[str], namespace: str | None, enable: bool, kubeconfig: 
                 if current == OPT_OUT:
                     result = "already disabled"
                 else:
-                    kubeapi.merge_patch(api, path, _label_patch(OPT_OUT))
+                    _patch(api, path, _label_patch(OPT_OUT), dry_run)
                     result = f"disabled ({LABEL}={OPT_OUT}: namespace {ns} is enrolled)"
             elif _enrolled(labels):
-                kubeapi.merge_patch(api, path, _label_patch(None))
+                _patch(api, path, _label_patch(None), dry_run)
                 result = "disabled"
             else:
                 result = "already disabled"
@@ -203,15 +222,16 @@ def _group(enable: bool) -> typer.Typer:
     group = typer.Typer(help=f"{verb} namespaces or pods {'in' if enable else 'from'} the Kmesh data plane "
                              f"(label {LABEL}).", no_args_is_help=True)
 
-    def ns(names: NamesArg, output: EnrollOutputOpt = None, kubeconfig: KubeconfigOpt = None,
-           context: ContextOpt = None) -> None:
+    def ns(names: NamesArg, dry_run: DryRunOpt = False, output: EnrollOutputOpt = None,
+           kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
         _check_output(output)
-        _report(set_namespaces(names, enable, kubeconfig, context), output)
+        _report(_dry(set_namespaces(names, enable, kubeconfig, context, dry_run), dry_run), output)
 
-    def pod(names: NamesArg, namespace: PodNamespaceOpt = None, output: EnrollOutputOpt = None,
-            kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
+    def pod(names: NamesArg, namespace: PodNamespaceOpt = None, dry_run: DryRunOpt = False,
+            output: EnrollOutputOpt = None, kubeconfig: KubeconfigOpt = None,
+            context: ContextOpt = None) -> None:
         _check_output(output)
-        _report(set_pods(names, namespace, enable, kubeconfig, context), output)
+        _report(_dry(set_pods(names, namespace, enable, kubeconfig, context, dry_run), dry_run), output)
 
     action = "Enable" if enable else "Disable"
     ns.__doc__ = (f"{action} Kmesh for whole namespaces ({'set' if enable else 'remove'} {LABEL}={VALUE}).")

@@ -8,7 +8,6 @@ containing ``:`` or ``#`` can never change the YAML structure. No network access
 
 from __future__ import annotations
 
-import os
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,21 +27,23 @@ _ENVOYFILTER_TEMPLATES = ("waypoint.yaml",)
 
 
 def manifests_dir() -> Path:
-    """Where the templates live: $KMESH_MANIFESTS_DIR, else the repository's manifests/."""
-    env = os.environ.get("KMESH_MANIFESTS_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "manifests"
+    """Where the templates live: $KMESH_MANIFESTS_DIR, else the packaged (or checkout's) manifests/."""
+    from daemon.assets import AssetError
+    from daemon.assets import manifests_dir as find
+
+    try:
+        return find()
+    except AssetError as e:
+        from kmeshctl.common import KmeshctlError
+
+        raise KmeshctlError(f"{e}, or set KMESH_MANIFESTS_DIR to a manifests/ directory") from None
 
 
 def project_version() -> str:
-    """The installed kmesh-py version (image tag of the default daemon image)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The kmesh-py version (image tag of the default daemon image)."""
+    from daemon.version import version
 
-    try:
-        return version("kmesh-py")
-    except PackageNotFoundError:
-        return "0.1.0"
+    return version()
 
 
 def default_image() -> str:
@@ -80,7 +81,7 @@ def _load(path: Path) -> list[dict]:
         from kmeshctl.common import KmeshctlError
 
         raise KmeshctlError(f"cannot read manifest template {path}: {e.strerror}; "
-                            "set KMESH_MANIFESTS_DIR to the repository's manifests/") from None
+                            "set KMESH_MANIFESTS_DIR to a dir holding kmesh/ and envoyfilters/") from None
     return [d for d in yaml.safe_load_all(text) if d]
 
 

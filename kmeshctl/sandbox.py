@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from kmeshctl.common import KmeshctlError, UsageError
+from kmeshctl.common import AllNamespacesOpt, KmeshctlError, ListNamespaceOpt, UsageError, namespace_scope
 
 DirOpt = Annotated[
     str | None,
@@ -30,15 +30,35 @@ def _note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _xds_ports(value: str | None) -> tuple[int, int] | None:
+    """``TLS,PLAINTEXT`` ports, ``auto`` (two free ports), or None (istiod's 15012,15010)."""
+    from sandbox import up as sb
+
+    if value is None:
+        return None
+    if value == "auto":
+        return sb.free_port(), sb.free_port()
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 65536 for p in parts):
+        raise UsageError(f"--xds-ports {value!r}: give TLS,PLAINTEXT (e.g. 15012,15010) or auto")
+    return int(parts[0]), int(parts[1])
+
+
 def up(
     directory: DirOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait until ready.")] = 60.0,
+    xds_ports: Annotated[str | None, typer.Option(
+        "--xds-ports", show_default=False,
+        help="istiod stand-in ports TLS,PLAINTEXT (default 15012,15010 as istiod), or auto for free ones "
+             "(then install with --xds istiod-1-22-6.istio-system.svc:PORT).")] = None,
 ) -> None:
     """Start the sandbox API server, control plane and node (in the background)."""
     from sandbox import up as sb
 
+    ports = _xds_ports(xds_ports)
     try:
-        st = sb.up(Path(directory) if directory else None, timeout=timeout, log=_note)
+        st = sb.up(Path(directory) if directory else None, timeout=timeout, log=_note,
+                   **({"xds_ports": ports} if ports else {}))
     except sb.SandboxError as e:
         raise KmeshctlError(str(e)) from None
     _note(
@@ -64,13 +84,18 @@ def down(directory: DirOpt = None) -> None:
 def status(
     directory: DirOpt = None,
     output: Annotated[str, typer.Option("-o", "--output", help="table or json.")] = "table",
+    namespace: ListNamespaceOpt = None,
+    all_namespaces: AllNamespacesOpt = False,
 ) -> None:
-    """Show what the sandbox runs."""
+    """Show what the sandbox runs (pods of all namespaces unless -n)."""
     from sandbox import up as sb
 
     if output not in ("table", "json"):
         raise UsageError(f"--output must be table or json, not {output!r}")
+    only = namespace_scope(namespace, all_namespaces)
     info = sb.status(Path(directory) if directory else None)
+    if only is not None and info.get("pods"):
+        info["pods"] = [p for p in info["pods"] if p["namespace"] == only]
     if output == "json":
         print(json.dumps(info, indent=2))
         return
@@ -83,6 +108,7 @@ def status(
     print(f"api server   {info['apiServer']}")
     print(f"cgroup root  {info['cgroupRoot']}")
     print(f"pins         {info['pinDir']}")
+    print(f"daemon       {info.get('daemonRuntime', 'unknown')}")
     print(f"{'COMPONENT':<11}{'PID':>8}  {'STATE':<9} DETAIL")
     for name, c in info["components"].items():
         state = "ready" if c["ready"] else ("starting" if c["running"] else "stopped")
@@ -136,7 +162,8 @@ def exec_(
         command = command[1:]
     if not command:
         raise UsageError(
-            "give the command to run after --, e.g. `kmeshctl sandbox exec netutils -- curl -sI fortio`"
+            "give the command to run after --, e.g. "
+            "`kmeshctl sandbox exec netutils -n default -- curl -sI fortio`"
         )
     d = sb.sandbox_dir(directory)
     if sb.State.load(d) is None:
@@ -172,5 +199,7 @@ def register(app: typer.Typer) -> None:
     group.command("up")(up)
     group.command("down")(down)
     group.command("status")(status)
-    group.command("exec", context_settings={"allow_interspersed_args": False})(exec_)
+    # Options may come before or after POD (kubectl's `exec POD -n ns -- cmd`); everything after `--`
+    # is the command, never an option of ours.
+    group.command("exec")(exec_)
     app.add_typer(group, name="sandbox")

@@ -442,6 +442,19 @@ def component_health(st: State) -> dict[str, dict]:
     return out
 
 
+def daemon_runtime(d: Path) -> str:
+    """How the node runs the kmesh daemon pod: "podman <image> (<id>)" or "process (<why>)"."""
+    try:
+        info = json.loads((d / "kubelet" / "daemon-runtime.json").read_text())
+    except (OSError, ValueError):
+        return "unknown (kubelet not started)"
+    if info.get("running") == "podman":
+        return f"podman container from {info.get('image')} ({info.get('imageId') or '?'})"
+    if info.get("mode") == "process":
+        return f"plain process ({info.get('reason')})"
+    return "podman when the DaemonSet's image is in podman's storage (`make image`), else a plain process"
+
+
 def status(directory: Path | None = None) -> dict:
     d = sandbox_dir(directory)
     st = State.load(d)
@@ -460,6 +473,7 @@ def status(directory: Path | None = None) -> dict:
         "cgroupRoot": st.cgroup_root,
         "pinDir": str(st.pin_dir),
         "supervisorPid": st.supervisor_pid,
+        "daemonRuntime": daemon_runtime(d),
         "components": health,
         "pods": [
             {

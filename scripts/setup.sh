@@ -23,7 +23,8 @@ else
 fi
 
 APT_PKGS=(python3-bpfcc libbpfcc bpfcc-tools clang bpftool linux-headers-amd64 iproute2
-          wrk python3-venv python3-dev kmod curl util-linux)
+          wrk python3-venv python3-dev kmod curl util-linux
+          podman runc debootstrap)  # the last three: `make image` and the podman tests (no service starts)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

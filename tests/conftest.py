@@ -19,6 +19,9 @@ from sandbox.cgroups import Cgroup2Missing, cgroup2_root, enter_leaf, own_cgroup
 REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("BCC_KERNEL_SOURCE", str(REPO / ".build" / "kernel-src"))
+# Sandboxes started by tests run the daemon pod as a plain process whether or not `make image` has
+# built the image (deterministic suite); tests/packaging opts into podman explicitly.
+os.environ.setdefault("KMESH_SANDBOX_DAEMON_RUNTIME", "process")
 
 # Short, unique per run: fits in 15-char interface names with a suffix ("kt1a2b3c-v0").
 # KMESH_TEST_RUN_PREFIX: set by tests/test_portability.py for the pytest it runs inside namespaces.

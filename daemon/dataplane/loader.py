@@ -27,12 +27,13 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.assets import bpf_dir
 from daemon.dataplane import bpfsys, layout
 from daemon.dataplane.mapio import MapIO
 from daemon.dataplane.types import Capacity
 
-REPO = Path(__file__).resolve().parents[2]
-BPF_DIR = REPO / "bpf"
+REPO = Path(__file__).resolve().parents[2]  # checkout or site-packages: the child's PYTHONPATH
+BPF_DIR = bpf_dir()  # packaged bpf/ (daemon.assets), or the checkout's
 SOURCES = ("connect4.c", "connect6.c", "getpeername.c", "sockops.c", "handoff.c", "authz.c")
 CGROUP2_MAGIC = 0x63677270
 
@@ -55,7 +56,10 @@ def ensure_kernel_source() -> None:
         return
     if Path(f"/lib/modules/{os.uname().release}/build").exists():
         return
-    os.environ["BCC_KERNEL_SOURCE"] = str(REPO / ".build" / "kernel-src")
+    from daemon.assets import kernel_headers_fallback
+
+    built = kernel_headers_fallback()
+    os.environ["BCC_KERNEL_SOURCE"] = str(built or REPO / ".build" / "kernel-src")
 
 
 def check_cgroup(cgroup: Path, allow_root: bool = False) -> Path:

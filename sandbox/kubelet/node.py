@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sandbox.images import ImageError, NodeContext, Program, resolve
-from sandbox.kubelet import podspec
+from sandbox.kubelet import podman, podspec
 from sandbox.kubelet.api import Api, ApiError
 from sandbox.kubelet.controllers import Controllers
 from sandbox.kubelet.runtime import (
@@ -126,6 +126,10 @@ class Kubelet:
         self.runtime = Runtime(state_dir, cgroup_root, prefix, cidr)
         self.prefix = prefix
         self.host_aliases = {} if bpffs == "/sys/fs/bpf" else {"/sys/fs/bpf": bpffs}
+        self.daemon_runtime, self.daemon_runtime_reason = choose_daemon_runtime(bpffs)
+        self.podman = podman.PodmanRuntime(prefix, self.runtime.cgroup_root, self.kubeconfig)
+        self.cgroup_alias = podman.CgroupMount(Path(state_dir), self.runtime.cgroup_root)
+        self.runtime_file = Path(state_dir) / "daemon-runtime.json"
         self.ctx = NodeContext(
             cgroup_root=str(self.runtime.cgroup_root),
             pin_prefix=prefix,
@@ -138,6 +142,9 @@ class Kubelet:
                 }.items()
                 if v
             },
+            # the pilot's unix socket (sandbox layout: DIR/kubelet and DIR/pilot side by side)
+            xds_socket=os.environ.get("KMESH_SANDBOX_XDS_SOCKET")
+            or str(Path(state_dir).resolve().parent / "pilot" / "xds.sock"),
         )
         self.controllers = Controllers(self.api, self.node, self.event)
         self.pods: dict[str, LocalPod] = {}
@@ -247,6 +254,10 @@ class Kubelet:
     def run(self) -> None:
         self.runtime.teardown()  # a previous kubelet's leftovers; the API is the source of truth
         self.runtime.setup()
+        if self.daemon_runtime != "process":
+            self.cgroup_alias.setup()  # the node's /mnt/kmesh_cgroup2 (see podman.py)
+            self.host_aliases["/mnt"] = str(self.cgroup_alias.mnt)
+        self._write_runtime_file(None)
         self.register_node()
         watched = [
             "/api/v1/pods",
@@ -295,7 +306,35 @@ class Kubelet:
     def shutdown(self) -> None:
         for lp in list(self.pods.values()):
             self._stop_pod(lp, delete_object=False)
-        self.runtime.teardown()
+        self.runtime.teardown()  # also podman containers, the cgroup alias and v1 cgroup dirs
+
+    def _write_runtime_file(self, image: str | None) -> None:
+        """What runs (or would run) the daemon pod, for `kmeshctl sandbox status`."""
+        info = {"mode": self.daemon_runtime, "reason": self.daemon_runtime_reason}
+        if image is not None:
+            info.update(running="podman", image=image, imageId=podman.image_id(image))
+        tmp = self.runtime_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.runtime_file)
+
+    def _use_podman(self, lp: LocalPod, cs: ContainerState) -> bool:
+        """The daemon pod runs in podman when allowed, hostNetwork, and its image is in podman's storage."""
+        if self.daemon_runtime == "process" or cs.program is None or cs.program.kind != "kmesh-daemon":
+            return False
+        if not lp.pod.get("spec", {}).get("hostNetwork"):
+            return False
+        image = cs.spec.get("image", "")
+        if podman.image_exists(image):
+            return True
+        if self.daemon_runtime == "podman":
+            raise RuntimeError_(f"image {image} is not in podman's storage: run `make image`")
+        return False
+
+    def _stop_container(self, c: Container, grace: float) -> None:
+        if isinstance(c, podman.PodmanContainer):
+            self.podman.stop(c, grace)
+        else:
+            self.runtime.stop_container(c, grace=grace)
 
     def sync_once(self) -> None:
         pods = self.api.list("/api/v1/pods")
@@ -461,7 +500,12 @@ class Kubelet:
             mounts=cs.mounts,
         )
         try:
-            cs.current = self.runtime.start_container(lp.sandbox, spec)
+            if self._use_podman(lp, cs):
+                env = podspec.container_env(lp.pod, cs.spec, self._get_cm, self._get_secret)
+                cs.current = self.podman.start(lp.sandbox, cs.spec, env, cs.mounts)
+                self._write_runtime_file(cs.spec.get("image", ""))
+            else:
+                cs.current = self.runtime.start_container(lp.sandbox, spec)
         except (OSError, RuntimeError_) as e:
             cs.waiting = ("RunContainerError", str(e))
             self._schedule_restart(lp, cs, ran=0.0)
@@ -493,7 +537,7 @@ class Kubelet:
         if rc in (126, 127):  # the launcher's own failure: its last log line says why
             lines = c.log_path.read_text(errors="replace").strip().splitlines() if c.log_path.exists() else []
             message = lines[-1] if lines else ""
-        self.runtime.stop_container(c, grace=0)
+        self._stop_container(c, grace=0)
         cs.current = None
         cs.ready = False
         code = 128 - rc if rc < 0 else rc  # killed by signal N -> 128+N, as a shell reports it
@@ -600,7 +644,7 @@ class Kubelet:
         for cs in [*lp.init.values(), *lp.containers.values()]:
             if cs.current is not None:
                 self.event(lp.pod, "Normal", "Killing", f"Stopping container {cs.spec['name']}")
-                self.runtime.stop_container(cs.current, grace=self._grace(lp))
+                self._stop_container(cs.current, grace=self._grace(lp))
                 cs.current = None
         if lp.sandbox is not None:
             self.runtime.remove_sandbox(lp.sandbox)
@@ -718,3 +762,24 @@ class Kubelet:
         except ApiError as e:
             if e.status != 404:
                 log.warning("status of %s/%s not written: %s", lp.namespace, lp.name, e)
+
+
+def choose_daemon_runtime(bpffs: str) -> tuple[str, str]:
+    """("podman"|"auto"|"process", why). $KMESH_SANDBOX_DAEMON_RUNTIME: auto (default), podman, process.
+
+    auto runs the daemon pod in podman whenever its image is in podman's storage (`make image`).
+    Podman needs the sandbox's private bpffs: pins made in a container must not land in the
+    machine's /sys/fs/bpf.
+    """
+    wanted = os.environ.get("KMESH_SANDBOX_DAEMON_RUNTIME", "auto")
+    if wanted not in ("auto", "podman", "process"):
+        raise RuntimeError_(f"KMESH_SANDBOX_DAEMON_RUNTIME={wanted!r}: use auto, podman or process")
+    if wanted == "process":
+        return "process", "KMESH_SANDBOX_DAEMON_RUNTIME=process"
+    if os.environ.get("KMESH_SANDBOX_DAEMON_COMMAND"):
+        return "process", "KMESH_SANDBOX_DAEMON_COMMAND is set (development override)"
+    if not podman.available():
+        return "process", "podman is not installed"
+    if bpffs == "/sys/fs/bpf":
+        return "process", "/sys/fs/bpf is the machine's bpffs (podman mode needs the sandbox's private one)"
+    return wanted, "image present" if wanted == "auto" else "KMESH_SANDBOX_DAEMON_RUNTIME=podman"

@@ -357,7 +357,14 @@ class Runtime:
 
 def cleanup_node(prefix: str, cgroup_root: Path | None, pods_dir: Path | None) -> list[str]:
     """Remove a node's leftovers even after a crash: processes, cgroups, netns (and veths), files."""
-    done: list[str] = []
+    from sandbox.kubelet import podman  # podman containers first: they live in the cgroup tree below
+
+    done: list[str] = podman.remove_containers(prefix)
+    if pods_dir is not None and podman.unmount_cgroup_alias(Path(pods_dir).parent / "hostpath" / "mnt"
+                                                            / "kmesh_cgroup2"):
+        done.append("cgroup alias mount")
+    if cgroup_root is not None:
+        podman.remove_v1_cgroups(Path(cgroup_root))
     if cgroup_root is not None and Path(cgroup_root).exists():
         root = check_cgroup_root(Path(cgroup_root))
         remove_cgroup_tree(root)

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-port", type=int, default=15012, help="TLS xDS port (0 = any free port)")
     p.add_argument("--plaintext-port", type=int, default=15010, help="plaintext xDS port (0 = any; -1 = off)")
     p.add_argument("--state-dir", required=True, type=Path, help="CA and serving certificate live here")
+    p.add_argument("--xds-socket", type=Path, default=None,
+                   help="plaintext xDS on this unix socket too, for waypoint pods "
+                        "(default STATE_DIR/xds.sock)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -60,15 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     cert = ca.load_or_create(args.state_dir, args.namespace, args.revision)
     store = ResourceStore()
     auth = KubeJwtAuthenticator(api_client, args.cluster_id)
+    from sandbox.pilot.waypointxds.service import WaypointXds
+
+    waypoints = WaypointXds(api_client, root_namespace=args.root_namespace or args.namespace)
+    socket_path = str(args.xds_socket or args.state_dir / "xds.sock")
     servers = []
     try:  # bind first: a busy port fails before anything is written to the cluster
         tls = (cert.key_pem, cert.cert_pem)
-        tls_server, tls_port, _ = serve(store, args.tls_port, auth, tls=tls, start=False)
+        tls_server, tls_port, _ = serve(store, args.tls_port, auth, tls=tls, start=False,
+                                        router=waypoints.router)
         servers.append(tls_server)
-        plain_port = -1
-        if args.plaintext_port >= 0:
-            plain_server, plain_port, _ = serve(store, args.plaintext_port, start=False)
-            servers.append(plain_server)
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        plain_server, plain_port, _ = serve(store, args.plaintext_port, start=False,
+                                            router=waypoints.router, unix_socket=socket_path)
+        servers.append(plain_server)
     except (OSError, RuntimeError) as e:
         for s in servers:
             s.stop(0)
@@ -79,14 +87,17 @@ def main(argv: list[str] | None = None) -> int:
                             root_namespace=args.root_namespace or args.namespace,
                             revision=args.revision, istio_namespace=args.namespace)
     controller.start()
-    if not controller.wait_synced(60):  # istiod too refuses streams before its caches are synced
+    waypoints.start()
+    # istiod too refuses streams before its caches are synced
+    if not controller.wait_synced(60) or not waypoints.wait_synced(60):
         print("error: could not list namespaces/services/pods/authorizationpolicies from the API server "
               "in 60s; is it the sandbox API server (it serves security.istio.io)?", file=sys.stderr)
         return 1
     for s in servers:
         s.start()
     controller.ensure_istiod_service(args.namespace, args.revision, tls_port, max(plain_port, 0))
-    (args.state_dir / "ports.json").write_text(json.dumps({"tls": tls_port, "plaintext": plain_port}))
+    (args.state_dir / "ports.json").write_text(json.dumps({"tls": tls_port, "plaintext": plain_port,
+                                                          "socket": socket_path}))
     print(f"ready tls={tls_port} plaintext={plain_port}", file=sys.stderr, flush=True)
 
     done = threading.Event()
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     controller.stop()
+    waypoints.stop()
     for s in servers:
         s.stop(grace=0.5)
     return 0

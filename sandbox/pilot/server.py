@@ -13,6 +13,10 @@ version, like istiod master). ``DeltaAdsServer`` serves them on
 - resources are wrapped in ``Any`` with the type URL set (Kmesh checks it).
 
 The sandbox pilot feeds it from the Kubernetes API; tests and the benchmark feed it directly.
+Per stream, a ``router`` may hand a node its own store (waypoint proxies get Envoy LDS/CDS/EDS
+built for them, ztunnel-type nodes the shared workload store). Types subscribed with names
+(EDS) only receive those names; a name subscribed again is sent again (Envoy forgets what it
+unsubscribed); subscription changes are honoured even on an ACK, as Envoy combines them.
 Authentication is pluggable (``Authenticator``) so the TLS port can require it and the
 plaintext port not, as istiod does.
 """
@@ -150,12 +154,18 @@ class StreamRecord:
     closed: bool = False
 
 
+#: ``router(node) -> (store, release)`` or None for the default store; may raise AuthError
+Router = Callable[[Any], "tuple[ResourceStore, Callable[[], None]] | None"]
+
+
 class DeltaAdsServer:
     """The servicer. ``add_to(server)`` registers it on a grpc.Server."""
 
     def __init__(self, store: ResourceStore, authenticator: Authenticator | None = None,
-                 on_send: Callable[[str, int], None] | None = None, honor_versions: bool = True) -> None:
+                 on_send: Callable[[str, int], None] | None = None, honor_versions: bool = True,
+                 router: Router | None = None) -> None:
         self.store = store
+        self.router = router
         self.authenticator = authenticator
         self.on_send = on_send  # (type_url, resource count) just before a response is handed to gRPC
         # True: skip resources whose version the client already has (istiod master); False: resend
@@ -215,26 +225,58 @@ class DeltaAdsServer:
                 record.closed = True
                 self._abort(context, e.code, e.message)
 
-        sub = self.store.subscribe()
+        store, release = self.store, None
+        if self.router is not None:
+            try:
+                routed = self.router(first.node)
+            except AuthError as e:
+                record.closed = True
+                self._abort(context, e.code, e.message)
+            if routed is not None:
+                store, release = routed
+        sub = store.subscribe()
         lock = threading.Lock()
         initial: dict[str, dict[str, str]] = {}  # type -> claimed versions, pending full push
         subscribed: set[str] = set()
+        names: dict[str, set[str] | None] = {}  # type -> subscribed names (None: wildcard)
+        resend: dict[str, set[str]] = {}  # type -> names subscribed again, to send even if unchanged
+        sent_by_nonce: dict[str, list[str]] = {}
         closed = threading.Event()
 
         def on_request(req: Any) -> None:
             if req.response_nonce:
                 record.acks.append((req.type_url, req.response_nonce, req.error_detail.message))
                 if req.error_detail.message:
-                    log.warning("NACK from %s for %s: %s", record.node_id, req.type_url,
+                    log.warning("NACK from %s for %s (resources %s): %s", record.node_id, req.type_url,
+                                ", ".join(sent_by_nonce.get(req.response_nonce, [])) or "-",
                                 req.error_detail.message)
-                return
+                sent_by_nonce.pop(req.response_nonce, None)
+                if not req.resource_names_subscribe and not req.resource_names_unsubscribe:
+                    return
             record.subscriptions.append((req.type_url, list(req.resource_names_subscribe), bool(req.node.id)))
+            subs = set(req.resource_names_subscribe)
             with lock:
                 if req.type_url not in subscribed:
                     subscribed.add(req.type_url)
                     initial[req.type_url] = dict(req.initial_resource_versions)
                     record.initial_versions[req.type_url] = dict(req.initial_resource_versions)
+                    names[req.type_url] = None if (not subs or "*" in subs) else set(subs)
+                else:
+                    current = names.get(req.type_url)
+                    if current is not None:
+                        current |= subs - {"*"}
+                        if "*" in subs:
+                            names[req.type_url] = None
+                    resend.setdefault(req.type_url, set()).update(subs - {"*"})
+                current = names.get(req.type_url)
+                if current is not None:
+                    current -= set(req.resource_names_unsubscribe)
             sub.event.set()
+
+        def wanted(type_url: str, candidates: Iterable[str]) -> list[str]:
+            with lock:
+                allowed = names.get(type_url)
+            return [n for n in candidates if allowed is None or n in allowed]
 
         def reader() -> None:
             try:
@@ -252,38 +294,51 @@ class DeltaAdsServer:
         try:
             while context.is_active() and not closed.is_set():
                 sub.event.wait(timeout=1.0)
-                pending = self.store.take(sub)
+                pending = store.take(sub)
                 with lock:
                     fresh, initial_now = dict(initial), initial.copy()
                     initial.clear()
                     active = set(subscribed)
+                    again = resend.copy()
+                    resend.clear()
                 for type_url, claimed in initial_now.items():
-                    snap = self.store.snapshot(type_url)
+                    snap = store.snapshot(type_url)
                     skip = claimed if self.honor_versions else {}
-                    names = [n for n, (v, _) in snap.items() if skip.get(n) != v]
+                    names_now = wanted(type_url, [n for n, (v, _) in snap.items() if skip.get(n) != v])
                     removed = sorted(set(claimed) - set(snap))
                     have = sent.setdefault(type_url, {})
                     have.update({n: v for n, v in claimed.items() if n in snap})
-                    yield self._response(discovery_pb2, type_url, names, removed, have)
+                    yield self._response(discovery_pb2, store, type_url, names_now, removed, have,
+                                         sent_by_nonce)
                     pending.pop(type_url, None)
-                for type_url, names in pending.items():
+                    again.pop(type_url, None)
+                for type_url, extra in again.items():
+                    have = sent.setdefault(type_url, {})
+                    for n in extra:
+                        have.pop(n, None)
+                    pending.setdefault(type_url, set()).update(extra)
+                for type_url, changed in pending.items():
                     if type_url not in active or type_url in fresh:
                         continue
                     have = sent.setdefault(type_url, {})
-                    current = self.store.get(type_url, names)
-                    ups = [n for n in names if n in current and have.get(n) != current[n][0]]
-                    gone = sorted(n for n in names if n not in current and n in have)
+                    current = store.get(type_url, changed)
+                    ups = wanted(type_url, [n for n in changed
+                                            if n in current and have.get(n) != current[n][0]])
+                    gone = sorted(n for n in changed if n not in current and n in have)
                     if ups or gone:
-                        yield self._response(discovery_pb2, type_url, sorted(ups), gone, have)
+                        yield self._response(discovery_pb2, store, type_url, sorted(ups), gone, have,
+                                             sent_by_nonce)
         finally:
             record.closed = True
-            self.store.unsubscribe(sub)
+            store.unsubscribe(sub)
+            if release is not None:
+                release()
 
-    def _response(self, pb: Any, type_url: str, names: list[str], removed: list[str],
-                  have: dict[str, str]) -> bytes:
+    def _response(self, pb: Any, store: ResourceStore, type_url: str, names: list[str], removed: list[str],
+                  have: dict[str, str], sent_by_nonce: dict[str, list[str]]) -> bytes:
         resp = pb.DeltaDiscoveryResponse(type_url=type_url, nonce=f"n{next(self._nonce)}",
                                          system_version_info=f"v{next(self._nonce)}")
-        current = self.store.get(type_url, names)
+        current = store.get(type_url, names)
         add = resp.resources.add
         for name in names:
             item = current.get(name)
@@ -297,6 +352,7 @@ class DeltaAdsServer:
         for name in removed:
             have.pop(name, None)
         resp.removed_resources.extend(removed)
+        sent_by_nonce[resp.nonce] = [r.name for r in resp.resources]
         data = resp.SerializeToString()
         if self.on_send is not None:
             self.on_send(type_url, len(resp.resources))
@@ -307,8 +363,11 @@ def serve(store: ResourceStore, port: int, authenticator: Authenticator | None =
           tls: tuple[bytes, bytes] | None = None, host: str = "127.0.0.1",
           on_send: Callable[[str, int], None] | None = None,
           workers: int = 16, honor_versions: bool = True,
-          start: bool = True) -> tuple[Any, int, DeltaAdsServer]:
-    """Bind (and unless ``start=False``, start) a grpc.Server on host:port (0 = pick).
+          start: bool = True, router: Router | None = None,
+          unix_socket: str | None = None) -> tuple[Any, int, DeltaAdsServer]:
+    """Bind (and unless ``start=False``, start) a grpc.Server on host:port (0 = pick; -1 = no TCP
+    port, only ``unix_socket``), plus, without TLS, on ``unix_socket`` if given (what a pod's
+    Envoy reaches the pilot through, as istio-agent's ``XDS`` socket).
 
     Returns (server, bound port, servicer); a port that cannot be bound raises before anything runs.
     """
@@ -320,8 +379,19 @@ def serve(store: ResourceStore, port: int, authenticator: Authenticator | None =
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=opts)
-    servicer = DeltaAdsServer(store, authenticator, on_send, honor_versions)
+    servicer = DeltaAdsServer(store, authenticator, on_send, honor_versions, router)
     servicer.add_to(server)
+    if unix_socket is not None:
+        import os
+
+        if os.path.exists(unix_socket):
+            os.unlink(unix_socket)  # a stale socket of a previous run
+        if server.add_insecure_port(f"unix:{unix_socket}") == 0:
+            raise OSError(f"cannot listen on unix socket {unix_socket}")
+        if port < 0:
+            if start:
+                server.start()
+            return server, -1, servicer
     if tls is not None:
         key, chain = tls
         creds = grpc.ssl_server_credentials([(key, chain)])

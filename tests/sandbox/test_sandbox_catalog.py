@@ -39,7 +39,8 @@ CTX = NodeContext(
         ("curlimages/curl:8.5.0", "tools"),
         ("busybox:1.36", "tools"),
         ("nginx:1.25", None),
-        ("ghcr.io/kmesh-net/waypoint:v0.5", None),
+        ("ghcr.io/kmesh-net/waypoint:v0.5", "waypoint"),
+        ("docker.io/istio/proxyv2:1.22.6", "waypoint"),
     ],
 )
 def test_classify(image: str, kind: str | None) -> None:
@@ -206,3 +207,38 @@ def test_missing_configmap_makes_the_pod_wait(tmp_path: Path) -> None:
     pod = dict(POD, spec={"volumes": [{"name": "ca", "configMap": {"name": "istio-ca-root-cert"}}]})
     with pytest.raises(podspec.VolumeError, match='configmap "istio-ca-root-cert" not found'):
         podspec.prepare_volumes(pod, tmp_path, lambda ns, n: None, lambda ns, n: None, lambda *a: "")
+
+
+def test_waypoint_runs_envoy_bootstrap_against_the_pilot_socket(tmp_path: Path) -> None:
+    ctx = NodeContext(cgroup_root=CTX.cgroup_root, pin_prefix="ksx", xds_socket=str(tmp_path / "xds.sock"))
+    prog = resolve(
+        "docker.io/istio/proxyv2:1.22.6", None, ["proxy", "waypoint"], {"POD_NAME": "w"}, [], "x", ctx
+    )
+    assert prog.argv[1:] == ["-m", "sandbox.images.waypoint", "--xds-socket", str(tmp_path / "xds.sock")]
+    assert prog.env["ISTIO_META_ISTIO_VERSION"] == "1.22.6"
+    no_socket = NodeContext(cgroup_root=CTX.cgroup_root, pin_prefix="ksx")
+    with pytest.raises(ImageError):
+        resolve("ghcr.io/kmesh-net/waypoint:v0.5", None, None, {}, [], "x", no_socket)
+
+
+def test_waypoint_bootstrap_is_what_istio_agent_writes() -> None:
+    from sandbox.images import waypoint
+
+    env = {
+        "POD_NAME": "waypoint-5d8f-abc",
+        "POD_NAMESPACE": "default",
+        "INSTANCE_IP": "10.244.0.9",
+        "ISTIO_META_CLUSTER_ID": "Kubernetes",
+        "ISTIO_META_ISTIO_VERSION": "1.22.6",
+    }
+    b = waypoint.bootstrap(env, "/tmp/x.sock")
+    assert b["node"]["id"] == "waypoint~10.244.0.9~waypoint-5d8f-abc.default~default.svc.cluster.local"
+    md = b["node"]["metadata"]
+    assert (
+        md["NAMESPACE"] == "default" and md["CLUSTER_ID"] == "Kubernetes" and md["ISTIO_VERSION"] == "1.22.6"
+    )
+    assert md["INSTANCE_IPS"] == "10.244.0.9"
+    assert b["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert b["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
+    xds = b["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert xds["endpoint"]["address"]["pipe"]["path"] == "/tmp/x.sock"
