@@ -125,7 +125,7 @@ def render_services(dump: dict[str, Any]) -> str:
 
 def render_policies(dump: dict[str, Any]) -> str:
     selected = dump.get("_selected")
-    if not selected:  # an older daemon, or no policy selects a workload on this node
+    if selected is None:  # an older daemon without /authz: no SELECTS column
         return format_table(POLICY_COLUMNS, policy_rows(dump))
     # with the daemon's authorization view: which local workloads each policy selects
     rows = [(*r, ",".join(selected.get(f"{r[0]}/{r[1]}", [])) or "-") for r in policy_rows(dump)]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.cgroupmount import cgroup2_root
 from sandbox import up as sb
 from tests.packaging.conftest import podman
 from tests.support.kubectl import kubectl_path
@@ -182,7 +183,7 @@ def test_daemon_pod_runs_in_podman(sbx: Sbx, tmp_path: Path) -> None:
     # Attached at the sandbox's cgroup (the manifest's /mnt/kmesh_cgroup2 there), not the machine root.
     shown = sbx.run("bpftool", "cgroup", "show", sbx.st.cgroup_root).stdout
     assert "connect4" in shown and "sockops" in shown, shown
-    root = sbx.run("bpftool", "cgroup", "show", "/sys/fs/cgroup/unified").stdout
+    root = sbx.run("bpftool", "cgroup", "show", str(cgroup2_root())).stdout
     assert "connect4" not in root
     # The daemon container's process lives inside the sandbox cgroup tree.
     pid = podman("inspect", "--format", "{{.State.Pid}}", containers[0]).stdout.strip()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.cgroupmount import cgroup2_root
 from daemon.version import version
 from sandbox.cgroups import remove_cgroup_tree
 from sandbox.kubelet.podman import remove_v1_cgroups
@@ -74,7 +75,7 @@ def test_daemon_runs_in_the_image(daemon_image: str, child_cgroup: Path, private
     (here a child cgroup), /sys/fs/bpf (here a private bpffs), KMESH_CGROUP_ROOT and --node-wide."""
     name = f"kmesh-test-{secrets.token_hex(4)}"
     admin, metrics = _free_port(), _free_port()
-    parent = "/" + str(child_cgroup.relative_to(Path("/sys/fs/cgroup/unified")))
+    parent = "/" + str(child_cgroup.relative_to(cgroup2_root()))
     try:
         podman(
             "run",
