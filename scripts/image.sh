@@ -59,7 +59,10 @@ src_hash=$( { echo "$base_hash"; find "${SOURCES[@]}" -type f ! -path '*/__pycac
              -print0 | sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)
 REF="localhost/kmesh-daemon:$src_hash"
 STAMP="$OUT/daemon-$src_hash.id"
-if [ -s "$STAMP" ] && podman image exists "$REF"; then
+if podman image exists "$REF"; then
+    # Same content hash: podman's store already holds this exact build (e.g. a fresh clone of
+    # the same commit on this machine).
+    [ -s "$STAMP" ] || podman image inspect --format '{{.Id}}' "$REF" >"$STAMP"
     log "up to date ($REF)"
 else
     t0=$(date +%s)
