@@ -31,6 +31,14 @@ step "Starting the sandbox (API server, istiod stand-in revision 1-22-6, one nod
 if "$KMESHCTL" sandbox status >/dev/null 2>&1; then
     echo "a sandbox is already running in $KMESH_SANDBOX_DIR: reusing it"
 else
+    # The daemon pod runs from the image when `make image` has built one: bring it up to date
+    # first (about a second when current), so the demo never runs a stale daemon.
+    VERSION=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' daemon/version.py)
+    if [[ "${KMESH_SANDBOX_DAEMON_RUNTIME:-auto}" != process ]] && command -v podman >/dev/null \
+        && CONTAINERS_CONF="$REPO/sandbox/kubelet/containers.conf" podman image exists "ghcr.io/kmesh-py/kmesh-daemon:$VERSION" 2>/dev/null; then
+        echo "refreshing the daemon image (make image)"
+        bash scripts/image.sh >/dev/null
+    fi
     "$KMESHCTL" sandbox up >/dev/null
 fi
 CLUSTER_ID=$("$KMESHCTL" sandbox status -o json | "$REPO/.venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["clusterId"])')
