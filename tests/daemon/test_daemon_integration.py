@@ -115,7 +115,7 @@ def test_dump_tables_and_json_agree_with_pilot(enrolled: Env) -> None:
     assert svc_table[0].split() == ["NAMESPACE", "SERVICE", "NAME", "SERVICE", "VIP", "WAYPOINT", "ENDPOINTS"]
     assert [env.namespace, "echo", env.vip, "None", "2/2"] in [line.split() for line in svc_table[1:]]
     pol = env.kmeshctl("dump", "policies", check=True).stdout
-    assert pol.splitlines()[0].split() == ["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE"]
+    assert pol.splitlines()[0].split() == ["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE", "SELECTS"]
     import yaml
 
     everything = yaml.safe_load(env.kmeshctl("dump", "all", "-o", "yaml", check=True).stdout)
