@@ -95,4 +95,8 @@ rm -f $(ls "$OUT"/daemon-*.id 2>/dev/null | grep -v "daemon-$src_hash.id") 2>/de
 # The name the install manifests use follows the last build.
 podman tag "$REF" "ghcr.io/kmesh-py/kmesh-daemon:$VERSION"
 echo "$REF" >"$OUT/current"
+# podman build's RUN steps leave empty libpod_parent cgroups (every hierarchy): remove them.
+for d in /sys/fs/cgroup/libpod_parent /sys/fs/cgroup/*/libpod_parent; do
+    [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+done
 echo "$REF"

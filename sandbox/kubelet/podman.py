@@ -110,6 +110,19 @@ def remove_v1_cgroups(cgroup_root: Path) -> None:
                 pass
 
 
+def remove_default_parent_cgroups(base: Path = Path("/sys/fs/cgroup")) -> None:
+    """Empty ``libpod_parent`` cgroups that podman builds and ``run`` without --cgroup-parent leave
+    in every hierarchy (v1 and v2). Only empty ones go: rmdir fails on a cgroup in use."""
+    for d in [base / "libpod_parent", *(h / "libpod_parent" for h in base.iterdir() if h.is_dir())]:
+        if not d.is_dir():
+            continue
+        for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [d]:
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+
+
 class CgroupMount:
     """``<dir>/mnt/kmesh_cgroup2``: a bind mount of the sandbox cgroup root, the node's /mnt alias."""
 

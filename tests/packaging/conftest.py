@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ def podman_unusable() -> str | None:
     if r.returncode != 0:
         return f"podman cannot run on this machine: {r.stderr.strip().splitlines()[-1:]}"
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_podman_cgroups_left() -> Iterator[None]:
+    """podman build / run leave empty libpod_parent cgroups behind: remove them after the tests."""
+    yield
+    from sandbox.kubelet.podman import remove_default_parent_cgroups
+
+    remove_default_parent_cgroups()
 
 
 @pytest.fixture(scope="session")

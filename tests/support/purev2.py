@@ -64,7 +64,22 @@ def inside(shadow: Path, cmd: list[str]) -> int:
     path = [p for p in os.environ.get("PATH", "").split(":") if p and p != venv_bin]
     env = {**os.environ, "PATH": ":".join([str(shadow.parent), *path])}
     env.pop("KMESH_CGROUP2_ROOT", None)
-    return subprocess.run(cmd, env=env).returncode
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    finally:
+        _remove_netns(os.environ.get("KMESH_TEST_RUN_PREFIX", ""))
+
+
+def _remove_netns(prefix: str) -> None:
+    """Network namespaces the inner run left (it was killed before its finalizers ran): their
+    /run/netns files are on the machine's filesystem but their mounts live only in this private
+    mount namespace, so only here can `ip netns del` remove them whole."""
+    run_netns = Path("/run/netns")
+    if not prefix or not run_netns.is_dir():
+        return
+    for entry in run_netns.iterdir():
+        if entry.name.startswith(f"{prefix}-"):
+            subprocess.run(["ip", "netns", "del", entry.name], capture_output=True, check=False)
 
 
 def main(argv: list[str]) -> int:
