@@ -31,6 +31,7 @@ from pathlib import Path
 from benchmarks import envoy_proc, netns, nginx_proc
 from benchmarks.dataplane_http import POD_PORT, _cpus, _loadavg, _pin_dir, _summarise
 from benchmarks.wrk import WrkResult, run_wrk, write_script
+from sandbox.cgroups import cgroup2_root
 
 MODES = ("kmesh_waypoint", "ambient_like")
 WP_IP = netns.SUBNET_PREFIX + "9"
@@ -56,7 +57,7 @@ class Settings:
     connections: int = 4
     pin: bool = True
     backend: str = "auto"
-    cgroup_parent: Path = netns.CGROUP2_ROOT
+    cgroup_parent: Path = field(default_factory=cgroup2_root)  # wherever this host mounts cgroup v2
     prefix: str = field(default_factory=lambda: "kl" + __import__("secrets").token_hex(3))
 
 
