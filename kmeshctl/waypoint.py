@@ -367,23 +367,31 @@ def list_cmd(
     context: ContextOpt = None,
 ) -> None:
     """List the waypoints of a namespace (or of all, with -A): NAME REVISION PROGRAMMED."""
+    rows = [{"namespace": g["metadata"].get("namespace", ""), "name": g["metadata"]["name"],
+             "revision": (g["metadata"].get("labels") or {}).get(REV_LABEL) or "default",
+             "programmed": _condition(g, "Programmed").get("status") or "False"}
+            for g in _selected_waypoints(namespace, all_namespaces, output, kubeconfig, context)]
+    _emit_rows(rows, output, all_namespaces, ["name", "revision", "programmed"])
+
+
+def _selected_waypoints(namespace: str | None, all_namespaces: bool, output: str,
+                        kubeconfig: str | None, context: str | None) -> list[dict]:
+    """The waypoints `list` and `status` show: checks the flags first, then one namespace or all."""
     from kmeshctl.common import load_kube
 
     _check_table_output(output)
     check_namespace(namespace)
     ns = None if all_namespaces else _resolve_namespace(namespace, kubeconfig, context)
-    api = load_kube(kubeconfig, context)
-    rows = [{"namespace": g["metadata"].get("namespace", ""), "name": g["metadata"]["name"],
-             "revision": (g["metadata"].get("labels") or {}).get(REV_LABEL) or "default",
-             "programmed": _condition(g, "Programmed").get("status") or "False"}
-            for g in _waypoints(api, ns)]
+    return _waypoints(load_kube(kubeconfig, context), ns)
+
+
+def _emit_rows(rows: list[dict], output: str, all_namespaces: bool, columns: list[str]) -> None:
     if output != "table":
         emit(rows, output)
     elif not rows:
         print("No waypoints found.")
     else:
-        cols = (["namespace"] if all_namespaces else []) + ["name", "revision", "programmed"]
-        emit(rows, "table", columns=cols)
+        emit(rows, "table", columns=(["namespace"] if all_namespaces else []) + columns)
 
 
 def status(
@@ -395,26 +403,14 @@ def status(
     context: ContextOpt = None,
 ) -> None:
     """Show each waypoint's Programmed condition: NAME STATUS TYPE REASON MESSAGE."""
-    from kmeshctl.common import load_kube
-
-    _check_table_output(output)
-    check_namespace(namespace)
-    ns = None if all_namespaces else _resolve_namespace(namespace, kubeconfig, context)
-    api = load_kube(kubeconfig, context)
     rows = []
-    for g in _waypoints(api, ns):
+    for g in _selected_waypoints(namespace, all_namespaces, output, kubeconfig, context):
         conds = (g.get("status") or {}).get("conditions") or []
         cond = _condition(g, "Programmed") or (conds[-1] if conds else {})
         rows.append({"namespace": g["metadata"].get("namespace", ""), "name": g["metadata"]["name"],
                      "status": cond.get("status", "Unknown"), "type": cond.get("type", "Programmed"),
                      "reason": cond.get("reason", ""), "message": cond.get("message", "")})
-    if output != "table":
-        emit(rows, output)
-    elif not rows:
-        print("No waypoints found.")
-    else:
-        cols = (["namespace"] if all_namespaces else []) + ["name", "status", "type", "reason", "message"]
-        emit(rows, "table", columns=cols)
+    _emit_rows(rows, output, all_namespaces, ["name", "status", "type", "reason", "message"])
 
 
 def delete(
