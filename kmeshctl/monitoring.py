@@ -66,8 +66,9 @@ def monitoring(
     accesslog: Annotated[str | None, typer.Option("--accesslog", help="enable or disable access logs "
                                                   "(connection events, kmeshctl trace).", show_default=False)
                          ] = None,
-    metrics: Annotated[str | None, typer.Option("--connectionMetrics", help="enable or disable the "
-                                                "kmesh_tcp_* connection metrics.", show_default=False)] = None,
+    metrics: Annotated[str | None, typer.Option(
+        "--connectionMetrics", help="enable or disable the kmesh_tcp_* connection metrics.",
+        show_default=False)] = None,
     output: OutputOpt = "table",
     node: NodeOpt = None,
     admin_addr: AdminAddrOpt = None,
