@@ -449,6 +449,7 @@ def _maps(env: Env) -> dict:
 def test_sigkill_and_restart_under_connection_loop(enrolled: Env) -> None:
     env = enrolled
     wait_for(lambda: env.status()["ready"], 30, "daemon ready")
+    assert _post(env, "/monitoring?connectionMetrics=false")[0] == 200  # pinned: survives the restart
     before = _maps(env)
     loop = subprocess.Popen(
         env.client_cmd("cli", f"{env.vip}:80", n=150, interval=0.03, timeout=2, max_seconds=90),
@@ -474,6 +475,9 @@ def test_sigkill_and_restart_under_connection_loop(enrolled: Env) -> None:
     for name, entries in after.items():
         keys = [k for k, _ in entries]
         assert len(keys) == len(set(keys)), name
+    # no --monitoring flag: the restarted daemon keeps the switch it found pinned
+    assert env.get("/monitoring") == {"access_log": True, "metrics": False, "enabled": True, "node": env.node}
+    assert _post(env, "/monitoring?enable=true")[1]["metrics"] is True
 
 
 def _daemonset(env: Env) -> dict:
