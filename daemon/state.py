@@ -271,6 +271,27 @@ _SET_ADDRS, _SET_PROFILE, _SET_VD = (WorkloadRecord._addrs.__set__,  # type: ign
                                      WorkloadRecord.profile.__set__,  # type: ignore[attr-defined]
                                      WorkloadRecord._vd.__set__)  # type: ignore[attr-defined]
 
+def make_workload_record(uid: str, name: str, ipv4: bytes | None, ipv6: bytes | None,
+                         addresses: tuple[bytes, ...] | None, profile: WorkloadProfile, vd: bytes
+                         ) -> WorkloadRecord:
+    """The decoder's constructor (hot path): addresses already validated and split into the
+    first IPv4/IPv6 (``addresses`` is None for exactly one address), ``vd`` = ``_pack(digest,
+    version)``. Same result as ``WorkloadRecord(...)`` without its argument handling."""
+    rec = _NEW(WorkloadRecord)
+    _SET_UID(rec, uid)
+    n = len(name)
+    _SET_NAME(rec, None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name)
+    _SET_NS(rec, profile.namespace)
+    _SET_V4(rec, ipv4)
+    _SET_V6(rec, ipv6)
+    _SET_ADDRS(rec, addresses)
+    _SET_PROFILE(rec, profile)
+    _SET_VD(rec, vd)
+    return rec
+
+
+_NEW = WorkloadRecord.__new__
+
 # recently rebuilt raw bytes, so repeated ``rec.raw`` of a hot record returns the same object
 _RAW_CACHE: dict[str, tuple[WorkloadRecord, bytes]] = {}
 
@@ -311,6 +332,7 @@ class Change:
 
 
 Listener = Callable[[Change], None]
+Record = ServiceRecord | WorkloadRecord | PolicyRecord
 
 
 class State:
@@ -408,14 +430,17 @@ class State:
                 return out
             return {n: p.version for n, p in self.policies.items()}
 
-    def held(self, address: bool) -> Callable[[str], ServiceRecord | WorkloadRecord | PolicyRecord | None]:
-        """Lookup of the record held under an xDS name (Address or Authorization type).
+    def held(self, address: bool) -> Callable[[str], Record | None] | None:
+        """Lookup of the record held under an xDS name (Address or Authorization type); None when
+        nothing of that type is held (the first push skips 100k lookups).
 
         Lock-free on purpose: only the xDS thread mutates the stores, and it is the caller.
         """
         if not address:
-            return self.policies.get
+            return self.policies.get if self.policies else None
         workloads, services = self.workloads, self.services
+        if not workloads and not services:
+            return None
 
         def get(name: str) -> ServiceRecord | WorkloadRecord | None:
             rec = workloads.get(name)
