@@ -344,26 +344,17 @@ def _decode_addresses(resources: Iterable[Any], held: Callable[[str], Any] | Non
             errors.append(f"{name}: resource name does not match workload uid {uid}")
             continue
         addrs = h.addresses
-        v4 = v6 = extra = None
         if len(addrs) == 1:
-            a = addrs[0]
-            if len(a) == 4:
-                v4 = a
-            elif len(a) == 16:
-                v6 = a
-            else:
-                errors.append(f"{name or uid}: workload address has {len(a)} bytes, want 4 or 16")
+            addr = addrs[0]
+            if len(addr) != 4 and len(addr) != 16:
+                errors.append(f"{name or uid}: workload address has {len(addr)} bytes, want 4 or 16")
                 continue
-        elif addrs:
-            extra = tuple(addrs)
-            bad = next((a for a in extra if len(a) != 4 and len(a) != 16), None)
+        else:
+            addr = tuple(addrs)
+            bad = next((a for a in addr if len(a) != 4 and len(a) != 16), None)
             if bad is not None:
                 errors.append(f"{name or uid}: workload address has {len(bad)} bytes, want 4 or 16")
                 continue
-            v4 = next((a for a in extra if len(a) == 4), None)
-            v6 = next((a for a in extra if len(a) == 16), None)
-        else:
-            extra = ()
         wname = h.name
         h.ClearField("uid")
         h.ClearField("name")
@@ -379,6 +370,6 @@ def _decode_addresses(resources: Iterable[Any], held: Callable[[str], Any] | Non
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{name or uid}: cannot decode Address: {e}")
                 continue
-        append(make(uid, wname, v4, v6, extra, prof, digest.to_bytes(8, "little", signed=True)
+        append(make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True)
                     + r.version.encode()))
     return records, errors, unchanged
