@@ -538,17 +538,31 @@ class State:
         return wp
 
     def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> None:
-        """Insert or replace workloads. Hot path (100k per initial push): locals, no calls per record."""
+        """Insert or replace workloads. Hot path (100k per initial push): locals, few calls per
+        record; a new record (the whole first push) takes a shorter path than a replacement."""
         workloads, members, addressless = self.workloads, self._members, self._addressless
-        touched, touched_backends = change.services, change.backends
+        touched, touched_backends, touched_workloads = change.services, change.backends, change.workloads
         node_name = self.node_name if not self._explicit_locality else ""
+        new_uids: list[str] = []
+        new_backends: list[str] = []
+        last_prof = None  # replicas of a deployment usually arrive together: touch its services once
         for rec in recs:
             uid = rec.uid
             prof = rec.profile
             old = workloads.get(uid)
-            if old is None or old.profile is not prof or old != rec:
-                change.workloads.add(uid)
-            if old is not None:  # an update replaces the old entry entirely
+            addr = rec._addr
+            has_address = addr.__class__ is bytes or bool(addr)
+            if old is None:
+                new_uids.append(uid)
+                if has_address:
+                    new_backends.append(uid)
+                    if addressless:
+                        addressless.discard(uid)
+                else:  # hostname only: cannot be written as a backend
+                    addressless.add(uid)
+            else:  # an update replaces the old entry entirely
+                if old.profile is not prof or old != rec:
+                    touched_workloads.add(uid)
                 for svc, _ in old.profile.services:
                     m = members.get(svc)
                     if m is not None:
@@ -556,6 +570,16 @@ class State:
                         if not m:
                             del members[svc]
                     touched.add(svc)
+                last_prof = None
+                if not has_address:
+                    addressless.add(uid)
+                    if old.has_address:
+                        touched_backends.add(uid)  # it was a backend until now
+                else:
+                    if old != rec:  # Backend equality: uid, name, namespace, ipv4, ipv6, ...
+                        touched_backends.add(uid)
+                    if addressless:
+                        addressless.discard(uid)
             workloads[uid] = rec
             if prof.waypoint is not None or (old is not None and old.profile.waypoint is not None):
                 self._link_workload_waypoint(uid, old, rec)
@@ -565,18 +589,14 @@ class State:
                     members[svc] = {uid: rec}
                 else:
                     m[uid] = rec
-                touched.add(svc)
+            if prof is not last_prof:
+                for svc, _ in prof.services:
+                    touched.add(svc)
+                last_prof = prof
             if node_name and prof.node == node_name and (self._locality is None or self._locality_uid == uid):
                 self._set_node_locality(rec, change)
-            if not rec.has_address:  # hostname only: cannot be written as a backend
-                addressless.add(uid)
-                if old is not None and old.has_address:
-                    touched_backends.add(uid)  # it was a backend until now
-            else:
-                if old is None or old != rec:  # Backend equality: uid, name, namespace, ipv4, ipv6
-                    touched_backends.add(uid)
-                if addressless:
-                    addressless.discard(uid)
+        touched_workloads.update(new_uids)
+        touched_backends.update(new_backends)
 
     def _set_node_locality(self, rec: WorkloadRecord, change: Change) -> None:
         """Kmesh: the node's locality is that of the first workload seen on NODE_NAME."""
@@ -670,8 +690,9 @@ class State:
         sports = rec.ports
         derived: dict[WorkloadProfile, tuple[int, int, tuple[int, ...]] | None] = {}
         chosen: list[tuple[int, str, int, tuple[int, ...]]] = []
+        addressless = self._addressless
         for uid, w in members.items():
-            if not w.has_address:
+            if addressless and uid in addressless:
                 continue  # not a backend: nothing to point an endpoint at
             prof = w.profile
             d = derived.get(prof, False)
@@ -679,7 +700,7 @@ class State:
                 d = derived[prof] = _derive(prof, name, sports, allow_all, ranked, strict, rec.routing, src)
             if d is not None:
                 chosen.append((d[0], uid, d[1], d[2]))
-        chosen.sort(key=_first_two)
+        chosen.sort()  # (priority, uid, ...): uids are unique, so the tail is never compared
         ports = []
         for i, (sport, _) in enumerate(sports):
             ports.append(ServicePort(sport, tuple([Endpoint(uid, tps[i], weight, prio)
@@ -714,10 +735,6 @@ def _unlink(index: dict[str, set[str]], key: str, member: str) -> None:
         users.discard(member)
         if not users:
             del index[key]
-
-
-def _first_two(m: tuple[int, str, int, tuple[int, ...]]) -> tuple[int, str]:
-    return m[0], m[1]
 
 
 def _derive(prof: WorkloadProfile, service: str, sports: Ports, allow_all: bool, ranked: bool,
