@@ -327,6 +327,10 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
         backend: BackendProcess = env["backend"]
         targets: dict[str, tuple[str, Path]] = env["targets"]
         bpf: BpfVip | None = env["bpf"]
+        programs = {"plain": netns.effective_programs(topo.plain_cgroup),
+                    "mesh": netns.effective_programs(topo.mesh_cgroup)}
+        if set(programs["plain"]) & set(netns.MESH_ATTACH_TYPES):  # direct must be the no-program floor
+            raise RuntimeError(f"the plain cgroup has programs in effect: {programs['plain']}")
         order = [m for m in ALL_MODES if m in targets]
         mon_note = ""
         if "bpf_vip" in targets and settings.monitoring_off:
@@ -448,6 +452,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
             "monitoring": ("bpf_vip with monitoring on (events read by a reader thread) and off, each "
                            "round" if not mon_note else mon_note),
+            "effective_programs": programs,
             "netns_sysctls": netns.NETNS_SYSCTLS, "pin_dir": str(env["pin_dir"] or ""),
             "seconds": round(time.monotonic() - t0, 1),
             "loadavg_before": load_before, "loadavg_after": _loadavg(),

@@ -177,6 +177,7 @@ def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROU
     p50: dict[str, list[float]] = {"direct": [], "vip": [], "direct_mesh": []}
     p90: dict[str, list[float]] = {k: [] for k in p50}
     errors = 0
+    programs: dict[str, dict[str, int]] = {}
     with _private_bpffs() as fs, netns.Topology(prefix) as topo:
         server_cmd = [*(["taskset", "-c", "0"] if two_cpus else []), sys.executable, "-c", _SERVER,
                       str(topo.netns_path(topo.ns_server)), "8080"]
@@ -195,6 +196,10 @@ def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROU
             dp.sync(Projection({svc.name: svc}, {be.uid: be}))
             control_connect(topo.netns_path(topo.ns_client), True, cgroup=topo.mesh_cgroup)
             opened = dp
+            programs = {"direct": netns.effective_programs(topo.plain_cgroup),
+                        "mesh": netns.effective_programs(topo.mesh_cgroup)}
+            if set(programs["direct"]) & set(netns.MESH_ATTACH_TYPES):
+                raise RuntimeError(f"the baseline cgroup has programs in effect: {programs['direct']}")
 
             def read_events() -> None:  # as the daemon does: monitoring events are consumed
                 while not stop.is_set():
@@ -242,6 +247,7 @@ def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROU
         out[key] = round(statistics.median(xs), 3)
         out[f"{key}_range"] = [round(min(xs), 3), round(max(xs), 3)]
     out["baseline"] = "direct: a client in a cgroup with no programs attached"
+    out["effective_programs"] = programs
     out["rounds"] = rounds
     out["connections_per_mode"] = rounds * per_round
     out["errors"] = errors
