@@ -53,7 +53,7 @@ MODES = ("direct", "bpf_vip", "envoy_proxy")
 # every connect but nothing is translated): separates "programs attached" from "VIP translated".
 EXTRA_MODES = ("direct_mesh",)
 ALL_MODES = MODES + EXTRA_MODES
-MON_OFF = "bpf_vip_monitoring_off"  # bpf_vip with the monitoring switch off (connect-inclusive runs)
+MON_OFF = "bpf_vip_monitor_off"  # bpf_vip with the monitoring switch off (connect-inclusive runs)
 BackendProcess = envoy_proc.EnvoyProcess | nginx_proc.NginxProcess
 POD_PORT = 8080
 VIP = "10.96.250.10"

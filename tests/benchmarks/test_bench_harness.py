@@ -68,7 +68,7 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
               "per_round": [1.02] * 9}
     http = {"dataplane": {"direct": fig, "bpf_vip": {**fig, "p50_ms": 0.21},
                           "envoy_proxy": {**fig, "p50_ms": 0.5},
-                          "bpf_vip_monitoring_off": {**fig, "p50_ms": 0.201},
+                          "bpf_vip_monitor_off": {**fig, "p50_ms": 0.201},
                           "monitoring_on": mon_on,
                           "monitoring_off": {**mon_on, "vip_over_direct_p50": 1.015}},
             "dataplane_request_only": {"direct": fig, "bpf_vip": fig, "envoy_proxy": fig},
@@ -99,7 +99,7 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
     md = md_path.read_text()
     assert "| envoy_proxy | 0.500 | 0.500 | 1,000 | n/a |" in md and "**no**" in md
     assert "connect() included" in md and "request only" in md
-    assert "| bpf_vip_monitoring_off | 0.201 |" in md  # the monitoring-off run is a row of its own
+    assert "| bpf_vip_monitor_off | 0.201 |" in md  # the monitoring-off run is a row of its own
     assert "monitoring on: 1.020 (median of 9 paired rounds; min 0.990, max 1.040, IQR 1.000-1.030)" in md
     assert "monitoring off: bpf_vip/direct p50 (paired) | <= 1.01 | 1.015 | **no** |" in md
     assert "make bench" in md
@@ -176,8 +176,8 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
         off = out["dataplane"]["monitoring_off"]
         if isinstance(off, dict):
             assert off["rounds"] == 1
-            assert out["dataplane"]["bpf_vip_monitoring_off"]["events_per_request"] == [0.0]
-            assert out["dataplane"]["bpf_vip_monitoring_off"]["errors"] == 0
+            assert out["dataplane"]["bpf_vip_monitor_off"]["events_per_request"] == [0.0]
+            assert out["dataplane"]["bpf_vip_monitor_off"]["errors"] == 0
         else:
             assert "no monitoring switch" in off
     # Everything created is gone: namespaces, the benchmark cgroup, pins.
