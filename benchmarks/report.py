@@ -122,7 +122,7 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
     doc["ratios"] = dict(http.get("ratios", {}))
     _assemble_dataplane_extras(doc, http)
     l7 = sections.get("dataplane_l7", {})
-    for section in ("dataplane_l7", "dataplane_l7_keepalive"):
+    for section in ("dataplane_l7", "dataplane_l7_request_only", "dataplane_l7_keepalive"):
         doc[section] = {}
         for mode in L7_MODES:
             fig = l7.get(section, {}).get(mode, l7.get("error", "not available: not run"))
@@ -152,7 +152,7 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
         "dataplane_l7": {
             "meta": l7.get("meta"),
             **{section: {m: v for m, v in l7.get(section, {}).items() if isinstance(v, dict)}
-               for section in ("dataplane_l7", "dataplane_l7_keepalive")},
+               for section in ("dataplane_l7", "dataplane_l7_request_only", "dataplane_l7_keepalive")},
         },
         "authz": az.get("details") if isinstance(az, dict) else None,
     }
@@ -286,7 +286,9 @@ def markdown(doc: dict) -> str:
             lines += [f"Through a waypoint (benchmarks/dataplane_l7.py): waypoint {l7meta.get('waypoint')}; "
                       f"ztunnel stand-in {l7meta.get('ztunnel_stand_in')}; "
                       f"backend {l7meta.get('backend')}.", ""]
-        for section, title in (("dataplane_l7", "waypoint, new connection per request"),
+        for section, title in (("dataplane_l7", "waypoint, new connection per request, connect() included"),
+                               ("dataplane_l7_request_only", "waypoint, new connection per request, "
+                                                             "request only (wrk)"),
                                ("dataplane_l7_keepalive", "waypoint, keep-alive")):
             lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s |", "|---|---:|---:|---:|"]
             for mode, fig in doc[section].items():
@@ -295,6 +297,7 @@ def markdown(doc: dict) -> str:
             lines.append("")
         lines += [f"kmesh_waypoint / ambient_like p50: {_fmt(r.get('kmesh_over_ambient_p50'))} new conn "
                   f"(paired {_fmt(r.get('kmesh_over_ambient_p50_paired'))}), "
+                  f"{_fmt(r.get('kmesh_over_ambient_p50_request_only'))} request only, "
                   f"{_fmt(r.get('kmesh_over_ambient_p50_keepalive'))} keep-alive.", ""]
     for section, title in (("control_plane", "Control plane"), ("cli", "CLI"), ("authz", "Authorization")):
         lines += [f"| {title} | value |", "|---|---:|"]
@@ -328,7 +331,7 @@ def table(doc: dict) -> str:
                 out.append(f"  {mode:<20} {cells} {cpu:>11}")
             else:
                 out.append(f"  {mode:<20} {_fmt(fig)}")
-    for section in ("dataplane_l7", "dataplane_l7_keepalive"):
+    for section in ("dataplane_l7", "dataplane_l7_request_only", "dataplane_l7_keepalive"):
         if section not in doc:
             continue
         out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
