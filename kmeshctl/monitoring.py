@@ -104,5 +104,4 @@ def monitoring(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("monitoring", help="Enable, disable or show access logs and connection metrics "
-                                   "(--all/--accesslog/--connectionMetrics enable|disable).")(monitoring)
+    app.command("monitoring", help="Enable, disable or show access logs and connection metrics.")(monitoring)

@@ -92,3 +92,40 @@ def test_sub_switches(mdp, topology) -> None:
     assert topology.client("c1", f"{VIP4}:80", n=1)["ok"] == 1
     seen = _collect(mdp, 5.0, until=lambda s: any(e.kind == "close" for e in s))
     assert sorted({e.kind for e in seen if e.netns_cookie == cookie}) == ["close", "connect", "established"]
+
+
+def test_upgrade_from_layout_2_keeps_switch_enrolment_and_sockets(topology, pin_root, make_cgroup) -> None:
+    """A layout-2 generation (before km_config) left by an older daemon: the new generation
+    carries over enrolment and the km_sock records (same meaning since 2), and the switch of a
+    generation that has one. Simulated by renaming our own generation to v2-<digest>."""
+    from dp_topo import base_projection
+
+    from daemon.dataplane import Dataplane, control_connect
+
+    cg = make_cgroup("dp-mon-upgrade")
+    pins = pin_root / "mon-upgrade"
+    old = Dataplane.open(cg, pins)
+    new = None
+    try:
+        old.sync(base_projection())
+        control_connect(topology.ns_path("c1"), True, cgroup=cg)
+        old.set_monitoring(access_log=False, metrics=False)  # closed sockets keep their records
+        assert topology.client("c1", f"{VIP4}:80", n=2, cgroup=cg)["ok"] == 2
+        socks = _sock_keys(old)
+        assert len(socks) >= 2
+        old_gen = old.gen_dir
+        old.close()
+        renamed = old_gen.with_name("v2-" + old_gen.name.split("-", 1)[1])
+        old_gen.rename(renamed)
+        new = Dataplane.open(cg, pins)
+        assert new.gen_dir.name.startswith("v3-") and not new.attached
+        assert new.monitoring() == {"access_log": False, "metrics": False, "enabled": False}
+        assert socks <= _sock_keys(new)
+        assert not new.sync(base_projection()).rejected and new.attached
+        assert not renamed.exists()
+        r = topology.client("c1", f"{VIP4}:80", n=2, cgroup=cg)  # enrolment carried over
+        assert r["ok"] == 2 and r["peers"] == [f"{VIP4}:80"], r
+    finally:
+        (new or old).uninstall()
+        if new is not None:
+            old.close()
