@@ -308,6 +308,18 @@ def paired(num: list[Result], den: list[Result]) -> dict | None:
             "per_round": [round(x, 4) for x in xs]}
 
 
+def _totals(backend: BackendProcess, attempts: int = 3) -> tuple[int, int] | None:
+    """The backend's (connections, requests) counters, None when its status endpoint does not
+    answer after a few tries: a diagnostic, so a slow answer on a loaded machine must not lose
+    the run's measurements."""
+    for attempt in range(attempts):
+        try:
+            return backend.totals()
+        except RuntimeError as exc:
+            _log(f"backend counters unavailable (attempt {attempt + 1}/{attempts}): {exc}")
+    return None
+
+
 def _rotate(items: list, k: int) -> list:
     return items[k % len(items):] + items[:k % len(items)] if items else []
 
@@ -345,7 +357,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
         units = [*order, *([MON_OFF] if "bpf_vip" in targets and not mon_note else [])]
         conn: dict[str, list[ConnResult]] = {u: [] for u in units}
         wrk: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in order for ka in (False, True)}
-        conn_checks: dict[str, list[float]] = {u: [] for u in units}
+        conn_checks: dict[str, list[float | None]] = {u: [] for u in units}
         events_per_req: dict[str, list[float]] = {u: [] for u in units if u in ("bpf_vip", MON_OFF)}
         reader_cpu: dict[str, list[float]] = {u: [] for u in events_per_req}
 
@@ -365,24 +377,26 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                            connections=settings.connections, keepalive=keepalive, cpus=env["cpus"]["client"])
 
         def measured(unit: str, cgroup: Path, fn: Callable[[], Result],
-                     count_events: bool = False) -> tuple[Result, float]:
+                     count_events: bool = False) -> tuple[Result, float | None]:
             """fn() with CPU per request (client, proxy, server cgroups) and backend conns/request;
             with count_events, also the ring-buffer events and the reader's CPU per request."""
-            cx_before, rq_before = backend.totals()
+            before = _totals(backend)
             groups = (cgroup, topo.proxy_cgroup, topo.server_cgroup)
             cpu_before = [netns.cpu_usage_us(g) for g in groups]
             ev_before = bpf.events if bpf is not None else 0
             reader_before = bpf.reader_cpu_s if bpf is not None else 0.0
             res = fn()
             cpu = [netns.cpu_usage_us(g) - b for g, b in zip(groups, cpu_before, strict=True)]
-            cx_after, rq_after = backend.totals()
+            after = _totals(backend)
             res.cpu_us_per_req = round(sum(cpu) / res.requests, 2) if res.requests else 0.0
             if count_events and unit in events_per_req and bpf is not None:
                 time.sleep(0.15)  # the reader polls every 100 ms: let it drain this run's events
                 n = max(res.requests, 1)
                 events_per_req[unit].append(round((bpf.events - ev_before) / n, 3))
                 reader_cpu[unit].append(round((bpf.reader_cpu_s - reader_before) * 1e6 / n, 2))
-            cx, rq = cx_after - cx_before, rq_after - rq_before
+            if before is None or after is None:
+                return res, None
+            cx, rq = after[0] - before[0], after[1] - before[1]
             return res, (round(cx / rq, 4) if rq else 0.0)
 
         def set_mon(unit: str) -> None:
