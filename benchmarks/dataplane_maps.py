@@ -12,11 +12,13 @@
   first in slot order, so every slot after it is rewritten (the worst case for one change).
 - ``connect``: socket + connect + one request + close, timed per connection by
   ``benchmarks.connload`` (C, one connection in flight), in a netns topology from
-  ``benchmarks.netns`` (nothing leaves the machine). Three clients per round, order rotating:
+  ``benchmarks.netns`` (nothing leaves the machine). Clients per round, order rotating:
   ``direct`` from a cgroup with no programs attached at all (the baseline), ``vip`` from the mesh
-  cgroup (translated by our connect4), ``direct_mesh`` from the mesh cgroup to the pod IP (our
-  programs run, nothing to translate). Reported: medians over rounds of each p50/p90 and of the
-  per-round ratios vip/direct and direct_mesh/direct, with min/max over rounds.
+  cgroup (translated by our connect4; monitoring on, events read by a thread as the daemon
+  does), ``direct_mesh`` from the mesh cgroup to the pod IP (our programs run, nothing to
+  translate) and, when the data plane has the monitoring switch, ``vip_monitor_off`` (events
+  and sockops state callbacks off). Reported: medians over rounds of each p50/p90 and of the
+  per-round ratios to direct, with min/max over rounds.
 
 Maps live in a private bpffs mounted for the run; the map benchmarks do not attach anything.
 """
@@ -174,7 +176,7 @@ def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROU
     vip = "10.96.250.20"
     prefix = "kd" + secrets.token_hex(3)
     two_cpus = (os.cpu_count() or 1) >= 2
-    p50: dict[str, list[float]] = {"direct": [], "vip": [], "direct_mesh": []}
+    p50: dict[str, list[float]] = {"direct": [], "vip": [], "direct_mesh": [], "vip_monitor_off": []}
     p90: dict[str, list[float]] = {k: [] for k in p50}
     errors = 0
     programs: dict[str, dict[str, int]] = {}
@@ -209,18 +211,25 @@ def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROU
             reader.start()
             # direct: the plain cgroup has no programs attached at all (not a pass-through)
             clients = {"direct": (netns.POD_IP, 8080, topo.plain_cgroup), "vip": (vip, 80, topo.mesh_cgroup),
-                       "direct_mesh": (netns.POD_IP, 8080, topo.mesh_cgroup)}
+                       "direct_mesh": (netns.POD_IP, 8080, topo.mesh_cgroup),
+                       "vip_monitor_off": (vip, 80, topo.mesh_cgroup)}
+            switch = hasattr(dp, "set_monitoring")  # the monitoring switch (issue 12)
+            if not switch:
+                del clients["vip_monitor_off"], p50["vip_monitor_off"], p90["vip_monitor_off"]
             names = list(clients)
 
             def one(name: str, count: int):  # noqa: ANN202 - ConnResult, imported lazily
                 addr, port_, cgroup = clients[name]
+                if switch:
+                    on = name != "vip_monitor_off"
+                    opened.set_monitoring(access_log=on, metrics=on)
                 return run_connload(addr, port_, topo.ns_client, cgroup, count=count,
                                     cpus="1" if two_cpus else None, request=r"x\n", expect="ok")
 
             for name in names:  # warm-up
                 one(name, 50)
             for rnd in range(rounds):
-                for name in names[rnd % 3:] + names[:rnd % 3]:
+                for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                     res = one(name, per_round)
                     errors += res.errors
                     p50[name].append(res.p50_ms * 1000)
@@ -242,7 +251,11 @@ def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROU
         out[f"{name}_p50_us"] = round(statistics.median(p50[name]), 1)
         out[f"{name}_p50_us_range"] = [round(min(p50[name]), 1), round(max(p50[name]), 1)]
         out[f"{name}_p90_us"] = round(statistics.median(p90[name]), 1)
-    for key, name in (("vip_over_direct_p50", "vip"), ("direct_mesh_over_direct_p50", "direct_mesh")):
+    for key, name in (("vip_over_direct_p50", "vip"), ("direct_mesh_over_direct_p50", "direct_mesh"),
+                      ("vip_monitor_off_over_direct_p50", "vip_monitor_off")):
+        if name not in p50:
+            out[key] = "not available: this data plane has no monitoring switch"
+            continue
         xs = ratio(name)
         out[key] = round(statistics.median(xs), 3)
         out[f"{key}_range"] = [round(min(xs), 3), round(max(xs), 3)]

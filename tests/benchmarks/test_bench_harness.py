@@ -276,3 +276,4 @@ def test_connect_micro_benchmark_baseline_has_no_programs() -> None:
         assert 0 < lo <= out[f"{name}_p50_us"] <= hi
     lo, hi = out["vip_over_direct_p50_range"]
     assert lo <= out["vip_over_direct_p50"] <= hi
+    assert isinstance(out["vip_monitor_off_over_direct_p50"], float)  # the switch is in the data plane
