@@ -394,6 +394,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                 n = max(res.requests, 1)
                 events_per_req[unit].append(round((bpf.events - ev_before) / n, 3))
                 reader_cpu[unit].append(round((bpf.reader_cpu_s - reader_before) * 1e6 / n, 2))
+                res.cpu_us_per_req = round(res.cpu_us_per_req + reader_cpu[unit][-1], 2)  # the daemon's share
             if before is None or after is None:
                 return res, None
             cx, rq = after[0] - before[0], after[1] - before[1]
@@ -464,8 +465,8 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                        f"socket+connect+request+response+close); request-only and keep-alive: "
                        f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)"),
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
-            "monitoring": ("bpf_vip with monitoring on (events read by a reader thread) and off, each "
-                           "round" if not mon_note else mon_note),
+            "monitoring": ("bpf_vip with monitoring on (events read by a reader thread, whose CPU is in "
+                           "bpf_vip's CPU/req) and off, each round" if not mon_note else mon_note),
             "effective_programs": programs,
             "netns_sysctls": netns.NETNS_SYSCTLS, "pin_dir": str(env["pin_dir"] or ""),
             "seconds": round(time.monotonic() - t0, 1),
