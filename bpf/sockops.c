@@ -1,11 +1,50 @@
-/* sockops: established and close events (bytes, srtt) for sockets connect4/6 recorded in
- * km_sock; via-waypoint sockets go into km_wpsock. Untracked sockets are ignored.
- * Monitoring off (km_config: access log and metrics both off): no state callbacks are asked
- * for and no event is emitted; the waypoint hand-off works the same (its RTT callback is its own).
+/* sockops: connection counters (km_conn_stats) and established/close events (bytes, srtt) for
+ * sockets connect4/6 recorded in km_sock; via-waypoint sockets go into km_wpsock. Untracked
+ * sockets are ignored.
+ * Metrics on: opened/closed/bytes are added in km_conn_stats (no event needed). Events only
+ * with access logs on and a consumer present (km_config.trace_on). With neither, no state
+ * callbacks are asked for; the waypoint hand-off works the same (its RTT callback is its own).
  * Records then leave km_sock by LRU eviction instead of at close. */
 #include "km_maps.h"
 
 #define KM_TCP_CLOSE 7
+
+static __always_inline __u8 km_sock_verdict(struct km_sock *s)
+{
+    return (s->flags & KM_SK_WAYPOINT)     ? KM_V_VIA_WAYPOINT
+           : (s->flags & KM_SK_TRANSLATED) ? KM_V_TRANSLATED
+                                           : KM_V_PASSTHROUGH;
+}
+
+/* Count one established (close = 0) or closed connection into km_conn_stats. */
+static __always_inline void km_count(struct bpf_sock_ops *skops, struct km_sock *s, int close)
+{
+    struct km_conn_key key = {};
+    key.netns_cookie = bpf_get_netns_cookie(skops);
+    key.service_id = s->service_id;
+    key.backend_id = s->backend_id;
+    key.verdict = km_sock_verdict(s);
+    if (!s->service_id) { /* no service name: the destination is named by its address */
+        __builtin_memcpy(key.orig_addr, s->orig_addr, 16);
+        key.orig_port = s->orig_port;
+        key.family = s->family;
+    }
+    struct km_conn_val *v = km_conn_stats.lookup(&key);
+    if (!v) {
+        struct km_conn_val zero = {};
+        km_conn_stats.update(&key, &zero); /* BPF_ANY: a racing insert keeps one entry */
+        v = km_conn_stats.lookup(&key);
+        if (!v)
+            return;
+    }
+    if (!close) {
+        __sync_fetch_and_add(&v->opened, 1);
+        return;
+    }
+    __sync_fetch_and_add(&v->closed, 1);
+    __sync_fetch_and_add(&v->bytes_sent, skops->bytes_acked);
+    __sync_fetch_and_add(&v->bytes_received, skops->bytes_received);
+}
 
 static __always_inline void km_sock_event(struct bpf_sock_ops *skops, struct km_sock *s,
                                           __u64 ck, __u8 kind)
@@ -23,9 +62,7 @@ static __always_inline void km_sock_event(struct bpf_sock_ops *skops, struct km_
     ev.backend_id = s->backend_id;
     ev.family = s->family;
     ev.kind = kind;
-    ev.verdict = (s->flags & KM_SK_WAYPOINT)     ? KM_V_VIA_WAYPOINT
-                 : (s->flags & KM_SK_TRANSLATED) ? KM_V_TRANSLATED
-                                                 : KM_V_PASSTHROUGH;
+    ev.verdict = km_sock_verdict(s);
     ev.duration_ns = now - s->connect_ns;
     if (kind == KM_EV_CLOSE) {
         ev.bytes_sent = skops->bytes_acked;
@@ -42,9 +79,11 @@ int sockops(struct bpf_sock_ops *skops)
     if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
         op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTT_CB)
         return 1;
-    /* monitoring off: nothing to ask for at connect (and no km_sock lookup) */
-    int quiet = (km_mon_off() & KM_MON_ALL) == KM_MON_ALL;
-    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB && quiet)
+    __u32 off = km_mon_off();
+    int events = !KM_EVENTS_OFF(off);
+    int metrics = !(off & KM_MON_METRICS);
+    /* nothing to count or report: nothing to ask for at connect (and no km_sock lookup) */
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB && !events && !metrics)
         return 1;
     __u64 ck = bpf_get_socket_cookie(skops);
     struct km_sock *s = km_sock.lookup(&ck);
@@ -80,7 +119,9 @@ int sockops(struct bpf_sock_ops *skops)
                 }
             }
         }
-        if (!quiet)
+        if (metrics)
+            km_count(skops, s, 0);
+        if (events)
             km_sock_event(skops, s, ck, KM_EV_ESTABLISHED);
         return 1;
     }
@@ -102,7 +143,11 @@ int sockops(struct bpf_sock_ops *skops)
     volatile __u32 newstate = skops->args[1];
     if (newstate != KM_TCP_CLOSE)
         return 1;
-    if (!quiet) /* switched off since the connect: the record still goes */
+    /* switched off since the connect: the record still goes (and a connection opened while
+     * metrics were off counts a close without an open; the counters are only monotonic) */
+    if (metrics)
+        km_count(skops, s, 1);
+    if (events)
         km_sock_event(skops, s, ck, KM_EV_CLOSE);
     km_sock.delete(&ck);
     return 1;

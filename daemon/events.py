@@ -3,9 +3,13 @@
 Why one thread: the ring buffer has a single consumer; metrics and every ``/debug/trace``
 stream see the same events, each trace subscriber through its own bounded queue so a slow
 client drops its own events (counted) instead of stalling the metrics or the kernel side.
+Events flow only while someone consumes them: the hub tells the data plane
+(``Dataplane.set_trace``) when the first trace subscriber arrives or event debug logging is on,
+and when the last one leaves; otherwise the programs emit nothing and a connection costs this
+process nothing (connection metrics are counted in the kernel, see daemon/metrics.py).
 The monitoring switch (``Dataplane.set_monitoring``) gates the consumers too: with access logs
-off no trace stream or debug log sees an event, with connection metrics off no metrics sink
-does; the reader itself keeps running, so switching back on needs no restart.
+off no trace stream or debug log sees an event (nor do sinks registered with that bit); the
+reader itself keeps running, so switching back on needs no restart.
 The ``NameResolver`` turns the kernel's cookies, addresses and uids back into pod and
 service names, from the daemon's state, for traces and metric labels.
 """
@@ -17,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import is_dataclass
 from typing import Any
 
 log = logging.getLogger("daemon.dataplane.events")
@@ -28,9 +32,10 @@ bpf_log = logging.getLogger("daemon.bpf")
 
 
 def event_dict(event: Any) -> dict[str, Any]:
-    """A ConnEvent (dataclass) or a dict, as a plain dict."""
+    """A ConnEvent (dataclass) or a dict, as a plain dict (a shallow copy: ConnEvent's fields are
+    scalars, so no ``asdict`` deep copy on the per-event path)."""
     if is_dataclass(event):
-        return asdict(event)  # type: ignore[arg-type]
+        return dict(vars(event))
     return dict(event)
 
 
@@ -63,9 +68,11 @@ class EventHub:
         self._sinks: list[tuple[Callable[[Any], None], int]] = []
         self._subs: list[Subscription] = []
         self._lock = threading.Lock()
+        self._trace_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._log_events = log_events
+        self._tracing: bool | None = None  # what we last told the data plane (None: nothing yet)
         self.events_total = 0
         self.errors = 0
 
@@ -80,12 +87,37 @@ class EventHub:
         sub = Subscription(match, maxsize)
         with self._lock:
             self._subs.append(sub)
+        self.refresh_consumers()  # before the caller streams: the next connect is reported
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
             if sub in self._subs:
                 self._subs.remove(sub)
+        self.refresh_consumers()
+
+    def wants_events(self) -> bool:
+        """Someone consumes events: a trace subscriber, or the event debug log."""
+        with self._lock:
+            if self._subs:
+                return True
+        return self._log_events and bpf_log.isEnabledFor(logging.DEBUG)
+
+    def refresh_consumers(self) -> None:
+        """Tell the data plane whether to emit events (one map write, only on a change)."""
+        set_trace = getattr(self._dataplane, "set_trace", None)
+        if set_trace is None:
+            return
+        with self._trace_lock:
+            wants = self.wants_events()
+            if wants == self._tracing:
+                return
+            try:
+                set_trace(wants)
+                self._tracing = wants
+            except Exception:  # noqa: BLE001 - retried on the next poll round
+                self.errors += 1
+                log.exception("telling the data plane about event consumers failed")
 
     @property
     def subscribers(self) -> int:
@@ -118,6 +150,7 @@ class EventHub:
                 self.errors += 1
 
     def start(self) -> None:
+        self.refresh_consumers()
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self._thread.start()
 
@@ -125,9 +158,16 @@ class EventHub:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        if self._tracing and hasattr(self._dataplane, "set_trace"):
+            try:  # no reader any more: the programs stop emitting
+                self._dataplane.set_trace(False)
+                self._tracing = False
+            except Exception:  # noqa: BLE001 - the data plane may be closed already
+                pass
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.refresh_consumers()  # cheap unless it changed (the log level can change at runtime)
             try:
                 self._dataplane.poll_events(self.dispatch, timeout_ms=100)
             except Exception:  # noqa: BLE001 - keep polling; log once per burst
@@ -148,6 +188,7 @@ class NameResolver:
         self._enroll = enroll
         self._min_interval = min_interval
         self._dirty = True
+        self.generation = 0
         self._built_at = 0.0
         self._lock = threading.Lock()
         self._by_ip: dict[str, str] = {}
@@ -159,6 +200,12 @@ class NameResolver:
 
     def _on_change(self, _change: Any) -> None:
         self._dirty = True
+        self.generation += 1  # label caches (daemon/metrics.py) compare it
+
+    @property
+    def stamp(self) -> tuple[int, bool]:
+        """Changes whenever a name this resolver returns may have changed (label caches)."""
+        return self.generation, self._dirty
 
     def _refresh(self) -> None:
         if not self._dirty or self._state is None:

@@ -143,7 +143,7 @@ class Daemon:
 
     def start(self) -> None:
         from daemon.admin import AdminContext, AdminServer
-        from daemon.events import MON_METRICS, EventHub, NameResolver
+        from daemon.events import EventHub, NameResolver
         from daemon.metrics import ConnectionMetrics, MetricsServer, MetricsSource
 
         cfg = self.cfg
@@ -219,8 +219,8 @@ class Daemon:
 
         resolver = NameResolver(self.state, self.enroll)
         self.hub = EventHub(self.dataplane, log_events=cfg.enable_bpf_log)
-        conn = ConnectionMetrics(resolver, self.enroll)
-        self.hub.add_sink(conn.on_event, monitoring=MON_METRICS)
+        # counted in the kernel (km_conn_stats), read per scrape: no per-connection event needed
+        conn = ConnectionMetrics(resolver, self.enroll, stats=self.dataplane.conn_stats, names=self.dataplane)
         self.metrics_source.conn = conn
         self.ctx.hub, self.ctx.resolver = self.hub, resolver
         self.hub.start()

@@ -2,8 +2,10 @@
 
 Why our own text writer: four counter families with Istio-style labels, a few gauges, and no
 need for a client library's registry; the exposition format is simple and a test checks it.
-Connection counters are fed by the event hub (one call per ring-buffer event); gauges
-(map pressure, xDS stream) are read at scrape time from their owners.
+Connection counters are counted in the kernel (km_conn_stats, keyed by netns cookie, service
+id, backend id and verdict) and read at scrape time, like the gauges (map pressure, xDS
+stream): a connection costs the daemon nothing, a scrape costs one map dump plus a label
+lookup per new key.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-from daemon.events import event_dict
 
 CONN_LABELS = (
     "reporter", "source_workload", "source_canonical_service", "source_canonical_revision",
@@ -74,13 +74,31 @@ def _principal(info: dict[str, Any]) -> str:
 
 
 class ConnectionMetrics:
-    """Counts events into the four Istio-style TCP counters, keyed by the label tuple."""
+    """The four Istio-style TCP counters, from the kernel's km_conn_stats at scrape time.
 
-    def __init__(self, resolver: Any, enroll: Any = None) -> None:
+    stats() returns ``[((netns_cookie, service_id, backend_id, verdict, orig_ip, orig_port),
+    (opened, closed, bytes_sent, bytes_received)), ...]`` (``Dataplane.conn_stats``); names
+    turns ids into names (``Dataplane.service_name`` / ``backend_uid``).
+
+    Monotonic across LRU eviction, approximately: the kernel map is an LRU of 16384 keys, so a
+    key may vanish (and later start again from 0). Each scrape adds, per key, what grew since
+    the previous scrape (all of it for a key not seen before, or one whose counters went down:
+    it was evicted and re-created) into totals per label tuple, which only grow. What a key
+    gained between the last scrape and its eviction is lost; with fewer live keys than the map
+    holds (the normal case) nothing is. Totals are per daemon process.
+    """
+
+    def __init__(self, resolver: Any, enroll: Any = None,
+                 stats: Callable[[], list[tuple[tuple, tuple[int, int, int, int]]]] | None = None,
+                 names: Any = None) -> None:
         self._resolver = resolver
         self._enroll = enroll
+        self._stats = stats
+        self._names = names
         self._lock = threading.Lock()
-        self._values: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in COUNTERS}
+        self._last: dict[tuple, tuple[int, int, int, int]] = {}  # kernel key -> values at the last scrape
+        self._totals: dict[tuple[str, ...], list[int]] = {}  # label tuple -> 4 monotonic totals
+        self._labels: dict[tuple, tuple[object, tuple[str, ...]]] = {}  # kernel key -> (stamp, labels)
 
     def labels_for(self, ev: dict[str, Any]) -> tuple[str, ...]:
         src_pod = self._enroll.by_cookie(ev.get("netns_cookie", 0)) if self._enroll is not None else None
@@ -121,32 +139,61 @@ class ConnectionMetrics:
             if ev.get("verdict") == "via_waypoint" else "none",
         )
 
-    def on_event(self, event: Any) -> None:
-        ev = event_dict(event)
-        kind = ev.get("kind")
-        if kind not in ("established", "close"):
-            return
-        key = self.labels_for(ev)
-        with self._lock:
-            if kind == "established":
-                self._bump("kmesh_tcp_connections_opened_total", key, 1)
-            else:
-                self._bump("kmesh_tcp_connections_closed_total", key, 1)
-                self._bump("kmesh_tcp_sent_bytes_total", key, ev.get("bytes_sent", 0))
-                self._bump("kmesh_tcp_received_bytes_total", key, ev.get("bytes_received", 0))
+    def _key_labels(self, key: tuple) -> tuple[str, ...]:
+        """Labels of one kernel key, cached until the state or that netns's enrolment changes."""
+        netns, sid, bid, verdict, orig_ip, orig_port = key
+        src = self._enroll.by_cookie(netns) if self._enroll is not None else None
+        stamp = (getattr(self._resolver, "stamp", None), id(src) if src is not None else None)
+        cached = self._labels.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        names = self._names
+        ev = {"netns_cookie": netns, "verdict": verdict, "orig_ip": orig_ip, "orig_port": orig_port,
+              "backend_ip": orig_ip if not bid else "",
+              "service": names.service_name(sid) if sid and names is not None else "",
+              "backend_uid": names.backend_uid(bid) if bid and names is not None else ""}
+        labels = self.labels_for(ev)
+        self._labels[key] = (stamp, labels)
+        return labels
 
-    def _bump(self, name: str, key: tuple[str, ...], amount: float) -> None:
-        values = self._values[name]
-        values[key] = values.get(key, 0) + amount
+    def collect(self) -> None:
+        """Fold the kernel's counters into the monotonic totals (called by every scrape)."""
+        if self._stats is None:
+            return
+        rows = self._stats()
+        with self._lock:
+            last, seen = self._last, {}
+            for key, vals in rows:
+                prev = last.get(key)
+                if prev is None or any(v < p for v, p in zip(vals, prev, strict=True)):
+                    delta = vals  # new key, or evicted and re-created since the last scrape
+                else:
+                    delta = tuple(v - p for v, p in zip(vals, prev, strict=True))
+                seen[key] = vals
+                if not any(delta) and key in self._labels:
+                    continue
+                total = self._totals.setdefault(self._key_labels(key), [0, 0, 0, 0])
+                for i, d in enumerate(delta):
+                    total[i] += d
+            self._last = seen
+            for key in [k for k in self._labels if k not in seen]:  # evicted: relabel if it returns
+                del self._labels[key]
 
     def families(self) -> list[MetricFamily]:
+        try:
+            self.collect()
+        except OSError:  # a scrape must still return the other metrics (and what was counted)
+            pass
         out = []
         with self._lock:
-            for name, help_text in COUNTERS.items():
-                fam = MetricFamily(name, "counter", help_text)
-                for key, value in sorted(self._values[name].items()):
-                    fam.samples.append((format_labels(CONN_LABELS, key), value))
-                out.append(fam)
+            rows = sorted(self._totals.items())
+        for i, (name, help_text) in enumerate(COUNTERS.items()):
+            fam = MetricFamily(name, "counter", help_text)
+            for labels, values in rows:
+                if not values[0 if i == 0 else 1]:  # as Istio: a series appears once it counts
+                    continue
+                fam.samples.append((format_labels(CONN_LABELS, labels), values[i]))
+            out.append(fam)
         return out
 
 

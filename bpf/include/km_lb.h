@@ -213,7 +213,7 @@ static __always_inline __u8 km_translate(struct km_fe_key *key, struct km_sock *
 static __always_inline void km_record(void *ctx, __u64 netns, struct km_sock *s, __u8 verdict,
                                       int store)
 {
-    __u32 quiet = km_mon_off() & KM_MON_ACCESSLOG;
+    __u32 quiet = KM_EVENTS_OFF(km_mon_off());
     if (quiet && !store)
         return;
     __u64 ck = bpf_get_socket_cookie(ctx);

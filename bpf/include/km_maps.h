@@ -56,6 +56,11 @@
 #define KM_MON_ACCESSLOG 1 /* connect events (trace, access log) */
 #define KM_MON_METRICS 2   /* connection metrics; with both off sockops asks for no state callbacks */
 #define KM_MON_ALL 3
+#define KM_MON_NOTRACE 4   /* derived by km_mon_off(), never stored: km_config.trace_on is 0 */
+
+/* km_conn_stats capacity: (netns, service, backend, verdict) tuples; LRU, so a full map ages
+ * out the least recently used tuple (the daemon keeps what it already read; see metrics.py) */
+#define KM_MAX_CONN_STATS 16384
 
 /* control addresses: 0.0.0.2 and ::2, ports 929 (enable) / 930 (disable) */
 #define KM_CTL_ENABLE 929
@@ -159,7 +164,30 @@ struct km_layout {
  * away) keep the setting. Zero means "on", so a fresh generation behaves as before the switch. */
 struct km_config {
     __u32 mon_off;     /* KM_MON_* bits switched off */
-    __u32 reserved[7]; /* 0 */
+    __u32 trace_on;    /* 1 while the daemon has an event consumer (trace stream, event debug log):
+                        * ring-buffer events are emitted only then (and with access logs on) */
+    __u32 reserved[6]; /* 0 */
+};
+
+/* km_conn_stats: connection counters aggregated in the kernel (connection metrics), so that a
+ * connection costs the daemon nothing until a scrape reads the map. The orig_* fields are set
+ * only without a service (direct pod access, passthrough), whose destination is named by its
+ * address; otherwise they are 0 so that one service/backend pair is one entry. */
+struct km_conn_key {
+    __u64 netns_cookie;  /* the client's network namespace (enrolled pod) */
+    __u32 service_id;    /* 0 for direct pod access and passthrough */
+    __u32 backend_id;    /* via a waypoint: the waypoint pod; 0 for passthrough */
+    __u32 orig_addr[4];  /* service_id 0 only */
+    __u16 orig_port;     /* service_id 0 only, network order */
+    __u8 family;         /* service_id 0 only */
+    __u8 verdict;        /* KM_V_* */
+    __u32 pad;           /* 0 */
+};
+struct km_conn_val {
+    __u64 opened;         /* established */
+    __u64 closed;
+    __u64 bytes_sent;     /* of closed connections (bytes_acked) */
+    __u64 bytes_received; /* of closed connections */
 };
 
 /* ring buffer record */
@@ -199,15 +227,22 @@ BPF_TABLE_PINNED("hash", struct km_name_key, struct km_name, km_names, KM_MAX_NA
                  KM_PIN_DIR "/names", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct km_layout, km_layout, 1, KM_PIN_DIR "/layout");
 BPF_TABLE_PINNED("array", __u32, struct km_config, km_config, 1, KM_PIN_DIR "/config");
+BPF_TABLE_PINNED("lru_hash", struct km_conn_key, struct km_conn_val, km_conn_stats,
+                 KM_MAX_CONN_STATS, KM_PIN_DIR "/conn_stats");
 
-/* Which monitoring outputs are off (KM_MON_* bits): one array lookup, the whole cost of the
- * switch on the connect path. */
+/* Which monitoring outputs are off (KM_MON_* bits, plus KM_MON_NOTRACE when nobody consumes
+ * events): one array lookup, the whole cost of the switch on the connect path. */
 static __always_inline __u32 km_mon_off(void)
 {
     __u32 zero = 0;
     struct km_config *c = km_config.lookup(&zero);
-    return c ? c->mon_off : 0;
+    if (!c)
+        return KM_MON_NOTRACE;
+    return c->mon_off | (c->trace_on ? 0 : KM_MON_NOTRACE);
 }
+
+/* ring-buffer events flow only with access logs on and a consumer present */
+#define KM_EVENTS_OFF(off) ((off) & (KM_MON_ACCESSLOG | KM_MON_NOTRACE))
 /* km_handoff (socket storage, keyed by the socket itself): what the sk_msg program writes in
  * front of a via-waypoint socket's first byte. Copied from km_sock by sockops when the socket
  * is established (sk_msg programs cannot read the socket cookie, so not km_sock itself). */

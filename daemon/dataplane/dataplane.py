@@ -8,14 +8,16 @@ Pin layout (everything under ``pin_dir``)::
         manage                               enrolled netns cookies (written by the programs)
         sock                                 LRU: socket cookie -> original destination
         layout                               array[1]: the layout version these maps are for
-        config                               array[1]: runtime switches (monitoring)
+        config                               array[1]: runtime switches (monitoring, trace consumers)
+        conn_stats                           LRU: connection counters (connection metrics)
 
 Attachments are plain BPF_PROG_ATTACH (flags 0) on the cgroup: they outlive the process, and a
 new process attaching the same types replaces each program atomically, so a restart over the
 same generation never leaves a connect untranslated. A different generation (layout version or
 capacity changed) gets new maps, filled by the first sync() *before* the new programs are
 attached; the manage map and the monitoring switch are carried over and the old generation's
-pins are removed after.
+pins are removed after. Connection counters are not carried over (the scraper's totals are
+per process anyway).
 """
 
 from __future__ import annotations
@@ -138,7 +140,9 @@ class Dataplane:
             target = self._loaded.maps[name]
             if name == "config":
                 if vals and not self._config_set:  # the newest old generation's switch wins
-                    target.update(keys[-1], vals[-1])
+                    with self._lock:  # only the switch: trace_on is this process's own
+                        old_off = layout.U32.unpack(vals[-1][:4])[0] & layout.MON_ALL
+                        self._write_config(mon_off=old_off)
                     self.mon_off = self._read_mon_off()
                 continue
             if keys:
@@ -188,9 +192,23 @@ class Dataplane:
         return self._loaded.prog_ids()
 
     # ------------------------------------------------------------ monitoring
-    def _read_mon_off(self) -> int:
+    def _read_config(self) -> tuple[int, int]:
+        """(mon_off, trace_on) as the kernel reads them."""
         v = self._loaded.maps["config"].lookup(layout.U32.pack(0))
-        return layout.U32.unpack(v[:4])[0] & layout.MON_ALL if v else 0
+        if not v:
+            return 0, 0
+        off, trace, _ = layout.CONFIG_VAL.unpack(v)
+        return off & layout.MON_ALL, trace
+
+    def _write_config(self, mon_off: int | None = None, trace_on: int | None = None) -> None:
+        """Read-modify-write of km_config[0] (callers hold self._lock)."""
+        off, trace = self._read_config()
+        off = off if mon_off is None else mon_off
+        trace = trace if trace_on is None else trace_on
+        self._loaded.maps["config"].update(layout.U32.pack(0), layout.CONFIG_VAL.pack(off, trace, b""))
+
+    def _read_mon_off(self) -> int:
+        return self._read_config()[0]
 
     def monitoring(self) -> dict:
         """The switch as the kernel reads it: {"access_log", "metrics", "enabled"} (enabled: the
@@ -209,10 +227,38 @@ class Dataplane:
             for flag, bit in ((access_log, layout.MON_ACCESSLOG), (metrics, layout.MON_METRICS)):
                 if flag is not None:
                     off = (off & ~bit) if flag else (off | bit)
-            cfg = layout.ConfigVal(off)
-            self._loaded.maps["config"].update(layout.U32.pack(0), bytes(cfg))
+            self._write_config(mon_off=off)
             self._config_set = True
             return self.monitoring()
+
+    def set_trace(self, on: bool) -> None:
+        """Say whether anyone consumes ring-buffer events (a trace stream, the event debug log).
+        Without a consumer the programs emit none: a connection then costs the daemon nothing
+        (connection metrics are counted in km_conn_stats). Access logs off still means none."""
+        with self._lock:
+            self._write_config(trace_on=1 if on else 0)
+
+    def tracing(self) -> bool:
+        return bool(self._read_config()[1])
+
+    def conn_stats(self) -> list[tuple[tuple, tuple[int, int, int, int]]]:
+        """km_conn_stats as [((netns_cookie, service_id, backend_id, verdict, orig_ip, orig_port),
+        (opened, closed, bytes_sent, bytes_received))]; orig_ip is "" and orig_port 0 unless the
+        connection had no service (direct pod access, passthrough). Read per scrape (metrics.py)."""
+        out = []
+        for k, v in self._loaded.maps["conn_stats"].dump():
+            netns, sid, bid, addr, port, family, verdict, _ = layout.CONN_KEY.unpack(k)
+            ip = events.ip_text(addr, family) if family else ""
+            out.append(((netns, sid, bid, layout.VERDICTS.get(verdict, str(verdict)), ip,
+                         int.from_bytes(port, "big")), layout.CONN_VAL.unpack(v)))
+        return out
+
+    def service_name(self, sid: int) -> str:
+        """A service-port id -> "ns/host" (the daemon's reconciler, else the names map)."""
+        return self._service_name(sid)
+
+    def backend_uid(self, bid: int) -> str:
+        return self._backend_uid(bid)
 
     # ---------------------------------------------------------------- events
     def _service_name(self, sid: int) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-LAYOUT_VERSION = 3  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: config
+LAYOUT_VERSION = 4  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: config
+# 4: km_conn_stats (connection counters in the kernel), km_config.trace_on
 SOCK_SAME_SINCE = 2  # km_sock means the same since this version: its records carry over
 
 AF_INET = 2
@@ -41,6 +42,8 @@ PRIOS = 7
 MON_ACCESSLOG = 1
 MON_METRICS = 2
 MON_ALL = MON_ACCESSLOG | MON_METRICS
+MON_NOTRACE = 4  # derived in the kernel (km_config.trace_on == 0), never stored in mon_off
+MAX_CONN_STATS = 16384  # km_conn_stats capacity (KM_MAX_CONN_STATS)
 
 EVENT_KINDS = {1: "connect", 2: "established", 3: "close"}
 VERDICTS = {1: "translated", 2: "passthrough", 3: "no_healthy_endpoint", 4: "via_waypoint",
@@ -114,7 +117,20 @@ class LayoutVal(ct.Structure):
 class ConfigVal(ct.Structure):
     """km_config[0]: runtime switches (monitoring)."""
 
-    _fields_ = [("mon_off", ct.c_uint32), ("reserved", ct.c_uint32 * 7)]
+    _fields_ = [("mon_off", ct.c_uint32), ("trace_on", ct.c_uint32), ("reserved", ct.c_uint32 * 6)]
+
+
+class ConnKey(ct.Structure):
+    """km_conn_stats key; orig_* only without a service (direct pod access, passthrough)."""
+
+    _fields_ = [("netns_cookie", ct.c_uint64), ("service_id", ct.c_uint32), ("backend_id", ct.c_uint32),
+                ("orig_addr", ct.c_uint8 * 16), ("orig_port", ct.c_uint16), ("family", ct.c_uint8),
+                ("verdict", ct.c_uint8), ("pad", ct.c_uint32)]
+
+
+class ConnVal(ct.Structure):
+    _fields_ = [("opened", ct.c_uint64), ("closed", ct.c_uint64), ("bytes_sent", ct.c_uint64),
+                ("bytes_received", ct.c_uint64)]
 
 
 class Event(ct.Structure):
@@ -151,6 +167,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     "names": (NameKey, NameVal),
     "layout": (ct.c_uint32, LayoutVal),
     "config": (ct.c_uint32, ConfigVal),
+    "conn_stats": (ConnKey, ConnVal),
 }
 # pin file name -> symbol in the C source
 MAP_SYMBOLS = {name: f"km_{name}" for name in MAP_LAYOUTS}
@@ -167,8 +184,16 @@ U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 NAME_KEY = struct.Struct("=II")
 NAME_VAL = struct.Struct(f"={NAME_LEN}s")
+CONFIG_VAL = struct.Struct("=II24s")  # mon_off, trace_on, reserved
+CONN_KEY = struct.Struct("=QII16s2sBBI")  # orig_port as 2 network-order bytes
+CONN_VAL = struct.Struct("=QQQQ")
+# km_event: ts, netns, sock, sent, received, duration, orig, backend, service, backend id, srtt,
+# orig port, backend port (2 network-order bytes each), kind, verdict, family, pad
+EVENT = struct.Struct("=QQQQQQ16s16sIII2s2sBBB5s")
 
 for _s, _c in [(FE_KEY, FeKey), (FE_VAL, FeVal), (SVC_VAL, ServiceVal), (EP_KEY, EpKey), (EP_VAL, EpVal),
-               (BE_VAL, BackendVal), (NAME_KEY, NameKey), (NAME_VAL, NameVal)]:
+               (BE_VAL, BackendVal), (NAME_KEY, NameKey), (NAME_VAL, NameVal), (CONFIG_VAL, ConfigVal),
+               (CONN_KEY, ConnKey), (CONN_VAL, ConnVal), (EVENT, Event)]:
     assert _s.size == ct.sizeof(_c), (_c.__name__, _s.size, ct.sizeof(_c))
 assert ct.sizeof(Event) == 104 and ct.sizeof(SockVal) == 56 and WP.size == ct.sizeof(Wp)
+assert ct.sizeof(ConnKey) == 40

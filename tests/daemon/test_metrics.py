@@ -1,4 +1,5 @@
-"""Prometheus exposition text: counters from connection events with Istio labels, gauges."""
+"""Prometheus exposition text: connection counters (read from the kernel's km_conn_stats at
+scrape time, here a table standing in for Dataplane.conn_stats) with Istio labels, gauges."""
 
 from __future__ import annotations
 
@@ -58,6 +59,38 @@ class Enroll:
         return self.pod if cookie == 4242 else None
 
 
+FORTIO_UID = "Kubernetes//Pod/default/fortio-v1-abc"
+
+
+class Kernel:
+    """Dataplane.conn_stats / service_name / backend_uid over a table the test edits."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, tuple[int, int, int, int]] = {}
+        self.services = {1: "default/fortio.default.svc.cluster.local"}
+        self.backends = {7: FORTIO_UID}
+
+    def conn_stats(self) -> list:
+        return list(self.rows.items())
+
+    def service_name(self, sid: int) -> str:
+        return self.services.get(sid, f"#{sid}")
+
+    def backend_uid(self, bid: int) -> str:
+        return self.backends.get(bid, f"#{bid}")
+
+    def add(self, key: tuple, opened: int = 0, closed: int = 0, sent: int = 0, received: int = 0) -> None:
+        v = self.rows.get(key, (0, 0, 0, 0))
+        self.rows[key] = (v[0] + opened, v[1] + closed, v[2] + sent, v[3] + received)
+
+
+KEY = (4242, 1, 7, "translated", "", 0)  # netns cookie, service id, backend id, verdict, orig ip/port
+
+
+def metrics(kernel: Kernel, resolver: object = None) -> ConnectionMetrics:
+    return ConnectionMetrics(resolver or Resolver(), Enroll(), stats=kernel.conn_stats, names=kernel)
+
+
 def event(kind: str, **kw) -> dict:
     base = {"ts_ns": 1, "kind": kind, "verdict": "translated", "netns_cookie": 4242, "sock_cookie": 7,
             "orig_ip": "10.96.0.10", "orig_port": 80, "backend_ip": "10.244.0.7", "backend_port": 8080,
@@ -68,13 +101,9 @@ def event(kind: str, **kw) -> dict:
 
 
 def test_connection_counters_with_istio_labels() -> None:
-    conn = ConnectionMetrics(Resolver(), Enroll())
-    hub = EventHub(dataplane=None)
-    hub.add_sink(conn.on_event)
-    for _ in range(3):
-        hub.dispatch(event("connect"))
-        hub.dispatch(event("established"))
-        hub.dispatch(event("close", bytes_sent=100, bytes_received=1000, duration_ns=5_000_000))
+    kernel = Kernel()
+    conn = metrics(kernel)
+    kernel.add(KEY, opened=3, closed=3, sent=300, received=3000)
     text = MetricsSource(conn, pressure=lambda: {"frontend": {"entries": 5, "max": 10, "ratio": 0.5}},
                          xds_status=lambda: {"address": "x:1", "cluster_id": "c1", "connected": True,
                                              "acks": 4, "nacks": 1, "reconnects": 2,
@@ -100,13 +129,40 @@ def test_connection_counters_with_istio_labels() -> None:
 
 
 def test_label_values_escaped() -> None:
-    conn = ConnectionMetrics(Resolver(), Enroll())
-    conn.on_event(event("established", service='ns/we"ird\\host\n'))
-    check_exposition(MetricsSource(conn).render())
+    kernel = Kernel()
+    kernel.services[2] = 'ns/we"ird\\host\n'
+    kernel.add((4242, 2, 7, "translated", "", 0), opened=1)
+    check_exposition(MetricsSource(metrics(kernel)).render())
+
+
+def test_counters_monotonic_across_eviction() -> None:
+    """Scrapes fold deltas: a key that vanishes (LRU eviction) keeps its totals, one that comes
+    back from zero adds all it has; a passthrough key is named by its address."""
+    kernel = Kernel()
+    conn = metrics(kernel)
+
+    def opened() -> dict[str, float]:
+        fams = check_exposition(MetricsSource(conn).render())
+        return dict(fams.get("kmesh_tcp_connections_opened_total", []))
+
+    kernel.add(KEY, opened=5, closed=4)
+    (total,) = opened().values()
+    assert total == 5
+    del kernel.rows[KEY]  # evicted
+    assert list(opened().values()) == [5]
+    kernel.add(KEY, opened=2)  # re-created: counts from 0
+    assert list(opened().values()) == [7]
+    kernel.add(KEY, opened=1)
+    assert list(opened().values()) == [8]
+    kernel.add((4242, 0, 0, "passthrough", "192.0.2.1", 443), opened=1)
+    by_label = opened()
+    assert len(by_label) == 2
+    assert any('destination_service="192.0.2.1:443"' in lab and v == 1
+               for lab, v in by_label.items()), by_label
 
 
 def test_metrics_http_endpoint() -> None:
-    server = MetricsServer("127.0.0.1", 0, MetricsSource(ConnectionMetrics(Resolver(), Enroll())))
+    server = MetricsServer("127.0.0.1", 0, MetricsSource(metrics(Kernel())))
     server.start()
     try:
         port = server.server_address[1]
@@ -119,32 +175,38 @@ def test_metrics_http_endpoint() -> None:
         server.server_close()
 
 
-def test_monitoring_switch_gates_sinks_and_traces() -> None:
-    """The hub reads the data plane's cached switch per event: metrics off = the counters stand
-    still; access log off = no trace subscriber is fed; the hub keeps counting what arrives."""
+def test_monitoring_switch_gates_traces_and_consumers_switch_events() -> None:
+    """The hub reads the data plane's cached switch per event: access log off = no trace
+    subscriber is fed (the hub keeps counting what arrives). It tells the data plane whether
+    anyone consumes events: the first subscriber switches them on, the last one off."""
     from daemon.events import MON_ACCESSLOG, MON_METRICS
 
     class Dp:
         mon_off = 0
+        trace: list[bool] = []
+
+        def set_trace(self, on: bool) -> None:
+            self.trace.append(on)
 
     dp = Dp()
-    conn = ConnectionMetrics(Resolver(), Enroll())
     hub = EventHub(dataplane=dp)
-    hub.add_sink(conn.on_event, monitoring=MON_METRICS)
+    hub.refresh_consumers()
+    assert dp.trace == [False]
     sub = hub.subscribe(lambda _e: True)
-
-    def closed() -> float:
-        return sum(v for _, v in check_exposition(MetricsSource(conn).render())
-                   .get("kmesh_tcp_connections_closed_total", []))
-
+    assert dp.trace == [False, True]
     hub.dispatch(event("close"))
-    assert closed() == 1 and sub.get(0.1) is not None
+    assert sub.get(0.1) is not None
     dp.mon_off = MON_METRICS
     hub.dispatch(event("close"))
-    assert closed() == 1 and sub.get(0.1) is not None
+    assert sub.get(0.1) is not None
     dp.mon_off = MON_ACCESSLOG
     hub.dispatch(event("close"))
-    assert closed() == 2 and sub.get(0.1) is None
+    assert sub.get(0.1) is None
     dp.mon_off = 0
     hub.dispatch(event("close"))
-    assert closed() == 3 and sub.get(0.1) is not None and hub.events_total == 4
+    assert sub.get(0.1) is not None and hub.events_total == 4
+    second = hub.subscribe(lambda _e: True)
+    hub.unsubscribe(sub)
+    assert dp.trace == [False, True]  # one consumer left
+    hub.unsubscribe(second)
+    assert dp.trace == [False, True, False]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from daemon.metrics import ConnectionMetrics, MetricsSource
-from tests.daemon.test_metrics import Enroll, Resolver, check_exposition, event
+from daemon.metrics import MetricsSource
+from tests.daemon.test_metrics import KEY, Kernel, Resolver, check_exposition, metrics
 
 WP_UID = "Kubernetes//Pod/default/waypoint-7d9f"
 
@@ -14,10 +14,11 @@ class WpResolver(Resolver):
 
 
 def test_destination_waypoint_label() -> None:
-    conn = ConnectionMetrics(WpResolver(), Enroll())
-    conn.on_event(event("established", verdict="via_waypoint", backend_uid=WP_UID, backend_ip="10.244.0.9",
-                        backend_port=15019))
-    conn.on_event(event("established"))
+    kernel = Kernel()
+    kernel.backends[9] = WP_UID
+    conn = metrics(kernel, WpResolver())
+    kernel.add((4242, 1, 9, "via_waypoint", "", 0), opened=1)
+    kernel.add(KEY, opened=1)
     fams = check_exposition(MetricsSource(conn).render())
     labels = sorted(lab for lab, _ in fams["kmesh_tcp_connections_opened_total"])
     assert len(labels) == 2

@@ -150,6 +150,7 @@ def dataplane(topology: Topology, pin_root: Path) -> Iterator:
 
     dp = Dataplane.open(topology.cgroup, pin_root / "main")
     try:
+        dp.set_trace(True)  # these tests read the ring buffer themselves: they are the consumer
         dp.sync(base_projection())
         control_connect(topology.ns_path("c1"), True, cgroup=topology.cgroup)
         yield dp

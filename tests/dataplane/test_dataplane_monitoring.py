@@ -1,6 +1,7 @@
 """The monitoring switch (km_config): off = no ring-buffer events and no sockops state callbacks,
-while translation and getpeername work as before; on again = events resume. Real programs,
-real TCP from the managed client netns."""
+while translation and getpeername work as before; on again = events resume. Connection metrics
+are counted in km_conn_stats; events flow only while a consumer is present (trace_on). Real
+programs, real TCP from the managed client netns."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def mdp(dp) -> Iterator:
         yield dp
     finally:
         dp.set_monitoring(access_log=True, metrics=True)
+        dp.set_trace(True)  # the session fixture's state
 
 
 def _collect(dp, seconds: float, until=None) -> list[ConnEvent]:
@@ -78,19 +80,72 @@ def test_off_no_events_translation_and_getpeername_unaffected(mdp, topology) -> 
     assert kinds.count("connect") == kinds.count("established") == kinds.count("close") == 2, seen
 
 
+def _stats(dp, cookie: int) -> dict[tuple, tuple[int, int, int, int]]:
+    return {k: v for k, v in dp.conn_stats() if k[0] == cookie}
+
+
+def _delta(after: dict, before: dict) -> dict[tuple, tuple[int, ...]]:
+    out = {}
+    for k, v in after.items():
+        d = tuple(a - b for a, b in zip(v, before.get(k, (0, 0, 0, 0)), strict=True))
+        if any(d):
+            out[k] = d
+    return out
+
+
+def _wait_delta(dp, cookie: int, before: dict, closed: int, seconds: float = 5.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        d = _delta(_stats(dp, cookie), before)
+        if sum(v[1] for v in d.values()) >= closed or time.monotonic() > deadline:
+            return d
+        time.sleep(0.05)
+
+
 def test_sub_switches(mdp, topology) -> None:
-    """Access log off, metrics on: established/close only (what the counters need). Metrics off,
-    access log on: every kind still flows (the trace shows them; the daemon skips its counters)."""
+    """Access log off, metrics on: no events, the kernel counters move. Metrics off, access log
+    on: every kind still flows (the trace shows them), the counters stand still."""
     cookie = netns_cookie(topology.ns_path("c1"))
     mdp.set_monitoring(access_log=False, metrics=True)
+    before = _stats(mdp, cookie)
     assert topology.client("c1", f"{VIP4}:80", n=2)["ok"] == 2
-    seen = _collect(mdp, 5.0, until=lambda s: sum(e.kind == "close" for e in s) >= 2)
-    kinds = sorted({e.kind for e in seen if e.netns_cookie == cookie})
-    assert kinds == ["close", "established"], seen
+    d = _wait_delta(mdp, cookie, before, closed=2)
+    assert [e for e in _collect(mdp, 0.5) if e.netns_cookie == cookie] == []
+    assert len({k[1] for k in d}) == 1, d  # one service; one key per backend the LB picked
+    for key in d:
+        assert key[3] == "translated" and key[1] > 0 and key[2] > 0 and key[4:] == ("", 0), key
+    opened, closed, sent, received = (sum(v[i] for v in d.values()) for i in range(4))
+    assert (opened, closed) == (2, 2) and sent > 0 and received > 0, d
 
     mdp.set_monitoring(access_log=True, metrics=False)
+    before = _stats(mdp, cookie)
     assert topology.client("c1", f"{VIP4}:80", n=1)["ok"] == 1
     seen = _collect(mdp, 5.0, until=lambda s: any(e.kind == "close" for e in s))
+    assert sorted({e.kind for e in seen if e.netns_cookie == cookie}) == ["close", "connect", "established"]
+    assert _delta(_stats(mdp, cookie), before) == {}
+
+
+def test_no_consumer_no_events_counters_still_move(mdp, topology) -> None:
+    """The daemon's default: metrics on, nobody tracing. No ring-buffer event at all; the
+    kernel counts opened/closed/bytes per (netns, service, backend, verdict), and a direct pod
+    connection (no service) is keyed by its destination address. A consumer again = events."""
+    cookie = netns_cookie(topology.ns_path("c1"))
+    mdp.set_trace(False)
+    assert not mdp.tracing()
+    before = _stats(mdp, cookie)
+    assert topology.client("c1", f"{VIP4}:80", n=3)["ok"] == 3
+    assert topology.client("c1", f"{ip4('s1')}:8080", n=1)["ok"] == 1
+    d = _wait_delta(mdp, cookie, before, closed=4)
+    assert [e for e in _collect(mdp, 0.5) if e.netns_cookie == cookie] == []
+    vip = [(k, v) for k, v in d.items() if k[1]]
+    direct = [(k, v) for k, v in d.items() if not k[1]]
+    assert len({k[1] for k, _ in vip}) == 1 and sum(v[0] for _, v in vip) == sum(v[1] for _, v in vip) == 3, d
+    assert not mdp.service_name(vip[0][0][1]).startswith("#"), vip  # ids decode to names
+    assert len(direct) == 1 and direct[0][0][4:] == (ip4("s1"), 8080) and direct[0][1][:2] == (1, 1), d
+
+    mdp.set_trace(True)
+    assert topology.client("c1", f"{VIP4}:80", n=1)["ok"] == 1
+    seen = _collect(mdp, 5.0, until=lambda s: any(e.kind == "close" and e.netns_cookie == cookie for e in s))
     assert sorted({e.kind for e in seen if e.netns_cookie == cookie}) == ["close", "connect", "established"]
 
 
@@ -118,7 +173,7 @@ def test_upgrade_from_layout_2_keeps_switch_enrolment_and_sockets(topology, pin_
         renamed = old_gen.with_name("v2-" + old_gen.name.split("-", 1)[1])
         old_gen.rename(renamed)
         new = Dataplane.open(cg, pins)
-        assert new.gen_dir.name.startswith("v3-") and not new.attached
+        assert new.gen_dir.name.startswith("v4-") and not new.attached
         assert new.monitoring() == {"access_log": False, "metrics": False, "enabled": False}
         assert socks <= _sock_keys(new)
         assert not new.sync(base_projection()).rejected and new.attached
