@@ -237,6 +237,13 @@ def test_metrics_count_connections_with_istio_labels(enrolled: Env) -> None:
     assert float(line.rsplit(" ", 1)[1]) >= 3
     text = scrape()
     assert "kmesh_tcp_connections_opened_total{" in text and "kmesh_tcp_sent_bytes_total{" in text
+    # nobody tracing (the default): counted in the kernel, no ring-buffer event reached the daemon
+    status = env.status()["events"]
+    assert status["trace_subscribers"] == 0, status
+    counted = float(line.rsplit(" ", 1)[1])
+    assert env.connect("cli", f"{env.vip}:80", n=2)["ok"] == 2
+    wait_for(lambda: float(closed_line().rsplit(" ", 1)[1]) >= counted + 2 or None, 15, "counters move")
+    assert env.status()["events"]["total"] == status["total"]
     assert "kmesh_xds_connected{" in text and 'kmesh_bpf_map_pressure{map="frontend"}' in text
 
 
@@ -290,10 +297,23 @@ def test_monitoring_switch(enrolled: Env) -> None:
             assert code == 400 and body["error"], (query, body)
         assert env.get("/monitoring")["enabled"] is False
 
-        # access log alone: events again (the reader kept running), counters still frozen
+        # access log alone: events again while a trace is attached (the reader kept running),
+        # counters still frozen
         env.kmeshctl("monitoring", "--accesslog", "enable", check=True)
-        assert env.connect("cli", f"{env.vip}:80", n=2)["ok"] == 2
-        wait_for(lambda: env.status()["events"]["total"] >= events + 6, 15, "events resume")
+        proc = subprocess.Popen([PY, "-m", "kmeshctl.main", "trace", "pod", "cli", "-n", env.namespace,
+                                 "--count", "6", "--timeout", "20", "-o", "json", "--admin-addr", env.admin],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: env.status()["events"]["trace_subscribers"] >= 1, 20, "trace subscribed")
+            assert env.connect("cli", f"{env.vip}:80", n=2)["ok"] == 2
+            wait_for(lambda: env.status()["events"]["total"] >= events + 6, 15, "events resume")
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        kinds = sorted(json.loads(x)["kind"] for x in out.splitlines() if x.strip())
+        assert kinds == ["close"] * 2 + ["connect"] * 2 + ["established"] * 2, (kinds, err)
         assert _closed_total(env) == closed
         code, body = _post(env, "/monitoring?connectionMetrics=true")
         assert code == 200 and (body["access_log"], body["metrics"]) == (True, True), body
