@@ -15,10 +15,14 @@ every published figure the median over rounds with its min/max beside it:
 
 - ``dataplane`` (new connection per request, the headline): benchmarks.connload times socket +
   connect + request + response + close per request, so the connect() our program rewrites is
-  inside the latency. ``bpf_vip`` runs twice per round when the data plane has the monitoring
-  switch: monitoring on (events consumed by a reader thread, as the daemon does) and off.
-  ``monitoring_{on,off}.vip_over_direct_p50``: the median over rounds of the per-round ratio
-  bpf_vip/direct (runs of one round are seconds apart, so slow load drifts cancel).
+  inside the latency. ``bpf_vip`` runs three times per round when the data plane has the
+  monitoring switch: monitoring on with nobody tracing (the daemon's default: connection metrics
+  counted in the kernel, no ring-buffer event), off, and ``tracing`` (on, with a trace
+  subscriber attached: events flow and the daemon's reader loop decodes and fans them out,
+  a consumer thread formats them as a trace stream does).
+  ``monitoring_{on,off}.vip_over_direct_p50`` and ``tracing.vip_over_direct_p50``: the median
+  over rounds of the per-round ratio bpf_vip/direct (runs of one round are seconds apart, so
+  slow load drifts cancel).
 - ``dataplane_request_only``: wrk with ``Connection: close``; wrk's clock starts after the
   handshake, so this is the request/response part alone (labelled ``_request_only``).
 - ``dataplane_keepalive``: wrk over kept-alive connections.
@@ -54,6 +58,7 @@ MODES = ("direct", "bpf_vip", "envoy_proxy")
 EXTRA_MODES = ("direct_mesh",)
 ALL_MODES = MODES + EXTRA_MODES
 MON_OFF = "bpf_vip_monitor_off"  # bpf_vip with the monitoring switch off (connect-inclusive runs)
+TRACING = "bpf_vip_tracing"  # bpf_vip with monitoring on and a trace subscriber attached
 BackendProcess = envoy_proc.EnvoyProcess | nginx_proc.NginxProcess
 POD_PORT = 8080
 VIP = "10.96.250.10"
@@ -118,28 +123,60 @@ class BpfVip:
                 with netns.in_cgroup(topo.mesh_cgroup):
                     control_connect(topo.netns_path(topo.ns_client), True)
             self.events = 0
-            self.reader_cpu_s = 0.0  # CPU time of the reader thread (decode + count)
+            self.reader_cpu_s = 0.0  # CPU time of the reader and trace-consumer threads
             self._stop = threading.Event()
-            self._reader = threading.Thread(target=self._read_events, name="bench-events", daemon=True)
-            self._reader.start()
+            self._hub = None
+            self._sub = None
+            self._threads = [threading.Thread(target=self._read_events, name="bench-events", daemon=True)]
+            if self.has_trace_switch:
+                from daemon.events import EventHub, NameResolver
+
+                self._hub = EventHub(self.dp)
+                self._hub.add_sink(self._count)
+                self._resolver = NameResolver(None)
+                self._hub.refresh_consumers()  # nobody tracing: the programs emit nothing
+                self._threads.append(threading.Thread(target=self._trace_consumer, name="bench-trace",
+                                                      daemon=True))
+            for t in self._threads:
+                t.start()
         except BaseException:
             self.close()
             raise
 
-    def _read_events(self) -> None:
-        """Consume the ring buffer like the daemon's event reader does, so monitoring-on runs
-        pay for the events being read (an unread ring fills up and then costs nothing)."""
-        def count(_event: object) -> None:
-            self.events += 1
+    def _count(self, _event: object) -> None:
+        self.events += 1
 
+    def _read_events(self) -> None:
+        """Consume the ring buffer like the daemon's event reader does (EventHub's loop), so
+        runs with events pay for them being read (an unread ring fills up and then costs nothing)."""
+        deliver = self._hub.dispatch if self._hub is not None else self._count
         while not self._stop.is_set():
             t = time.thread_time()
-            self.dp.poll_events(count, timeout_ms=100)
+            self.dp.poll_events(deliver, timeout_ms=100)
+            self.reader_cpu_s += time.thread_time() - t
+
+    def _trace_consumer(self) -> None:
+        """A /debug/trace stream's work per event: take it off the subscription, enrich, JSON."""
+        import json
+
+        while not self._stop.is_set():
+            sub = self._sub
+            if sub is None:
+                self._stop.wait(0.05)
+                continue
+            t = time.thread_time()
+            event = sub.get(timeout=0.1)
+            if event is not None:
+                json.dumps(self._resolver.enrich(event), default=str)
             self.reader_cpu_s += time.thread_time() - t
 
     @property
     def has_monitoring_switch(self) -> bool:
         return hasattr(self.dp, "set_monitoring")
+
+    @property
+    def has_trace_switch(self) -> bool:
+        return hasattr(self.dp, "set_trace")
 
     def set_monitoring(self, on: bool) -> None:
         """Access log and connection metrics both on or both off (Dataplane.set_monitoring)."""
@@ -147,11 +184,26 @@ class BpfVip:
         if state.get("enabled") is not on:
             raise RuntimeError(f"set_monitoring({on}) left the switch at {state}")
 
+    def set_tracing(self, on: bool) -> None:
+        """Attach or detach one trace subscriber (EventHub.subscribe: the programs emit events
+        only while one is attached)."""
+        if self._hub is None:
+            return
+        if on and self._sub is None:
+            self._sub = self._hub.subscribe(lambda _e: True)
+        elif not on and self._sub is not None:
+            self._hub.unsubscribe(self._sub)
+            self._sub = None
+        if self.dp.tracing() is not on:
+            raise RuntimeError(f"set_tracing({on}) left km_config.trace_on at {self.dp.tracing()}")
+
     def close(self) -> None:
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            self._stop.set()
-            reader.join(timeout=5)
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        for t in getattr(self, "_threads", []):
+            if t.is_alive():
+                t.join(timeout=5)
         self.dp.uninstall()
 
 
@@ -353,16 +405,19 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             mon_note = "not available: monitoring-off runs not selected"
         else:
             mon_note = env["unavailable"].get("bpf_vip", "not available: bpf_vip not selected")
-        # connect-inclusive units: a mode, or bpf_vip with monitoring off
-        units = [*order, *([MON_OFF] if "bpf_vip" in targets and not mon_note else [])]
+        trace_note = "" if bpf is not None and bpf.has_trace_switch else (
+            "not available: this data plane has no trace switch (Dataplane.set_trace)")
+        # connect-inclusive units: a mode, or bpf_vip with monitoring off / with a trace attached
+        units = [*order, *([MON_OFF] if "bpf_vip" in targets and not mon_note else []),
+                 *([TRACING] if "bpf_vip" in targets and not mon_note and not trace_note else [])]
         conn: dict[str, list[ConnResult]] = {u: [] for u in units}
         wrk: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in order for ka in (False, True)}
         conn_checks: dict[str, list[float | None]] = {u: [] for u in units}
-        events_per_req: dict[str, list[float]] = {u: [] for u in units if u in ("bpf_vip", MON_OFF)}
+        events_per_req: dict[str, list[float]] = {u: [] for u in units if u in ("bpf_vip", MON_OFF, TRACING)}
         reader_cpu: dict[str, list[float]] = {u: [] for u in events_per_req}
 
         def url_of(unit: str) -> tuple[str, int, Path]:
-            url, cgroup = targets["bpf_vip" if unit == MON_OFF else unit]
+            url, cgroup = targets["bpf_vip" if unit in (MON_OFF, TRACING) else unit]
             host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
             return host, int(port or 80), cgroup
 
@@ -390,7 +445,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             after = _totals(backend)
             res.cpu_us_per_req = round(sum(cpu) / res.requests, 2) if res.requests else 0.0
             if count_events and unit in events_per_req and bpf is not None:
-                time.sleep(0.15)  # the reader polls every 100 ms: let it drain this run's events
+                time.sleep(0.25)  # the reader polls every 100 ms: let it drain this run's events
                 n = max(res.requests, 1)
                 events_per_req[unit].append(round((bpf.events - ev_before) / n, 3))
                 reader_cpu[unit].append(round((bpf.reader_cpu_s - reader_before) * 1e6 / n, 2))
@@ -401,8 +456,9 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             return res, (round(cx / rq, 4) if rq else 0.0)
 
         def set_mon(unit: str) -> None:
-            if bpf is not None and not mon_note and unit in ("bpf_vip", MON_OFF):
-                bpf.set_monitoring(unit == "bpf_vip")
+            if bpf is not None and not mon_note and unit in ("bpf_vip", MON_OFF, TRACING):
+                bpf.set_monitoring(unit != MON_OFF)
+                bpf.set_tracing(unit == TRACING)
 
         if settings.warmup_s > 0:  # warm-up: caches, Envoy worker, pools
             for unit in units:
@@ -422,7 +478,7 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                 ev = f" events/req={events_per_req[unit][-1]}" if unit in events_per_req else ""
                 progress(f"{tag} {unit:<22} connect-incl p50={res.p50_ms:.3f}ms p99={res.p99_ms:.3f}ms "
                          f"rps={res.rps:.0f} cpu/req={res.cpu_us_per_req}us err={res.errors}{ev}")
-            set_mon("bpf_vip")  # wrk runs with monitoring on, the default
+            set_mon("bpf_vip")  # wrk runs with monitoring on and nobody tracing, the default
             for keepalive in (False, True):
                 for mode in _rotate(order, rnd):
                     res, per_req = measured(mode, targets[mode][1],
@@ -447,12 +503,14 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                     out[section][mode] = _summarise(wrk[(mode, section == "dataplane_keepalive")])  # type: ignore[arg-type]
                 else:
                     out[section][mode] = "not available: mode not selected"
-        if conn.get(MON_OFF):
-            out["dataplane"][MON_OFF] = {**_summarise(conn[MON_OFF]),  # type: ignore[arg-type]
-                                         "backend_connections_per_request": conn_checks[MON_OFF],
-                                         "events_per_request": events_per_req[MON_OFF],
-                                         "event_reader_cpu_us_per_req": reader_cpu[MON_OFF]}
-        for key, unit, note in (("monitoring_on", "bpf_vip", ""), ("monitoring_off", MON_OFF, mon_note)):
+        for unit in (MON_OFF, TRACING):
+            if conn.get(unit):
+                out["dataplane"][unit] = {**_summarise(conn[unit]),  # type: ignore[arg-type]
+                                          "backend_connections_per_request": conn_checks[unit],
+                                          "events_per_request": events_per_req[unit],
+                                          "event_reader_cpu_us_per_req": reader_cpu[unit]}
+        for key, unit, note in (("monitoring_on", "bpf_vip", ""), ("monitoring_off", MON_OFF, mon_note),
+                                ("tracing", TRACING, mon_note or trace_note)):
             pair = paired(conn[unit], conn["direct"]) if conn.get(unit) and conn.get("direct") else None  # type: ignore[arg-type]
             out["dataplane"][key] = pair or note or env["unavailable"].get(
                 "direct", "not available: needs both direct and bpf_vip")
@@ -465,8 +523,10 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                        f"socket+connect+request+response+close); request-only and keep-alive: "
                        f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)"),
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
-            "monitoring": ("bpf_vip with monitoring on (events read by a reader thread, whose CPU is in "
-                           "bpf_vip's CPU/req) and off, each round" if not mon_note else mon_note),
+            "monitoring": ("bpf_vip with monitoring on and nobody tracing (metrics counted in the kernel), "
+                           "off, and on with a trace subscriber (events read by the daemon's reader loop "
+                           "and a trace consumer thread, whose CPU is in that unit's CPU/req), each round"
+                           if not mon_note else mon_note),
             "effective_programs": programs,
             "netns_sysctls": netns.NETNS_SYSCTLS, "pin_dir": str(env["pin_dir"] or ""),
             "seconds": round(time.monotonic() - t0, 1),

@@ -46,7 +46,7 @@ TARGETS = TARGETS + (
     ("monitoring off: bpf_vip/direct p50 (paired)", "dataplane.monitoring_off.vip_over_direct_p50",
      "<=", 1.01),
 )
-MONITORING_KEYS = ("monitoring_on", "monitoring_off")
+MONITORING_KEYS = ("monitoring_on", "monitoring_off", "tracing")  # tracing: informational, no target
 DP_SECTIONS = (  # (section, title): the connect-inclusive headline first
     ("dataplane", "new connection per request, connect() included (kmesh-connload)"),
     ("dataplane_request_only", "new connection per request, request only (wrk `Connection: close`: "
@@ -161,7 +161,8 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
 
 def _assemble_dataplane_extras(doc: dict, http: dict) -> None:
     """``dataplane_request_only.<mode>`` (wrk, clock after the handshake) and
-    ``dataplane.monitoring_{on,off}`` (paired bpf_vip/direct ratios with their spread)."""
+    ``dataplane.monitoring_{on,off}`` and ``dataplane.tracing`` (paired bpf_vip/direct ratios
+    with their spread)."""
     missing = http.get("error", "not available: not run")
     doc["dataplane_request_only"] = {}
     for mode in MODES:

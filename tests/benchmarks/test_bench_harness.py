@@ -70,7 +70,8 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
                           "envoy_proxy": {**fig, "p50_ms": 0.5},
                           "bpf_vip_monitor_off": {**fig, "p50_ms": 0.201},
                           "monitoring_on": mon_on,
-                          "monitoring_off": {**mon_on, "vip_over_direct_p50": 1.015}},
+                          "monitoring_off": {**mon_on, "vip_over_direct_p50": 1.015},
+                          "tracing": {**mon_on, "vip_over_direct_p50": 1.2}},
             "dataplane_request_only": {"direct": fig, "bpf_vip": fig, "envoy_proxy": fig},
             "dataplane_keepalive": {"direct": fig, "bpf_vip": fig, "envoy_proxy": "not available: x"},
             "ratios": {"bpf_vip_over_direct_p50": 1.05, "envoy_proxy_over_bpf_vip_p50": 2.381,
@@ -78,7 +79,8 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
     doc = _doc(http)
     for section in ("dataplane_request_only", "dataplane_keepalive"):
         assert set(doc[section]) == {"direct", "bpf_vip", "envoy_proxy"}
-    assert set(doc["dataplane"]) == {"direct", "bpf_vip", "envoy_proxy", "monitoring_on", "monitoring_off"}
+    assert set(doc["dataplane"]) == {"direct", "bpf_vip", "envoy_proxy", "monitoring_on", "monitoring_off",
+                                     "tracing"}
     assert doc["dataplane"]["monitoring_on"]["vip_over_direct_p50"] == 1.02
     on = doc["dataplane"]["monitoring_on"]
     assert on["min"] == 0.99 and "per_round" not in on
@@ -102,6 +104,8 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
     assert "| bpf_vip_monitor_off | 0.201 |" in md  # the monitoring-off run is a row of its own
     assert "monitoring on: 1.020 (median of 9 paired rounds; min 0.990, max 1.040, IQR 1.000-1.030)" in md
     assert "monitoring off: bpf_vip/direct p50 (paired) | <= 1.01 | 1.015 | **no** |" in md
+    assert "tracing: 1.200 (median of 9 paired rounds" in md  # informational: no target
+    assert not any("tracing" in t["key"] for t in doc["targets"])
     assert "make bench" in md
 
 
@@ -172,8 +176,12 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
         assert set(out["meta"]["effective_programs"]["mesh"]) >= {"inet4_connect", "sock_ops"}
         on = out["dataplane"]["monitoring_on"]
         assert on["rounds"] == 1 and on["min"] <= on["vip_over_direct_p50"] <= on["max"]
-        # monitoring on: connect/established/close events are read; off: none at all
-        assert out["dataplane"]["bpf_vip"]["events_per_request"][0] >= 1
+        # monitoring on, nobody tracing: no event (metrics in the kernel); a trace attached:
+        # connect/established/close events are read; off: none at all
+        assert out["dataplane"]["bpf_vip"]["events_per_request"] == [0.0]
+        tracing = out["dataplane"]["tracing"]
+        assert tracing["rounds"] == 1 and out["dataplane"]["bpf_vip_tracing"]["errors"] == 0
+        assert 2.5 <= out["dataplane"]["bpf_vip_tracing"]["events_per_request"][0] <= 3.5
         off = out["dataplane"]["monitoring_off"]
         if isinstance(off, dict):
             assert off["rounds"] == 1
