@@ -14,7 +14,8 @@ from daemon.dataplane import ConnEvent, netns_cookie, read_pins
 
 pytestmark = pytest.mark.kernel
 
-MAP_NAMES = ("frontend", "service", "endpoint", "backend", "manage", "sock", "names", "layout", "config")
+MAP_NAMES = ("frontend", "service", "endpoint", "backend", "manage", "sock", "names", "layout", "config",
+             "conn_stats")
 
 
 def bpftool(*args: str) -> list | dict:
