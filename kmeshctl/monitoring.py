@@ -5,7 +5,8 @@ As Kmesh's ``kmeshctl monitoring --all enable|disable`` (and ``--accesslog``,
 flag its BPF programs read on every connect. With both off the programs emit no ring-buffer
 events and ask for no sockops state callbacks (the cheapest connect path); translation,
 getpeername and waypoints are unaffected. Access logs = the connection events ``kmeshctl trace``
-streams; connection metrics = the ``kmesh_tcp_*`` counters. With no switch (or ``status``) it
+streams (emitted only while a trace or the event debug log consumes them); connection metrics =
+the ``kmesh_tcp_*`` counters (counted in a kernel map, read per scrape). With no switch (or ``status``) it
 shows the state of every daemon; POD names daemon pods (default: every daemon).
 """
 

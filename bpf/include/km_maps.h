@@ -284,10 +284,24 @@ BPF_ANNOTATE_KV_PAIR(km_wpsock, __u64, int);
 
 /* Connection events; not pinned: each loader reads its own programs' buffer. 256 KiB. */
 BPF_RINGBUF_OUTPUT(km_events, 64);
+/* Events since the last wake-up, per CPU (not pinned, like the ring). The reader polls with a
+ * bounded timeout (100 ms), so only every KM_RB_WAKE_EVERY-th event on a CPU wakes it: a trace
+ * sees an event at most that late, and a busy node pays one wake-up per batch instead of one
+ * per event. (bcc 0.26 cannot call bpf_ringbuf_query on a table, hence the count.) */
+BPF_PERCPU_ARRAY(km_rb_pending, __u32, 1);
+#define KM_RB_WAKE_EVERY 64
 
 static __always_inline void km_emit(struct km_event *ev)
 {
-    km_events.ringbuf_output(ev, sizeof(*ev), 0);
+    __u32 zero = 0;
+    __u64 flags = BPF_RB_NO_WAKEUP;
+    __u32 *n = km_rb_pending.lookup(&zero);
+    if (!n || ++*n >= KM_RB_WAKE_EVERY) {
+        flags = BPF_RB_FORCE_WAKEUP;
+        if (n)
+            *n = 0;
+    }
+    km_events.ringbuf_output(ev, sizeof(*ev), flags);
 }
 
 #endif /* KM_MAPS_H */
