@@ -7,6 +7,10 @@ Public API (docs/interfaces "Data plane"):
     Dataplane.read_back() / .raw_maps() / .map_pressure() / .poll_events(cb, timeout_ms)
     Dataplane.set_monitoring(access_log=None, metrics=None) / .monitoring() -> {"access_log",
         "metrics", "enabled"}: the pinned switch the programs read (both off: no events)
+    Dataplane.set_trace(on) / .tracing(): whether anyone consumes events (off: none emitted)
+    Dataplane.conn_stats() -> [((netns, service_id, backend_id, verdict, orig_ip, orig_port),
+        (opened, closed, bytes_sent, bytes_received))]: the kernel's connection counters
+    Dataplane.service_name(id) / .backend_uid(id): ids -> names
     Dataplane.close() (restart: keep pins and attachments) / .uninstall()
     control_connect(netns, enable, ipv6=False, cgroup=None) ; netns_cookie(netns)
     read_pins(pin_dir) -> same shape as read_back(), from pins alone (no compile)
