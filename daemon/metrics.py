@@ -160,8 +160,8 @@ class ConnectionMetrics:
         """Fold the kernel's counters into the monotonic totals (called by every scrape)."""
         if self._stats is None:
             return
-        rows = self._stats()
-        with self._lock:
+        with self._lock:  # read under the lock: concurrent scrapes must fold in order
+            rows = self._stats()
             last, seen = self._last, {}
             for key, vals in rows:
                 prev = last.get(key)
