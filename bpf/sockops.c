@@ -79,6 +79,12 @@ int sockops(struct bpf_sock_ops *skops)
     if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
         op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTT_CB)
         return 1;
+    /* state callbacks: only the close matters; the others return before any map lookup */
+    if (op == BPF_SOCK_OPS_STATE_CB) {
+        volatile __u32 st = skops->args[1];
+        if (st != KM_TCP_CLOSE)
+            return 1;
+    }
     __u32 off = km_mon_off();
     int events = !KM_EVENTS_OFF(off);
     int metrics = !(off & KM_MON_METRICS);
@@ -140,9 +146,7 @@ int sockops(struct bpf_sock_ops *skops)
         bpf_sock_ops_cb_flags_set(skops, cbf & ~BPF_SOCK_OPS_RTT_CB_FLAG);
         return 1;
     }
-    volatile __u32 newstate = skops->args[1];
-    if (newstate != KM_TCP_CLOSE)
-        return 1;
+    /* here: BPF_SOCK_OPS_STATE_CB to TCP_CLOSE (checked above) */
     /* switched off since the connect: the record still goes (and a connection opened while
      * metrics were off counts a close without an open; the counters are only monotonic) */
     if (metrics)
