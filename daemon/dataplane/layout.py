@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-LAYOUT_VERSION = 2  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock)
+LAYOUT_VERSION = 3  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: reconciled maps preallocated
 
 AF_INET = 2
 AF_INET6 = 10
