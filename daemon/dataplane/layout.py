@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-LAYOUT_VERSION = 3  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: reconciled maps preallocated
+# 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: reconciled maps preallocated
+LAYOUT_VERSION = 3
 
 AF_INET = 2
 AF_INET6 = 10

@@ -1,0 +1,534 @@
+"""The pure half of a reconcile pass: desired Projection vs the mirror -> an ordered Plan.
+
+A plan lists, per map, the elements to delete or write in three phases:
+
+  free   delete frontends no longer wanted, then service entries and all endpoint slots of
+         service ports that are gone (nothing points at them once their frontends are)
+  write  backends, names, endpoint slots, service headers (counts), frontends
+  trim   delete endpoint slots beyond the new counts, then backends nobody references
+
+so a frontend never points at a missing service, a count never covers a missing slot and a slot
+never names a missing backend. Capacity is checked before anything is planned for a service: a
+service that does not fit (or whose VIP:port belongs to another service) gets no element in the
+plan and is reported in ``Plan.rejected``; its previous entries (if any) stay as they were.
+
+make_plan() reads the mirror and never changes it (ids come from IdView, a copy-on-write view
+of the mirror's pools); Mirror.commit() applies a plan's bookkeeping once the applier (apply.py)
+has written it. Writes are packed straight into bytearrays (``Writes``): a 430k-element first
+sync leaves no per-element objects behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from daemon.dataplane import layout as L
+from daemon.dataplane.mirror import IdPool, Mirror, Port
+from daemon.dataplane.model import Backend, Projection, Service
+from daemon.dataplane.render import (
+    EMPTY_VALS,
+    SVC_HEAD,
+    ZERO4,
+    ZERO16,
+    bad_backend,
+    bad_service,
+    be_keys,
+    be_tail,
+    encode_name,
+    fe_key,
+    fmt_fe,
+    port_name,
+    render_backend,
+    render_slots,
+    render_wp,
+    slot_backend_ids,
+)
+
+_NO = object()
+
+
+class Writes:
+    """Phase-2 writes of one map: packed keys and values appended to two growing buffers, so a
+    430k-element pass leaves no per-element objects behind (they would fragment the heap)."""
+
+    __slots__ = ("keys", "vals", "n")
+
+    def __init__(self) -> None:
+        self.keys = bytearray()
+        self.vals = bytearray()
+        self.n = 0
+
+    def add(self, key: bytes, value: bytes, n: int = 1) -> None:
+        self.keys += key
+        self.vals += value
+        self.n += n
+
+
+class IdView:
+    """Ids taken from an IdPool without changing it: what the pool would hand out, minus what
+    this plan already took; release() gives an id back to the plan. done() lists the ids the
+    plan kept, for Mirror.commit to mark in the pool."""
+
+    __slots__ = ("pool", "free_at", "next", "taken", "back")
+
+    def __init__(self, pool: IdPool) -> None:
+        self.pool = pool
+        self.free_at = len(pool.free)  # pool.free[:free_at] not yet looked at (taken from the end)
+        self.next = pool.next
+        self.taken: dict[int, None] = {}  # in order taken
+        self.back: list[int] = []
+
+    def take(self) -> int:
+        taken = self.taken
+        if self.back:
+            i = self.back.pop()
+            taken[i] = None
+            return i
+        pool = self.pool
+        while self.free_at:
+            self.free_at -= 1
+            i = pool.free[self.free_at]
+            if not pool.is_used(i) and i not in taken:
+                taken[i] = None
+                return i
+        i = self.next
+        while pool.is_used(i) or i in taken:
+            i += 1
+        self.next = i + 1
+        taken[i] = None
+        return i
+
+    def release(self, i: int) -> None:
+        del self.taken[i]
+        self.back.append(i)
+
+    def done(self) -> tuple[list[int], int, int]:
+        """(ids kept, how much of pool.free was looked at, the pool's next cursor)."""
+        return list(self.taken), self.free_at, self.next
+
+
+@dataclass
+class Plan:
+    """One pass: the map operations in their safe order, and what Mirror.commit records."""
+
+    free: list[tuple[str, list[bytes]]] = field(default_factory=list)  # phase 1: (map, keys)
+    early: list[tuple[str, Writes]] = field(default_factory=list)  # phase 2 writes handed out early
+    write: list[tuple[str, Writes]] = field(default_factory=list)  # phase 2: (map, packed writes)
+    trim: list[tuple[str, list[bytes]]] = field(default_factory=list)  # phase 3: (map, keys)
+    rejected: dict[str, str] = field(default_factory=dict)  # service / "backend/<uid>" -> why
+    # bookkeeping for Mirror.commit
+    orphans: bool = False
+    ports: dict[str, Port | None] = field(default_factory=dict)  # port name -> new state / None gone
+    backs: dict[str, int | None] = field(default_factory=dict)  # uid -> id written / None removed
+    verified: list[tuple[int, Backend]] = field(default_factory=list)
+    refs: dict[int, int] = field(default_factory=dict)  # backend id -> reference count change
+    kept_back: list[str] = field(default_factory=list)
+    kept_now: list[str] = field(default_factory=list)
+    claims: dict[bytes, int] = field(default_factory=dict)  # frontend key -> owner code
+    wanted: dict[str, tuple[Service | None, dict[str, int], bool]] = field(default_factory=dict)
+    src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = field(default_factory=dict)
+    svc_ids: tuple[list[int], int, int] = ([], 0, 1)
+    be_ids: tuple[list[int], int, int] = ([], 0, 1)
+
+    def ops(self) -> list[tuple[str, str, object]]:
+        """("delete", map, keys) / ("write", map, Writes) in execution order, early writes first."""
+        return ([("write", n, wr) for n, wr in self.early if wr.n]
+                + [("delete", n, ks) for n, ks in self.free]
+                + [("write", n, wr) for n, wr in self.write]
+                + [("delete", n, ks) for n, ks in self.trim])
+
+    def size(self) -> int:
+        """Elements written plus deleted."""
+        return (sum(wr.n for _n, wr in self.early) + sum(wr.n for _n, wr in self.write)
+                + sum(len(ks) for _n, ks in self.free) + sum(len(ks) for _n, ks in self.trim))
+
+
+def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[str], orphans: bool,
+              early_min: int = 1 << 62, on_early: Callable[[list[tuple[str, Writes]]], None] | None = None
+              ) -> Plan:
+    """The writes and deletes that take the maps from what mirror m holds to proj, for the
+    services in svc_scope and the backends in be_order (orphans: also delete every orphan).
+
+    Pure with respect to m: ids are allocated from views of its pools and everything the pass
+    changes is returned in the Plan for Mirror.commit. on_early (if given) receives the
+    backend and backend-name writes as soon as they are planned, when they are at least
+    early_min elements, so that the applier can write them while the services are planned:
+    they only add ids nothing references yet or change values in place, so writing them before
+    phase 1 is as safe as in phase 2."""
+    rejected: dict[str, str] = {}
+    svc_alloc, be_alloc = IdView(m.svc_ids), IdView(m.be_ids)
+    p1: dict[str, list[bytes]] = {"frontend": [], "service": [], "endpoint": []}
+    p3: dict[str, list[bytes]] = {"endpoint": [], "backend": [], "names": []}
+    w = {name: Writes() for name in ("backend", "names", "endpoint", "service", "frontend")}
+    usage = m.counts()
+    limits = m.limits
+    new_ports: dict[str, Port | None] = {}  # port name -> planned state (None = removed)
+    new_backs: dict[str, int | None] = {}  # uid -> id written in this pass / None = removed
+    verified: list[tuple[int, Backend]] = []  # loaded backends found exact: adopt their source
+    fe_owner = m.fe_owner
+    be_id = m.be_id
+
+    if orphans:
+        for name in ("frontend", "service", "endpoint"):
+            p1[name].extend(m.orphans[name])
+            usage[name] -= len(m.orphans[name])
+        p3["backend"].extend(m.orphans["backend"])
+        p3["names"].extend(m.orphans["names"])
+
+    # --- what each in-scope service wants, and which frontend keys get released
+    src = m.src
+    wanted: dict[str, tuple[Service | None, dict[str, int], bool]] = {}
+    released: set[bytes] = set()
+    for sname in sorted(svc_scope):
+        svc = proj.services.get(sname)
+        old = src.get(sname)
+        same_input = svc is not None and old is not None and old[1] is not None and (
+            old[0] is svc or old[0] == svc)
+        want: dict[str, int] = {}
+        if svc is not None and svc.vips:
+            for i, sp in enumerate(svc.ports):
+                want.setdefault(port_name(sname, sp.port), i)
+        wanted[sname] = (svc, want, same_input)
+        if same_input:
+            continue  # the same ports and VIPs as written: nothing released
+        for pname in m.svc_ports.get(sname, ()):
+            cur = m.ports[pname]
+            if pname not in want:
+                released.update(cur.fes)
+            elif svc is not None:
+                port = svc.ports[want[pname]].port
+                keep = {fe_key(v, port) for v in svc.vips if len(v) in (4, 16)}
+                released.update(k for k in cur.fes if k not in keep)
+    pb = proj.backends
+    for uid in be_order:
+        bid = be_id.get(uid)
+        if bid is None:
+            continue
+        b = pb.get(uid)
+        cur_b = m.backend_of(bid)
+        if b is cur_b or cur_b is None:
+            continue
+        keep = set(be_keys(b)) if b is not None and not bad_backend(b) else set()
+        code = bid
+        released.update(k for k in be_keys(cur_b) if k not in keep and fe_owner.get(k) == code)
+
+    pass_claims: dict[bytes, int] = {}  # keys accepted for an owner in this pass
+    claim_names: dict[bytes, str] = {}
+
+    def owner_name(key: bytes) -> str:
+        code = fe_owner.get(key, 0)
+        oid = abs(code)
+        if code < 0 and oid in m.port_by_id:
+            return m.port_by_id[oid].name
+        uid = m.backend_uid(oid) if code > 0 else None
+        return uid or f"#{oid}"
+
+    def claimable(key: bytes, code: int) -> bool:
+        if pass_claims.get(key, code) != code:
+            return False
+        owner = fe_owner.get(key)
+        return owner is None or owner == code or key in released
+
+    def drop_port(cur: Port, count_usage: bool = True) -> None:
+        new_ports[cur.name] = None
+        code = -cur.id
+        p1["frontend"].extend(k for k in cur.fes if fe_owner.get(k) == code)
+        if cur.value:
+            p1["service"].append(L.U32.pack(cur.id))
+        for prio, blob in enumerate(cur.vals):
+            p1["endpoint"].extend(L.EP_KEY.pack(cur.id, prio, s) for s in range(len(blob) // 8))
+        if count_usage:
+            usage["frontend"] -= len(cur.fes)
+            usage["service"] -= 1 if cur.value else 0
+            usage["endpoint"] -= cur.nslots()
+        p3["names"].append(L.NAME_KEY.pack(L.NAME_SERVICE, cur.id))
+
+    # --- services removed whole (phase 1; frees capacity for what follows)
+    for sname, (_svc, want, _same) in wanted.items():
+        if not want:
+            for pname in sorted(m.svc_ports.get(sname, ())):
+                drop_port(m.ports[pname])
+
+    # --- backends (adds and changes; removals are decided after the services)
+    removed_backs: list[tuple[str, int]] = []
+    kept_back: list[str] = []  # uids leaving m.kept in this pass
+    override: dict[str, int | None] = {}  # backends whose id changes in this pass
+    be_src = m.be_src
+    bw, nw, fw = w["backend"], w["names"], w["frontend"]
+    u_be, u_nm, u_fe = usage["backend"], usage["names"], usage["frontend"]
+    lim_be, lim_nm, lim_fe = limits["backend"], limits["names"], limits["frontend"]
+    fek, bepack, namepack = L.FE_KEY.pack, L.BE_VAL.pack, L.NAME_VAL.pack
+    fevpack, u32, namekey = L.FE_VAL.pack, L.U32.pack, L.NAME_KEY.pack
+    kept, loaded = m.kept, m.be_loaded
+    take = be_alloc.take
+    bk, bv, nk, nv = bw.keys.extend, bw.vals.extend, nw.keys.extend, nw.vals.extend
+    fk, fv = fw.keys.extend, fw.vals.extend
+    for uid in be_order:
+        b = pb.get(uid)
+        bid = be_id.get(uid)
+        if b is None:
+            if bid is not None:
+                removed_backs.append((uid, bid))
+                override[uid] = None
+            continue
+        cur_b = None
+        if bid is not None:
+            if uid in kept:
+                override[uid] = bid  # services that named it saw None: make them re-render
+                kept_back.append(uid)
+            cur_b = be_src[bid]
+            if cur_b is b or (cur_b is not None and cur_b == b):
+                continue  # unchanged since we last wrote it
+            if cur_b is None:
+                cur_b = loaded.get(bid)
+        ip4, ip6 = b.ipv4, b.ipv6
+        if (ip4 is not None and len(ip4) != 4) or (ip6 is not None and len(ip6) != 16):
+            rejected[f"backend/{uid}"] = bad_backend(b)
+            continue
+        nbid = take() if bid is None else bid
+        code = nbid
+        flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
+        value = bepack(ip4 or ZERO4, ip6 or ZERO16, flags, *be_tail(b))
+        name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
+        keys = be_keys(b) if ip6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 else []
+        fes = []
+        for k in keys:
+            pc = pass_claims.get(k)
+            if pc is not None and pc != code:
+                continue
+            o = fe_owner.get(k)
+            if o is None or o == code or k in released:
+                fes.append(k)
+        if cur_b is not None:
+            cur_value = render_backend(cur_b)
+            cur_name = encode_name(cur_b.uid, cur_b.name, cur_b.namespace)
+            cur_fes = [k for k in be_keys(cur_b) if fe_owner.get(k) == code]
+            if cur_value == value and cur_name == name and cur_fes == fes:
+                verified.append((nbid, b))  # already in the maps exactly so (first sync after a restart)
+                for k in fes:
+                    pass_claims[k] = code
+                continue
+            need_fe = sum(1 for k in fes if k not in cur_fes)
+        else:
+            cur_value = cur_name = b""
+            cur_fes = []
+            need_fe = len(fes)
+        new = int(bid is None)
+        full = "backend" if u_be + new > lim_be else "names" if u_nm + new > lim_nm else \
+            "frontend" if u_fe + need_fe > lim_fe else ""
+        if full:
+            rejected[f"backend/{uid}"] = f"{full} map full ({limits[full]} entries)"
+            if new:
+                be_alloc.release(nbid)
+            continue
+        u_be += new
+        u_nm += new
+        u_fe += need_fe
+        if new:
+            override[uid] = nbid
+        new_backs[uid] = nbid
+        for k in fes:
+            pass_claims[k] = code
+        if cur_value != value:
+            bk(u32(nbid))
+            bv(value)
+        if cur_name != name:
+            nk(namekey(L.NAME_BACKEND, nbid))
+            nv(name)
+        for k in fes:
+            if k not in cur_fes:
+                fk(k)
+                fv(fevpack(L.FE_BACKEND, nbid))
+        if cur_fes:
+            p1["frontend"].extend(k for k in cur_fes if k not in fes)
+    usage["backend"], usage["names"], usage["frontend"] = u_be, u_nm, u_fe
+    bw.n = len(bw.keys) // 4
+    nw.n = len(nw.keys) // L.NAME_KEY.size
+    fw.n = len(fw.keys) // L.FE_KEY.size
+    early: list[tuple[str, Writes]] = []
+    if on_early is not None and bw.n + nw.n >= early_min:
+        # A big batch (a first sync): let the kernel insert the backends and their names on a
+        # second core while the services are rendered. Only ids nothing references yet or
+        # in-place value changes, so writing them before phase 1 is as safe as in phase 2.
+        early = [("backend", bw), ("names", nw)]
+        on_early(early)
+        w["backend"], w["names"] = Writes(), Writes()
+        nw = w["names"]
+
+    # --- services: kept and new ports
+    new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
+    ovget = override.get
+    bidget = be_id.get
+    ew, sw = w["endpoint"], w["service"]
+    ek, ev, epkey = ew.keys.extend, ew.vals.extend, L.EP_KEY.pack
+    render = render_slots
+    for sname, (svc, want, same_input) in wanted.items():
+        if not want or svc is None:
+            continue
+        if same_input and not override:
+            continue  # same input, no backend changed id in this pass: nothing to write
+        uids = [e.backend_uid for sp in svc.ports for e in sp.endpoints]
+        if same_input and not any(u in override for u in uids):
+            continue
+        live = [bidget(u) if (r := ovget(u, _NO)) is _NO else r for u in uids]
+        sig = tuple(live)
+        old = src.get(sname)
+        if old is not None and old[1] == sig and (old[0] is svc or old[0] == svc):
+            continue
+        bad = bad_service(svc)
+        if bad:
+            rejected[sname] = bad
+            new_src[sname] = (svc, None)  # retried on every pass until it fits
+            continue
+        staged: list[tuple[str, Port, Port | None]] = []
+        need = {"frontend": 0, "service": 0, "endpoint": 0, "names": 0}
+        reason = ""
+        dropped = [m.ports[n] for n in sorted(m.svc_ports.get(sname, ())) if n not in want]
+        for cur in dropped:
+            need["frontend"] -= len(cur.fes)
+            need["service"] -= 1 if cur.value else 0
+            need["endpoint"] -= cur.nslots()
+        offsets = []
+        off = 0
+        for sp in svc.ports:
+            offsets.append(off)
+            off += len(sp.endpoints)
+        for pname, i in sorted(want.items()):
+            sp = svc.ports[i]
+            cur = m.ports.get(pname)
+            if cur is None:
+                sid = svc_alloc.take()
+            else:
+                sid = cur.id
+            base = offsets[i]
+            eps = [(e.backend_uid, e.target_port, e.weight, e.priority, bid)
+                   for e, bid in zip(sp.endpoints, live[base:base + len(sp.endpoints)], strict=True)
+                   if bid is not None and 0 < e.target_port < 65536]
+            value, vals = render(svc.lb_mode, eps)
+            if svc.waypoint is not None:
+                value = value[:SVC_HEAD] + render_wp(svc.waypoint)
+            code = -sid
+            fes = tuple(sorted({fe_key(vip, sp.port) for vip in svc.vips}))
+            for k in fes:
+                if not claimable(k, code):
+                    other = claim_names.get(k) or owner_name(k)
+                    reason = f"frontend {fmt_fe(k)} already belongs to {other}"
+                    break
+            if reason:
+                break
+            old_vals = cur.vals if cur is not None else EMPTY_VALS
+            need["service"] += 0 if cur is not None and cur.value else 1
+            need["names"] += 0 if cur is not None else 1
+            need["endpoint"] += (sum(map(len, vals)) if cur is None else sum(
+                max(0, len(n) - len(o)) for n, o in zip(vals, old_vals, strict=True))) // 8
+            need["frontend"] += sum(1 for k in fes if cur is None or k not in cur.fes)
+            staged.append((pname, Port(sid, pname, sname, value, vals, fes), cur))
+        if not reason:
+            full = [k for k, n in need.items() if usage[k] + n > limits[k]]
+            if full:
+                f = full[0]
+                reason = f"{f} map full: needs {need[f]} more, {limits[f] - usage[f]} of {limits[f]} free"
+        if reason:
+            rejected[sname] = reason
+            new_src[sname] = (svc, None)
+            for _pname, p, cur in staged:
+                if cur is None:
+                    svc_alloc.release(p.id)
+            continue
+        new_src[sname] = (svc, sig)
+        same = not dropped and all(cur is not None and cur.value == p.value and cur.vals == p.vals
+                                   and cur.fes == p.fes for _pname, p, cur in staged)
+        if same:
+            for pname, p, _cur in staged:  # already in the maps exactly so
+                for k in p.fes:
+                    pass_claims[k] = -p.id
+                    claim_names[k] = pname
+            continue
+        for cur in dropped:
+            drop_port(cur, count_usage=False)  # already in `need`
+        for k, n in need.items():
+            usage[k] += n
+        for pname, p, cur in staged:
+            new_ports[pname] = p
+            sid = p.id
+            for k in p.fes:
+                pass_claims[k] = -sid
+                claim_names[k] = pname
+            old_vals = cur.vals if cur is not None else EMPTY_VALS
+            for prio, (nv, ov) in enumerate(zip(p.vals, old_vals, strict=True)):
+                if nv == ov:
+                    continue
+                n_new, n_old = len(nv) // 8, len(ov) // 8
+                if not ov:
+                    for s in range(n_new):
+                        ek(epkey(sid, prio, s))
+                    ev(nv)
+                    ew.n += n_new
+                else:
+                    for s in range(n_new):
+                        v = nv[s * 8:s * 8 + 8]
+                        if s >= n_old or ov[s * 8:s * 8 + 8] != v:
+                            ew.add(L.EP_KEY.pack(sid, prio, s), v)
+                    p3["endpoint"].extend(L.EP_KEY.pack(sid, prio, s) for s in range(n_new, n_old))
+            if cur is None or cur.value != p.value:
+                sw.add(L.U32.pack(sid), p.value)
+            if cur is None:
+                nw.add(L.NAME_KEY.pack(L.NAME_SERVICE, sid), encode_name(pname))
+            fval = L.FE_VAL.pack(L.FE_SERVICE, sid)
+            for k in p.fes:
+                if cur is None or k not in cur.fes:
+                    fw.add(k, fval)
+            if cur is not None:
+                code = -sid
+                p1["frontend"].extend(k for k in cur.fes if k not in p.fes and fe_owner.get(k) == code)
+
+    # --- backend reference counts after this pass
+    delta: dict[int, int] = {}
+    for pname, p in new_ports.items():
+        cur = m.ports.get(pname)
+        if cur is not None:
+            for x in slot_backend_ids(cur.vals):
+                delta[x] = delta.get(x, 0) - 1
+        if p is not None:
+            for x in slot_backend_ids(p.vals):
+                delta[x] = delta.get(x, 0) + 1
+
+    # --- backend removals: only once nothing references them any more
+    kept_now: list[str] = []
+    for uid, bid in removed_backs:
+        after = (m.be_refs[bid] if bid < len(m.be_refs) else 0) + delta.get(bid, 0)
+        if after > 0:
+            kept_now.append(uid)  # the facade logs it
+            continue
+        new_backs[uid] = None
+        cur_b = m.backend_of(bid)
+        code = bid
+        if cur_b is not None:
+            p1["frontend"].extend(k for k in be_keys(cur_b) if fe_owner.get(k) == code)
+        p3["backend"].append(L.U32.pack(bid))
+        p3["names"].append(L.NAME_KEY.pack(L.NAME_BACKEND, bid))
+
+    # A frontend key re-written in phase 2 needs no phase-1 delete (it switches atomically),
+    # unless its current target disappears in phase 1 (a dropped service port, an orphan).
+    if p1["frontend"]:
+        ks = L.FE_KEY.size
+        rewritten = {bytes(fw.keys[i:i + ks]) for i in range(0, len(fw.keys), ks)}
+        dropped_ids = {m.ports[n].id for n, p in new_ports.items() if p is None and n in m.ports}
+
+        def must_delete(k: bytes) -> bool:
+            if k not in rewritten:
+                return True
+            owner = fe_owner.get(k)
+            return owner is None or (owner < 0 and -owner in dropped_ids)
+
+        p1["frontend"] = list(dict.fromkeys(k for k in p1["frontend"] if must_delete(k)))
+
+    return Plan(free=[(name, p1[name]) for name in ("frontend", "service", "endpoint") if p1[name]],
+                early=early,
+                write=[(name, w[name]) for name in ("backend", "names", "endpoint", "service", "frontend")
+                       if w[name].n],
+                trim=[(name, p3[name]) for name in ("endpoint", "backend", "names") if p3[name]],
+                rejected=rejected, orphans=orphans, ports=new_ports, backs=new_backs, verified=verified,
+                refs=delta, kept_back=kept_back, kept_now=kept_now, claims=pass_claims, wanted=wanted,
+                src=new_src, svc_ids=svc_alloc.done(), be_ids=be_alloc.done())
