@@ -20,6 +20,8 @@ sync leaves no per-element objects behind.
 
 from __future__ import annotations
 
+import struct
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ from daemon.dataplane import layout as L
 from daemon.dataplane.mirror import IdPool, Mirror, Port
 from daemon.dataplane.model import Backend, Projection, Service
 from daemon.dataplane.render import (
+    BE_TAIL_PLAIN,
     EMPTY_VALS,
     SVC_HEAD,
     ZERO4,
@@ -42,10 +45,139 @@ from daemon.dataplane.render import (
     render_backend,
     render_slots,
     render_wp,
+    routable,
     slot_backend_ids,
 )
 
 _NO = object()
+_BE_PLAIN = L.BE_VAL.pack(ZERO4, ZERO16, 0, *BE_TAIL_PLAIN)  # km_backend of a plain pod: no waypoint
+_FE4 = struct.Struct("=4s14xBB")  # km_fe_key of an IPv4 pod IP (port 0)
+_V4_FLAGS = L.U32.pack(L.BE_HAS_V4)
+
+
+_BE_V4_TAIL = _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:]  # after ip4: no ip6, HAS_V4, no waypoint
+_CHUNK = 4096
+
+
+def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room: tuple[int, int, int],
+                   bw: Writes, nw: Writes, fw: Writes, claims: dict[bytes, int],
+                   new_backs: dict[str, int | None], override: dict[str, int | None]) -> bool:
+    """_new_backends for the common first sync, with no per-backend statement: every backend in
+    order exists, is IPv4-only with a distinct routable pod IP, has no waypoint role, and all
+    fit; ids are fresh and consecutive. False (nothing done) when any of that does not hold."""
+    n = len(order)
+    if not n or n > min(room) or not alloc.pristine():
+        return False
+    try:
+        bs = [pb[u] for u in order]
+    except KeyError:
+        return False
+    ip4s = [b.ipv4 for b in bs]
+    if any(b.ipv6 is not None or b.waypoint is not None or b.handoff_port for b in bs):
+        return False
+    if any(ip is None or len(ip) != 4 or ip[0] == 127 or ip == ZERO4 for ip in ip4s):
+        return False
+    fe4, af4 = _FE4.pack, L.AF_INET
+    keys = [fe4(ip, af4, 0) for ip in ip4s]
+    ids = alloc.take_range(n)
+    owners = dict(zip(keys, ids, strict=True))
+    if len(owners) < n:  # two backends share a pod IP: the loop decides who gets it
+        alloc.untake_range(ids)
+        return False
+    claims.update(owners)
+    new_backs.update(zip(order, ids, strict=True))
+    override.update(zip(order, ids, strict=True))
+    idarr = array("I", ids)
+    bw.keys = bytearray(idarr.tobytes())
+    tail = _BE_V4_TAIL
+    bw.vals = bytearray(b"".join([ip + tail for ip in ip4s]))
+    nk = array("I", [0]) * (2 * n)
+    nk[0::2] = array("I", [L.NAME_BACKEND]) * n
+    nk[1::2] = idarr
+    nw.keys = bytearray(nk.tobytes())
+    fw.keys += b"".join(keys)
+    fv = array("I", [0]) * (2 * n)
+    fv[0::2] = array("I", [L.FE_BACKEND]) * n
+    fv[1::2] = idarr
+    fw.vals += fv.tobytes()
+    namepack, top = L.NAME_VAL.pack, L.NAME_LEN - 1
+    nv = bytearray()
+    for i in range(0, n, _CHUNK):  # 256 bytes a name: join a chunk at a time, not 100k objects at once
+        nv += b"".join([namepack(f"{b.uid}\0{b.name}\0{b.namespace}".encode()[:top])
+                        for b in bs[i:i + _CHUNK]])
+    nw.vals = nv
+    return True
+
+
+def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejected: dict[str, str],
+                  usage: tuple[int, int, int], limits: dict[str, int], bw: Writes, nw: Writes, fw: Writes,
+                  claims: dict[bytes, int], new_backs: dict[str, int | None], override: dict[str, int | None]
+                  ) -> tuple[int, int, int]:
+    """The backend stage when the mirror holds no backend and no frontend (a first sync): every
+    backend is new and nothing is released, so the general loop's comparisons are skipped and the
+    values are packed in place into preallocated buffers. Returns the new usage."""
+    u_be, u_nm, u_fe = usage
+    lim_be, lim_nm, lim_fe = limits["backend"], limits["names"], limits["frontend"]
+    if _bulk_backends(order, pb, alloc, (lim_be - u_be, lim_nm - u_nm, lim_fe - u_fe), bw, nw, fw, claims,
+                      new_backs, override):
+        n = len(new_backs)
+        return u_be + n, u_nm + n, u_fe + n
+    n = len(order)
+    bsz, nsz = L.BE_VAL.size, L.NAME_VAL.size
+    bk, bv = bytearray(4 * n), bytearray(_BE_PLAIN * n)
+    nk, nv = bytearray(L.NAME_KEY.size * n), bytearray(nsz * n)
+    fk, fv = fw.keys.extend, fw.vals.extend
+    u32_into, namekey_into, fevpack, fe4 = L.U32.pack_into, L.NAME_KEY.pack_into, L.FE_VAL.pack, _FE4.pack
+    bepack, take, release, get = L.BE_VAL.pack, alloc.take, alloc.release, pb.get
+    kind, be_kind, af4, v4flags, top = L.NAME_BACKEND, L.FE_BACKEND, L.AF_INET, _V4_FLAGS, L.NAME_LEN - 1
+    j = 0
+    for uid in order:
+        b = get(uid)
+        if b is None:
+            continue
+        ip4, ip6 = b.ipv4, b.ipv6
+        if (ip4 is not None and len(ip4) != 4) or (ip6 is not None and len(ip6) != 16):
+            rejected[f"backend/{uid}"] = bad_backend(b)
+            continue
+        bid = take()
+        if ip6:
+            keys = be_keys(b)
+        elif ip4 and ip4[0] != 127 and ip4 != ZERO4:
+            keys = [fe4(ip4, af4, 0)]
+        else:
+            keys = []
+        fes = [k for k in keys if claims.get(k, bid) == bid]
+        full = "backend" if u_be >= lim_be else "names" if u_nm >= lim_nm else \
+            "frontend" if u_fe + len(fes) > lim_fe else ""
+        if full:
+            rejected[f"backend/{uid}"] = f"{full} map full ({limits[full]} entries)"
+            release(bid)
+            continue
+        u_be += 1
+        u_nm += 1
+        u_fe += len(fes)
+        override[uid] = bid
+        new_backs[uid] = bid
+        u32_into(bk, 4 * j, bid)
+        off = bsz * j
+        if ip6 is None and b.waypoint is None and not b.handoff_port:
+            bv[off:off + 4] = ip4
+            bv[off + 20:off + 24] = v4flags
+        else:
+            flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
+            bv[off:off + bsz] = bepack(ip4 or ZERO4, ip6 or ZERO16, flags, *be_tail(b))
+        namekey_into(nk, 8 * j, kind, bid)
+        name = f"{uid}\0{b.name}\0{b.namespace}".encode()[:top]
+        off = nsz * j
+        nv[off:off + len(name)] = name
+        for k in fes:
+            claims[k] = bid
+            fk(k)
+            fv(fevpack(be_kind, bid))
+        j += 1
+    del bk[4 * j:], bv[bsz * j:], nk[8 * j:], nv[nsz * j:]
+    bw.keys, bw.vals, nw.keys, nw.vals = bk, bv, nk, nv
+    return u_be, u_nm, u_fe
 
 
 class Writes:
@@ -102,6 +234,25 @@ class IdView:
     def release(self, i: int) -> None:
         del self.taken[i]
         self.back.append(i)
+
+    def pristine(self) -> bool:
+        """Nothing handed back, no free list, nothing used at or above the cursor: take() would
+        return next, next + 1, ..."""
+        pool = self.pool
+        return (not self.back and not self.free_at and not pool.big and pool.used.find(1, self.next) < 0
+                and self.next + (1 << 24) < pool._LIMIT)
+
+    def take_range(self, n: int) -> range:
+        """n consecutive ids (only when pristine())."""
+        ids = range(self.next, self.next + n)
+        self.next += n
+        self.taken.update(dict.fromkeys(ids))
+        return ids
+
+    def untake_range(self, ids: range) -> None:
+        for i in ids:
+            del self.taken[i]
+        self.next = ids.start
 
     def done(self) -> tuple[list[int], int, int]:
         """(ids kept, how much of pool.free was looked at, the pool's next cursor)."""
@@ -264,84 +415,88 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     take = be_alloc.take
     bk, bv, nk, nv = bw.keys.extend, bw.vals.extend, nw.keys.extend, nw.vals.extend
     fk, fv = fw.keys.extend, fw.vals.extend
-    for uid in be_order:
-        b = pb.get(uid)
-        bid = be_id.get(uid)
-        if b is None:
+    if not be_id and not m.fe_owner and not loaded:  # a first sync: every backend is new
+        u_be, u_nm, u_fe = _new_backends(be_order, pb, be_alloc, rejected, (u_be, u_nm, u_fe), limits,
+                                         bw, nw, fw, pass_claims, new_backs, override)
+    else:
+        for uid in be_order:
+            b = pb.get(uid)
+            bid = be_id.get(uid)
+            if b is None:
+                if bid is not None:
+                    removed_backs.append((uid, bid))
+                    override[uid] = None
+                continue
+            cur_b = None
             if bid is not None:
-                removed_backs.append((uid, bid))
-                override[uid] = None
-            continue
-        cur_b = None
-        if bid is not None:
-            if uid in kept:
-                override[uid] = bid  # services that named it saw None: make them re-render
-                kept_back.append(uid)
-            cur_b = be_src[bid]
-            if cur_b is b or (cur_b is not None and cur_b == b):
-                continue  # unchanged since we last wrote it
-            if cur_b is None:
-                cur_b = loaded.get(bid)
-        ip4, ip6 = b.ipv4, b.ipv6
-        if (ip4 is not None and len(ip4) != 4) or (ip6 is not None and len(ip6) != 16):
-            rejected[f"backend/{uid}"] = bad_backend(b)
-            continue
-        nbid = take() if bid is None else bid
-        code = nbid
-        flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
-        value = bepack(ip4 or ZERO4, ip6 or ZERO16, flags, *be_tail(b))
-        name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
-        keys = be_keys(b) if ip6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 else []
-        fes = []
-        for k in keys:
-            pc = pass_claims.get(k)
-            if pc is not None and pc != code:
+                if uid in kept:
+                    override[uid] = bid  # services that named it saw None: make them re-render
+                    kept_back.append(uid)
+                cur_b = be_src[bid]
+                if cur_b is b or (cur_b is not None and cur_b == b):
+                    continue  # unchanged since we last wrote it
+                if cur_b is None:
+                    cur_b = loaded.get(bid)
+            ip4, ip6 = b.ipv4, b.ipv6
+            if (ip4 is not None and len(ip4) != 4) or (ip6 is not None and len(ip6) != 16):
+                rejected[f"backend/{uid}"] = bad_backend(b)
                 continue
-            o = fe_owner.get(k)
-            if o is None or o == code or k in released:
-                fes.append(k)
-        if cur_b is not None:
-            cur_value = render_backend(cur_b)
-            cur_name = encode_name(cur_b.uid, cur_b.name, cur_b.namespace)
-            cur_fes = [k for k in be_keys(cur_b) if fe_owner.get(k) == code]
-            if cur_value == value and cur_name == name and cur_fes == fes:
-                verified.append((nbid, b))  # already in the maps exactly so (first sync after a restart)
-                for k in fes:
-                    pass_claims[k] = code
+            nbid = take() if bid is None else bid
+            code = nbid
+            flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
+            value = bepack(ip4 or ZERO4, ip6 or ZERO16, flags, *be_tail(b))
+            name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
+            keys = be_keys(b) if ip6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 and routable(ip4) else []
+            fes = []
+            for k in keys:
+                pc = pass_claims.get(k)
+                if pc is not None and pc != code:
+                    continue
+                o = fe_owner.get(k)
+                if o is None or o == code or k in released:
+                    fes.append(k)
+            if cur_b is not None:
+                cur_value = render_backend(cur_b)
+                cur_name = encode_name(cur_b.uid, cur_b.name, cur_b.namespace)
+                cur_fes = [k for k in be_keys(cur_b) if fe_owner.get(k) == code]
+                if cur_value == value and cur_name == name and cur_fes == fes:
+                    verified.append((nbid, b))  # already in the maps exactly so (first sync after a restart)
+                    for k in fes:
+                        pass_claims[k] = code
+                    continue
+                need_fe = sum(1 for k in fes if k not in cur_fes)
+            else:
+                cur_value = cur_name = b""
+                cur_fes = []
+                need_fe = len(fes)
+            new = int(bid is None)
+            full = "backend" if u_be + new > lim_be else "names" if u_nm + new > lim_nm else \
+                "frontend" if u_fe + need_fe > lim_fe else ""
+            if full:
+                rejected[f"backend/{uid}"] = f"{full} map full ({limits[full]} entries)"
+                if new:
+                    be_alloc.release(nbid)
                 continue
-            need_fe = sum(1 for k in fes if k not in cur_fes)
-        else:
-            cur_value = cur_name = b""
-            cur_fes = []
-            need_fe = len(fes)
-        new = int(bid is None)
-        full = "backend" if u_be + new > lim_be else "names" if u_nm + new > lim_nm else \
-            "frontend" if u_fe + need_fe > lim_fe else ""
-        if full:
-            rejected[f"backend/{uid}"] = f"{full} map full ({limits[full]} entries)"
+            u_be += new
+            u_nm += new
+            u_fe += need_fe
             if new:
-                be_alloc.release(nbid)
-            continue
-        u_be += new
-        u_nm += new
-        u_fe += need_fe
-        if new:
-            override[uid] = nbid
-        new_backs[uid] = nbid
-        for k in fes:
-            pass_claims[k] = code
-        if cur_value != value:
-            bk(u32(nbid))
-            bv(value)
-        if cur_name != name:
-            nk(namekey(L.NAME_BACKEND, nbid))
-            nv(name)
-        for k in fes:
-            if k not in cur_fes:
-                fk(k)
-                fv(fevpack(L.FE_BACKEND, nbid))
-        if cur_fes:
-            p1["frontend"].extend(k for k in cur_fes if k not in fes)
+                override[uid] = nbid
+            new_backs[uid] = nbid
+            for k in fes:
+                pass_claims[k] = code
+            if cur_value != value:
+                bk(u32(nbid))
+                bv(value)
+            if cur_name != name:
+                nk(namekey(L.NAME_BACKEND, nbid))
+                nv(name)
+            for k in fes:
+                if k not in cur_fes:
+                    fk(k)
+                    fv(fevpack(L.FE_BACKEND, nbid))
+            if cur_fes:
+                p1["frontend"].extend(k for k in cur_fes if k not in fes)
     usage["backend"], usage["names"], usage["frontend"] = u_be, u_nm, u_fe
     bw.n = len(bw.keys) // 4
     nw.n = len(nw.keys) // L.NAME_KEY.size

@@ -136,7 +136,9 @@ class Reconciler:
             for uid in plan.kept_now:
                 log.warning("backend %s removed but still used by a rejected service; kept", uid)
             self._execute(plan, proj, res, writer)
-            if plan.size() + len(plan.verified) >= self.TRIM_MIN:
+            big = plan.size() + len(plan.verified) >= self.TRIM_MIN
+            del plan, writer  # their buffers go before the trim
+            if big:
                 t = time.perf_counter()
                 _malloc_trim()  # the pass's buffers are free now: hand them back to the OS
                 res.seconds += time.perf_counter() - t

@@ -65,7 +65,7 @@ def decode_name(value: bytes) -> list[str]:
 _LOCAL6 = (bytes(15) + b"\x01", bytes(16))
 
 
-def _routable(ip: bytes) -> bool:
+def routable(ip: bytes) -> bool:
     """Loopback and unspecified addresses are never another pod: a hostNetwork workload reported
     at 127.0.0.1 must not turn every pod's own loopback traffic into "direct pod access"."""
     if len(ip) == 4:
@@ -75,7 +75,7 @@ def _routable(ip: bytes) -> bool:
 
 def be_keys(b: Backend) -> list[bytes]:
     """Pod-IP frontend keys of a backend (distinct)."""
-    keys = [fe_key(ip, 0) for ip in (b.ipv4, b.ipv6) if ip and _routable(ip)]
+    keys = [fe_key(ip, 0) for ip in (b.ipv4, b.ipv6) if ip and routable(ip)]
     return keys if len(keys) < 2 or keys[0] != keys[1] else keys[:1]
 
 
