@@ -368,6 +368,12 @@ class Mirror:
             be_src.extend([None] * grow)
             self.be_refs.extend([0] * grow)
         be_uid = self.be_uid
+        if not be_id and not self.be_loaded and None not in new_backs.values():
+            be_id.update(new_backs)  # a first sync: every backend is new
+            for uid, nb in new_backs.items():
+                be_uid[nb] = uid
+                be_src[nb] = pb[uid]
+            new_backs = {}
         for uid, nb in new_backs.items():
             bid = be_id.get(uid)
             if bid is not None:  # changed or removed: forget its current pod-IP frontends
@@ -392,6 +398,9 @@ class Mirror:
             be_uid[nbid] = uid
             be_src[nbid] = b
         # every frontend key accepted in this pass (the key objects made while planning are kept)
+        if not fe_owner:
+            fe_owner.update(pass_claims)
+            pass_claims = {}
         for k, code in pass_claims.items():
             owner = fe_owner.get(k)
             if owner is None:

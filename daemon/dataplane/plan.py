@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,10 +80,10 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
         return False
     fe4, af4 = _FE4.pack, L.AF_INET
     keys = [fe4(ip, af4, 0) for ip in ip4s]
-    ids = alloc.take_range(n)
+    ids = list(alloc.take_range(n))  # one int object per id, shared by every dict below
     owners = dict(zip(keys, ids, strict=True))
     if len(owners) < n:  # two backends share a pod IP: the loop decides who gets it
-        alloc.untake_range(ids)
+        alloc.untake_range(range(ids[0], ids[0] + n))
         return False
     claims.update(owners)
     new_backs.update(zip(order, ids, strict=True))
@@ -639,15 +640,17 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
                 p1["frontend"].extend(k for k in cur.fes if k not in p.fes and fe_owner.get(k) == code)
 
     # --- backend reference counts after this pass
-    delta: dict[int, int] = {}
+    delta: Counter[int] = Counter()  # Counter.update/subtract count in C
+    gone: Counter[int] = Counter()
+    ports_get = m.ports.get
     for pname, p in new_ports.items():
-        cur = m.ports.get(pname)
+        cur = ports_get(pname)
         if cur is not None:
-            for x in slot_backend_ids(cur.vals):
-                delta[x] = delta.get(x, 0) - 1
+            gone.update(slot_backend_ids(cur.vals))
         if p is not None:
-            for x in slot_backend_ids(p.vals):
-                delta[x] = delta.get(x, 0) + 1
+            delta.update(slot_backend_ids(p.vals))
+    if gone:
+        delta.subtract(gone)
 
     # --- backend removals: only once nothing references them any more
     kept_now: list[str] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from array import array
 from functools import reduce
 from math import gcd
 
@@ -20,10 +21,10 @@ from daemon.dataplane import layout as L
 from daemon.dataplane.model import MAX_PRIORITY, Backend, LbMode, Service, Waypoint
 
 MAX_SLOTS_PER_ENDPOINT = 16
+assert array("I").itemsize == 4  # u32 ids are read and written as native arrays
 RECONCILED_MAPS = ("frontend", "service", "endpoint", "backend", "names")
 V4MAPPED = b"\0" * 10 + b"\xff\xff"
 EPV = struct.Struct("=IHH")  # km_ep_val with the port pre-swapped by htons: same bytes as L.EP_VAL
-EPV_BID = struct.Struct("=I4x")
 ZERO4 = bytes(4)
 ZERO16 = bytes(16)
 htons = socket.htons
@@ -129,11 +130,13 @@ BE_TAIL_PLAIN = (ZERO16, b"\0\0", 0, 0, _TLV_PORT, L.HO_TLV, 0)
 
 
 def slot_backend_ids(vals: tuple[bytes, ...]) -> set[int]:
-    """Backend ids referenced by a port's packed slot values."""
+    """Backend ids referenced by a port's packed slot values (km_ep_val: u32 id, then 4 bytes)."""
     out: set[int] = set()
     for blob in vals:
         if blob:
-            out.update(t[0] for t in EPV_BID.iter_unpack(blob))
+            a = array("I")
+            a.frombytes(blob)
+            out.update(a[0::2])
     return out
 
 
