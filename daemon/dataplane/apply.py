@@ -7,6 +7,7 @@ packing the next batch or committing the mirror.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -42,44 +43,53 @@ def apply(maps: Mapping[str, MapLike], plan: Plan, res: ReconcileResult) -> None
 
 
 class Writer(threading.Thread):
-    """Applies on its own thread: first a batch of early writes (handed over while the rest of
-    the plan is still being made), then, once given, the plan. join_plan() re-raises errors."""
+    """Applies on its own thread, in order: the batches of early writes handed over (add())
+    while the rest of the plan is still being made, then the plan (submit()). finish() waits
+    and re-raises; after a failure nothing further is written."""
 
     def __init__(self, maps: Mapping[str, MapLike], early: list[tuple[str, Writes]] | None = None) -> None:
         super().__init__(name="reconcile-write", daemon=True)
         self.maps = maps
-        self.early = early or []
-        self.plan: Plan | None = None
         self.res = ReconcileResult()
         self.error: BaseException | None = None
-        self._go = threading.Event()
+        self._queue: queue.SimpleQueue[list[tuple[str, Writes]] | Plan | None] = queue.SimpleQueue()
+        if early:
+            self._queue.put(early)
+        self._closed = False
         self.start()
 
     def run(self) -> None:
         try:
-            if self.early:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, Plan):
+                    apply(self.maps, item, self.res)
+                    return
                 t = time.perf_counter()
                 try:
-                    write(self.maps, self.early, self.res)
+                    write(self.maps, item, self.res)
                 finally:
-                    self.early = []
                     self.res.write_seconds += time.perf_counter() - t
-            self._go.wait()
-            if self.plan is not None:
-                apply(self.maps, self.plan, self.res)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by join_plan
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finish(); nothing queued after runs
             self.error = exc
-        finally:
-            self.plan = None
+
+    def add(self, batches: list[tuple[str, Writes]]) -> None:
+        """Write these after everything handed over before."""
+        self._queue.put(batches)
 
     def submit(self, plan: Plan | None) -> None:
         """Apply this plan after the early writes (None: stop after them)."""
-        self.plan = plan
-        self._go.set()
+        self._closed = True
+        self._queue.put(plan)
+        if plan is not None:
+            self._queue.put(None)
 
     def finish(self, res: ReconcileResult) -> None:
         """Wait, add the counts to res, re-raise what failed."""
-        self._go.set()
+        if not self._closed:
+            self.submit(None)
         self.join()
         res.written += self.res.written
         res.deleted += self.res.deleted

@@ -503,14 +503,24 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     nw.n = len(nw.keys) // L.NAME_KEY.size
     fw.n = len(fw.keys) // L.FE_KEY.size
     early: list[tuple[str, Writes]] = []
+    fresh = not m.ports and not any(m.orphans.values())  # with no backends before: a first sync
+    stream = None
     if on_early is not None and bw.n + nw.n >= early_min:
         # A big batch (a first sync): let the kernel insert the backends and their names on a
         # second core while the services are rendered. Only ids nothing references yet or
-        # in-place value changes, so writing them before phase 1 is as safe as in phase 2.
-        early = [("backend", bw), ("names", nw)]
-        on_early(early)
+        # in-place value changes, so writing them before phase 1 is as safe as in phase 2. With
+        # a mirror that held nothing, the pod-IP frontends (new keys naming those backends) go
+        # too, and the services' new slots and headers follow in chunks while they are planned:
+        # nothing reaches a new service port before its VIP frontends, which stay in the plan.
+        first = [("backend", bw), ("names", nw)]
+        if fresh and not be_id:
+            first.append(("frontend", fw))
+            w["frontend"] = Writes()
+            stream = on_early
+        early.extend(first)
+        on_early(first)
         w["backend"], w["names"] = Writes(), Writes()
-        nw = w["names"]
+        nw, fw = w["names"], w["frontend"]
 
     # --- services: kept and new ports
     new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
@@ -638,6 +648,13 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             if cur is not None:
                 code = -sid
                 p1["frontend"].extend(k for k in cur.fes if k not in p.fes and fe_owner.get(k) == code)
+        if stream is not None and ew.n >= early_min:
+            batch = [("endpoint", ew), ("service", sw), ("names", nw)]
+            early.extend(batch)
+            stream(batch)
+            ew, sw, nw = Writes(), Writes(), Writes()
+            ek, ev = ew.keys.extend, ew.vals.extend
+    w["endpoint"], w["service"], w["names"] = ew, sw, nw
 
     # --- backend reference counts after this pass
     delta: Counter[int] = Counter()  # Counter.update/subtract count in C

@@ -120,7 +120,10 @@ class Reconciler:
 
         def start_early(batches: list[tuple[str, Writes]]) -> None:
             nonlocal writer
-            writer = Writer(self.maps, batches)
+            if writer is None:
+                writer = Writer(self.maps, batches)
+            else:
+                writer.add(batches)
 
         try:
             try:
