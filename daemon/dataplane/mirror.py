@@ -80,11 +80,15 @@ class IdPool:
             self.used.extend(bytes(max(i + 1 - len(self.used), len(self.used))))
         self.used[i] = 1
 
-    def adopt(self, taken: list[int], free_at: int, nxt: int) -> None:
+    def adopt(self, taken: list[int], ranges: list[range], free_at: int, nxt: int) -> None:
         """Take over what an IdView (plan.py) handed out: it looked at free[free_at:]."""
         del self.free[free_at:]
         for i in taken:
             self.mark(i)
+        for r in ranges:  # below _LIMIT (IdView.pristine)
+            if r:
+                self.mark(r.stop - 1)  # grows `used`
+                self.used[r.start:r.stop] = b"\x01" * len(r)
         self.next = max(self.next, nxt)
 
     def release(self, i: int) -> None:

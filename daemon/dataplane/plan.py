@@ -56,7 +56,8 @@ _FE4 = struct.Struct("=4s14xBB")  # km_fe_key of an IPv4 pod IP (port 0)
 _V4_FLAGS = L.U32.pack(L.BE_HAS_V4)
 
 
-_BE_V4_TAIL = _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:]  # after ip4: no ip6, HAS_V4, no waypoint
+_BE_WORDS = L.BE_VAL.size // 4
+_BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
 
 
@@ -70,7 +71,7 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     if not n or n > min(room) or not alloc.pristine():
         return False
     try:
-        bs = [pb[u] for u in order]
+        bs = list(map(pb.__getitem__, order))
     except KeyError:
         return False
     ip4s = [b.ipv4 for b in bs]
@@ -87,11 +88,12 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
         return False
     claims.update(owners)
     new_backs.update(zip(order, ids, strict=True))
-    override.update(zip(order, ids, strict=True))
+    override.update(new_backs)
     idarr = array("I", ids)
     bw.keys = bytearray(idarr.tobytes())
-    tail = _BE_V4_TAIL
-    bw.vals = bytearray(b"".join([ip + tail for ip in ip4s]))
+    vals = array("I", _BE_V4_TAIL_WORDS) * n  # 12 words a backend: ip4 first, the rest constant
+    vals[0::_BE_WORDS] = array("I", b"".join(ip4s))
+    bw.vals = bytearray(vals.tobytes())
     nk = array("I", [0]) * (2 * n)
     nk[0::2] = array("I", [L.NAME_BACKEND]) * n
     nk[1::2] = idarr
@@ -101,11 +103,15 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     fv[0::2] = array("I", [L.FE_BACKEND]) * n
     fv[1::2] = idarr
     fw.vals += fv.tobytes()
-    namepack, top = L.NAME_VAL.pack, L.NAME_LEN - 1
+    namepack, top, size = L.NAME_VAL.pack, L.NAME_LEN - 1, L.NAME_LEN
     nv = bytearray()
     for i in range(0, n, _CHUNK):  # 256 bytes a name: join a chunk at a time, not 100k objects at once
-        nv += b"".join([namepack(f"{b.uid}\0{b.name}\0{b.namespace}".encode()[:top])
-                        for b in bs[i:i + _CHUNK]])
+        part = bs[i:i + _CHUNK]
+        text = "".join([f"{b.uid}\0{b.name}\0{b.namespace}"[:top].ljust(size, "\0") for b in part])
+        if text.isascii():  # one character, one byte: the padding holds
+            nv += text.encode()
+        else:
+            nv += b"".join([namepack(f"{b.uid}\0{b.name}\0{b.namespace}".encode()[:top]) for b in part])
     nw.vals = nv
     return True
 
@@ -203,7 +209,7 @@ class IdView:
     this plan already took; release() gives an id back to the plan. done() lists the ids the
     plan kept, for Mirror.commit to mark in the pool."""
 
-    __slots__ = ("pool", "free_at", "next", "taken", "back")
+    __slots__ = ("pool", "free_at", "next", "taken", "back", "ranges")
 
     def __init__(self, pool: IdPool) -> None:
         self.pool = pool
@@ -211,6 +217,7 @@ class IdView:
         self.next = pool.next
         self.taken: dict[int, None] = {}  # in order taken
         self.back: list[int] = []
+        self.ranges: list[range] = []  # taken in bulk, above every other id taken
 
     def take(self) -> int:
         taken = self.taken
@@ -247,17 +254,16 @@ class IdView:
         """n consecutive ids (only when pristine())."""
         ids = range(self.next, self.next + n)
         self.next += n
-        self.taken.update(dict.fromkeys(ids))
+        self.ranges.append(ids)
         return ids
 
     def untake_range(self, ids: range) -> None:
-        for i in ids:
-            del self.taken[i]
+        self.ranges.remove(ids)
         self.next = ids.start
 
-    def done(self) -> tuple[list[int], int, int]:
-        """(ids kept, how much of pool.free was looked at, the pool's next cursor)."""
-        return list(self.taken), self.free_at, self.next
+    def done(self) -> tuple[list[int], list[range], int, int]:
+        """(ids kept, ranges kept, how much of pool.free was looked at, the pool's next cursor)."""
+        return list(self.taken), self.ranges, self.free_at, self.next
 
 
 @dataclass
@@ -280,8 +286,8 @@ class Plan:
     claims: dict[bytes, int] = field(default_factory=dict)  # frontend key -> owner code
     wanted: dict[str, tuple[Service | None, dict[str, int], bool]] = field(default_factory=dict)
     src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = field(default_factory=dict)
-    svc_ids: tuple[list[int], int, int] = ([], 0, 1)
-    be_ids: tuple[list[int], int, int] = ([], 0, 1)
+    svc_ids: tuple[list[int], list[range], int, int] = ([], [], 0, 1)
+    be_ids: tuple[list[int], list[range], int, int] = ([], [], 0, 1)
 
     def ops(self) -> list[tuple[str, str, object]]:
         """("delete", map, keys) / ("write", map, Writes) in execution order, early writes first."""

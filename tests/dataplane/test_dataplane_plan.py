@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from daemon.dataplane import layout as L
+from daemon.dataplane import plan as plan_mod
 from daemon.dataplane.apply import apply
 from daemon.dataplane.mirror import IdPool, Mirror, Port
 from daemon.dataplane.model import Backend, Endpoint, Projection, Service, ServicePort
@@ -148,3 +151,31 @@ def test_applied_plan_matches_and_replanning_is_empty() -> None:
     m2 = Mirror(dict(LIMITS))
     m2.load(maps)
     assert full_plan(m2, proj).size() == 0
+
+
+def test_bulk_first_sync_writes_exactly_what_the_loop_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first sync packs plain IPv4 backends in bulk; the maps must be byte for byte what the
+    per-backend loop writes (names: non-ASCII, and longer than the 255 bytes a name keeps)."""
+    limits = {"frontend": 4096, "service": 64, "endpoint": 4096, "backend": 2048, "names": 4096}
+    bes = {}
+    for i in range(1500):
+        name = "pöd" if i == 7 else "p" * 300 if i == 8 else f"p{i}"
+        uid = f"Kubernetes//Pod/ns/{name}-{i}"
+        bes[uid] = Backend(uid, name, "ns", bytes([10, 1, i >> 8, i & 255]))
+    uids = list(bes)
+    svcs = {f"ns/s{j}": service(f"ns/s{j}", j + 1, uids[j * 30:(j + 1) * 30]) for j in range(50)}
+    proj = Projection(svcs, bes)
+
+    def first_sync() -> tuple[dict[str, dict[bytes, bytes]], Plan]:
+        m = Mirror(dict(limits))
+        maps = {name: DictMap(n) for name, n in limits.items()}
+        plan = run(m, maps, proj)
+        return {name: mp.d for name, mp in maps.items()}, plan
+
+    bulk, plan = first_sync()
+    assert plan.be_ids[1] == [range(1, 1501)]  # taken in bulk
+    monkeypatch.setattr(plan_mod, "_bulk_backends", lambda *a, **k: False)
+    loop, plan = first_sync()
+    assert not plan.be_ids[1] and len(plan.be_ids[0]) == 1500
+    assert bulk == loop
+    assert len(bulk["backend"]) == 1500 and len(bulk["names"]) == 1550 and len(bulk["frontend"]) == 1550
