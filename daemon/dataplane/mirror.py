@@ -372,11 +372,14 @@ class Mirror:
             be_src.extend([None] * grow)
             self.be_refs.extend([0] * grow)
         be_uid = self.be_uid
-        if not be_id and not self.be_loaded and None not in new_backs.values():
-            be_id.update(new_backs)  # a first sync: every backend is new
-            for uid, nb in new_backs.items():
-                be_uid[nb] = uid
-                be_src[nb] = pb[uid]
+        bulk = plan.be_ids[1]
+        if (not be_id and not self.be_loaded and len(bulk) == 1 and len(bulk[0]) == len(new_backs)
+                and not plan.be_ids[0]):
+            # a first sync whose backends all took consecutive ids, in order (plan._bulk_backends)
+            be_id.update(new_backs)
+            r = bulk[0]
+            be_uid[r.start:r.stop] = new_backs
+            be_src[r.start:r.stop] = map(pb.__getitem__, new_backs)
             new_backs = {}
         for uid, nb in new_backs.items():
             bid = be_id.get(uid)
@@ -423,10 +426,10 @@ class Mirror:
             if sname in src:
                 self._forget_src(sname)
             src[sname] = sig
-            for sp in sig[0].ports:
-                for e in sp.endpoints:
-                    u = e.backend_uid
-                    if u not in wants:
-                        wants[u] = sname
-                    else:
-                        self._want(u, sname)
+            named = dict.fromkeys([e.backend_uid for sp in sig[0].ports for e in sp.endpoints], sname)
+            both = named.keys() & wants.keys()
+            if both:
+                for u in both:
+                    self._want(u, sname)
+                    del named[u]
+            wants.update(named)

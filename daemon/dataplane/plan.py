@@ -532,6 +532,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
     ovget = override.get
     bidget = be_id.get
+    no_ids = not be_id
     ew, sw = w["endpoint"], w["service"]
     ek, ev, epkey = ew.keys.extend, ew.vals.extend, L.EP_KEY.pack
     render = render_slots
@@ -543,7 +544,10 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         uids = [e.backend_uid for sp in svc.ports for e in sp.endpoints]
         if same_input and not any(u in override for u in uids):
             continue
-        live = [bidget(u) if (r := ovget(u, _NO)) is _NO else r for u in uids]
+        if no_ids:  # nothing had an id before this pass: only this pass's ids count
+            live = list(map(ovget, uids))
+        else:
+            live = [bidget(u) if (r := ovget(u, _NO)) is _NO else r for u in uids]
         sig = tuple(live)
         old = src.get(sname)
         if old is not None and old[1] == sig and (old[0] is svc or old[0] == svc):
