@@ -117,30 +117,48 @@ class Reconciler:
         t0 = time.perf_counter()
         res = ReconcileResult()
         writer: Writer | None = None
+        namer: Writer | None = None  # early km_names writes: read by no program, so on their own thread
 
         def start_early(batches: list[tuple[str, Writes]]) -> None:
-            nonlocal writer
-            if writer is None:
-                writer = Writer(self.maps, batches)
-            else:
-                writer.add(batches)
+            nonlocal writer, namer
+            names = [b for b in batches if b[0] == "names"]
+            rest = [b for b in batches if b[0] != "names"]
+            if names:
+                if namer is None:
+                    namer = Writer(self.maps, names)
+                else:
+                    namer.add(names)
+            if rest:
+                if writer is None:
+                    writer = Writer(self.maps, rest)
+                else:
+                    writer.add(rest)
 
         try:
             try:
                 plan = make_plan(self.mirror, proj, svc_scope, be_order, orphans,
                                  self.EARLY_WRITE_MIN, start_early)
             except BaseException:
-                if writer is not None:  # the early writes ran: what the maps hold is unknown
-                    writer.submit(None)
-                    writer.join()
-                    self.dirty = True
+                for w in (writer, namer):
+                    if w is not None:  # the early writes ran: what the maps hold is unknown
+                        w.submit(None)
+                        w.join()
+                        self.dirty = True
                 raise
             res.rejected = plan.rejected
             for uid in plan.kept_now:
                 log.warning("backend %s removed but still used by a rejected service; kept", uid)
-            self._execute(plan, proj, res, writer)
+            try:
+                self._execute(plan, proj, res, writer)
+            finally:
+                if namer is not None:
+                    try:
+                        namer.finish(res)
+                    except BaseException:
+                        self.dirty = True
+                        raise
             big = plan.size() + len(plan.verified) >= self.TRIM_MIN
-            del plan, writer  # their buffers go before the trim
+            del plan, writer, namer  # their buffers go before the trim
             if big:
                 t = time.perf_counter()
                 _malloc_trim()  # the pass's buffers are free now: hand them back to the OS
