@@ -10,8 +10,10 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-# 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: reconciled maps preallocated
-LAYOUT_VERSION = 3
+# 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: km_config;
+# 4: the reconciled maps are preallocated
+LAYOUT_VERSION = 4
+SOCK_SAME_SINCE = 2  # km_sock means the same since this version: its records carry over
 
 AF_INET = 2
 AF_INET6 = 10
@@ -36,6 +38,11 @@ NAME_BACKEND = 2
 NAME_LEN = 256
 
 PRIOS = 7
+
+# km_config.mon_off bits (a set bit = that output off; 0 = everything on)
+MON_ACCESSLOG = 1
+MON_METRICS = 2
+MON_ALL = MON_ACCESSLOG | MON_METRICS
 
 EVENT_KINDS = {1: "connect", 2: "established", 3: "close"}
 VERDICTS = {1: "translated", 2: "passthrough", 3: "no_healthy_endpoint", 4: "via_waypoint",
@@ -106,6 +113,12 @@ class LayoutVal(ct.Structure):
     _fields_ = [("version", ct.c_uint32), ("reserved", ct.c_uint32 * 7)]
 
 
+class ConfigVal(ct.Structure):
+    """km_config[0]: runtime switches (monitoring)."""
+
+    _fields_ = [("mon_off", ct.c_uint32), ("reserved", ct.c_uint32 * 7)]
+
+
 class Event(ct.Structure):
     _fields_ = [
         ("ts_ns", ct.c_uint64),
@@ -139,6 +152,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     "sock": (ct.c_uint64, SockVal),
     "names": (NameKey, NameVal),
     "layout": (ct.c_uint32, LayoutVal),
+    "config": (ct.c_uint32, ConfigVal),
 }
 # pin file name -> symbol in the C source
 MAP_SYMBOLS = {name: f"km_{name}" for name in MAP_LAYOUTS}
