@@ -59,15 +59,26 @@ def _workload(i: int, services: int, endpoints: int, bump: int = 0) -> tuple[str
     return uid, wl.Address(workload=w).SerializeToString()
 
 
-def serve_main(services: int, endpoints: int) -> int:
+def serve_main(services: int, endpoints: int, port: int = 0, hold: bool = False) -> int:
+    """Generate the resources, then serve them on 127.0.0.1:port.
+
+    hold: every response waits (after it is built, before it is handed to gRPC) until ``release``
+    arrives on stdin; ``hold`` re-arms the gate. A real daemon can then connect and settle, and
+    its RSS be read, before any xDS data reaches it (the "base" share of its memory).
+    """
+    from concurrent import futures
+
+    import grpc
+
     from daemon.xds.gen.istio.workload import workload_pb2 as wl
-    from sandbox.pilot.server import ResourceStore, serve
+    from sandbox.pilot.server import DeltaAdsServer, ResourceStore
 
     store = ResourceStore()
     res: dict[str, bytes] = {}
     for s in range(services):
         svc = wl.Service(name=f"s{s}", namespace="bench", hostname=f"s{s}.bench.svc.cluster.local",
-                         addresses=[wl.NetworkAddress(address=bytes([10, 96, (s >> 8) & 255, s & 255]))],
+                         addresses=[wl.NetworkAddress(address=bytes([10, 96 + (s >> 16), (s >> 8) & 255,
+                                                                     s & 255]))],
                          ports=[wl.Port(service_port=80, target_port=8080)])
         res[f"bench/s{s}.bench.svc.cluster.local"] = wl.Address(service=svc).SerializeToString()
     for i in range(services * endpoints):
@@ -75,10 +86,23 @@ def serve_main(services: int, endpoints: int) -> int:
         res[uid] = raw
     store.update(ADDRESS_TYPE, res)
     del res
+    gate = threading.Event()
+    if not hold:
+        gate.set()
+
     def on_send(type_url: str, n: int) -> None:
+        if not gate.is_set():
+            _out(f"waiting {type_url.rsplit('.', 1)[-1].lower()} {n}")  # a client is connected
+            gate.wait()
         _out(f"sent {type_url.rsplit('.', 1)[-1].lower()} {n} {time.monotonic()}")
 
-    server, port, _ = serve(store, 0, on_send=on_send)
+    # sandbox.pilot.server.serve caps a response at 256 MiB; 1M endpoints need more (~300 MB)
+    opts = [("grpc.max_send_message_length", 2047 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=opts)
+    DeltaAdsServer(store, None, on_send).add_to(server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
     _out(f"port {port}")
     bumps: dict[int, int] = {}
     for line in sys.stdin:
@@ -88,8 +112,14 @@ def serve_main(services: int, endpoints: int) -> int:
             bumps[i] = bumps.get(i, 0) + 1
             uid, raw = _workload(i, services, endpoints, bumps[i])
             store.update(ADDRESS_TYPE, {uid: raw})
+        elif parts and parts[0] == "hold":
+            gate.clear()
+            _out("holding")
+        elif parts and parts[0] == "release":
+            gate.set()
         elif parts and parts[0] == "quit":
             break
+    gate.set()
     server.stop(0)
     return 0
 
@@ -389,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("--services", type=int, default=10_000)
     s.add_argument("--endpoints", type=int, default=10)
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--hold", action="store_true")
     d = sub.add_parser("daemon")
     d.add_argument("--address", required=True)
     d.add_argument("--prefix", required=True)
@@ -397,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--endpoints", type=int, default=10)
     args = p.parse_args(argv)
     if args.cmd == "serve":
-        return serve_main(args.services, args.endpoints)
+        return serve_main(args.services, args.endpoints, args.port, args.hold)
     if args.cmd == "daemon":
         return daemon_main(args.address, args.prefix)
     services = getattr(args, "services", 10_000)
