@@ -1,25 +1,35 @@
-"""Control-plane figures: 10,000 services x 10 endpoints over real gRPC delta ADS.
+"""Control-plane figures: the real kmesh-daemon fed 10,000 services x 10 endpoints over gRPC.
 
-Two child processes, so neither's memory or CPU pollutes the other's figure:
+What runs (benchmarks.realdaemon): a sandbox API server, the synthetic xDS server below
+(``serve``: sandbox.pilot's delta ADS servicer over resources generated here, in its own
+process) and the daemon's console script with everything a node runs: admin API, metrics
+server, enrollment watcher, event reader, BPF data plane attached to a child cgroup, pins on a
+private bpffs. ``repeats`` fresh daemons connect one after the other to the same server; each
+one's maps start empty (the previous daemon uninstalled itself on SIGTERM).
 
-- ``serve``: a generator speaking the protocol (sandbox.pilot.server with synthetic resources,
-  the same delta semantics the pilot uses). It prints ``sent <type> <count> <t>`` (monotonic
-  clock, shared by processes on one machine) just before handing each response to gRPC, and
-  on ``update <i>`` (stdin) changes workload i's address.
-- ``daemon``: what the kmesh daemon runs: XdsClient -> State -> DataplaneSync -> Dataplane
-  (the real BPF reconciler when importable and root, else a null sink that walks the
-  projection, reported as such). It prints JSON lines with monotonic times.
+Figures (every repeat is kept: median, and min/max/runs beside it):
 
-Figures: parse = first response sent -> state applied; write = state applied -> maps written;
-converge = the sum; single update = server sends one changed workload -> maps written (median of
-several); RSS of the daemon child after convergence.
+- converge = the server's first full response handed to gRPC -> the daemon's first full sync
+  done (``/status`` dataplane_sync.last_sync_done_monotonic; CLOCK_MONOTONIC is one clock for
+  every process on the machine). parse = sent -> the full sync started (transfer, decode,
+  state); write = the full sync (projection + map writes).
+- single update = the server sends one changed workload -> the daemon's incremental pass done,
+  over ``updates`` updates per repeat.
+- daemon_rss_mib = VmRSS of the daemon pid after convergence, the updates and ``settle_s``
+  seconds; daemon_peak_rss_mib = its VmHWM. map_mib = kernel memory of its maps (fdinfo memlock).
 
-Who owns which share of the RSS: after the main run a second daemon child connects with the
-null data plane (no BPF, no reconciler). Its RSS growth from just before the xDS client starts
-(interpreter, grpc and protobuf already imported) to convergence is the xDS side
-(``xds_state_rss_mib``: decoded state + the cached projection); the rest of the main daemon's
-growth is the data plane's (``dataplane_rss_mib``). The same child's first response -> projection
-walked is ``xds_only_converge_s``: the xDS side's share of the convergence time.
+RSS split (``rss_split_mib``), with how each share is measured:
+
+- base: the same daemon's RSS once it is up (BPF loaded, attached, admin/metrics/enrollment/
+  events running, its xDS stream open) but before the server releases any data (the server
+  holds its first response until told: ``serve --hold``).
+- xds_state: the daemon cannot run without its data plane, so this share comes from a second,
+  reduced process (``daemon`` below with the null data plane: XdsClient -> State ->
+  DataplaneSync walking the projection, no reconciler): its RSS growth from just before its xDS
+  client starts to convergence (decoded state + cached projection). Same code, same data, but
+  not the real daemon: an estimate, labelled as one.
+- dataplane: the rest, steady RSS - base - xds_state (the reconciler's mirror of the maps,
+  names, allocator state, fragmentation).
 """
 
 from __future__ import annotations
@@ -27,10 +37,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -320,73 +330,86 @@ def _ev(line: str) -> dict[str, Any]:
         return {}
 
 
-def run(services: int = 10_000, endpoints: int = 10, updates: int = 15) -> dict:
-    prefix = "kb" + secrets.token_hex(3)
-    server = _Child(["serve", "--services", str(services), "--endpoints", str(endpoints)])
-    daemon = None
-    try:
-        _, line = server.wait(lambda s: s.startswith("port "), timeout=300)
-        port = int(line.split()[1])
-        mark = len(server.lines)
-        wrapper = ["unshare", "--mount", "--propagation", "private", "--"] if os.geteuid() == 0 else None
-        daemon = _Child(["daemon", "--address", f"127.0.0.1:{port}", "--prefix", prefix], wrapper)
-        _, dline = daemon.wait(lambda s: _ev(s).get("ev") == "dataplane", timeout=300)
-        dinfo = _ev(dline)
-        _, sent = server.wait(lambda s: s.startswith("sent address"), start=mark)
-        t_sent = float(sent.split()[3])
-        n_sent = int(sent.split()[2])
-        i_app, app = daemon.wait(lambda s: _ev(s).get("ev") == "applied" and _ev(s)["services"] >= services)
-        t_applied = _ev(app)["t"]
-        i_wr, wr = daemon.wait(lambda s: _ev(s).get("ev") == "written" and _ev(s)["kind"] == "sync",
-                               start=i_app)
-        t_written = _ev(wr)["t"]
-        lat: list[float] = []
-        pos = i_wr + 1
-        for k in range(updates):
-            smark = len(server.lines)
-            server.send(f"update {(k * 7919) % (services * endpoints)}")
-            _, s_line = server.wait(lambda s: s.startswith("sent address 1 "), start=smark, timeout=30)
-            pos, w_line = daemon.wait(lambda s: _ev(s).get("ev") == "written" and _ev(s)["kind"] == "update",
-                                      start=pos, timeout=30)
-            pos += 1
-            lat.append((_ev(w_line)["t"] - float(s_line.split()[3])) * 1000)
-            time.sleep(0.02)
-        rmark = len(daemon.lines)
-        daemon.send("rss")
-        _, r_line = daemon.wait(lambda s: _ev(s).get("ev") == "rss", start=rmark)
-        rss = _ev(r_line)
-        daemon.close()
-        daemon = None
-        xds = _xds_share(server, port, services)
-        base = dinfo.get("rss_before_dataplane_mib") or 0.0
-        return {
-            "converge_100k_endpoints_s": round(t_written - t_sent, 3),
-            "single_update_ms": round(statistics.median(lat), 2),
-            "daemon_rss_mib": rss["rss_mib"],
-            "parse_s": round(t_applied - t_sent, 3),
-            "parse_transfer_s": round(_ev(app)["received"] - t_sent, 3),
-            "parse_decode_apply_s": round(t_applied - _ev(app)["received"], 3),
-            "write_s": round(t_written - t_applied, 3),
-            "single_update_p90_ms": round(sorted(lat)[int(len(lat) * 0.9) - 1], 2),
-            "daemon_peak_rss_mib": rss["hwm_mib"],
-            "xds_state_rss_mib": xds["xds_state_rss_mib"],
-            "dataplane_rss_mib": round(rss["rss_mib"] - base - xds["xds_state_rss_mib"], 1),
-            "xds_only_converge_s": xds["xds_only_converge_s"],
-            "xds_only_parse_s": xds["xds_only_parse_s"],
-            "xds_only_projection_s": xds["xds_only_projection_s"],
-            "rss_before_dataplane_mib": dinfo.get("rss_before_dataplane_mib"),
-            "rss_after_dataplane_open_mib": dinfo.get("rss_mib"),
-            "dataplane": dinfo.get("kind"),
-            "resources_sent": n_sent,
-            "scale": f"{services} services x {endpoints} endpoints",
-            "transport": "grpc delta ADS over 127.0.0.1 (plaintext), server in a separate process",
-            "load_average_1m": round(os.getloadavg()[0], 2),
-            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "default"),
-        }
-    finally:
-        if daemon is not None:
-            daemon.close()
-        server.close()
+def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
+    """Median, min, max and every value, in measurement order (no repeat is dropped)."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "runs": [round(v, digits) for v in values]}
+
+
+def run(services: int = 10_000, endpoints: int = 10, updates: int = 15, repeats: int = 3,
+        cgroup_parent: Path | None = None, settle_s: float = 3.0) -> dict:
+    """The real kmesh-daemon (benchmarks.realdaemon), `repeats` fresh daemons against one server."""
+    from benchmarks import realdaemon as rd
+
+    why = rd.tool_available()
+    if why:
+        return {"error": f"not available: {why}"}
+    if cgroup_parent is None:
+        from sandbox.cgroups import cgroup2_root
+
+        cgroup_parent = cgroup2_root()
+    runs: list[dict[str, Any]] = []
+    lat: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="kmesh-bench-cp-") as tmp, \
+            rd.Stack(services, endpoints, Path(tmp), cgroup_parent) as stack:
+        assert stack.server is not None
+        for r in range(repeats):
+            with rd.RealDaemon(stack, name=f"r{r}") as daemon:
+                res = rd.converge(stack, daemon)
+                pos = len(stack.server.lines)
+                for k in range(updates):
+                    before = daemon.status()["dataplane_sync"]["updates"]
+                    stack.server.send(f"update {(k * 7919 + r) % (services * endpoints)}")
+                    t_sent, _ = stack.sent(pos, count=1, timeout=60)
+                    pos = len(stack.server.lines)
+                    st = daemon.wait_status(lambda st, b=before: st["dataplane_sync"]["updates"] > b, 60,
+                                            "a single update written", interval=0.01)
+                    lat.append((st["dataplane_sync"]["last_done_monotonic"] - t_sent) * 1000)
+                time.sleep(settle_s)  # steady state: after convergence and updates, a few seconds on
+                res.update(daemon.memory())
+                runs.append(res)
+        xds = _xds_share(stack.server, stack.xds_port, services)
+
+    def fig(key: str, digits: int = 3) -> dict[str, Any]:
+        return spread([float(x[key]) for x in runs], digits)
+
+    conv, rss, hwm, base = fig("converge_s"), fig("rss_mib", 1), fig("hwm_mib", 1), fig("base_rss_mib", 1)
+    lat_sorted = sorted(lat)
+    return {
+        "converge_100k_endpoints_s": conv["median"],
+        "single_update_ms": round(statistics.median(lat), 2),
+        "daemon_rss_mib": rss["median"],
+        "converge_100k_endpoints_spread_s": conv,
+        "parse_s": fig("parse_s")["median"],
+        "write_s": fig("write_s")["median"],
+        "parse_spread_s": fig("parse_s"),
+        "write_spread_s": fig("write_s"),
+        "reconcile_s": fig("reconcile_s")["median"],
+        "reconcile_syscalls_s": fig("reconcile_syscalls_s")["median"],
+        "single_update_p90_ms": round(lat_sorted[max(0, int(len(lat) * 0.9) - 1)], 2),
+        "single_update_spread_ms": spread(lat, 2),
+        "daemon_rss_spread_mib": rss,
+        "daemon_peak_rss_mib": hwm["median"],
+        "daemon_peak_rss_spread_mib": hwm,
+        "rss_split_mib": {
+            "base": base["median"],
+            "xds_state": xds["xds_state_rss_mib"],
+            "dataplane": round(rss["median"] - base["median"] - xds["xds_state_rss_mib"], 1),
+        },
+        "map_mib": fig("map_mib", 1)["median"],
+        "xds_only_converge_s": xds["xds_only_converge_s"],
+        "xds_only_parse_s": xds["xds_only_parse_s"],
+        "xds_only_projection_s": xds["xds_only_projection_s"],
+        "written_entries": runs[0]["written"],
+        "resources_sent": runs[0]["resources_sent"],
+        "repeats": repeats,
+        "updates_per_repeat": updates,
+        "scale": f"{services} services x {endpoints} endpoints",
+        "daemon": "kmesh-daemon console script: admin, metrics, enrollment watcher (sandbox API), "
+                  "event reader, BPF data plane in a child cgroup",
+        "transport": "grpc delta ADS over 127.0.0.1 (plaintext), server in a separate process",
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def _xds_share(server: _Child, port: int, services: int) -> dict[str, float]:
