@@ -213,11 +213,7 @@ class RealDaemon:
         return f"127.0.0.1:{self.admin_port}"
 
     def __enter__(self) -> RealDaemon:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
+        """Only guarantees close(): converge() starts the daemon once the server holds its data."""
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -226,6 +222,8 @@ class RealDaemon:
     def start(self, timeout: float = 300.0) -> None:
         if os.geteuid() != 0:
             raise PermissionError("the real daemon needs root (BPF, cgroups, mounts)")
+        if self.proc is not None:
+            raise RuntimeError(f"daemon {self.tag} already started (pid {self.proc.pid})")
         self.cgroup.mkdir(exist_ok=True)
         self.bpffs.mkdir(exist_ok=True)
         self.admin_port, self.metrics_port = free_port(), free_port()
