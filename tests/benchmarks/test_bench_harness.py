@@ -92,6 +92,15 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
 def _no_leftovers(parent: Path) -> None:
     """Everything a real-daemon run made is gone: its cgroups, bpffs dirs, processes."""
     assert not list(parent.glob("kmesh-bench-kd*")), list(parent.glob("kmesh-bench-kd*"))
+    mark = f"{parent}/kmesh-bench-kd".encode()
+    alive = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if mark in cmdline.read_bytes():
+                alive.append(cmdline.parent.name)
+        except OSError:
+            continue
+    assert not alive, f"benchmark daemons still running: pids {alive}"
     for d in Path("/tmp").glob("kd*-bpffs"):
         assert not (parent / f"kmesh-bench-{d.name[:-6]}").exists()
 
