@@ -337,7 +337,7 @@ def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
 
 
 def run(services: int = 10_000, endpoints: int = 10, updates: int = 15, repeats: int = 3,
-        cgroup_parent: Path | None = None, settle_s: float = 3.0) -> dict:
+        cgroup_parent: Path | None = None, settle_s: float = 3.0, base_settle_s: float = 2.0) -> dict:
     """The real kmesh-daemon (benchmarks.realdaemon), `repeats` fresh daemons against one server."""
     from benchmarks import realdaemon as rd
 
@@ -355,7 +355,7 @@ def run(services: int = 10_000, endpoints: int = 10, updates: int = 15, repeats:
         assert stack.server is not None
         for r in range(repeats):
             with rd.RealDaemon(stack, name=f"r{r}") as daemon:
-                res = rd.converge(stack, daemon)
+                res = rd.converge(stack, daemon, settle_s=base_settle_s)
                 pos = len(stack.server.lines)
                 for k in range(updates):
                     before = daemon.status()["dataplane_sync"]["updates"]

@@ -63,7 +63,7 @@ def measure_point(services: int, endpoints: int, cgroup_parent: Path,
         generated = time.monotonic() - started
         with rd.RealDaemon(stack, name="s", capacity=cap,
                            max_message_mib=message_mib_for(services, endpoints)) as daemon:
-            res = rd.converge(stack, daemon, timeout=1800)
+            res = rd.converge(stack, daemon, settle_s=min(2.0, settle_s), timeout=1800)
             time.sleep(settle_s)
             mem = daemon.memory()
     return {
@@ -83,7 +83,7 @@ def measure_point(services: int, endpoints: int, cgroup_parent: Path,
 
 
 def run(points: dict[str, tuple[int, int]] | None = None, cgroup_parent: Path | None = None,
-        progress: Any = None) -> dict[str, Any]:
+        progress: Any = None, settle_s: float = 3.0) -> dict[str, Any]:
     """{"10k": {...}, "100k": {...}, "1m": {...}, "ratio_1m_over_100k_converge": x}."""
     from benchmarks import realdaemon as rd
 
@@ -99,7 +99,7 @@ def run(points: dict[str, tuple[int, int]] | None = None, cgroup_parent: Path | 
         if progress:
             progress(f"scale {name}: {services} services x {endpoints} endpoints")
         try:
-            out[name] = measure_point(services, endpoints, cgroup_parent)
+            out[name] = measure_point(services, endpoints, cgroup_parent, settle_s)
         except Exception as exc:  # noqa: BLE001 - a point that fails is reported, the others still run
             out[name] = {"error": f"not available: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
     for big, small in (("1m", "100k"), ("100k", "10k")):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli, report
+from benchmarks import report
 from benchmarks.wrk import MARKER, parse_done_line, parse_latency_text
 
 WRK_TEXT = """Running 1s test @ http://10.250.0.3:8080/
@@ -107,17 +107,6 @@ def _no_leftovers(parent: Path) -> None:
 
 @pytest.mark.kernel
 @pytest.mark.skipif(os.geteuid() != 0, reason="the dump is timed against a real daemon: needs root")
-def test_cli_bench_small_dump(test_cgroup: Path) -> None:
-    res = cli.run(help_runs=1, dump_runs=1, workloads=300, cgroup_parent=test_cgroup)["cli"]
-    assert isinstance(res["help_s"], float) and 0 < res["help_s"] < 10
-    assert isinstance(res["dump_10k_s"], float), res["dump_10k_s"]
-    assert res["dump_workloads"] == 300 and "real kmesh-daemon" in res["dump_against"]
-    assert isinstance(res["dump_10k_json_s"], float)
-    _no_leftovers(test_cgroup)
-
-
-@pytest.mark.kernel
-@pytest.mark.skipif(os.geteuid() != 0, reason="the dump is timed against a real daemon: needs root")
 def test_main_writes_results_for_selected_sections(tmp_path: Path, test_cgroup: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.__main__ import main
@@ -127,6 +116,10 @@ def test_main_writes_results_for_selected_sections(tmp_path: Path, test_cgroup: 
     doc = json.loads((tmp_path / "latest.json").read_text())
     assert isinstance(doc["cli"]["help_s"], float)
     assert isinstance(doc["cli"]["dump_10k_s"], float), doc["cli"]["dump_10k_s"]
+    details = doc["details"]["cli"]
+    assert details["dump_workloads"] == 10_000 and "real kmesh-daemon" in details["dump_against"]
+    assert isinstance(details["dump_10k_json_s"], float)
+    _no_leftovers(test_cgroup)
     assert doc["scale"]["1m"] == "not available: not selected (--only)"
     assert doc["dataplane"]["direct"] == "not available: not selected (--only)"
     assert "targets" in capsys.readouterr().out
@@ -242,7 +235,8 @@ def test_controlplane_real_daemon_tiny(test_cgroup: Path) -> None:
     """Two fresh real daemons, 20 services x 5 endpoints: figures present, consistent, spread kept."""
     from benchmarks import controlplane
 
-    out = controlplane.run(20, 5, updates=2, repeats=2, cgroup_parent=test_cgroup, settle_s=0.2)
+    out = controlplane.run(20, 5, updates=2, repeats=2, cgroup_parent=test_cgroup, settle_s=0.2,
+                           base_settle_s=0.2)
     assert "error" not in out, out
     conv = out["converge_100k_endpoints_spread_s"]
     assert len(conv["runs"]) == 2 and conv["min"] <= out["converge_100k_endpoints_s"] <= conv["max"]
@@ -264,7 +258,7 @@ def test_scale_tiny_points_and_capacity_flag(test_cgroup: Path) -> None:
     from benchmarks import realdaemon as rd
     from benchmarks import scale
 
-    out = scale.run({"100k": (10, 4), "1m": (30, 4)}, cgroup_parent=test_cgroup)
+    out = scale.run({"100k": (10, 4), "1m": (30, 4)}, cgroup_parent=test_cgroup, settle_s=0.2)
     for point, endpoints in (("100k", 40), ("1m", 120)):
         fig = out[point]
         assert "error" not in fig, fig
