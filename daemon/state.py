@@ -124,64 +124,106 @@ class WorkloadProfile:
         return None
 
 
-class WorkloadRecord(Backend):
-    """A Workload resource. It *is* the workload's ``Backend`` (uid, name, namespace, first IPv4
-    and IPv6 address: the projection hands records to the reconciler as they are, and equality
-    and hashing are the Backend's, over those five fields only) plus its profile, any further
-    addresses and a content digest packed with the xDS version.
+class WorkloadRecord:
+    """A Workload resource, and also the workload's ``Backend`` as the data plane sees it.
+
+    It offers every ``Backend`` field (uid, name, namespace, ipv4, ipv6, handoff_port, waypoint)
+    and Backend's equality over them, so the projection hands records to the reconciler as they
+    are; it is not a Backend subclass because that would carry Backend's seven slots, most of
+    which a record derives: at 100k workloads every slot is 0.8 MB. Five slots: the uid, the
+    name only when it is not the uid's last segment, the address (the one address as bytes, or a
+    tuple when there are none or several), the shared profile, and the content digest packed
+    with the xDS version.
 
     The attribute names of the earlier dataclass (uid, name, namespace, addresses, status, node,
     cluster_id, network, locality, capacity, app_tunnel_port, services, raw, version) stay
     readable. Immutable in everything the projection reads; only ``version`` is ever reassigned.
     """
 
-    __slots__ = ("_addrs", "profile", "_vd")
+    __slots__ = ("uid", "_name", "_addr", "profile", "_vd")
 
     def __init__(self, uid: str, name: str, addresses: tuple[bytes, ...], profile: WorkloadProfile,
                  digest: int = 0, version: str = "") -> None:
-        v4 = v6 = None
-        for a in addresses:
-            if len(a) == 4:
-                if v4 is None:
-                    v4 = a
-            elif v6 is None:
-                v6 = a
-        # slot setters directly: the frozen dataclass __init__/__setattr__ cost ~1 us per record,
-        # which is a tenth of a second per 100k-workload push
-        _SET_UID(self, uid)
-        # a pod's name is the last segment of its uid ("<cluster>//Pod/<ns>/<name>"): kept only if not
+        self.uid = uid
         n = len(name)
-        _SET_NAME(self, None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name)
-        _SET_NS(self, profile.namespace)
-        _SET_V4(self, v4)
-        _SET_V6(self, v6)
-        # one address (the common case) is ipv4 or ipv6 already: no tuple of our own
-        _SET_ADDRS(self, None if len(addresses) == 1 else tuple(addresses))
-        _SET_PROFILE(self, profile)
-        _SET_VD(self, _pack(digest, version))
+        self._name = None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name
+        self._addr = addresses[0] if len(addresses) == 1 else tuple(addresses)
+        self.profile = profile
+        self._vd = _pack(digest, version)
 
-    # -- identity and what the data plane needs --------------------------------------------
-    @property  # type: ignore[override]
-    def name(self) -> str:  # shadows Backend's slot, which holds the name only when not derivable
-        n = _GET_NAME(self)
+    # -- the Backend view ------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        n = self._name
         if n is None:
             uid = self.uid
             return uid[uid.rfind("/") + 1:]
         return n
 
     @property
-    def backend(self) -> Backend:
+    def namespace(self) -> str:
+        return self.profile.namespace
+
+    @property
+    def ipv4(self) -> bytes | None:
+        a = self._addr
+        if a.__class__ is bytes:
+            return a if len(a) == 4 else None
+        return next((x for x in a if len(x) == 4), None)
+
+    @property
+    def ipv6(self) -> bytes | None:
+        a = self._addr
+        if a.__class__ is bytes:
+            return a if len(a) == 16 else None
+        return next((x for x in a if len(x) == 16), None)
+
+    @property
+    def handoff_port(self) -> int:
+        return self.profile.proxy_port
+
+    @property
+    def waypoint(self) -> Waypoint | None:
+        """An address waypoint as is; a hostname one needs the services (State.projection()
+        hands such workloads on as resolved Backend copies), so here only a placeholder."""
+        ref = self.profile.waypoint
+        if ref is None:
+            return None
+        return Waypoint(ref[1], ref[2]) if ref[0] == "addr" else Waypoint(b"", ref[2], str(ref[1]))
+
+    def _key(self) -> tuple:
+        return (self.uid, self.name, self.profile.namespace, self.ipv4, self.ipv6, self.profile.proxy_port,
+                self.waypoint)
+
+    def __eq__(self, other: object) -> bool:
+        """Backend equality: over the Backend fields only (not the profile's other fields)."""
+        if other.__class__ is not WorkloadRecord:
+            return NotImplemented
+        if other is self:
+            return True
+        o: WorkloadRecord = other  # type: ignore[assignment]
+        if self.uid != o.uid or self._addr != o._addr or self._name != o._name:
+            # several addresses may differ beyond the first v4/v6: compare those alone
+            return (self._addr.__class__ is tuple or o._addr.__class__ is tuple) and self._key() == o._key()
+        p, q = self.profile, o.profile
+        return p is q or (p.namespace == q.namespace and p.proxy_port == q.proxy_port
+                          and p.waypoint == q.waypoint)
+
+    def __hash__(self) -> int:
+        return hash(self.uid)
+
+    @property
+    def backend(self) -> WorkloadRecord:
         return self
 
     @property
     def addresses(self) -> tuple[bytes, ...]:
-        if self._addrs is not None:
-            return self._addrs
-        return (self.ipv4 if self.ipv4 is not None else self.ipv6,)  # type: ignore[return-value]
+        a = self._addr
+        return (a,) if a.__class__ is bytes else a  # type: ignore[return-value]
 
     @property
     def has_address(self) -> bool:
-        return self.ipv4 is not None or self.ipv6 is not None
+        return self._addr.__class__ is bytes or bool(self._addr)
 
     # -- profile fields ------------------------------------------------------------------------
     @property
@@ -216,19 +258,6 @@ class WorkloadRecord(Backend):
     def services(self) -> dict[str, Ports]:
         return dict(self.profile.services)
 
-    @property  # type: ignore[override]
-    def handoff_port(self) -> int:  # shadows Backend's slot: derived from the profile
-        return self.profile.proxy_port
-
-    @property  # type: ignore[override]
-    def waypoint(self) -> Waypoint | None:
-        """An address waypoint as is; a hostname one needs the services (State.projection()
-        hands such workloads on as resolved Backend copies), so here only a placeholder."""
-        ref = self.profile.waypoint
-        if ref is None:
-            return None
-        return Waypoint(ref[1], ref[2]) if ref[0] == "addr" else Waypoint(b"", ref[2], str(ref[1]))
-
     # -- xDS bookkeeping -----------------------------------------------------------------------
     @property
     def digest(self) -> int:
@@ -239,8 +268,7 @@ class WorkloadRecord(Backend):
         return self._vd[8:].decode()
 
     def set_version(self, value: str) -> None:
-        """(Not an attribute setter: Backend is frozen, and its __setattr__ rejects subclasses.)"""
-        _SET_VD(self, self._vd[:8] + value.encode())
+        self._vd = self._vd[:8] + value.encode()
 
     @property
     def raw(self) -> bytes:
@@ -263,13 +291,22 @@ class WorkloadRecord(Backend):
         return f"WorkloadRecord(uid={self.uid!r}, addresses={self.addresses!r}, node={self.node!r})"
 
 
-_GET_NAME = Backend.name.__get__  # type: ignore[attr-defined]
-_SET_UID, _SET_NAME, _SET_NS, _SET_V4, _SET_V6 = (
-    Backend.uid.__set__, Backend.name.__set__, Backend.namespace.__set__,  # type: ignore[attr-defined]
-    Backend.ipv4.__set__, Backend.ipv6.__set__)  # type: ignore[attr-defined]
-_SET_ADDRS, _SET_PROFILE, _SET_VD = (WorkloadRecord._addrs.__set__,  # type: ignore[attr-defined]
-                                     WorkloadRecord.profile.__set__,  # type: ignore[attr-defined]
-                                     WorkloadRecord._vd.__set__)  # type: ignore[attr-defined]
+def make_workload_record(uid: str, name: str, address: bytes | tuple[bytes, ...], profile: WorkloadProfile,
+                         vd: bytes) -> WorkloadRecord:
+    """The decoder's constructor (hot path): ``address`` is the one address (validated) or a
+    tuple of all of them, ``vd`` = ``_pack(digest, version)``. Same as ``WorkloadRecord(...)``
+    without its argument handling."""
+    rec = _NEW(WorkloadRecord)
+    rec.uid = uid
+    n = len(name)
+    rec._name = None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name
+    rec._addr = address
+    rec.profile = profile
+    rec._vd = vd
+    return rec
+
+
+_NEW = WorkloadRecord.__new__
 
 # recently rebuilt raw bytes, so repeated ``rec.raw`` of a hot record returns the same object
 _RAW_CACHE: dict[str, tuple[WorkloadRecord, bytes]] = {}
@@ -311,6 +348,7 @@ class Change:
 
 
 Listener = Callable[[Change], None]
+Record = ServiceRecord | WorkloadRecord | PolicyRecord
 
 
 class State:
@@ -408,14 +446,17 @@ class State:
                 return out
             return {n: p.version for n, p in self.policies.items()}
 
-    def held(self, address: bool) -> Callable[[str], ServiceRecord | WorkloadRecord | PolicyRecord | None]:
-        """Lookup of the record held under an xDS name (Address or Authorization type).
+    def held(self, address: bool) -> Callable[[str], Record | None] | None:
+        """Lookup of the record held under an xDS name (Address or Authorization type); None when
+        nothing of that type is held (the first push skips 100k lookups).
 
         Lock-free on purpose: only the xDS thread mutates the stores, and it is the caller.
         """
         if not address:
-            return self.policies.get
+            return self.policies.get if self.policies else None
         workloads, services = self.workloads, self.services
+        if not workloads and not services:
+            return None
 
         def get(name: str) -> ServiceRecord | WorkloadRecord | None:
             rec = workloads.get(name)
@@ -497,17 +538,31 @@ class State:
         return wp
 
     def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> None:
-        """Insert or replace workloads. Hot path (100k per initial push): locals, no calls per record."""
+        """Insert or replace workloads. Hot path (100k per initial push): locals, few calls per
+        record; a new record (the whole first push) takes a shorter path than a replacement."""
         workloads, members, addressless = self.workloads, self._members, self._addressless
-        touched, touched_backends = change.services, change.backends
+        touched, touched_backends, touched_workloads = change.services, change.backends, change.workloads
         node_name = self.node_name if not self._explicit_locality else ""
+        new_uids: list[str] = []
+        new_backends: list[str] = []
+        last_prof = None  # replicas of a deployment usually arrive together: touch its services once
         for rec in recs:
             uid = rec.uid
             prof = rec.profile
             old = workloads.get(uid)
-            if old is None or old.profile is not prof or old != rec:
-                change.workloads.add(uid)
-            if old is not None:  # an update replaces the old entry entirely
+            addr = rec._addr
+            has_address = addr.__class__ is bytes or bool(addr)
+            if old is None:
+                new_uids.append(uid)
+                if has_address:
+                    new_backends.append(uid)
+                    if addressless:
+                        addressless.discard(uid)
+                else:  # hostname only: cannot be written as a backend
+                    addressless.add(uid)
+            else:  # an update replaces the old entry entirely
+                if old.profile is not prof or old != rec:
+                    touched_workloads.add(uid)
                 for svc, _ in old.profile.services:
                     m = members.get(svc)
                     if m is not None:
@@ -515,6 +570,16 @@ class State:
                         if not m:
                             del members[svc]
                     touched.add(svc)
+                last_prof = None
+                if not has_address:
+                    addressless.add(uid)
+                    if old.has_address:
+                        touched_backends.add(uid)  # it was a backend until now
+                else:
+                    if old != rec:  # Backend equality: uid, name, namespace, ipv4, ipv6, ...
+                        touched_backends.add(uid)
+                    if addressless:
+                        addressless.discard(uid)
             workloads[uid] = rec
             if prof.waypoint is not None or (old is not None and old.profile.waypoint is not None):
                 self._link_workload_waypoint(uid, old, rec)
@@ -524,18 +589,14 @@ class State:
                     members[svc] = {uid: rec}
                 else:
                     m[uid] = rec
-                touched.add(svc)
+            if prof is not last_prof:
+                for svc, _ in prof.services:
+                    touched.add(svc)
+                last_prof = prof
             if node_name and prof.node == node_name and (self._locality is None or self._locality_uid == uid):
                 self._set_node_locality(rec, change)
-            if rec.ipv4 is None and rec.ipv6 is None:  # hostname only: cannot be written as a backend
-                addressless.add(uid)
-                if old is not None and (old.ipv4 is not None or old.ipv6 is not None):
-                    touched_backends.add(uid)  # it was a backend until now
-            else:
-                if old is None or old != rec:  # Backend equality: uid, name, namespace, ipv4, ipv6
-                    touched_backends.add(uid)
-                if addressless:
-                    addressless.discard(uid)
+        touched_workloads.update(new_uids)
+        touched_backends.update(new_backends)
 
     def _set_node_locality(self, rec: WorkloadRecord, change: Change) -> None:
         """Kmesh: the node's locality is that of the first workload seen on NODE_NAME."""
@@ -562,7 +623,7 @@ class State:
                 if not m:
                     del self._members[svc]
             change.services.add(svc)
-        if old.ipv4 is None and old.ipv6 is None:
+        if not old.has_address:
             self._addressless.discard(uid)
         else:
             change.backends.add(uid)
@@ -629,8 +690,9 @@ class State:
         sports = rec.ports
         derived: dict[WorkloadProfile, tuple[int, int, tuple[int, ...]] | None] = {}
         chosen: list[tuple[int, str, int, tuple[int, ...]]] = []
+        addressless = self._addressless
         for uid, w in members.items():
-            if w.ipv4 is None and w.ipv6 is None:
+            if addressless and uid in addressless:
                 continue  # not a backend: nothing to point an endpoint at
             prof = w.profile
             d = derived.get(prof, False)
@@ -638,7 +700,7 @@ class State:
                 d = derived[prof] = _derive(prof, name, sports, allow_all, ranked, strict, rec.routing, src)
             if d is not None:
                 chosen.append((d[0], uid, d[1], d[2]))
-        chosen.sort(key=_first_two)
+        chosen.sort()  # (priority, uid, ...): uids are unique, so the tail is never compared
         ports = []
         for i, (sport, _) in enumerate(sports):
             ports.append(ServicePort(sport, tuple([Endpoint(uid, tps[i], weight, prio)
@@ -673,10 +735,6 @@ def _unlink(index: dict[str, set[str]], key: str, member: str) -> None:
         users.discard(member)
         if not users:
             del index[key]
-
-
-def _first_two(m: tuple[int, str, int, tuple[int, ...]]) -> tuple[int, str]:
-    return m[0], m[1]
 
 
 def _derive(prof: WorkloadProfile, service: str, sports: Ports, allow_all: bool, ranked: bool,

@@ -250,7 +250,10 @@ class XdsClient:
                 type_url, nonce, count = resp.type_url, resp.nonce, len(resp.resources)
                 error = self._handle(resp)
                 del resp
-                if count > 1000:  # the parsed push alone is ~40 MB at 100k resources: give it back
+                if count > 1000 and self.state.synced:
+                    # the parsed push alone is ~40 MB at 100k resources: give it back. Not before
+                    # the first sync: the data plane's full sync follows at once and trims after
+                    # it, so trimming here would only delay the ACK on the way to converged maps
                     malloc_trim()
                 applied_ms = (time.monotonic() - received) * 1000
                 ack = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)

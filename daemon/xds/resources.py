@@ -19,9 +19,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from daemon.dataplane.model import HBONE_PORT
-from daemon.state import GatewayRef, PolicyRecord, ServiceRecord, WorkloadProfile, WorkloadRecord
+from daemon.state import (
+    GatewayRef,
+    PolicyRecord,
+    ServiceRecord,
+    WorkloadProfile,
+    WorkloadRecord,
+    make_workload_record,
+)
 from daemon.xds.gen.istio.security import authorization_pb2
 from daemon.xds.gen.istio.workload import workload_pb2
+from daemon.xds.gen.kmesh import decode_pb2
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
@@ -30,6 +38,7 @@ _ADDRESS_FROM = workload_pb2.Address.FromString
 _WORKLOAD_FROM = workload_pb2.Workload.FromString
 _SERVICE_FROM = workload_pb2.Service.FromString
 _AUTHZ_FROM = authorization_pb2.Authorization.FromString
+_HEAD_FROM = decode_pb2.WorkloadHead.FromString
 _TAG_WORKLOAD, _TAG_SERVICE = 0x0A, 0x12  # Address.workload = 1, Address.service = 2 (length-delimited)
 
 
@@ -241,18 +250,19 @@ def decode_authorization(name: str, type_url: str, value: bytes, version: str = 
     return _decode_authorization(name, value, version, 0)
 
 
-def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], Any]
+def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], Any] | None
                  ) -> tuple[list[Any], list[str], int]:
     """The resources of one response -> (records to apply, NACK reasons, count re-sent unchanged).
 
-    ``held(name)`` returns the record held under that name (or None). A resource whose content
+    ``held(name)`` returns the record held under that name (or None; ``held`` None: nothing is
+    held). A resource whose content
     digest equals the held record's is not decoded: only its version is taken (servers that
     ignore initial_resource_versions resend everything on a new stream). Hot path: 100k per push.
     """
-    decode = _decode_address if type_url == ADDRESS_TYPE else _decode_authorization
+    if type_url == ADDRESS_TYPE:
+        return _decode_addresses(resources, held)
     records: list[Any] = []
     errors: list[str] = []
-    append = records.append
     unchanged = 0
     for r in resources:
         name = r.name
@@ -261,14 +271,105 @@ def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], 
             errors.append(f"{name or '<unnamed>'}: resource type {any_.type_url!r} is not {type_url}")
             continue
         value = any_.value
+        old = held(name) if held is not None else None
+        if old is not None and old.digest == hash(value):
+            old.set_version(r.version)
+            unchanged += 1
+            continue
+        try:
+            records.append(_decode_authorization(name, value, r.version, 0))
+        except Invalid as e:
+            errors.append(f"{name or '<unnamed>'}: {e}")
+    return records, errors, unchanged
+
+
+def _decode_addresses(resources: Iterable[Any], held: Callable[[str], Any] | None
+                      ) -> tuple[list[Any], list[str], int]:
+    """``decode_batch`` for Address resources: one loop with the common shape inlined.
+
+    The common shape is an Address holding only a Workload (one field 1, length < 2 MiB). Its
+    bytes are parsed as a ``WorkloadHead`` (uid, name, addresses; the rest stays unknown bytes),
+    the three fields are cleared and the remainder serialized: that remainder is the key of the
+    profile cache, so a pod whose deployment was seen before costs no further decoding. Every
+    other shape (services, a wrapper with more fields) goes through ``_decode_address``.
+    ~4 us a workload instead of ~7 (cProfile and timings in issue 12's note).
+    """
+    records: list[Any] = []
+    errors: list[str] = []
+    append = records.append
+    unchanged = 0
+    profiles = _PROFILES
+    head_from = _HEAD_FROM
+    make = make_workload_record
+    for r in resources:
+        name = r.name
+        any_ = r.resource
+        if any_.type_url != ADDRESS_TYPE:
+            errors.append(f"{name or '<unnamed>'}: resource type {any_.type_url!r} is not {ADDRESS_TYPE}")
+            continue
+        value = any_.value
         digest = hash(value)
-        old = held(name)
+        old = held(name) if held is not None else None
         if old is not None and old.digest == digest:
             old.set_version(r.version)  # nothing to decode, nothing changes downstream
             unchanged += 1
             continue
+        size = len(value)
+        if size > 2 and value[0] == _TAG_WORKLOAD:
+            n = value[1]
+            if n < 0x80:
+                start = 2
+            elif value[2] < 0x80:
+                n, start = (n & 0x7F) | (value[2] << 7), 3
+            else:
+                start = 0
+        else:
+            start = n = 0
+        if not start or start + n != size:  # not the common shape: the general decoder
+            try:
+                append(_decode_address(name, value, r.version, digest))
+            except Invalid as e:
+                errors.append(f"{name or '<unnamed>'}: {e}")
+            continue
         try:
-            append(decode(name, value, r.version, digest))
-        except Invalid as e:
-            errors.append(f"{name or '<unnamed>'}: {e}")
+            h = head_from(value[start:])
+        except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or others
+            errors.append(f"{name or '<unnamed>'}: cannot decode Address: {e}")
+            continue
+        uid = h.uid
+        if not uid:
+            errors.append(f"{name or '<unnamed>'}: workload without uid")
+            continue
+        if name and name != uid:
+            errors.append(f"{name}: resource name does not match workload uid {uid}")
+            continue
+        addrs = h.addresses
+        if len(addrs) == 1:
+            addr = addrs[0]
+            if len(addr) != 4 and len(addr) != 16:
+                errors.append(f"{name or uid}: workload address has {len(addr)} bytes, want 4 or 16")
+                continue
+        else:
+            addr = tuple(addrs)
+            bad = next((a for a in addr if len(a) != 4 and len(a) != 16), None)
+            if bad is not None:
+                errors.append(f"{name or uid}: workload address has {len(bad)} bytes, want 4 or 16")
+                continue
+        wname = h.name
+        h.ClearField("uid")
+        h.ClearField("name")
+        h.ClearField("addresses")
+        rest = h.SerializeToString()
+        prof = profiles.get(rest)
+        if prof is None:
+            try:
+                prof = _new_profile(_WORKLOAD_FROM(rest), rest)
+            except Invalid as e:
+                errors.append(f"{name or uid}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{name or uid}: cannot decode Address: {e}")
+                continue
+        append(make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True)
+                    + r.version.encode()))
     return records, errors, unchanged

@@ -8,6 +8,8 @@ remainders, and that a record is the Backend the projection hands to the data pl
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from xds_helpers import apply, ip, service, svc_key, workload
 
 from daemon.dataplane.model import Backend
@@ -73,7 +75,10 @@ def test_record_is_the_projected_backend() -> None:
           workload("h", None, services={A: []}))  # hostname only: a workload, not a backend
     p = st.projection()
     rec = st.workloads["Kubernetes//Pod/default/w1"]
-    assert p.backends == {rec.uid: rec} and isinstance(rec, Backend) and len(st.workloads) == 2
+    assert p.backends == {rec.uid: rec} and len(st.workloads) == 2
+    # a record offers every Backend field (it is handed to the reconciler as the Backend)
+    assert [getattr(rec, f.name) for f in fields(Backend)] == [
+        rec.uid, "w1", "default", bytes([10, 1, 0, 1]), None, 0, None]
     assert [e.backend_uid for e in p.services[A].ports[0].endpoints] == [rec.uid]
     same = decode_address("", ADDRESS_TYPE, workload("w1", "10.1.0.1", services={A: []},
                                                      healthy=False).SerializeToString())
