@@ -15,6 +15,19 @@ one ~300 MB delta response; the default limit of 200 MiB stops at roughly 800k e
 
 One run per point (the 1M point takes minutes): the values are single measurements, not
 medians; ``ratio_1m_over_100k_converge`` is their quotient (target <= 12: linear growth is 10).
+
+Where the next limit is (measured 2026-12-03 on the 2-core, 24 GiB VM: 1M endpoints converged
+in 55.6 s, daemon RSS 1005 MiB steady / 1559 MiB peak, 778 MiB of kernel map memory), in the
+order they would bite past 1M:
+
+1. memory: ~1 GiB steady (1.5 GiB peak) of daemon RSS plus ~0.8 GiB of map memory per 1M
+   endpoints, so this machine tops out near 8-10M endpoints; a 1 GiB pod limit stops before 1M.
+2. one xDS response: a workload costs ~254 bytes on the wire; the client's default 200 MiB
+   limit stops near 800k endpoints (hence ``--xds-max-message-mib``), and gRPC/protobuf's hard
+   2 GiB message cap near 8M (beyond that the server would have to split the initial push).
+3. map sizes: ``Capacity.validate`` allows at most 2^24 (16.7M) entries a map.
+4. time: 10x the endpoints took ~12x the time (100k -> 1M) and ~9x (10k -> 100k); at 10M the
+   first sync would take on the order of 10 minutes at this rate.
 """
 
 from __future__ import annotations
