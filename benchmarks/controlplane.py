@@ -24,7 +24,7 @@ RSS split (``rss_split_mib``), with how each share is measured:
   events running, its xDS stream open) but before the server releases any data (the server
   holds its first response until told: ``serve --hold``).
 - xds_state: the daemon cannot run without its data plane, so this share comes from a second,
-  reduced process (``daemon`` below with the null data plane: XdsClient -> State ->
+  reduced process (``xds-only`` below: XdsClient -> State ->
   DataplaneSync walking the projection, no reconciler): its RSS growth from just before its xDS
   client starts to convergence (decoded state + cached projection). Same code, same data, but
   not the real daemon: an estimate, labelled as one.
@@ -134,11 +134,11 @@ def serve_main(services: int, endpoints: int, port: int = 0, hold: bool = False)
     return 0
 
 
-# ---------------------------------------------------------------------------- daemon child
+# ---------------------------------------------------------------------------- xDS-only child
 class NullDataplane:
-    """Stand-in when the BPF data plane is unavailable: walks what would be written."""
+    """No BPF: walks what would be written, so the xDS side's cost can be measured alone."""
 
-    kind = "null (projection walk only; BPF data plane not available)"
+    kind = "null (projection walk only)"
 
     def _walk(self, projection: Any, services: Any = None) -> Any:
         names = projection.services if services is None else services
@@ -178,50 +178,8 @@ def _malloc_trim() -> None:
         pass
 
 
-def _cleanup(prefix: str, cgroup: Path) -> None:
-    """Remove what _open_dataplane made: the private bpffs mount point and the bench cgroup."""
-    pins = Path(f"/tmp/{prefix}-bpffs")
-    subprocess.run(["umount", str(pins)], capture_output=True)
-    for path in (cgroup, pins):
-        try:
-            path.rmdir()
-        except OSError:
-            pass
-
-
-def _open_dataplane(prefix: str) -> tuple[Any, Any]:
-    """The real Dataplane in a dedicated child cgroup, or NullDataplane with the reason."""
-    try:
-        if os.environ.get("KMESH_BENCH_NULL_DATAPLANE"):
-            raise ImportError("KMESH_BENCH_NULL_DATAPLANE is set")
-        from daemon.dataplane import Dataplane
-    except ImportError as e:
-        dp = NullDataplane()
-        dp.kind += f" ({e})"
-        return dp, None
-    if os.geteuid() != 0:
-        dp = NullDataplane()
-        dp.kind += " (not root)"
-        return dp, None
-    # this child runs in a private mount namespace (see run()): a bpffs mounted here is ours alone
-    pins = Path(f"/tmp/{prefix}-bpffs")
-    pins.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
-    from sandbox.cgroups import cgroup2_root
-
-    cgroup = cgroup2_root() / f"kmesh-bench-{prefix}"
-    cgroup.mkdir(exist_ok=True)
-    try:
-        dp = Dataplane.open(cgroup, pins / "kmesh")
-    except BaseException:
-        _cleanup(prefix, cgroup)
-        raise
-    _malloc_trim()  # return the compiler's freed heap (bcc/LLVM) to the OS, as the daemon should
-    dp.kind = "bpf"
-    return dp, cgroup
-
-
-def daemon_main(address: str, prefix: str) -> int:
+def xds_only_main(address: str) -> int:
+    """The xDS side of the daemon alone (XdsClient -> State -> DataplaneSync -> NullDataplane)."""
     import grpc  # noqa: F401 - imported before the baseline RSS: not part of anyone's state
     from envoy.service.discovery.v3 import discovery_pb2  # noqa: F401
 
@@ -231,8 +189,8 @@ def daemon_main(address: str, prefix: str) -> int:
 
     _malloc_trim()
     base_rss, _ = _rss_mib()
-    dp, cgroup = _open_dataplane(prefix)
-    _out(json.dumps({"ev": "dataplane", "kind": getattr(dp, "kind", "bpf"), "rss_mib": _rss_mib()[0],
+    dp = NullDataplane()
+    _out(json.dumps({"ev": "dataplane", "kind": dp.kind, "rss_mib": _rss_mib()[0],
                      "rss_before_dataplane_mib": base_rss}))
     state = State(node_name="node-1")
 
@@ -263,11 +221,6 @@ def daemon_main(address: str, prefix: str) -> int:
     finally:
         client.stop()
         sync.stop()
-        if cgroup is not None:
-            dp.uninstall()
-            _cleanup(prefix, cgroup)
-        else:
-            dp.close()
     return 0
 
 
@@ -415,8 +368,7 @@ def run(services: int = 10_000, endpoints: int = 10, updates: int = 15, repeats:
 def _xds_share(server: _Child, port: int, services: int) -> dict[str, float]:
     """A second daemon child on the null data plane: what the xDS side costs on its own."""
     mark = len(server.lines)
-    child = _Child(["daemon", "--address", f"127.0.0.1:{port}", "--prefix", "xdsonly"],
-                   env={"KMESH_BENCH_NULL_DATAPLANE": "1"})
+    child = _Child(["xds-only", "--address", f"127.0.0.1:{port}"])
     try:
         _, dline = child.wait(lambda s: _ev(s).get("ev") == "dataplane", timeout=300)
         base = _ev(dline)["rss_before_dataplane_mib"]
@@ -444,17 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--endpoints", type=int, default=10)
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--hold", action="store_true")
-    d = sub.add_parser("daemon")
+    d = sub.add_parser("xds-only")
     d.add_argument("--address", required=True)
-    d.add_argument("--prefix", required=True)
     r = sub.add_parser("run")
     r.add_argument("--services", type=int, default=10_000)
     r.add_argument("--endpoints", type=int, default=10)
     args = p.parse_args(argv)
     if args.cmd == "serve":
         return serve_main(args.services, args.endpoints, args.port, args.hold)
-    if args.cmd == "daemon":
-        return daemon_main(args.address, args.prefix)
+    if args.cmd == "xds-only":
+        return xds_only_main(args.address)
     services = getattr(args, "services", 10_000)
     endpoints = getattr(args, "endpoints", 10)
     print(json.dumps(run(services, endpoints), indent=2))
