@@ -2,9 +2,11 @@
 
 Modules, one job each:
 
-- ``dataplane_http``: wrk against a real HTTP backend through three client paths (direct to the
-  pod IP, the service VIP translated by our connect programs, an Envoy TCP proxy hop), each with
-  a new connection per request and with keep-alive, interleaved and repeated.
+- ``dataplane_http``: a real HTTP backend through three client paths (direct to the pod IP, the
+  service VIP translated by our connect programs, an Envoy TCP proxy hop): a new connection per
+  request timed with connect() inside the clock (``connload``), the same with wrk (request only),
+  keep-alive (wrk); paired rounds with the monitoring switch on and off.
+- ``connload``: the C new-connection client (``connload.c``, built into ``.build/connload``).
 - ``netns``: the throw-away namespace topology and cgroups (also used by ``dataplane_maps``),
   owner records and ``reap_stale()`` for runs that were killed.
 - ``nginx_proc`` / ``envoy_proc``: the backend (nginx preferred, Envoy direct_response as the

@@ -35,9 +35,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", choices=SECTIONS,
                    help="run only this section (repeatable); default: all")
-    p.add_argument("--rounds", type=int, default=7, help="data-plane rounds per mode (default 7)")
+    p.add_argument("--rounds", type=int, default=9,
+                   help="data-plane rounds per mode (default 9); figures are medians over rounds")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per wrk run (default 2)")
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
+    p.add_argument("--conn-concurrency", type=int, default=1,
+                   help="requests in flight for the connect-inclusive client kmesh-connload (default 1)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"data-plane modes, comma-separated (default {','.join(MODES)}; diagnostic: "
                         f"{','.join(EXTRA_MODES)})")
@@ -52,7 +55,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cgroup-parent", type=Path, default=None,
                    help="parent of the benchmark cgroup (default: the cgroup v2 root's child)")
     args = p.parse_args(argv)
-    for name in ("rounds", "connections"):
+    for name in ("rounds", "connections", "conn_concurrency"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.duration < 1:
@@ -104,7 +107,7 @@ def _run_http(args: argparse.Namespace) -> dict:
     settings = dp.Settings(rounds=1 if args.quick else args.rounds,
                            duration_s=1 if args.quick else args.duration,
                            warmup_s=1, connections=args.connections, pin=not args.no_pin,
-                           backend=args.backend, modes=args.modes)
+                           backend=args.backend, modes=args.modes, conn_concurrency=args.conn_concurrency)
     if args.cgroup_parent is not None:
         settings.cgroup_parent = args.cgroup_parent
     return dp.run(settings)

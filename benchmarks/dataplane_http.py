@@ -2,18 +2,29 @@
 
 Topology (benchmarks.netns): client netns -- bridge netns -- server netns, nothing routed off
 the machine. The backend on POD_IP:8080 is nginx (``return 200``; see benchmarks.nginx_proc for
-why) or, when nginx is not available, Envoy's direct_response. wrk runs in the client netns:
+why) or, when nginx is not available, Envoy's direct_response. Clients run in the client netns:
 
-- ``direct``: wrk -> POD_IP:8080, from the ``plain`` cgroup (no BPF programs): the floor.
-- ``bpf_vip``: wrk -> VIP:80 from the ``mesh`` cgroup where our connect programs are attached
+- ``direct``: client -> POD_IP:8080, from the ``plain`` cgroup (no BPF programs): the floor.
+- ``bpf_vip``: client -> VIP:80 from the ``mesh`` cgroup where our connect programs are attached
   and the client netns is registered; connect() is rewritten to POD_IP:8080.
-- ``envoy_proxy``: wrk -> 127.0.0.1:15001, an Envoy tcp_proxy inside the client netns (like a
+- ``envoy_proxy``: client -> 127.0.0.1:15001, an Envoy tcp_proxy inside the client netns (like a
   sidecar) that forwards to POD_IP:8080, from the ``plain`` cgroup.
 
-Each mode runs with a new connection per request (``Connection: close``) and with keep-alive,
-interleaved (the mode order rotates every round) and repeated; the reported figure of each
-metric is the median over rounds. Processes are pinned with taskset: backend on one CPU,
-client (and the sidecar-like proxy, which shares its pod's CPU) on the other.
+Three measurements per mode, all interleaved round by round (the order rotates every round),
+every published figure the median over rounds with its min/max beside it:
+
+- ``dataplane`` (new connection per request, the headline): benchmarks.connload times socket +
+  connect + request + response + close per request, so the connect() our program rewrites is
+  inside the latency. ``bpf_vip`` runs twice per round when the data plane has the monitoring
+  switch: monitoring on (events consumed by a reader thread, as the daemon does) and off.
+  ``monitoring_{on,off}.vip_over_direct_p50``: the median over rounds of the per-round ratio
+  bpf_vip/direct (runs of one round are seconds apart, so slow load drifts cancel).
+- ``dataplane_request_only``: wrk with ``Connection: close``; wrk's clock starts after the
+  handshake, so this is the request/response part alone (labelled ``_request_only``).
+- ``dataplane_keepalive``: wrk over kept-alive connections.
+
+Processes are pinned with taskset: backend on one CPU, client (and the sidecar-like proxy,
+which shares its pod's CPU) on the other.
 """
 
 from __future__ import annotations
@@ -26,13 +37,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import envoy_proc, netns, nginx_proc
+from benchmarks import connload, envoy_proc, netns, nginx_proc
+from benchmarks.connload import ConnResult, run_connload
 from benchmarks.wrk import WrkResult, run_wrk, write_script
 
 MODES = ("direct", "bpf_vip", "envoy_proxy")
@@ -40,6 +53,7 @@ MODES = ("direct", "bpf_vip", "envoy_proxy")
 # every connect but nothing is translated): separates "programs attached" from "VIP translated".
 EXTRA_MODES = ("direct_mesh",)
 ALL_MODES = MODES + EXTRA_MODES
+MON_OFF = "bpf_vip_monitor_off"  # bpf_vip with the monitoring switch off (connect-inclusive runs)
 BackendProcess = envoy_proc.EnvoyProcess | nginx_proc.NginxProcess
 POD_PORT = 8080
 VIP = "10.96.250.10"
@@ -53,10 +67,14 @@ BACKEND_UID = "Kubernetes//Pod/bench/echo-0"
 class Settings:
     """Knobs of one data-plane run; defaults keep the whole run around two minutes."""
 
-    rounds: int = 7
+    rounds: int = 9
     duration_s: float = 2.0
     warmup_s: float = 1.0
     connections: int = 4
+    # Requests in flight for the connect-inclusive client: 1, so a request's latency is the
+    # path's cost and cannot hide behind queueing at whichever side is the bottleneck.
+    conn_concurrency: int = 1
+    monitoring_off: bool = True  # also run bpf_vip with monitoring off (when the switch exists)
     pin: bool = True
     modes: tuple[str, ...] = MODES
     backend: str = "auto"  # "nginx", "envoy", or "auto" (nginx when found, else Envoy)
@@ -99,11 +117,41 @@ class BpfVip:
             else:
                 with netns.in_cgroup(topo.mesh_cgroup):
                     control_connect(topo.netns_path(topo.ns_client), True)
+            self.events = 0
+            self.reader_cpu_s = 0.0  # CPU time of the reader thread (decode + count)
+            self._stop = threading.Event()
+            self._reader = threading.Thread(target=self._read_events, name="bench-events", daemon=True)
+            self._reader.start()
         except BaseException:
             self.close()
             raise
 
+    def _read_events(self) -> None:
+        """Consume the ring buffer like the daemon's event reader does, so monitoring-on runs
+        pay for the events being read (an unread ring fills up and then costs nothing)."""
+        def count(_event: object) -> None:
+            self.events += 1
+
+        while not self._stop.is_set():
+            t = time.thread_time()
+            self.dp.poll_events(count, timeout_ms=100)
+            self.reader_cpu_s += time.thread_time() - t
+
+    @property
+    def has_monitoring_switch(self) -> bool:
+        return hasattr(self.dp, "set_monitoring")
+
+    def set_monitoring(self, on: bool) -> None:
+        """Access log and connection metrics both on or both off (Dataplane.set_monitoring)."""
+        state = self.dp.set_monitoring(access_log=on, metrics=on)
+        if state.get("enabled") is not on:
+            raise RuntimeError(f"set_monitoring({on}) left the switch at {state}")
+
     def close(self) -> None:
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            self._stop.set()
+            reader.join(timeout=5)
         self.dp.uninstall()
 
 
@@ -169,6 +217,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
         targets: dict[str, tuple[str, Path]] = {}
         unavailable: dict[str, str] = {}
         pin_dir: Path | None = None
+        bpf: BpfVip | None = None
         pod_url = f"http://{netns.POD_IP}:{POD_PORT}/"
         if "direct" in settings.modes:
             targets["direct"] = (pod_url, topo.plain_cgroup)
@@ -207,7 +256,7 @@ def _bench_env(settings: Settings, workdir: Path) -> Iterator[dict]:
                 unavailable[mode] = f"not available: {exc}"
                 del targets[mode]
         yield {"topo": topo, "backend": backend, "targets": targets, "unavailable": unavailable,
-               "cpus": cpus, "envoy": envoy, "pin_dir": pin_dir, "backend_desc": backend_desc}
+               "cpus": cpus, "envoy": envoy, "pin_dir": pin_dir, "backend_desc": backend_desc, "bpf": bpf}
 
 
 def no_envoy_text() -> str:
@@ -222,15 +271,24 @@ def _loadavg() -> str:
         return ""
 
 
-def _median(results: list[WrkResult], key: str) -> float:
+Result = WrkResult | ConnResult
+
+
+def _median(results: list[Result], key: str) -> float:
     return statistics.median(getattr(r, key) for r in results)
 
 
-def _summarise(results: list[WrkResult]) -> dict:
+def _range(values: list[float], digits: int = 4) -> list[float]:
+    return [round(min(values), digits), round(max(values), digits)]
+
+
+def _summarise(results: list[Result]) -> dict:
+    """Medians over rounds, with the p50/p99 min/max over rounds beside them."""
     return {
         "p50_ms": round(_median(results, "p50_ms"), 4),
         "p99_ms": round(_median(results, "p99_ms"), 4),
-        "p50_ms_range": [round(min(r.p50_ms for r in results), 4), round(max(r.p50_ms for r in results), 4)],
+        "p50_ms_range": _range([r.p50_ms for r in results]),
+        "p99_ms_range": _range([r.p99_ms for r in results]),
         "rps": round(_median(results, "rps"), 1),
         "cycle_ms": round(_median(results, "cycle_ms"), 4),
         "cpu_us_per_req": round(_median(results, "cpu_us_per_req"), 2),
@@ -239,67 +297,177 @@ def _summarise(results: list[WrkResult]) -> dict:
     }
 
 
+def paired(num: list[Result], den: list[Result]) -> dict | None:
+    """Median over rounds of the per-round p50 ratio num/den, with min, max and quartiles."""
+    xs = sorted(a.p50_ms / b.p50_ms for a, b in zip(num, den, strict=False) if b.p50_ms)
+    if not xs:
+        return None
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"vip_over_direct_p50": round(statistics.median(xs), 4), "min": round(xs[0], 4),
+            "max": round(xs[-1], 4), "iqr": [round(q[0], 4), round(q[2], 4)], "rounds": len(xs),
+            "per_round": [round(x, 4) for x in xs]}
+
+
+def _totals(backend: BackendProcess, attempts: int = 3) -> tuple[int, int] | None:
+    """The backend's (connections, requests) counters, None when its status endpoint does not
+    answer after a few tries: a diagnostic, so a slow answer on a loaded machine must not lose
+    the run's measurements."""
+    for attempt in range(attempts):
+        try:
+            return backend.totals()
+        except RuntimeError as exc:
+            _log(f"backend counters unavailable (attempt {attempt + 1}/{attempts}): {exc}")
+    return None
+
+
+def _rotate(items: list, k: int) -> list:
+    return items[k % len(items):] + items[:k % len(items)] if items else []
+
+
 def run(settings: Settings | None = None, progress: Callable[[str], None] = _log) -> dict:
-    """Measure every mode; returns {"dataplane": {...}, "dataplane_keepalive": {...}, "meta": {...}}."""
+    """Measure every mode. Returns {"dataplane": {...}, "dataplane_request_only": {...},
+    "dataplane_keepalive": {...}, "ratios": {...}, "meta": {...}}."""
     settings = settings or Settings()
     for prefix in netns.reap_stale():
         progress(f"cleaned up after an earlier run that was killed: {prefix}")
     t0 = time.monotonic()
     load_before = _loadavg()
+    connload.binary()  # compile before anything is measured
     with tempfile.TemporaryDirectory(prefix="kmesh-bench-") as tmp, _bench_env(settings, Path(tmp)) as env:
         script = write_script(Path(tmp) / "done.lua")
         topo: netns.Topology = env["topo"]
         backend: BackendProcess = env["backend"]
         targets: dict[str, tuple[str, Path]] = env["targets"]
+        bpf: BpfVip | None = env["bpf"]
+        programs = {"plain": netns.effective_programs(topo.plain_cgroup),
+                    "mesh": netns.effective_programs(topo.mesh_cgroup)}
+        if set(programs["plain"]) & set(netns.MESH_ATTACH_TYPES):  # direct must be the no-program floor
+            raise RuntimeError(f"the plain cgroup has programs in effect: {programs['plain']}")
         order = [m for m in ALL_MODES if m in targets]
-        raw: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in order for ka in (False, True)}
-        conn_checks: dict[str, list[float]] = {m: [] for m in order}
+        mon_note = ""
+        if "bpf_vip" in targets and settings.monitoring_off:
+            if bpf is None or not bpf.has_monitoring_switch:
+                mon_note = ("not available: this data plane has no monitoring switch "
+                            "(Dataplane.set_monitoring)")
+        elif "bpf_vip" in targets:
+            mon_note = "not available: monitoring-off runs not selected"
+        else:
+            mon_note = env["unavailable"].get("bpf_vip", "not available: bpf_vip not selected")
+        # connect-inclusive units: a mode, or bpf_vip with monitoring off
+        units = [*order, *([MON_OFF] if "bpf_vip" in targets and not mon_note else [])]
+        conn: dict[str, list[ConnResult]] = {u: [] for u in units}
+        wrk: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in order for ka in (False, True)}
+        conn_checks: dict[str, list[float | None]] = {u: [] for u in units}
+        events_per_req: dict[str, list[float]] = {u: [] for u in units if u in ("bpf_vip", MON_OFF)}
+        reader_cpu: dict[str, list[float]] = {u: [] for u in events_per_req}
 
-        def one(mode: str, keepalive: bool, duration: float) -> WrkResult:
+        def url_of(unit: str) -> tuple[str, int, Path]:
+            url, cgroup = targets["bpf_vip" if unit == MON_OFF else unit]
+            host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+            return host, int(port or 80), cgroup
+
+        def one_conn(unit: str, duration: float) -> ConnResult:
+            host, port, cgroup = url_of(unit)
+            return run_connload(host, port, topo.ns_client, cgroup, concurrency=settings.conn_concurrency,
+                                duration_s=duration, cpus=env["cpus"]["client"])
+
+        def one_wrk(mode: str, keepalive: bool, duration: float) -> WrkResult:
             url, cgroup = targets[mode]
             return run_wrk(url, topo.ns_client, cgroup, script, duration_s=duration,
                            connections=settings.connections, keepalive=keepalive, cpus=env["cpus"]["client"])
 
-        for mode in order if settings.warmup_s > 0 else ():  # warm-up: caches, Envoy worker, pools
-            for keepalive in (False, True):
-                one(mode, keepalive, settings.warmup_s)
+        def measured(unit: str, cgroup: Path, fn: Callable[[], Result],
+                     count_events: bool = False) -> tuple[Result, float | None]:
+            """fn() with CPU per request (client, proxy, server cgroups) and backend conns/request;
+            with count_events, also the ring-buffer events and the reader's CPU per request."""
+            before = _totals(backend)
+            groups = (cgroup, topo.proxy_cgroup, topo.server_cgroup)
+            cpu_before = [netns.cpu_usage_us(g) for g in groups]
+            ev_before = bpf.events if bpf is not None else 0
+            reader_before = bpf.reader_cpu_s if bpf is not None else 0.0
+            res = fn()
+            cpu = [netns.cpu_usage_us(g) - b for g, b in zip(groups, cpu_before, strict=True)]
+            after = _totals(backend)
+            res.cpu_us_per_req = round(sum(cpu) / res.requests, 2) if res.requests else 0.0
+            if count_events and unit in events_per_req and bpf is not None:
+                time.sleep(0.15)  # the reader polls every 100 ms: let it drain this run's events
+                n = max(res.requests, 1)
+                events_per_req[unit].append(round((bpf.events - ev_before) / n, 3))
+                reader_cpu[unit].append(round((bpf.reader_cpu_s - reader_before) * 1e6 / n, 2))
+                res.cpu_us_per_req = round(res.cpu_us_per_req + reader_cpu[unit][-1], 2)  # the daemon's share
+            if before is None or after is None:
+                return res, None
+            cx, rq = after[0] - before[0], after[1] - before[1]
+            return res, (round(cx / rq, 4) if rq else 0.0)
+
+        def set_mon(unit: str) -> None:
+            if bpf is not None and not mon_note and unit in ("bpf_vip", MON_OFF):
+                bpf.set_monitoring(unit == "bpf_vip")
+
+        if settings.warmup_s > 0:  # warm-up: caches, Envoy worker, pools
+            for unit in units:
+                set_mon(unit)
+                one_conn(unit, settings.warmup_s)
+            for mode in order:
+                for keepalive in (False, True):
+                    one_wrk(mode, keepalive, settings.warmup_s)
         for rnd in range(settings.rounds):
-            rotated = order[rnd % len(order):] + order[:rnd % len(order)] if order else []
+            tag = f"round {rnd + 1}/{settings.rounds}"
+            for unit in _rotate(units, rnd):
+                set_mon(unit)
+                res, per_req = measured(unit, url_of(unit)[2],
+                                        lambda u=unit: one_conn(u, settings.duration_s), True)
+                conn[unit].append(res)  # type: ignore[arg-type]
+                conn_checks[unit].append(per_req)
+                ev = f" events/req={events_per_req[unit][-1]}" if unit in events_per_req else ""
+                progress(f"{tag} {unit:<22} connect-incl p50={res.p50_ms:.3f}ms p99={res.p99_ms:.3f}ms "
+                         f"rps={res.rps:.0f} cpu/req={res.cpu_us_per_req}us err={res.errors}{ev}")
+            set_mon("bpf_vip")  # wrk runs with monitoring on, the default
             for keepalive in (False, True):
-                for mode in rotated:
-                    cx_before, rq_before = backend.totals()
-                    cpu_groups = (targets[mode][1], topo.proxy_cgroup, topo.server_cgroup)
-                    cpu_before = [netns.cpu_usage_us(g) for g in cpu_groups]
-                    res = one(mode, keepalive, settings.duration_s)
-                    cpu = [netns.cpu_usage_us(g) - b for g, b in zip(cpu_groups, cpu_before, strict=True)]
-                    cx_after, rq_after = backend.totals()
-                    res.cpu_us_per_req = round(sum(cpu) / res.requests, 2) if res.requests else 0.0
-                    raw[(mode, keepalive)].append(res)
-                    if not keepalive:
-                        cx, rq = cx_after - cx_before, rq_after - rq_before
-                        conn_checks[mode].append(round(cx / rq, 4) if rq else 0.0)
-                    progress(f"round {rnd + 1}/{settings.rounds} {mode:<11} "
-                             f"{'keepalive' if keepalive else 'close':<9} p50={res.p50_ms:.3f}ms "
-                             f"p99={res.p99_ms:.3f}ms rps={res.rps:.0f} cpu/req={res.cpu_us_per_req}us "
-                             f"err={res.errors}")
-        out: dict = {"dataplane": {}, "dataplane_keepalive": {}}
-        for mode in [*MODES, *(m for m in EXTRA_MODES if m in settings.modes)]:
-            for keepalive, section in ((False, "dataplane"), (True, "dataplane_keepalive")):
+                for mode in _rotate(order, rnd):
+                    res, per_req = measured(mode, targets[mode][1],
+                                            lambda m=mode, ka=keepalive: one_wrk(m, ka, settings.duration_s))
+                    wrk[(mode, keepalive)].append(res)  # type: ignore[arg-type]
+                    progress(f"{tag} {mode:<22} wrk {'keepalive' if keepalive else 'close':<9} "
+                             f"p50={res.p50_ms:.3f}ms p99={res.p99_ms:.3f}ms rps={res.rps:.0f} "
+                             f"cpu/req={res.cpu_us_per_req}us err={res.errors}")
+        out: dict = {"dataplane": {}, "dataplane_request_only": {}, "dataplane_keepalive": {}}
+        shown = [*MODES, *(m for m in EXTRA_MODES if m in settings.modes)]
+        for mode in shown:
+            for section in out:
                 if mode in env["unavailable"]:
                     out[section][mode] = env["unavailable"][mode]
-                elif (mode, keepalive) in raw:
-                    out[section][mode] = _summarise(raw[(mode, keepalive)])
-                    if not keepalive:
-                        out[section][mode]["backend_connections_per_request"] = conn_checks[mode]
+                elif section == "dataplane" and conn.get(mode):
+                    out[section][mode] = {**_summarise(conn[mode]),  # type: ignore[arg-type]
+                                          "backend_connections_per_request": conn_checks[mode]}
+                    if mode in events_per_req:
+                        out[section][mode]["events_per_request"] = events_per_req[mode]
+                        out[section][mode]["event_reader_cpu_us_per_req"] = reader_cpu[mode]
+                elif section != "dataplane" and wrk.get((mode, section == "dataplane_keepalive")):
+                    out[section][mode] = _summarise(wrk[(mode, section == "dataplane_keepalive")])  # type: ignore[arg-type]
                 else:
                     out[section][mode] = "not available: mode not selected"
+        if conn.get(MON_OFF):
+            out["dataplane"][MON_OFF] = {**_summarise(conn[MON_OFF]),  # type: ignore[arg-type]
+                                         "backend_connections_per_request": conn_checks[MON_OFF],
+                                         "events_per_request": events_per_req[MON_OFF],
+                                         "event_reader_cpu_us_per_req": reader_cpu[MON_OFF]}
+        for key, unit, note in (("monitoring_on", "bpf_vip", ""), ("monitoring_off", MON_OFF, mon_note)):
+            pair = paired(conn[unit], conn["direct"]) if conn.get(unit) and conn.get("direct") else None  # type: ignore[arg-type]
+            out["dataplane"][key] = pair or note or env["unavailable"].get(
+                "direct", "not available: needs both direct and bpf_vip")
         out["ratios"] = ratios(out)
         out["meta"] = {
             "backend": env["backend_desc"],
             "proxy": (f"envoy {envoy_proc.envoy_version(env['envoy'])} tcp_proxy in the client netns, "
                       "1 worker" if env["envoy"] else no_envoy_text()),
-            "client": f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)",
+            "client": (f"new connection per request: kmesh-connload -c{settings.conn_concurrency} (times "
+                       f"socket+connect+request+response+close); request-only and keep-alive: "
+                       f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)"),
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
+            "monitoring": ("bpf_vip with monitoring on (events read by a reader thread, whose CPU is in "
+                           "bpf_vip's CPU/req) and off, each round" if not mon_note else mon_note),
+            "effective_programs": programs,
             "netns_sysctls": netns.NETNS_SYSCTLS, "pin_dir": str(env["pin_dir"] or ""),
             "seconds": round(time.monotonic() - t0, 1),
             "loadavg_before": load_before, "loadavg_after": _loadavg(),
@@ -308,23 +476,25 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
 
 
 def ratios(out: dict) -> dict:
-    """bpf_vip/direct and envoy_proxy/bpf_vip, per connection mode.
+    """bpf_vip/direct and envoy_proxy/bpf_vip, per measurement.
 
+    No suffix: connect-inclusive (kmesh-connload); ``_request_only``: wrk with Connection: close
+    (clock after the handshake); ``_keepalive``: wrk over kept-alive connections.
     ``*_p50``: ratio of the reported (median over rounds) p50s, consistent with the table.
-    ``*_p50_paired``: median over rounds of the ratio within each round; the two runs of a round
-    are close in time, so this cancels slow drifts of background load. ``*_cycle``: the same on
-    the per-request cycle time (connections / rps), which includes connect() and the handshake.
-    ``*_cpu``: on CPU time per request of client, proxy and server (cgroup cpu.stat), the figure
-    least disturbed by other load on the machine.
+    ``*_p50_paired``: median over rounds of the ratio within each round (runs close in time, so
+    slow drifts of background load cancel), ``*_p50_paired_range`` its min and max.
+    ``*_cycle``: on the per-request cycle time (in-flight requests / rps). ``*_cpu``: on CPU time
+    per request of client, proxy and server (cgroup cpu.stat).
     """
     def figs(section: str, mode: str) -> dict | None:
         fig = out.get(section, {}).get(mode)
         return fig if isinstance(fig, dict) else None
 
-    res: dict[str, float | None] = {}
+    res: dict[str, object] = {}
     pairs = (("bpf_vip_over_direct", "bpf_vip", "direct"),
              ("envoy_proxy_over_bpf_vip", "envoy_proxy", "bpf_vip"))
-    for section, suffix in (("dataplane", ""), ("dataplane_keepalive", "_keepalive")):
+    for section, suffix in (("dataplane", ""), ("dataplane_request_only", "_request_only"),
+                            ("dataplane_keepalive", "_keepalive")):
         for name, num, den in pairs:
             a, b = figs(section, num), figs(section, den)
             ok = a is not None and b is not None
@@ -333,9 +503,10 @@ def ratios(out: dict) -> dict:
                                            if ok and b.get("cycle_ms") else None)
             res[f"{name}_cpu{suffix}"] = (round(a["cpu_us_per_req"] / b["cpu_us_per_req"], 3)
                                          if ok and b.get("cpu_us_per_req") else None)
-            paired = [x["p50_ms"] / y["p50_ms"] for x, y in zip(a["rounds"], b["rounds"], strict=False)
-                      if y["p50_ms"]] if ok and "rounds" in a and "rounds" in b else []
-            res[f"{name}_p50_paired{suffix}"] = round(statistics.median(paired), 3) if paired else None
+            xs = [x["p50_ms"] / y["p50_ms"] for x, y in zip(a["rounds"], b["rounds"], strict=False)
+                  if y["p50_ms"]] if ok and "rounds" in a and "rounds" in b else []
+            res[f"{name}_p50_paired{suffix}"] = round(statistics.median(xs), 3) if xs else None
+            res[f"{name}_p50_paired_range{suffix}"] = _range(xs, 3) if xs else None
     return res
 
 

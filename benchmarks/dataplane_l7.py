@@ -12,8 +12,10 @@ The waypoint is the same Envoy 1.40 in both: proxy_protocol listener filter, an 
 manager routing to the backend pod (nginx ``return 200`` or Envoy direct_response, as in
 dataplane_http). Topology: benchmarks.netns plus a waypoint netns on the same bridge. CPUs: the
 backend and the waypoint on one CPU, the client and the ztunnel stand-in on the other. Modes are
-interleaved (order rotates each round) with a new connection per request and with keep-alive;
-each figure is the median over rounds.
+interleaved (order rotates each round), three ways each round: a new connection per request
+timed with connect() inside the clock (benchmarks.connload: ``dataplane_l7``), the same with wrk,
+whose clock starts after the handshake (``dataplane_l7_request_only``), and keep-alive (wrk);
+each figure is the median over rounds, with its min/max.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import envoy_proc, netns, nginx_proc
+from benchmarks.connload import ConnResult, run_connload
 from benchmarks.dataplane_http import POD_PORT, _cpus, _loadavg, _pin_dir, _summarise
 from benchmarks.wrk import WrkResult, run_wrk, write_script
 from sandbox.cgroups import cgroup2_root
@@ -208,6 +211,14 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
         topo: netns.Topology = env["topo"]
         targets = env["targets"]
         raw: dict[tuple[str, bool], list[WrkResult]] = {(m, ka): [] for m in MODES for ka in (False, True)}
+        conn: dict[str, list[ConnResult]] = {m: [] for m in MODES}
+
+        def one_conn(mode: str, duration: float) -> ConnResult:
+            """New connection per request with connect() inside the clock (benchmarks.connload)."""
+            url, cgroup = targets[mode]
+            host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+            return run_connload(host, int(port or 80), topo.ns_client, cgroup, duration_s=duration,
+                                cpus=env["cpus"]["client"])
 
         def one(mode: str, keepalive: bool, duration: float) -> WrkResult:
             url, cgroup = targets[mode]
@@ -215,11 +226,20 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                            connections=settings.connections, keepalive=keepalive, cpus=env["cpus"]["client"])
 
         for mode in MODES if settings.warmup_s > 0 else ():
+            one_conn(mode, settings.warmup_s)
             for keepalive in (False, True):
                 one(mode, keepalive, settings.warmup_s)
         cpu_groups = (topo.mesh_cgroup, topo.plain_cgroup, topo.proxy_cgroup, topo.server_cgroup)
         for rnd in range(settings.rounds):
             order = MODES[rnd % 2:] + MODES[:rnd % 2]
+            for mode in order:
+                before = [netns.cpu_usage_us(g) for g in cpu_groups]
+                cres = one_conn(mode, settings.duration_s)
+                cpu = sum(netns.cpu_usage_us(g) - b for g, b in zip(cpu_groups, before, strict=True))
+                cres.cpu_us_per_req = round(cpu / cres.requests, 2) if cres.requests else 0.0
+                conn[mode].append(cres)
+                progress(f"round {rnd + 1}/{settings.rounds} {mode:<14} connect-incl p50={cres.p50_ms:.3f}ms "
+                         f"p99={cres.p99_ms:.3f}ms rps={cres.rps:.0f} err={cres.errors}")
             for keepalive in (False, True):
                 for mode in order:
                     before = [netns.cpu_usage_us(g) for g in cpu_groups]
@@ -230,9 +250,11 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                     progress(f"round {rnd + 1}/{settings.rounds} {mode:<14} "
                              f"{'keepalive' if keepalive else 'close':<9} p50={res.p50_ms:.3f}ms "
                              f"p99={res.p99_ms:.3f}ms rps={res.rps:.0f} err={res.errors}")
-        out: dict = {"dataplane_l7": {}, "dataplane_l7_keepalive": {}}
+        out: dict = {"dataplane_l7": {}, "dataplane_l7_request_only": {}, "dataplane_l7_keepalive": {}}
         for mode in MODES:
-            for keepalive, section in ((False, "dataplane_l7"), (True, "dataplane_l7_keepalive")):
+            out["dataplane_l7"][mode] = _summarise(conn[mode])  # type: ignore[arg-type]
+            for keepalive, section in ((False, "dataplane_l7_request_only"),
+                                       (True, "dataplane_l7_keepalive")):
                 out[section][mode] = _summarise(raw[(mode, keepalive)])
         out["ratios"] = ratios(out)
         out["meta"] = {
@@ -240,7 +262,9 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             "waypoint": f"envoy {envoy_proc.envoy_version(env['envoy'])} proxy_protocol + HTTP route, "
                         "1 worker",
             "ztunnel_stand_in": "envoy tcp_proxy in the client netns, upstream PROXY v2, 1 worker",
-            "client": f"wrk -t1 -c{settings.connections}", "rounds": settings.rounds,
+            "client": (f"new connection per request: kmesh-connload -c1 (connect() inside the clock); "
+                       f"request-only and keep-alive: wrk -t1 -c{settings.connections}"),
+            "rounds": settings.rounds,
             "duration_s": settings.duration_s, "cpus": env["cpus"],
             "seconds": round(time.monotonic() - t0, 1),
             "loadavg_before": load_before, "loadavg_after": _loadavg(),
@@ -249,12 +273,14 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
 
 
 def ratios(out: dict) -> dict:
-    """kmesh_waypoint / ambient_like per connection mode: p50 (of the medians), paired p50 (median
-    of per-round ratios; cancels load drift), rps."""
+    """kmesh_waypoint / ambient_like per measurement (no suffix: connect-inclusive; ``_request_only``:
+    wrk Connection: close; ``_keepalive``): p50 (of the medians), paired p50 (median of per-round
+    ratios; cancels load drift) with its min/max, rps."""
     import statistics
 
-    res: dict[str, float | None] = {}
-    for section, suffix in (("dataplane_l7", ""), ("dataplane_l7_keepalive", "_keepalive")):
+    res: dict[str, object] = {}
+    for section, suffix in (("dataplane_l7", ""), ("dataplane_l7_request_only", "_request_only"),
+                            ("dataplane_l7_keepalive", "_keepalive")):
         a, b = out[section].get("kmesh_waypoint"), out[section].get("ambient_like")
         if not isinstance(a, dict) or not isinstance(b, dict) or not b["p50_ms"]:
             res[f"kmesh_over_ambient_p50{suffix}"] = None
@@ -264,6 +290,8 @@ def ratios(out: dict) -> dict:
                   if y["p50_ms"]]
         res[f"kmesh_over_ambient_p50_paired{suffix}"] = (round(statistics.median(paired), 3)
                                                           if paired else None)
+        res[f"kmesh_over_ambient_p50_paired_range{suffix}"] = ([round(min(paired), 3), round(max(paired), 3)]
+                                                                if paired else None)
         res[f"kmesh_over_ambient_rps{suffix}"] = round(a["rps"] / b["rps"], 3) if b["rps"] else None
     return res
 

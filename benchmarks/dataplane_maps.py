@@ -10,9 +10,15 @@
 - ``update``: one endpoint removed from / restored to one service via ``Reconciler.update``,
   alternating; median / p90 / max milliseconds over 41 changes. The removed endpoint is the
   first in slot order, so every slot after it is rewritten (the worst case for one change).
-- ``connect``: connect + one request + close, to the VIP (translated by our connect4) and to the
-  pod IP directly, interleaved in one client process, in a netns topology from
-  ``benchmarks.netns`` (nothing leaves the machine); p50/p90 microseconds and the VIP/direct ratio.
+- ``connect``: socket + connect + one request + close, timed per connection by
+  ``benchmarks.connload`` (C, one connection in flight), in a netns topology from
+  ``benchmarks.netns`` (nothing leaves the machine). Clients per round, order rotating:
+  ``direct`` from a cgroup with no programs attached at all (the baseline), ``vip`` from the mesh
+  cgroup (translated by our connect4; monitoring on, events read by a thread as the daemon
+  does), ``direct_mesh`` from the mesh cgroup to the pod IP (our programs run, nothing to
+  translate) and, when the data plane has the monitoring switch, ``vip_monitor_off`` (events
+  and sockops state callbacks off). Reported: medians over rounds of each p50/p90 and of the
+  per-round ratios to direct, with min/max over rounds.
 
 Maps live in a private bpffs mounted for the run; the map benchmarks do not attach anything.
 """
@@ -34,7 +40,7 @@ from pathlib import Path
 
 SERVICES = 10_000
 ENDPOINTS_PER_SERVICE = 10
-CONNECT_ROUNDS = 3
+CONNECT_ROUNDS = 9
 CONNECT_PER_ROUND = 1500
 
 _SERVER = r"""
@@ -48,29 +54,6 @@ while True:
     c, _ = s.accept()
     c.recv(64); c.sendall(b"ok\n"); c.close()
 """
-
-_CLIENT = r"""
-import ctypes, json, os, socket, sys, time
-cg, ns, vip, pod, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-open(os.path.join(cg, "cgroup.procs"), "w").write(str(os.getpid()))
-fd = os.open(ns, os.O_RDONLY)
-assert ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0
-def one(addr):
-    t = time.perf_counter_ns()
-    s = socket.socket(); s.connect(addr); s.sendall(b"x\n"); s.recv(64); s.close()
-    return time.perf_counter_ns() - t
-targets = {"vip": (vip, 80), "direct": (pod, 8080)}
-for name in targets:
-    for _ in range(50):
-        one(targets[name])
-out = {"vip": [], "direct": []}
-for i in range(n):
-    order = ("vip", "direct") if i % 2 == 0 else ("direct", "vip")
-    for name in order:
-        out[name].append(one(targets[name]))
-print(json.dumps(out))
-"""
-
 
 def _log(msg: str) -> None:
     print(f"[dataplane_maps] {msg}", file=sys.stderr, flush=True)
@@ -183,19 +166,29 @@ def bench_maps(services: int = SERVICES, per_service: int = ENDPOINTS_PER_SERVIC
 
 def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROUND) -> dict:
     import socket
+    import threading
 
     from benchmarks import netns
+    from benchmarks.connload import run_connload
     from daemon.dataplane import Dataplane, control_connect
     from daemon.dataplane.model import Backend, Endpoint, Projection, Service, ServicePort
 
     vip = "10.96.250.20"
     prefix = "kd" + secrets.token_hex(3)
-    results: dict[str, list[float]] = {"vip_p50_us": [], "direct_p50_us": [], "vip_p90_us": [],
-                                       "direct_p90_us": []}
+    two_cpus = (os.cpu_count() or 1) >= 2
+    p50: dict[str, list[float]] = {"direct": [], "vip": [], "direct_mesh": [], "vip_monitor_off": []}
+    p90: dict[str, list[float]] = {k: [] for k in p50}
+    errors = 0
+    programs: dict[str, dict[str, int]] = {}
     with _private_bpffs() as fs, netns.Topology(prefix) as topo:
-        server_cmd = [sys.executable, "-c", _SERVER, str(topo.netns_path(topo.ns_server)), "8080"]
-        server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, text=True)
+        server_cmd = [*(["taskset", "-c", "0"] if two_cpus else []), sys.executable, "-c", _SERVER,
+                      str(topo.netns_path(topo.ns_server)), "8080"]
+        server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: (topo.server_cgroup / "cgroup.procs").write_text(
+                                      str(os.getpid())))
         dp = None
+        stop = threading.Event()
+        reader: threading.Thread | None = None
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             dp = Dataplane.open(topo.mesh_cgroup, fs / "pins")
@@ -204,23 +197,73 @@ def bench_connect(rounds: int = CONNECT_ROUNDS, per_round: int = CONNECT_PER_ROU
             svc = Service("bench/echo", (socket.inet_aton(vip),), (port,))
             dp.sync(Projection({svc.name: svc}, {be.uid: be}))
             control_connect(topo.netns_path(topo.ns_client), True, cgroup=topo.mesh_cgroup)
-            for _ in range(rounds):
-                cmd = [sys.executable, "-c", _CLIENT, str(topo.mesh_cgroup),
-                       str(topo.netns_path(topo.ns_client)), vip, netns.POD_IP, str(per_round)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
-                data = json.loads(proc.stdout)
-                for mode in ("vip", "direct"):
-                    xs = sorted(data[mode])
-                    results[f"{mode}_p50_us"].append(xs[len(xs) // 2] / 1000)
-                    results[f"{mode}_p90_us"].append(xs[int(len(xs) * 0.9)] / 1000)
+            opened = dp
+            programs = {"direct": netns.effective_programs(topo.plain_cgroup),
+                        "mesh": netns.effective_programs(topo.mesh_cgroup)}
+            if set(programs["direct"]) & set(netns.MESH_ATTACH_TYPES):
+                raise RuntimeError(f"the baseline cgroup has programs in effect: {programs['direct']}")
+
+            def read_events() -> None:  # as the daemon does: monitoring events are consumed
+                while not stop.is_set():
+                    opened.poll_events(lambda _e: None, timeout_ms=100)
+
+            reader = threading.Thread(target=read_events, name="bench-events", daemon=True)
+            reader.start()
+            # direct: the plain cgroup has no programs attached at all (not a pass-through)
+            clients = {"direct": (netns.POD_IP, 8080, topo.plain_cgroup), "vip": (vip, 80, topo.mesh_cgroup),
+                       "direct_mesh": (netns.POD_IP, 8080, topo.mesh_cgroup),
+                       "vip_monitor_off": (vip, 80, topo.mesh_cgroup)}
+            switch = hasattr(dp, "set_monitoring")  # the monitoring switch (issue 12)
+            if not switch:
+                del clients["vip_monitor_off"], p50["vip_monitor_off"], p90["vip_monitor_off"]
+            names = list(clients)
+
+            def one(name: str, count: int):  # noqa: ANN202 - ConnResult, imported lazily
+                addr, port_, cgroup = clients[name]
+                if switch:
+                    on = name != "vip_monitor_off"
+                    opened.set_monitoring(access_log=on, metrics=on)
+                return run_connload(addr, port_, topo.ns_client, cgroup, count=count,
+                                    cpus="1" if two_cpus else None, request=r"x\n", expect="ok")
+
+            for name in names:  # warm-up
+                one(name, 50)
+            for rnd in range(rounds):
+                for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                    res = one(name, per_round)
+                    errors += res.errors
+                    p50[name].append(res.p50_ms * 1000)
+                    p90[name].append(res.p90_ms * 1000)
         finally:
+            stop.set()
+            if reader is not None:
+                reader.join(timeout=5)
             if dp is not None:
                 dp.uninstall()
             server.kill()
             server.wait(timeout=10)
-    out = {k: round(statistics.median(v), 1) for k, v in results.items()}
-    out["vip_over_direct_p50"] = round(out["vip_p50_us"] / out["direct_p50_us"], 3)
+
+    def ratio(name: str) -> list[float]:
+        return [a / b for a, b in zip(p50[name], p50["direct"], strict=True) if b]
+
+    out: dict = {}
+    for name in p50:
+        out[f"{name}_p50_us"] = round(statistics.median(p50[name]), 1)
+        out[f"{name}_p50_us_range"] = [round(min(p50[name]), 1), round(max(p50[name]), 1)]
+        out[f"{name}_p90_us"] = round(statistics.median(p90[name]), 1)
+    for key, name in (("vip_over_direct_p50", "vip"), ("direct_mesh_over_direct_p50", "direct_mesh"),
+                      ("vip_monitor_off_over_direct_p50", "vip_monitor_off")):
+        if name not in p50:
+            out[key] = "not available: this data plane has no monitoring switch"
+            continue
+        xs = ratio(name)
+        out[key] = round(statistics.median(xs), 3)
+        out[f"{key}_range"] = [round(min(xs), 3), round(max(xs), 3)]
+    out["baseline"] = "direct: a client in a cgroup with no programs attached"
+    out["effective_programs"] = programs
+    out["rounds"] = rounds
     out["connections_per_mode"] = rounds * per_round
+    out["errors"] = errors
     return out
 
 

@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -336,3 +337,37 @@ def in_cgroup(cgroup: Path) -> Iterator[None]:
         yield
     finally:
         (original / "cgroup.procs").write_text(str(os.getpid()))
+
+
+# Cgroup attach types (enum bpf_attach_type) whose programs run on a TCP client's path.
+_SOCKET_PATH_ATTACH_TYPES = {
+    "ingress": 0, "egress": 1, "sock_create": 2, "sock_ops": 3, "inet4_bind": 8, "inet4_connect": 10,
+    "inet4_post_bind": 12, "getsockopt": 21, "setsockopt": 22, "inet4_getpeername": 29,
+    "inet4_getsockname": 31, "sock_release": 34,
+}
+MESH_ATTACH_TYPES = ("sock_ops", "inet4_connect", "inet4_getpeername")  # what our data plane uses
+_BPF_PROG_QUERY = 16
+_BPF_F_QUERY_EFFECTIVE = 1
+
+
+def effective_programs(cgroup: Path) -> dict[str, int]:
+    """Programs in effect for sockets of `cgroup` (attached there or inherited), per attach type
+    on a TCP client's path; types with none are left out. Why: a "no programs" baseline must be
+    checked, not assumed (an ancestor's attachment would apply to it too)."""
+    syscall = ctypes.CDLL(None, use_errno=True).syscall
+    syscall.restype = ctypes.c_long
+    nr_bpf = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    out: dict[str, int] = {}
+    try:
+        for name, attach_type in _SOCKET_PATH_ATTACH_TYPES.items():
+            attr = ctypes.create_string_buffer(40)  # target_fd, type, query_flags, attach_flags, ids, cnt
+            struct.pack_into("=IIIIQI", attr, 0, fd, attach_type, _BPF_F_QUERY_EFFECTIVE, 0, 0, 0)
+            if syscall(ctypes.c_long(nr_bpf), ctypes.c_int(_BPF_PROG_QUERY), attr, ctypes.c_uint(40)) < 0:
+                continue  # type not supported by this kernel
+            count = struct.unpack_from("=I", attr, 24)[0]
+            if count:
+                out[name] = count
+    finally:
+        os.close(fd)
+    return out

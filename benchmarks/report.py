@@ -43,6 +43,20 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
 SCALE_POINTS = ("10k", "100k", "1m")
 SCALE_KEYS = ("converge_s", "rss_mib", "map_mib")
 AUTHZ_KEYS = ("allowed_overhead_p50", "compile_10k_s", "deny_latency_ms")
+# Issue 12: new connections (connect() included), median over >= 9 rounds of the per-round ratio.
+TARGETS = TARGETS + (
+    ("monitoring on: bpf_vip/direct p50 (paired)", "dataplane.monitoring_on.vip_over_direct_p50",
+     "<=", 1.03),
+    ("monitoring off: bpf_vip/direct p50 (paired)", "dataplane.monitoring_off.vip_over_direct_p50",
+     "<=", 1.01),
+)
+MONITORING_KEYS = ("monitoring_on", "monitoring_off")
+DP_SECTIONS = (  # (section, title): the connect-inclusive headline first
+    ("dataplane", "new connection per request, connect() included (kmesh-connload)"),
+    ("dataplane_request_only", "new connection per request, request only (wrk `Connection: close`: "
+                               "clock starts after the handshake)"),
+    ("dataplane_keepalive", "keep-alive (wrk)"),
+)
 
 
 def _cmd(argv: list[str]) -> str:
@@ -110,8 +124,9 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
             fig = http.get(section, {}).get(mode, http.get("error", "not available: not run"))
             doc[section][mode] = ({k: fig.get(k) for k in DP_KEYS} if isinstance(fig, dict) else fig)
     doc["ratios"] = dict(http.get("ratios", {}))
+    _assemble_dataplane_extras(doc, http)
     l7 = sections.get("dataplane_l7", {})
-    for section in ("dataplane_l7", "dataplane_l7_keepalive"):
+    for section in ("dataplane_l7", "dataplane_l7_request_only", "dataplane_l7_keepalive"):
         doc[section] = {}
         for mode in L7_MODES:
             fig = l7.get(section, {}).get(mode, l7.get("error", "not available: not run"))
@@ -136,13 +151,13 @@ def assemble(machine: dict, sections: dict[str, dict]) -> dict:
         "dataplane_http": {
             "meta": http.get("meta"),
             **{section: {m: v for m, v in http.get(section, {}).items() if isinstance(v, dict)}
-               for section in ("dataplane", "dataplane_keepalive")},
+               for section in ("dataplane", "dataplane_request_only", "dataplane_keepalive")},
         },
         "cli": {k: v for k, v in cli.items() if k not in CLI_KEYS},
         "dataplane_l7": {
             "meta": l7.get("meta"),
             **{section: {m: v for m, v in l7.get(section, {}).items() if isinstance(v, dict)}
-               for section in ("dataplane_l7", "dataplane_l7_keepalive")},
+               for section in ("dataplane_l7", "dataplane_l7_request_only", "dataplane_l7_keepalive")},
         },
         "authz": az.get("details") if isinstance(az, dict) else None,
         "scale": sections.get("scale"),
@@ -165,6 +180,37 @@ def scale_doc(sc: object) -> dict:
     out["ratio_1m_over_100k_converge"] = sc.get("ratio_1m_over_100k_converge",
                                                 "not available: needs the 1m and 100k points")
     return out
+
+
+def _assemble_dataplane_extras(doc: dict, http: dict) -> None:
+    """``dataplane_request_only.<mode>`` (wrk, clock after the handshake) and
+    ``dataplane.monitoring_{on,off}`` (paired bpf_vip/direct ratios with their spread)."""
+    missing = http.get("error", "not available: not run")
+    doc["dataplane_request_only"] = {}
+    for mode in MODES:
+        fig = http.get("dataplane_request_only", {}).get(mode, missing)
+        doc["dataplane_request_only"][mode] = ({k: fig.get(k) for k in DP_KEYS} if isinstance(fig, dict)
+                                               else fig)
+    for key in MONITORING_KEYS:
+        fig = http.get("dataplane", {}).get(key, missing)
+        doc["dataplane"][key] = ({k: v for k, v in fig.items() if k != "per_round"} if isinstance(fig, dict)
+                                 else fig)
+
+
+def monitoring_lines(doc: dict) -> list[str]:
+    """One line per monitoring state: the paired bpf_vip/direct p50 ratio and its spread."""
+    lines = []
+    for key in MONITORING_KEYS:
+        fig = lookup(doc, f"dataplane.{key}")
+        if isinstance(fig, dict):
+            q1, q3 = (fig.get("iqr") or [None, None])[:2]
+            lines.append(f"bpf_vip/direct p50, connect() included, {key.replace('_', ' ')}: "
+                         f"{_fmt(fig.get('vip_over_direct_p50'))} (median of {fig.get('rounds')} paired "
+                         f"rounds; min {_fmt(fig.get('min'))}, max {_fmt(fig.get('max'))}, "
+                         f"IQR {_fmt(q1)}-{_fmt(q3)})")
+        else:
+            lines.append(f"bpf_vip/direct p50, {key.replace('_', ' ')}: {_fmt(fig)}")
+    return lines
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -204,7 +250,8 @@ def _mode_rows(doc: dict, section: str) -> list[tuple[str, object]]:
     """The published modes, then any diagnostic mode that was run (from details)."""
     rows: list[tuple[str, object]] = [(m, doc[section][m]) for m in MODES]
     extra = lookup(doc, f"details.dataplane_http.{section}") or {}
-    rows += [(m, v) for m, v in extra.items() if m not in MODES and isinstance(v, dict)]  # type: ignore[union-attr]
+    rows += [(m, v) for m, v in extra.items()  # type: ignore[union-attr]
+             if m not in MODES and isinstance(v, dict) and "p50_ms" in v]
     return rows
 
 
@@ -231,10 +278,10 @@ def markdown(doc: dict) -> str:
         lines += [f"HTTP: {meta.get('client')}; backend {meta.get('backend')}; proxy {meta.get('proxy')}; "
                   f"{meta.get('rounds')} interleaved rounds x {meta.get('duration_s')} s per mode, median "
                   f"of rounds; CPUs {meta.get('cpus')}; load average before/after "
-                  f"{meta.get('loadavg_before')} / {meta.get('loadavg_after')}. wrk's latency clock starts "
-                  "once the connection is established, so connect() costs show in req/s.", ""]
-    for section, title in (("dataplane", "new connection per request (`Connection: close`)"),
-                           ("dataplane_keepalive", "keep-alive")):
+                  f"{meta.get('loadavg_before')} / {meta.get('loadavg_after')}. Monitoring: "
+                  f"{meta.get('monitoring')}. kmesh-connload's clock covers socket + connect + request + "
+                  "close; wrk's starts once the connection is established (the request-only table).", ""]
+    for section, title in DP_SECTIONS:
         lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s | CPU µs/req |", "|---|---:|---:|---:|---:|"]
         for mode, fig in _mode_rows(doc, section):
             if isinstance(fig, dict):
@@ -245,15 +292,16 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {mode} | {_fmt(fig)} | | | |")
         lines.append("")
     r = doc.get("ratios") or {}
-    lines += ["| Ratio | p50, new conn (paired) | p50, keep-alive (paired) | CPU/req, new conn "
-              "| CPU/req, keep-alive |", "|---|---:|---:|---:|---:|"]
+    lines += ["| Ratio | p50, new conn (paired) | p50, request only (paired) | p50, keep-alive (paired) "
+              "| CPU/req, new conn | CPU/req, keep-alive |", "|---|---:|---:|---:|---:|---:|"]
     for name, label in (("bpf_vip_over_direct", "bpf_vip / direct"),
                         ("envoy_proxy_over_bpf_vip", "envoy_proxy / bpf_vip")):
         cells = [f"{_fmt(r.get(f'{name}_p50{sfx}'))} ({_fmt(r.get(f'{name}_p50_paired{sfx}'))})"
-                 for sfx in ("", "_keepalive")]
+                 for sfx in ("", "_request_only", "_keepalive")]
         cells += [_fmt(r.get(f"{name}_cpu{sfx}")) for sfx in ("", "_keepalive")]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    lines += ["", "Paired: the median over rounds of the ratio within each round (runs close in time)."]
+    lines += ["", "Paired: the median over rounds of the ratio within each round (runs close in time).", ""]
+    lines += [f"- {line}" for line in monitoring_lines(doc)]
     lines.append("")
     l7meta = (doc.get("details", {}).get("dataplane_l7") or {}).get("meta") or {}
     if "dataplane_l7" in doc:
@@ -261,7 +309,9 @@ def markdown(doc: dict) -> str:
             lines += [f"Through a waypoint (benchmarks/dataplane_l7.py): waypoint {l7meta.get('waypoint')}; "
                       f"ztunnel stand-in {l7meta.get('ztunnel_stand_in')}; "
                       f"backend {l7meta.get('backend')}.", ""]
-        for section, title in (("dataplane_l7", "waypoint, new connection per request"),
+        for section, title in (("dataplane_l7", "waypoint, new connection per request, connect() included"),
+                               ("dataplane_l7_request_only", "waypoint, new connection per request, "
+                                                             "request only (wrk)"),
                                ("dataplane_l7_keepalive", "waypoint, keep-alive")):
             lines += [f"| HTTP, {title} | p50 ms | p99 ms | req/s |", "|---|---:|---:|---:|"]
             for mode, fig in doc[section].items():
@@ -270,6 +320,7 @@ def markdown(doc: dict) -> str:
             lines.append("")
         lines += [f"kmesh_waypoint / ambient_like p50: {_fmt(r.get('kmesh_over_ambient_p50'))} new conn "
                   f"(paired {_fmt(r.get('kmesh_over_ambient_p50_paired'))}), "
+                  f"{_fmt(r.get('kmesh_over_ambient_p50_request_only'))} request only, "
                   f"{_fmt(r.get('kmesh_over_ambient_p50_keepalive'))} keep-alive.", ""]
     for section, title in (("control_plane", "Control plane"), ("cli", "CLI"), ("authz", "Authorization"),
                            ("scale", "Scale (real daemon, one run per point)")):
@@ -295,7 +346,7 @@ def markdown(doc: dict) -> str:
 def table(doc: dict) -> str:
     """Plain-text table for stdout."""
     out = []
-    for section in ("dataplane", "dataplane_keepalive"):
+    for section in [s for s, _ in DP_SECTIONS]:
         out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9} {'CPU us/req':>11}")
         for mode, fig in _mode_rows(doc, section):
             if isinstance(fig, dict):
@@ -304,7 +355,7 @@ def table(doc: dict) -> str:
                 out.append(f"  {mode:<20} {cells} {cpu:>11}")
             else:
                 out.append(f"  {mode:<20} {_fmt(fig)}")
-    for section in ("dataplane_l7", "dataplane_l7_keepalive"):
+    for section in ("dataplane_l7", "dataplane_l7_request_only", "dataplane_l7_keepalive"):
         if section not in doc:
             continue
         out.append(f"{section:<22} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
@@ -313,6 +364,7 @@ def table(doc: dict) -> str:
             out.append(f"  {mode:<20} {cells}")
     out.append("ratios")
     out += [f"  {k:<40} {_fmt(v)}" for k, v in doc.get("ratios", {}).items()]
+    out += [f"  {line}" for line in monitoring_lines(doc)]
     for section in ("control_plane", "cli", "reconciler", "authz", "scale"):
         out.append(section)
         out += [f"  {k:<40} {_fmt(v)}" for k, v in flatten(doc.get(section))]

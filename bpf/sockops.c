@@ -1,5 +1,8 @@
 /* sockops: established and close events (bytes, srtt) for sockets connect4/6 recorded in
- * km_sock; via-waypoint sockets go into km_wpsock. Untracked sockets are ignored. */
+ * km_sock; via-waypoint sockets go into km_wpsock. Untracked sockets are ignored.
+ * Monitoring off (km_config: access log and metrics both off): no state callbacks are asked
+ * for and no event is emitted; the waypoint hand-off works the same (its RTT callback is its own).
+ * Records then leave km_sock by LRU eviction instead of at close. */
 #include "km_maps.h"
 
 #define KM_TCP_CLOSE 7
@@ -39,6 +42,10 @@ int sockops(struct bpf_sock_ops *skops)
     if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
         op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_RTT_CB)
         return 1;
+    /* monitoring off: nothing to ask for at connect (and no km_sock lookup) */
+    int quiet = (km_mon_off() & KM_MON_ALL) == KM_MON_ALL;
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB && quiet)
+        return 1;
     __u64 ck = bpf_get_socket_cookie(skops);
     struct km_sock *s = km_sock.lookup(&ck);
     if (!s)
@@ -73,7 +80,8 @@ int sockops(struct bpf_sock_ops *skops)
                 }
             }
         }
-        km_sock_event(skops, s, ck, KM_EV_ESTABLISHED);
+        if (!quiet)
+            km_sock_event(skops, s, ck, KM_EV_ESTABLISHED);
         return 1;
     }
     if (op == BPF_SOCK_OPS_RTT_CB) {
@@ -94,7 +102,8 @@ int sockops(struct bpf_sock_ops *skops)
     volatile __u32 newstate = skops->args[1];
     if (newstate != KM_TCP_CLOSE)
         return 1;
-    km_sock_event(skops, s, ck, KM_EV_CLOSE);
+    if (!quiet) /* switched off since the connect: the record still goes */
+        km_sock_event(skops, s, ck, KM_EV_CLOSE);
     km_sock.delete(&ck);
     return 1;
 }

@@ -97,6 +97,7 @@ class AdminContext:
             "dataplane_sync": self.sync.status() if self.sync is not None and hasattr(self.sync, "status")
             else {},
             "maps": self.pressure() if self.dataplane is not None else {},
+            "monitoring": self.dataplane.monitoring() if hasattr(self.dataplane, "monitoring") else {},
             "events": {"total": getattr(self.hub, "events_total", 0),
                        "trace_subscribers": getattr(self.hub, "subscribers", 0)},
             "cgroup": str(getattr(cfg, "cgroup_root", "")),
@@ -161,9 +162,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._trace(query)
             elif path == "/authz":
                 self._authz(None)
+            elif path in MONITORING_PATHS:
+                self._monitoring(path, None)
             else:
                 self._error(404, f"no such endpoint {path}; see /status, /debug/config_dump, /debug/bpf, "
-                                 "/debug/trace, /debug/loggers, /debug/ready, /version")
+                                 "/debug/trace, /debug/loggers, /debug/ready, /monitoring, /version")
         except BrokenPipeError:
             pass
         except Exception as exc:  # noqa: BLE001 - report, keep serving
@@ -177,6 +180,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path.rstrip("/") == "/authz":
             self._authz({k: v[-1] for k, v in parse_qs(url.query).items()})
+            return
+        if url.path.rstrip("/") in MONITORING_PATHS:
+            self._monitoring(url.path.rstrip("/"), parse_qs(url.query, keep_blank_values=True))
             return
         if url.path.rstrip("/") != "/debug/loggers":
             code = 404 if url.path not in self._known_get() else 405
@@ -201,6 +207,22 @@ class _Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _known_get() -> tuple[str, ...]:
         return ("/version", "/debug/config_dump", "/debug/bpf", "/debug/ready", "/status", "/debug/trace")
+
+    def _monitoring(self, path: str, query: dict[str, list[str]] | None) -> None:
+        """GET: the switch; POST: flip it (see parse_monitoring). Answers the state after."""
+        ctx = self.server.ctx
+        if ctx.dataplane is None:
+            self._error(503, "data plane not loaded yet")
+            return
+        if query is not None:
+            try:
+                change = parse_monitoring(path, query)
+            except ValueError as exc:
+                self._error(400, str(exc))
+                return
+            ctx.dataplane.set_monitoring(**change)
+            log.info("monitoring changed", extra={k: v for k, v in change.items() if v is not None})
+        self._json({**ctx.dataplane.monitoring(), "node": getattr(ctx.config, "node_name", "")})
 
     def _authz(self, query: dict[str, str] | None) -> None:
         """GET: authorization state; POST ?enable=true|false (Kmesh's /authz)."""
@@ -308,6 +330,39 @@ class _Handler(BaseHTTPRequestHandler):
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
+
+
+MONITORING_PATHS = ("/monitoring", "/accesslog", "/connection_metrics")
+_MONITORING_HELP = ("use POST /monitoring?enable=true|false (both), or ?accesslog=true|false and/or "
+                    "?connectionMetrics=true|false")
+
+
+def parse_monitoring(path: str, query: dict[str, list[str]]) -> dict[str, bool | None]:
+    """A POST's query -> set_monitoring() arguments; ValueError (nothing applied) when it is wrong.
+
+    As Kmesh: ``/monitoring?enable=`` switches both, ``/accesslog?enable=`` and
+    ``/connection_metrics?enable=`` one each; ``/monitoring`` also takes ``accesslog=`` and
+    ``connectionMetrics=`` (or ``metrics=``) to set both sub-switches in one request."""
+    names = {"/monitoring": ("access_log", "metrics"), "/accesslog": ("access_log",),
+             "/connection_metrics": ("metrics",)}[path]
+    keys = {"enable": names}
+    if path == "/monitoring":
+        keys.update({"accesslog": ("access_log",), "connectionMetrics": ("metrics",),
+                     "metrics": ("metrics",)})
+    out: dict[str, bool | None] = {"access_log": None, "metrics": None}
+    if not query:
+        raise ValueError(_MONITORING_HELP)
+    for key, values in query.items():
+        if key not in keys:
+            raise ValueError(f"unknown parameter {key!r}; {_MONITORING_HELP}")
+        value = values[-1].strip().lower()
+        if value not in ("true", "false"):
+            raise ValueError(f"{key}={values[-1]!r}: expected true or false")
+        for name in keys[key]:
+            if out[name] is not None and out[name] != (value == "true"):
+                raise ValueError(f"{key}={value} contradicts another parameter; {_MONITORING_HELP}")
+            out[name] = value == "true"
+    return out
 
 
 def _match_all(_event: Any) -> bool:

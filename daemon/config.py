@@ -38,6 +38,7 @@ class DaemonConfig:
     mode: str = "dual-engine"
     enable_bypass: bool = False
     enable_bpf_log: bool = True
+    monitoring: bool | None = None  # None: keep the pinned switch (on for a fresh install)
     cgroup_root: Path = Path("/mnt/kmesh_cgroup2")
     allow_node_root: bool = False  # --i-know-this-is-the-node-root: node-wide attach on purpose
     pin_dir: Path = BPF_FS / "kmesh"
@@ -112,7 +113,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--enable-bypass", type=_bool, default=False, metavar="BOOL")
     p.add_argument("--enable-bpf-log", type=_bool, default=True, metavar="BOOL",
                    help="log every connection event at debug level on the 'bpf' logger")
-    p.add_argument("--monitoring", type=_bool, default=True, metavar="BOOL", help="accepted for the seed")
+    p.add_argument("--monitoring", type=_bool, default=None, metavar="BOOL",
+                   help="access logs and connection metrics (ring-buffer events) on or off at start; "
+                        "unset: keep the setting pinned by the previous daemon (on for a fresh install); "
+                        "switch at run time with `kmeshctl monitoring`")
     p.add_argument("--cgroup-root", default=env("KMESH_CGROUP_ROOT"),
                    help="cgroup v2 directory to attach to (env KMESH_CGROUP_ROOT); required")
     p.add_argument("--i-know-this-is-the-node-root", "--node-wide", action="store_true",
@@ -237,6 +241,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
         mode=ns.mode,
         enable_bypass=ns.enable_bypass,
         enable_bpf_log=ns.enable_bpf_log,
+        monitoring=ns.monitoring,
         proc_root=Path(ns.proc_root) if ns.proc_root else default_proc_root(),
         admin_host=admin_host,
         admin_port=admin_port,

@@ -3,6 +3,9 @@
 Why one thread: the ring buffer has a single consumer; metrics and every ``/debug/trace``
 stream see the same events, each trace subscriber through its own bounded queue so a slow
 client drops its own events (counted) instead of stalling the metrics or the kernel side.
+The monitoring switch (``Dataplane.set_monitoring``) gates the consumers too: with access logs
+off no trace stream or debug log sees an event, with connection metrics off no metrics sink
+does; the reader itself keeps running, so switching back on needs no restart.
 The ``NameResolver`` turns the kernel's cookies, addresses and uids back into pod and
 service names, from the daemon's state, for traces and metric labels.
 """
@@ -18,6 +21,9 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 log = logging.getLogger("daemon.dataplane.events")
+# km_config.mon_off bits (daemon/dataplane/layout.py MON_*; not imported: no BPF code here)
+MON_ACCESSLOG = 1
+MON_METRICS = 2
 bpf_log = logging.getLogger("daemon.bpf")
 
 
@@ -54,7 +60,7 @@ class EventHub:
 
     def __init__(self, dataplane: Any, log_events: bool = False) -> None:
         self._dataplane = dataplane
-        self._sinks: list[Callable[[Any], None]] = []
+        self._sinks: list[tuple[Callable[[Any], None], int]] = []
         self._subs: list[Subscription] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -63,8 +69,12 @@ class EventHub:
         self.events_total = 0
         self.errors = 0
 
-    def add_sink(self, sink: Callable[[Any], None]) -> None:
-        self._sinks.append(sink)
+    def add_sink(self, sink: Callable[[Any], None], monitoring: int = 0) -> None:
+        """monitoring: the MON_* bit whose switch turns this sink off (0: always called)."""
+        self._sinks.append((sink, monitoring))
+
+    def _mon_off(self) -> int:
+        return getattr(self._dataplane, "mon_off", 0) or 0
 
     def subscribe(self, match: Callable[[Any], bool], maxsize: int = 4096) -> Subscription:
         sub = Subscription(match, maxsize)
@@ -85,14 +95,19 @@ class EventHub:
     def dispatch(self, event: Any) -> None:
         """Deliver one event (called from the poll thread; public for tests of the fan-out)."""
         self.events_total += 1
-        if self._log_events and bpf_log.isEnabledFor(logging.DEBUG):
+        off = self._mon_off()
+        if self._log_events and not off & MON_ACCESSLOG and bpf_log.isEnabledFor(logging.DEBUG):
             bpf_log.debug("connection event", extra=event_dict(event))
-        for sink in self._sinks:
+        for sink, bit in self._sinks:
+            if off & bit:
+                continue
             try:
                 sink(event)
             except Exception:  # noqa: BLE001 - a sink bug must not stop the event stream
                 self.errors += 1
                 log.exception("event sink failed")
+        if off & MON_ACCESSLOG:
+            return
         with self._lock:
             subs = list(self._subs)
         for sub in subs:

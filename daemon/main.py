@@ -148,7 +148,7 @@ class Daemon:
 
     def start(self) -> None:
         from daemon.admin import AdminContext, AdminServer
-        from daemon.events import EventHub, NameResolver
+        from daemon.events import MON_METRICS, EventHub, NameResolver
         from daemon.metrics import ConnectionMetrics, MetricsServer, MetricsSource
 
         cfg = self.cfg
@@ -179,6 +179,9 @@ class Daemon:
         t0 = time.monotonic()
         self.dataplane = _open_dataplane(Dataplane, cfg)
         self.ctx.dataplane = self.dataplane
+        if cfg.monitoring is not None:
+            self.dataplane.set_monitoring(access_log=cfg.monitoring, metrics=cfg.monitoring)
+        log.info("monitoring", extra=self.dataplane.monitoring())
         self.metrics_source.pressure = self.dataplane.map_pressure
         log.info("data plane loaded", extra={"cgroup": str(cfg.cgroup_root), "pin_dir": str(cfg.pin_dir),
                                              "seconds": round(time.monotonic() - t0, 2)})
@@ -224,7 +227,7 @@ class Daemon:
         resolver = NameResolver(self.state, self.enroll)
         self.hub = EventHub(self.dataplane, log_events=cfg.enable_bpf_log)
         conn = ConnectionMetrics(resolver, self.enroll)
-        self.hub.add_sink(conn.on_event)
+        self.hub.add_sink(conn.on_event, monitoring=MON_METRICS)
         self.metrics_source.conn = conn
         self.ctx.hub, self.ctx.resolver = self.hub, resolver
         self.hub.start()

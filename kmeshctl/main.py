@@ -34,6 +34,7 @@ _COMMAND_MODULES: list[str] = [
     "sandbox",
     "waypoint",
     "authz",
+    "monitoring",
     "completion",
 ]
 

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import typer
 
-from kmeshctl.common import ContextOpt, KmeshctlError, KubeconfigOpt, UsageError
+from kmeshctl.common import ContextOpt, KmeshctlError, KubeconfigOpt, UsageError, warn
 from kmeshctl.daemonlink import AdminAddrOpt, Daemon, NodeOpt, find_daemons
 
 trace_app = typer.Typer(help="Trace a pod's connections through the data plane.", no_args_is_help=True)
@@ -97,6 +97,21 @@ def format_event(rec: dict[str, Any]) -> str:
     return line
 
 
+def monitoring_off_message(daemon: Daemon, namespace: str, name: str) -> str | None:
+    """Why a trace would stay empty: access logs switched off on the pod's daemon (None: they are
+    on, or the daemon predates the switch)."""
+    try:
+        state = daemon.get_json("/monitoring", timeout=10.0)
+    except KmeshctlError:
+        return None  # an older daemon (404) or a transient failure: the stream reports its own errors
+    if state.get("access_log", True):
+        return None
+    where = f"node {daemon.node}" if daemon.node else daemon.label
+    return (f"monitoring (access logs) is off on the kmesh daemon of {where} ({daemon.label}): no connection "
+            f"events for {namespace}/{name} will be traced; turn it on with "
+            f"`kmeshctl monitoring --accesslog enable` (or --all enable)")
+
+
 def _daemon_for_pod(namespace: str, name: str, admin_addr: str | None, node: str | None,
                     kubeconfig: str | None, context: str | None) -> Daemon:
     daemons = find_daemons(admin_addr, node, kubeconfig, context)
@@ -142,6 +157,11 @@ def trace_pod(
     if timeout <= 0 and not follow:
         raise UsageError("--timeout must be > 0 (or use -f)")
     daemon = _daemon_for_pod(namespace, name, admin_addr, node, kubeconfig, context)
+    off = monitoring_off_message(daemon, namespace, name)
+    if off is not None:
+        if not follow:
+            raise KmeshctlError(off)
+        warn(off + "; waiting (-f) in case it is switched on")
     params = {"pod": f"{namespace}/{name}"}
     if not follow:
         params.update({"count": str(count), "timeout": str(timeout)})

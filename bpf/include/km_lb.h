@@ -208,14 +208,23 @@ static __always_inline __u8 km_translate(struct km_fe_key *key, struct km_sock *
     return verdict;
 }
 
-/* Fill the common part of a connect event and the socket record, then emit / store them. */
+/* Store the socket record (getpeername and sockops need it whatever monitoring says), then,
+ * unless access logs are off, emit the connect event. */
 static __always_inline void km_record(void *ctx, __u64 netns, struct km_sock *s, __u8 verdict,
                                       int store)
 {
+    __u32 quiet = km_mon_off() & KM_MON_ACCESSLOG;
+    if (quiet && !store)
+        return;
+    __u64 ck = bpf_get_socket_cookie(ctx);
+    if (store)
+        km_sock.update(&ck, s);
+    if (quiet)
+        return;
     struct km_event ev = {};
     ev.ts_ns = s->connect_ns;
     ev.netns_cookie = netns;
-    ev.sock_cookie = bpf_get_socket_cookie(ctx);
+    ev.sock_cookie = ck;
     __builtin_memcpy(ev.orig_addr, s->orig_addr, 16);
     __builtin_memcpy(ev.backend_addr, s->backend_addr, 16);
     ev.orig_port = s->orig_port;
@@ -225,10 +234,6 @@ static __always_inline void km_record(void *ctx, __u64 netns, struct km_sock *s,
     ev.kind = KM_EV_CONNECT;
     ev.verdict = verdict;
     ev.family = s->family;
-    if (store) {
-        __u64 ck = ev.sock_cookie;
-        km_sock.update(&ck, s);
-    }
     km_emit(&ev);
 }
 

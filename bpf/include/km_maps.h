@@ -52,6 +52,11 @@
 #define KM_V_VIA_WAYPOINT 4     /* sent to a waypoint pod at its hand-off port */
 #define KM_V_NO_WAYPOINT_EP 5   /* the destination has a waypoint with no endpoint: refused */
 
+/* km_config.mon_off bits: a set bit switches that output off (0, a fresh map: all on) */
+#define KM_MON_ACCESSLOG 1 /* connect events (trace, access log) */
+#define KM_MON_METRICS 2   /* connection metrics; with both off sockops asks for no state callbacks */
+#define KM_MON_ALL 3
+
 /* control addresses: 0.0.0.2 and ::2, ports 929 (enable) / 930 (disable) */
 #define KM_CTL_ENABLE 929
 #define KM_CTL_DISABLE 930
@@ -149,6 +154,14 @@ struct km_layout {
     __u32 reserved[7];
 };
 
+/* km_config (array, 1 entry, pinned): runtime switches the daemon flips (`kmeshctl monitoring`).
+ * Pinned with the other maps so a restarted daemon (and the programs still attached while it is
+ * away) keep the setting. Zero means "on", so a fresh generation behaves as before the switch. */
+struct km_config {
+    __u32 mon_off;     /* KM_MON_* bits switched off */
+    __u32 reserved[7]; /* 0 */
+};
+
 /* ring buffer record */
 struct km_event {
     __u64 ts_ns;
@@ -185,6 +198,16 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct km_sock, km_sock, KM_MAX_SOCK, KM_PIN
 BPF_TABLE_PINNED("hash", struct km_name_key, struct km_name, km_names, KM_MAX_NAMES,
                  KM_PIN_DIR "/names", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct km_layout, km_layout, 1, KM_PIN_DIR "/layout");
+BPF_TABLE_PINNED("array", __u32, struct km_config, km_config, 1, KM_PIN_DIR "/config");
+
+/* Which monitoring outputs are off (KM_MON_* bits): one array lookup, the whole cost of the
+ * switch on the connect path. */
+static __always_inline __u32 km_mon_off(void)
+{
+    __u32 zero = 0;
+    struct km_config *c = km_config.lookup(&zero);
+    return c ? c->mon_off : 0;
+}
 /* km_handoff (socket storage, keyed by the socket itself): what the sk_msg program writes in
  * front of a via-waypoint socket's first byte. Copied from km_sock by sockops when the socket
  * is established (sk_msg programs cannot read the socket cookie, so not km_sock itself). */

@@ -5,6 +5,8 @@ Public API (docs/interfaces "Data plane"):
     Dataplane.open(cgroup, pin_dir, capacity=None) -> Dataplane
     Dataplane.sync(projection) / .update(projection, services, backends) -> ReconcileResult
     Dataplane.read_back() / .raw_maps() / .map_pressure() / .poll_events(cb, timeout_ms)
+    Dataplane.set_monitoring(access_log=None, metrics=None) / .monitoring() -> {"access_log",
+        "metrics", "enabled"}: the pinned switch the programs read (both off: no events)
     Dataplane.close() (restart: keep pins and attachments) / .uninstall()
     control_connect(netns, enable, ipv6=False, cgroup=None) ; netns_cookie(netns)
     read_pins(pin_dir) -> same shape as read_back(), from pins alone (no compile)

@@ -8,12 +8,14 @@ Pin layout (everything under ``pin_dir``)::
         manage                               enrolled netns cookies (written by the programs)
         sock                                 LRU: socket cookie -> original destination
         layout                               array[1]: the layout version these maps are for
+        config                               array[1]: runtime switches (monitoring)
 
 Attachments are plain BPF_PROG_ATTACH (flags 0) on the cgroup: they outlive the process, and a
 new process attaching the same types replaces each program atomically, so a restart over the
 same generation never leaves a connect untranslated. A different generation (layout version or
 capacity changed) gets new maps, filled by the first sync() *before* the new programs are
-attached; the manage map is carried over and the old generation's pins are removed after.
+attached; the manage map and the monitoring switch are carried over and the old generation's
+pins are removed after.
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ class Dataplane:
         self.reconciler = Reconciler(loaded.maps, capacity)
         self.reconciler.load()
         self.attached = False
+        self._config_set = False  # set_monitoring() ran: carry-over must not undo it
         self._ring: RingBuffer | None = None
         self._callback: Callable[[ConnEvent], None] | None = None
+        self.mon_off = self._read_mon_off()  # cached KM_MON_* bits: the event hub reads it per event
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -112,13 +116,13 @@ class Dataplane:
         return dp
 
     def _carry_over(self) -> None:
-        """Copy enrolled netns cookies (and, when only the capacity changed, the socket records
-        getpeername needs) from older generations into ours."""
-        same_layout = f"v{layout.LAYOUT_VERSION}-"
-        for name, sizes in (("manage", (8, 4)), ("sock", (8, ctypes.sizeof(layout.SockVal)))):
+        """Copy enrolled netns cookies, the monitoring switch and (when km_sock still means the
+        same) the socket records getpeername needs from older generations into ours."""
+        for name, sizes in (("manage", (8, 4)), ("sock", (8, ctypes.sizeof(layout.SockVal))),
+                            ("config", (4, ctypes.sizeof(layout.ConfigVal)))):
             keys, vals = [], []
             for gen in self._old:
-                if name == "sock" and not gen.name.startswith(same_layout):
+                if name == "sock" and _gen_version(gen) < layout.SOCK_SAME_SINCE:
                     continue
                 try:
                     m = MapIO.open_pinned(name, str(gen / name))
@@ -132,6 +136,11 @@ class Dataplane:
                 finally:
                     m.close()
             target = self._loaded.maps[name]
+            if name == "config":
+                if vals and not self._config_set:  # the newest old generation's switch wins
+                    target.update(keys[-1], vals[-1])
+                    self.mon_off = self._read_mon_off()
+                continue
             if keys:
                 target.update_batch(keys[: target.max_entries], vals[: target.max_entries])
 
@@ -177,6 +186,33 @@ class Dataplane:
 
     def prog_ids(self) -> dict[str, int]:
         return self._loaded.prog_ids()
+
+    # ------------------------------------------------------------ monitoring
+    def _read_mon_off(self) -> int:
+        v = self._loaded.maps["config"].lookup(layout.U32.pack(0))
+        return layout.U32.unpack(v[:4])[0] & layout.MON_ALL if v else 0
+
+    def monitoring(self) -> dict:
+        """The switch as the kernel reads it: {"access_log", "metrics", "enabled"} (enabled: the
+        programs emit events at all)."""
+        off = self.mon_off = self._read_mon_off()
+        return {"access_log": not off & layout.MON_ACCESSLOG, "metrics": not off & layout.MON_METRICS,
+                "enabled": (off & layout.MON_ALL) != layout.MON_ALL}
+
+    def set_monitoring(self, access_log: bool | None = None, metrics: bool | None = None) -> dict:
+        """Switch access logs (connect events, traces) and/or connection metrics (established
+        and close events); None leaves that one as it is. One array write: the programs read it
+        on every connect. Both off: no ring-buffer events and no sockops state callbacks;
+        translation, getpeername and the waypoint hand-off are unaffected. Returns monitoring()."""
+        with self._lock:
+            off = self._read_mon_off()
+            for flag, bit in ((access_log, layout.MON_ACCESSLOG), (metrics, layout.MON_METRICS)):
+                if flag is not None:
+                    off = (off & ~bit) if flag else (off | bit)
+            cfg = layout.ConfigVal(off)
+            self._loaded.maps["config"].update(layout.U32.pack(0), bytes(cfg))
+            self._config_set = True
+            return self.monitoring()
 
     # ---------------------------------------------------------------- events
     def _service_name(self, sid: int) -> str:
@@ -259,6 +295,14 @@ def uninstall(cgroup: Path, pin_dir: Path, allow_root: bool = False) -> None:
     cg = check_cgroup(cgroup, allow_root=allow_root)
     detach(cg)
     shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+def _gen_version(gen_dir: Path) -> int:
+    """The layout version in a generation's name (v<N>-<digest>)."""
+    try:
+        return int(gen_dir.name[1:].split("-", 1)[0])
+    except ValueError:
+        return 0
 
 
 def _layout_version(gen_dir: Path) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-LAYOUT_VERSION = 2  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock)
+LAYOUT_VERSION = 3  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: config
+SOCK_SAME_SINCE = 2  # km_sock means the same since this version: its records carry over
 
 AF_INET = 2
 AF_INET6 = 10
@@ -35,6 +36,11 @@ NAME_BACKEND = 2
 NAME_LEN = 256
 
 PRIOS = 7
+
+# km_config.mon_off bits (a set bit = that output off; 0 = everything on)
+MON_ACCESSLOG = 1
+MON_METRICS = 2
+MON_ALL = MON_ACCESSLOG | MON_METRICS
 
 EVENT_KINDS = {1: "connect", 2: "established", 3: "close"}
 VERDICTS = {1: "translated", 2: "passthrough", 3: "no_healthy_endpoint", 4: "via_waypoint",
@@ -105,6 +111,12 @@ class LayoutVal(ct.Structure):
     _fields_ = [("version", ct.c_uint32), ("reserved", ct.c_uint32 * 7)]
 
 
+class ConfigVal(ct.Structure):
+    """km_config[0]: runtime switches (monitoring)."""
+
+    _fields_ = [("mon_off", ct.c_uint32), ("reserved", ct.c_uint32 * 7)]
+
+
 class Event(ct.Structure):
     _fields_ = [
         ("ts_ns", ct.c_uint64),
@@ -138,6 +150,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     "sock": (ct.c_uint64, SockVal),
     "names": (NameKey, NameVal),
     "layout": (ct.c_uint32, LayoutVal),
+    "config": (ct.c_uint32, ConfigVal),
 }
 # pin file name -> symbol in the C source
 MAP_SYMBOLS = {name: f"km_{name}" for name in MAP_LAYOUTS}

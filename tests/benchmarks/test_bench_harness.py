@@ -65,13 +65,24 @@ def _doc(http: dict) -> dict:
 
 def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
     fig = {"p50_ms": 0.2, "p99_ms": 0.5, "rps": 1000.0, "cycle_ms": 1.0}
+    mon_on = {"vip_over_direct_p50": 1.02, "min": 0.99, "max": 1.04, "iqr": [1.0, 1.03], "rounds": 9,
+              "per_round": [1.02] * 9}
     http = {"dataplane": {"direct": fig, "bpf_vip": {**fig, "p50_ms": 0.21},
-                          "envoy_proxy": {**fig, "p50_ms": 0.5}},
+                          "envoy_proxy": {**fig, "p50_ms": 0.5},
+                          "bpf_vip_monitor_off": {**fig, "p50_ms": 0.201},
+                          "monitoring_on": mon_on,
+                          "monitoring_off": {**mon_on, "vip_over_direct_p50": 1.015}},
+            "dataplane_request_only": {"direct": fig, "bpf_vip": fig, "envoy_proxy": fig},
             "dataplane_keepalive": {"direct": fig, "bpf_vip": fig, "envoy_proxy": "not available: x"},
-            "ratios": {"bpf_vip_over_direct_p50": 1.05, "envoy_proxy_over_bpf_vip_p50": 2.381}}
+            "ratios": {"bpf_vip_over_direct_p50": 1.05, "envoy_proxy_over_bpf_vip_p50": 2.381,
+                       "bpf_vip_over_direct_p50_request_only": 0.98}}
     doc = _doc(http)
-    for section in ("dataplane", "dataplane_keepalive"):
+    for section in ("dataplane_request_only", "dataplane_keepalive"):
         assert set(doc[section]) == {"direct", "bpf_vip", "envoy_proxy"}
+    assert set(doc["dataplane"]) == {"direct", "bpf_vip", "envoy_proxy", "monitoring_on", "monitoring_off"}
+    assert doc["dataplane"]["monitoring_on"]["vip_over_direct_p50"] == 1.02
+    on = doc["dataplane"]["monitoring_on"]
+    assert on["min"] == 0.99 and "per_round" not in on
     assert set(doc["dataplane"]["direct"]) == {"p50_ms", "p99_ms", "rps"}
     assert doc["dataplane_keepalive"]["envoy_proxy"] == "not available: x"
     assert set(doc["control_plane"]) >= {"converge_100k_endpoints_s", "single_update_ms", "daemon_rss_mib"}
@@ -81,11 +92,17 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
     met = {t["key"]: t["met"] for t in doc["targets"]}
     assert met["ratios.bpf_vip_over_direct_p50"] is True
     assert met["cli.dump_10k_s"] is False
+    assert met["dataplane.monitoring_on.vip_over_direct_p50"] is True
+    assert met["dataplane.monitoring_off.vip_over_direct_p50"] is False  # 1.015 > 1.01
     assert met["control_plane.single_update_ms"] is None
     json_path, md_path = report.write(doc, tmp_path)
     assert json.loads(json_path.read_text())["cli"]["help_s"] == 0.2
     md = md_path.read_text()
     assert "| envoy_proxy | 0.500 | 0.500 | 1,000 | n/a |" in md and "**no**" in md
+    assert "connect() included" in md and "request only" in md
+    assert "| bpf_vip_monitor_off | 0.201 |" in md  # the monitoring-off run is a row of its own
+    assert "monitoring on: 1.020 (median of 9 paired rounds; min 0.990, max 1.040, IQR 1.000-1.030)" in md
+    assert "monitoring off: bpf_vip/direct p50 (paired) | <= 1.01 | 1.015 | **no** |" in md
     assert "make bench" in md
 
 
@@ -155,18 +172,34 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
     assert out["meta"]["backend"].startswith(backend)
     measured = list(modes)
     for mode in measured:
-        for section in ("dataplane", "dataplane_keepalive"):
+        for section in ("dataplane", "dataplane_request_only", "dataplane_keepalive"):
             fig = out[section][mode]
             assert isinstance(fig, dict), f"{section}.{mode}: {fig}"
             assert fig["rps"] > 0 and fig["errors"] == 0 and 0 < fig["p50_ms"] <= fig["p99_ms"]
-            assert fig["cpu_us_per_req"] > 0
-        # Connection: close must mean one backend connection per request (wrk reconnects).
-        assert all(r > 0.9 for r in out["dataplane"][mode]["backend_connections_per_request"])
+            assert fig["cpu_us_per_req"] > 0 and len(fig["rounds"]) == 1
+        # A new connection per request: one backend connection per request (kmesh-connload).
+        per_request = out["dataplane"][mode]["backend_connections_per_request"]
+        assert all(r is not None and r > 0.9 for r in per_request)
+    assert out["meta"]["effective_programs"]["plain"] == {}  # the floor really has no programs
     if "bpf_vip" not in measured:
         assert out["dataplane"]["bpf_vip"] == "not available: mode not selected"
+        assert out["dataplane"]["monitoring_on"].startswith("not available:")
     if "bpf_vip" in measured:
         assert out["ratios"]["bpf_vip_over_direct_p50_paired"] is not None
+        assert out["ratios"]["bpf_vip_over_direct_p50_request_only"] is not None
         assert out["ratios"]["envoy_proxy_over_bpf_vip_p50"] is not None
+        assert set(out["meta"]["effective_programs"]["mesh"]) >= {"inet4_connect", "sock_ops"}
+        on = out["dataplane"]["monitoring_on"]
+        assert on["rounds"] == 1 and on["min"] <= on["vip_over_direct_p50"] <= on["max"]
+        # monitoring on: connect/established/close events are read; off: none at all
+        assert out["dataplane"]["bpf_vip"]["events_per_request"][0] >= 1
+        off = out["dataplane"]["monitoring_off"]
+        if isinstance(off, dict):
+            assert off["rounds"] == 1
+            assert out["dataplane"]["bpf_vip_monitor_off"]["events_per_request"] == [0.0]
+            assert out["dataplane"]["bpf_vip_monitor_off"]["errors"] == 0
+        else:
+            assert "no monitoring switch" in off
     # Everything created is gone: namespaces, the benchmark cgroup, pins.
     assert not any(Path("/run/netns").glob(f"{prefix}-*"))
     assert not (test_cgroup / f"kmesh-bench-{prefix}").exists()
@@ -286,3 +319,39 @@ def test_scale_capacity_sizing() -> None:
     assert cap is not None and cap["frontends"] >= 1.2 * 1_100_000 and cap["backends"] >= 1.2 * 1_000_000
     assert cap["services"] >= 1.2 * 100_000
     assert scale.message_mib_for(10_000, 10) == 0 and 400 < scale.message_mib_for(100_000, 10) < 2048
+
+
+def test_paired_ratio_median_and_spread() -> None:
+    from benchmarks.connload import ConnResult
+    from benchmarks.dataplane_http import paired
+
+    def res(p50: float) -> ConnResult:
+        return ConnResult(p50, p50, p50, p50, p50, p50, p50, 1.0, 1, 0, 1.0, 1, 1.0)
+
+    direct = [res(x) for x in (1.0, 2.0, 1.0, 1.0, 2.0)]
+    vip = [res(x) for x in (1.01, 2.0, 1.1, 0.99, 2.06)]
+    out = paired(vip, direct)
+    assert out is not None and out["rounds"] == 5
+    assert out["vip_over_direct_p50"] == 1.01 and out["min"] == 0.99 and out["max"] == 1.1
+    assert out["iqr"] == [1.0, 1.03]
+    assert paired([], direct) is None
+
+
+@pytest.mark.kernel
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, netns, cgroups)")
+def test_connect_micro_benchmark_baseline_has_no_programs() -> None:
+    if not _dataplane_present():
+        pytest.skip("daemon.dataplane not importable")
+    from benchmarks import dataplane_maps
+
+    out = dataplane_maps.bench_connect(rounds=2, per_round=30)
+    assert out["effective_programs"]["direct"] == {}
+    assert {"inet4_connect", "sock_ops"} <= set(out["effective_programs"]["mesh"])
+    assert out["errors"] == 0 and out["rounds"] == 2
+    for name in ("direct", "vip", "direct_mesh"):
+        lo, hi = out[f"{name}_p50_us_range"]
+        assert 0 < lo <= out[f"{name}_p50_us"] <= hi
+    lo, hi = out["vip_over_direct_p50_range"]
+    assert lo <= out["vip_over_direct_p50"] <= hi
+    assert isinstance(out["vip_monitor_off_over_direct_p50"], float)  # the switch is in the data plane

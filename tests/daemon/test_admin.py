@@ -240,3 +240,20 @@ def test_config_dump_sections_gzip_and_cache_invalidation() -> None:
         assert len(again["workloads"]) == 51 and again["workloads"][-1]["name"] == "new-pod"
     finally:
         server.stop()
+
+
+def test_parse_monitoring_queries() -> None:
+    """Kmesh's shapes (/monitoring, /accesslog, /connection_metrics ?enable=) and the sub-switches."""
+    from daemon.admin import parse_monitoring
+
+    assert parse_monitoring("/monitoring", {"enable": ["false"]}) == {"access_log": False, "metrics": False}
+    assert parse_monitoring("/accesslog", {"enable": ["true"]}) == {"access_log": True, "metrics": None}
+    assert parse_monitoring("/connection_metrics", {"enable": ["False"]}) == {"access_log": None,
+                                                                              "metrics": False}
+    assert parse_monitoring("/monitoring", {"accesslog": ["true"], "connectionMetrics": ["false"]}) == {
+        "access_log": True, "metrics": False}
+    for path, query in (("/monitoring", {}), ("/monitoring", {"enable": ["1"]}),
+                        ("/accesslog", {"accesslog": ["true"]}), ("/monitoring", {"bogus": ["true"]}),
+                        ("/monitoring", {"enable": ["true"], "metrics": ["false"]})):
+        with pytest.raises(ValueError):
+            parse_monitoring(path, query)

@@ -32,6 +32,13 @@ def test_seed_flags_and_environment() -> None:
     assert cfg.proc_root in (Path("/proc"), Path("/host/proc"))
 
 
+def test_monitoring_flag() -> None:
+    """Unset: keep the pinned switch (None); set: applied at start."""
+    assert parse_config([], BASE_ENV).monitoring is None
+    assert parse_config(["--monitoring=false"], BASE_ENV).monitoring is False
+    assert parse_config(["--monitoring", "true"], BASE_ENV).monitoring is True
+
+
 def test_plaintext_drops_token_and_ca() -> None:
     cfg = parse_config(["--plaintext"], BASE_ENV)
     assert cfg.plaintext and cfg.token_path is None and cfg.root_ca is None

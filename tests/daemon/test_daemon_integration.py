@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -239,6 +240,69 @@ def test_metrics_count_connections_with_istio_labels(enrolled: Env) -> None:
     assert "kmesh_xds_connected{" in text and 'kmesh_bpf_map_pressure{map="frontend"}' in text
 
 
+def _post(env: Env, path: str) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{env.admin}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _closed_total(env: Env) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/status/metric", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kmesh_tcp_connections_closed_total{")
+               and 'destination_service_name="echo"' in line)
+
+
+def test_monitoring_switch(enrolled: Env) -> None:
+    """kmeshctl monitoring / the admin API: off = no events, metrics still, trace says so, the VIP
+    still translated (getpeername the VIP); on again = the counters move again."""
+    env = enrolled
+    state = json.loads(env.kmeshctl("monitoring", "-o", "json", check=True).stdout)
+    assert [(r["accesslog"], r["connectionMetrics"]) for r in state] == [(True, True)], state
+    try:
+        off = json.loads(env.kmeshctl("monitoring", "--all", "disable", "-o", "json", check=True).stdout)
+        assert [(r["accesslog"], r["connectionMetrics"]) for r in off] == [(False, False)], off
+        assert env.get("/monitoring") == {"access_log": False, "metrics": False, "enabled": False,
+                                          "node": env.node}
+        closed, events = _closed_total(env), env.status()["events"]["total"]
+        r = env.connect("cli", f"{env.vip}:80", n=3)
+        assert r["ok"] == 3 and r["peers"] == [f"{env.vip}:80"], r
+        time.sleep(1.5)  # what would have arrived by now (events take milliseconds)
+        assert (_closed_total(env), env.status()["events"]["total"]) == (closed, events)
+
+        t0 = time.monotonic()
+        tr = env.kmeshctl("trace", "pod", "cli", "-n", env.namespace, "--timeout", "20")
+        assert tr.returncode == 1 and time.monotonic() - t0 < 15, tr
+        assert "monitoring (access logs) is off" in tr.stderr and "kmeshctl monitoring --accesslog enable" \
+            in tr.stderr and len(tr.stderr.strip().splitlines()) == 1, tr.stderr
+
+        # bad input: one line, exit 2 / HTTP 400, nothing applied
+        bad = env.kmeshctl("monitoring", "--accesslog", "on")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--accesslog enable" in bad.stderr, bad
+        both = env.kmeshctl("monitoring", "--all", "enable", "--connectionMetrics", "disable")
+        assert both.returncode == 2 and "--all" in both.stderr, both
+        for query in ("enable=maybe", "accesslog=true&verbose=1", "", "enable=true&accesslog=false"):
+            code, body = _post(env, f"/monitoring?{query}")
+            assert code == 400 and body["error"], (query, body)
+        assert env.get("/monitoring")["enabled"] is False
+
+        # access log alone: events again (the reader kept running), counters still frozen
+        env.kmeshctl("monitoring", "--accesslog", "enable", check=True)
+        assert env.connect("cli", f"{env.vip}:80", n=2)["ok"] == 2
+        wait_for(lambda: env.status()["events"]["total"] >= events + 6, 15, "events resume")
+        assert _closed_total(env) == closed
+        code, body = _post(env, "/monitoring?connectionMetrics=true")
+        assert code == 200 and (body["access_log"], body["metrics"]) == (True, True), body
+        assert env.connect("cli", f"{env.vip}:80", n=2)["ok"] == 2
+        wait_for(lambda: _closed_total(env) >= closed + 2, 15, "metrics move again")
+    finally:
+        _post(env, "/monitoring?enable=true")
+
+
 def test_log_and_version(env: Env) -> None:
     out = env.kmeshctl("log", "--set", "xds:debug", check=True).stdout
     assert ["xds", "debug"] in [line.split() for line in out.splitlines()]
@@ -385,6 +449,7 @@ def _maps(env: Env) -> dict:
 def test_sigkill_and_restart_under_connection_loop(enrolled: Env) -> None:
     env = enrolled
     wait_for(lambda: env.status()["ready"], 30, "daemon ready")
+    assert _post(env, "/monitoring?connectionMetrics=false")[0] == 200  # pinned: survives the restart
     before = _maps(env)
     loop = subprocess.Popen(
         env.client_cmd("cli", f"{env.vip}:80", n=150, interval=0.03, timeout=2, max_seconds=90),
@@ -410,6 +475,9 @@ def test_sigkill_and_restart_under_connection_loop(enrolled: Env) -> None:
     for name, entries in after.items():
         keys = [k for k, _ in entries]
         assert len(keys) == len(set(keys)), name
+    # no --monitoring flag: the restarted daemon keeps the switch it found pinned
+    assert env.get("/monitoring") == {"access_log": True, "metrics": False, "enabled": True, "node": env.node}
+    assert _post(env, "/monitoring?enable=true")[1]["metrics"] is True
 
 
 def _daemonset(env: Env) -> dict:

@@ -117,3 +117,34 @@ def test_metrics_http_endpoint() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_monitoring_switch_gates_sinks_and_traces() -> None:
+    """The hub reads the data plane's cached switch per event: metrics off = the counters stand
+    still; access log off = no trace subscriber is fed; the hub keeps counting what arrives."""
+    from daemon.events import MON_ACCESSLOG, MON_METRICS
+
+    class Dp:
+        mon_off = 0
+
+    dp = Dp()
+    conn = ConnectionMetrics(Resolver(), Enroll())
+    hub = EventHub(dataplane=dp)
+    hub.add_sink(conn.on_event, monitoring=MON_METRICS)
+    sub = hub.subscribe(lambda _e: True)
+
+    def closed() -> float:
+        return sum(v for _, v in check_exposition(MetricsSource(conn).render())
+                   .get("kmesh_tcp_connections_closed_total", []))
+
+    hub.dispatch(event("close"))
+    assert closed() == 1 and sub.get(0.1) is not None
+    dp.mon_off = MON_METRICS
+    hub.dispatch(event("close"))
+    assert closed() == 1 and sub.get(0.1) is not None
+    dp.mon_off = MON_ACCESSLOG
+    hub.dispatch(event("close"))
+    assert closed() == 2 and sub.get(0.1) is None
+    dp.mon_off = 0
+    hub.dispatch(event("close"))
+    assert closed() == 3 and sub.get(0.1) is not None and hub.events_total == 4

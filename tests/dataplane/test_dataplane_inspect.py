@@ -14,7 +14,7 @@ from daemon.dataplane import ConnEvent, netns_cookie, read_pins
 
 pytestmark = pytest.mark.kernel
 
-MAP_NAMES = ("frontend", "service", "endpoint", "backend", "manage", "sock", "names", "layout")
+MAP_NAMES = ("frontend", "service", "endpoint", "backend", "manage", "sock", "names", "layout", "config")
 
 
 def bpftool(*args: str) -> list | dict:

@@ -124,9 +124,12 @@ def test_capacity_rejection_then_migration(topology, pin_root, make_cgroup) -> N
         assert pressure["endpoint"] == {"entries": 7, "max": 8, "ratio": 0.875}
         assert pressure["manage"] == {"entries": 1, "max": 2, "ratio": 0.5}
 
+        dp.set_monitoring(access_log=False)  # the switch is pinned: it must survive the migration
+
         # more capacity = a new map generation: old programs keep serving until the first sync
         dp2 = Dataplane.open(cg, pins, Capacity())
         assert not dp2.attached and (pins / generation_name(small)).exists()
+        assert dp2.monitoring() == {"access_log": False, "metrics": True, "enabled": True}
         assert topology.client("c1", "10.96.1.1:80", n=3, cgroup=cg)["ok"] == 3
         # enrolled through the old programs while the new generation waits: must not be lost
         control_connect(topology.ns_path("c2"), True, cgroup=cg)

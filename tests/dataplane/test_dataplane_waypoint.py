@@ -181,6 +181,36 @@ def test_socket_leaves_the_sockhash_after_the_header(wdp, topology, wp_pod, tmp_
     assert decode_tlv(stream) == (WEB_VIP4, 80, 16) and stream[16:] == data
 
 
+def test_handoff_with_monitoring_off(wdp, topology, wp_pod, tmp_path) -> None:
+    """Monitoring off (no state callbacks, no events): sockops still puts the via-waypoint socket
+    in km_wpsock (header written once, getpeername the VIP) and its RTT callback still takes it
+    out after the header."""
+    assert not wdp.sync(projection()).rejected
+    wdp.set_monitoring(access_log=False, metrics=False)
+    wdp.poll_events(lambda _e: None, timeout_ms=50)  # earlier tests' events
+    try:
+        path, data = _payload(tmp_path, 300_000)
+        wpsock = wdp.gen_dir / "wpsock"
+        proc = subprocess.Popen([PY, str(HERE / "wp_client.py"), "--netns", topology.ns_path("c1"),
+                                 "--cgroup", str(topology.cgroup), "--target", f"{WEB_VIP4}:80", "--mode",
+                                 "pause", "--payload", str(path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "paused"
+        end = time.monotonic() + 1.2
+        while _sockhash_keys(wpsock) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _sockhash_keys(wpsock) == 0
+        r = json.loads(proc.stdout.read())
+        proc.wait(timeout=30)
+        assert r["reply"] == f"got {len(data) + 16}\n" and r["peer"] == [WEB_VIP4, 80], r
+        stream = _stream(wp_pod, TLV_PORT)
+        assert decode_tlv(stream) == (WEB_VIP4, 80, 16) and stream[16:] == data
+        seen: list[ConnEvent] = []
+        wdp.poll_events(seen.append, timeout_ms=200)
+        assert not [e for e in seen if e.orig_ip == WEB_VIP4], seen
+    finally:
+        wdp.set_monitoring(access_log=True, metrics=True)
+
+
 def test_no_waypoint_plain_lb_no_header(wdp, topology, wp_pod, tmp_path) -> None:
     """A service without a waypoint whose endpoint is the sink port: balanced in the kernel as
     before, and the stream arrives without any header."""

@@ -24,6 +24,7 @@ def test_constants_match() -> None:
         "KM_AF_INET": L.AF_INET, "KM_AF_INET6": L.AF_INET6, "KM_FE_SERVICE": L.FE_SERVICE,
         "KM_FE_BACKEND": L.FE_BACKEND, "KM_PRIOS": L.PRIOS, "KM_BE_HAS_V4": L.BE_HAS_V4,
         "KM_BE_HAS_V6": L.BE_HAS_V6, "KM_SK_TRANSLATED": L.SK_TRANSLATED, "KM_SK_WAYPOINT": L.SK_WAYPOINT,
+        "KM_MON_ACCESSLOG": L.MON_ACCESSLOG, "KM_MON_METRICS": L.MON_METRICS, "KM_MON_ALL": L.MON_ALL,
         "KM_HO_TLV": L.HO_TLV, "KM_HO_PROXY": L.HO_PROXY, "KM_WP_UNRESOLVED": L.WP_UNRESOLVED,
     }
     assert {k: d.get(k) for k in pairs} == pairs

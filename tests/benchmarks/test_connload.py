@@ -1,0 +1,102 @@
+"""kmesh-connload (benchmarks/connload.c): built on demand, times whole connections, bounded.
+
+Runs against a loopback server in this process (no namespaces needed): checks the count bound,
+that every connection really is a new one (the server counts accepts), the response check, and
+that failures are counted and reported instead of timed.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from benchmarks import connload
+
+
+class _Server:
+    """Accepts, reads one chunk, answers `reply`, closes: one connection per request."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.reply = reply
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.recv(4096)
+                conn.sendall(self.reply)
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    srv = _Server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    yield srv
+    srv.sock.close()
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(connload.binary()), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_counts_one_connection_per_request(server: _Server) -> None:
+    proc = _run("-a", "127.0.0.1", "-p", str(server.port), "-c", "2", "-n", "40")
+    assert proc.returncode == 0, proc.stderr
+    res = connload.parse_line(proc.stdout)
+    assert res.requests == 40 and res.errors == 0 and res.concurrency == 2
+    assert server.accepted == 40
+    assert 0 < res.min_ms <= res.p50_ms <= res.p99_ms <= res.max_ms
+    assert res.rps > 0 and res.cycle_ms == pytest.approx(2 / res.rps * 1000)
+
+
+def test_duration_bound(server: _Server) -> None:
+    res = connload.parse_line(_run("-a", "127.0.0.1", "-p", str(server.port), "-d", "0.3").stdout)
+    assert res.requests > 0 and 0.3 <= res.duration_s < 5
+
+
+def test_wrong_response_is_an_error_not_a_sample(server: _Server) -> None:
+    proc = _run("-a", "127.0.0.1", "-p", str(server.port), "-n", "5", "-e", "HTTP/1.1 503")
+    res = connload.parse_line(proc.stdout)
+    assert res.requests == 0 and res.errors == 5 and proc.returncode == 1
+
+
+def test_refused_connections_are_counted() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = connload.parse_line(_run("-a", "127.0.0.1", "-p", str(port), "-n", "3").stdout)
+    assert res.errors == 3 and res.requests == 0
+
+
+def test_unbounded_or_bad_arguments_are_refused() -> None:
+    for args in (("-a", "127.0.0.1", "-p", "80"), ("-a", "localhost", "-p", "80", "-n", "1"),
+                 ("-a", "127.0.0.1", "-p", "80", "-n", "1", "-c", "0")):
+        proc = _run(*args)
+        assert proc.returncode == 2 and "kmesh-connload:" in proc.stderr
+    with pytest.raises(ValueError, match="bounded"):
+        connload.run_connload("127.0.0.1", 80, "unused", connload.BUILD_DIR)
+
+
+def test_parse_line_without_marker() -> None:
+    with pytest.raises(ValueError, match="no summary line"):
+        connload.parse_line("kmesh-connload: -a ADDR and -p PORT are required\n")
+
+
+def test_binary_is_cached_by_source_hash(tmp_path) -> None:  # noqa: ANN001
+    first = connload.binary(tmp_path)
+    assert first.name.startswith("kmesh-connload-") and connload.binary(tmp_path) == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind

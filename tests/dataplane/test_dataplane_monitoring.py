@@ -1,0 +1,131 @@
+"""The monitoring switch (km_config): off = no ring-buffer events and no sockops state callbacks,
+while translation and getpeername work as before; on again = events resume. Real programs,
+real TCP from the managed client netns."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from dp_topo import VIP4, ip4
+
+from daemon.dataplane import ConnEvent, netns_cookie
+from daemon.dataplane.mapio import MapIO
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture()
+def mdp(dp) -> Iterator:
+    """The session data plane with monitoring switched back on (and the ring drained) after."""
+    dp.poll_events(lambda _e: None, timeout_ms=10)
+    try:
+        yield dp
+    finally:
+        dp.set_monitoring(access_log=True, metrics=True)
+
+
+def _collect(dp, seconds: float, until=None) -> list[ConnEvent]:
+    seen: list[ConnEvent] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        dp.poll_events(seen.append, timeout_ms=100)
+        if until is not None and until(seen):
+            break
+    return seen
+
+
+def _sock_keys(dp) -> set[bytes]:
+    m = MapIO.open_pinned("sock", str(dp.gen_dir / "sock"))
+    try:
+        return {k for k, _ in m.dump()}
+    finally:
+        m.close()
+
+
+def test_switch_state_is_read_from_the_kernel_map(mdp) -> None:
+    assert mdp.monitoring() == {"access_log": True, "metrics": True, "enabled": True}
+    assert mdp.set_monitoring(access_log=False) == {"access_log": False, "metrics": True, "enabled": True}
+    assert mdp.set_monitoring(metrics=False) == {"access_log": False, "metrics": False, "enabled": False}
+    assert mdp.set_monitoring() == {"access_log": False, "metrics": False, "enabled": False}  # no change
+    m = MapIO.open_pinned("config", str(mdp.gen_dir / "config"))  # what the programs read
+    try:
+        assert m.dump()[0][1][:4] == (3).to_bytes(4, "little")
+    finally:
+        m.close()
+    assert mdp.set_monitoring(access_log=True, metrics=True)["enabled"]
+
+
+def test_off_no_events_translation_and_getpeername_unaffected(mdp, topology) -> None:
+    cookie = netns_cookie(topology.ns_path("c1"))
+    mdp.set_monitoring(access_log=False, metrics=False)
+    before = _sock_keys(mdp)
+    r = topology.client("c1", f"{VIP4}:80", n=4)
+    assert r["ok"] == 4 and r["peers"] == [f"{VIP4}:80"], r  # translated; getpeername says the VIP
+    direct = topology.client("c1", f"{ip4('s1')}:8080", n=1)
+    assert direct["ok"] == 1, direct
+    seen = [e for e in _collect(mdp, 1.0) if e.netns_cookie == cookie]
+    assert seen == [], seen
+    # no state callback was asked for: closed sockets keep their record (LRU ages them out)
+    assert len(_sock_keys(mdp) - before) >= 4
+
+    mdp.set_monitoring(access_log=True, metrics=True)
+    r = topology.client("c1", f"{VIP4}:80", n=2)
+    assert r["ok"] == 2, r
+    seen = _collect(mdp, 5.0, until=lambda s: sum(e.kind == "close" for e in s) >= 2)
+    kinds = [e.kind for e in seen if e.netns_cookie == cookie and e.orig_ip == VIP4]
+    assert kinds.count("connect") == kinds.count("established") == kinds.count("close") == 2, seen
+
+
+def test_sub_switches(mdp, topology) -> None:
+    """Access log off, metrics on: established/close only (what the counters need). Metrics off,
+    access log on: every kind still flows (the trace shows them; the daemon skips its counters)."""
+    cookie = netns_cookie(topology.ns_path("c1"))
+    mdp.set_monitoring(access_log=False, metrics=True)
+    assert topology.client("c1", f"{VIP4}:80", n=2)["ok"] == 2
+    seen = _collect(mdp, 5.0, until=lambda s: sum(e.kind == "close" for e in s) >= 2)
+    kinds = sorted({e.kind for e in seen if e.netns_cookie == cookie})
+    assert kinds == ["close", "established"], seen
+
+    mdp.set_monitoring(access_log=True, metrics=False)
+    assert topology.client("c1", f"{VIP4}:80", n=1)["ok"] == 1
+    seen = _collect(mdp, 5.0, until=lambda s: any(e.kind == "close" for e in s))
+    assert sorted({e.kind for e in seen if e.netns_cookie == cookie}) == ["close", "connect", "established"]
+
+
+def test_upgrade_from_layout_2_keeps_switch_enrolment_and_sockets(topology, pin_root, make_cgroup) -> None:
+    """A layout-2 generation (before km_config) left by an older daemon: the new generation
+    carries over enrolment and the km_sock records (same meaning since 2), and the switch of a
+    generation that has one. Simulated by renaming our own generation to v2-<digest>."""
+    from dp_topo import base_projection
+
+    from daemon.dataplane import Dataplane, control_connect
+
+    cg = make_cgroup("dp-mon-upgrade")
+    pins = pin_root / "mon-upgrade"
+    old = Dataplane.open(cg, pins)
+    new = None
+    try:
+        old.sync(base_projection())
+        control_connect(topology.ns_path("c1"), True, cgroup=cg)
+        old.set_monitoring(access_log=False, metrics=False)  # closed sockets keep their records
+        assert topology.client("c1", f"{VIP4}:80", n=2, cgroup=cg)["ok"] == 2
+        socks = _sock_keys(old)
+        assert len(socks) >= 2
+        old_gen = old.gen_dir
+        old.close()
+        renamed = old_gen.with_name("v2-" + old_gen.name.split("-", 1)[1])
+        old_gen.rename(renamed)
+        new = Dataplane.open(cg, pins)
+        assert new.gen_dir.name.startswith("v3-") and not new.attached
+        assert new.monitoring() == {"access_log": False, "metrics": False, "enabled": False}
+        assert socks <= _sock_keys(new)
+        assert not new.sync(base_projection()).rejected and new.attached
+        assert not renamed.exists()
+        r = topology.client("c1", f"{VIP4}:80", n=2, cgroup=cg)  # enrolment carried over
+        assert r["ok"] == 2 and r["peers"] == [f"{VIP4}:80"], r
+    finally:
+        (new or old).uninstall()
+        if new is not None:
+            old.close()
