@@ -311,13 +311,16 @@ def run(services: int = 10_000, endpoints: int = 10, updates: int = 15, repeats:
                 res = rd.converge(stack, daemon, settle_s=base_settle_s)
                 pos = len(stack.server.lines)
                 for k in range(updates):
-                    before = daemon.status()["dataplane_sync"]["updates"]
                     stack.server.send(f"update {(k * 7919 + r) % (services * endpoints)}")
                     t_sent, _ = stack.sent(pos, count=1, timeout=60)
                     pos = len(stack.server.lines)
-                    st = daemon.wait_status(lambda st, b=before: st["dataplane_sync"]["updates"] > b, 60,
-                                            "a single update written", interval=0.01)
+                    # the pass that writes this update starts after the server sent it (an earlier
+                    # pass still finishing must not count: that gave negative "latencies")
+                    st = daemon.wait_status(
+                        lambda st, t=t_sent: st["dataplane_sync"]["last_started_monotonic"] > t,
+                        60, "a single update written", interval=0.01)
                     lat.append((st["dataplane_sync"]["last_done_monotonic"] - t_sent) * 1000)
+                    time.sleep(0.2)  # let any follow-up pass finish before the next update
                 time.sleep(settle_s)  # steady state: after convergence and updates, a few seconds on
                 res.update(daemon.memory())
                 runs.append(res)
