@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-LAYOUT_VERSION = 3  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: config
+# 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: km_config;
+# 4: the reconciled maps are preallocated
+LAYOUT_VERSION = 4
 SOCK_SAME_SINCE = 2  # km_sock means the same since this version: its records carry over
 
 AF_INET = 2
