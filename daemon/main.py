@@ -115,6 +115,11 @@ def _open_dataplane(dataplane_cls: Any, cfg: DaemonConfig) -> Any:
 
         if ensure_cgroup2(Path(cfg.cgroup_root)):
             log.info("mounted cgroup2", extra={"path": str(cfg.cgroup_root)})
+    if cfg.capacity:  # --capacity: only the named sizes change; the others keep their defaults
+        from daemon.dataplane.types import Capacity
+
+        return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, Capacity(**cfg.capacity),
+                                  allow_root=cfg.allow_node_root)
     return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, allow_root=cfg.allow_node_root)
 
 
@@ -186,6 +191,8 @@ class Daemon:
             ca_path=cfg.root_ca, server_name=cfg.server_name, plaintext=cfg.plaintext,
             pod_name=cfg.pod_name, pod_namespace=cfg.pod_namespace, instance_ip=cfg.instance_ip,
             node_name=cfg.node_name, service_account=cfg.service_account)
+        if cfg.xds_max_message_mib:
+            xds_cfg.max_receive_bytes = cfg.xds_max_message_mib * 1024 * 1024
         self.xds = XdsClient(xds_cfg, self.state)
         self.sync = DataplaneSync(self.state, self.dataplane)
         self.ctx.xds, self.ctx.sync = self.xds, self.sync
