@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,40 @@ def test_connect_micro_benchmark_baseline_has_no_programs() -> None:
     lo, hi = out["vip_over_direct_p50_range"]
     assert lo <= out["vip_over_direct_p50"] <= hi
     assert isinstance(out["vip_monitor_off_over_direct_p50"], float)  # the switch is in the data plane
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of a process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the real daemon: BPF, cgroups, mounts)")
+def test_daemon_is_idle_while_waiting_for_the_first_push(test_cgroup: Path) -> None:
+    """A daemon whose xDS server holds its first response must not burn CPU: the authorization
+    worker once spun on the GIL until the stream synced, adding seconds to every converge."""
+    from benchmarks import realdaemon as rd
+
+    with tempfile.TemporaryDirectory() as tmp, rd.Stack(5, 2, Path(tmp), test_cgroup) as stack, \
+            rd.RealDaemon(stack, name="idle") as daemon:
+        stack.hold()
+        assert stack.server is not None
+        mark = len(stack.server.lines)
+        daemon.start()
+        stack.server.wait(lambda s: s.startswith("waiting address"), start=mark, timeout=120)
+        time.sleep(0.5)
+        before = _cpu_s(daemon.pid)
+        time.sleep(2.0)
+        used = _cpu_s(daemon.pid) - before
+        assert used < 0.5, f"the daemon used {used:.2f} s of CPU in 2 s while waiting for xDS"
+        stack.release()
+        daemon.wait_status(lambda st: st["dataplane_sync"].get("syncs", 0) >= 1, 120, "the first sync")
+    _no_leftovers(test_cgroup)
