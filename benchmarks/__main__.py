@@ -24,7 +24,7 @@ from benchmarks import report
 MODES = ("direct", "bpf_vip", "envoy_proxy")
 EXTRA_MODES = ("direct_mesh",)  # diagnostic: pod IP from the cgroup with our programs
 QUICK_DIR = Path(tempfile.gettempdir()) / "kmesh-bench-quick"
-SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http", "dataplane_l7", "authz")
+SECTIONS = ("cli", "dataplane_maps", "controlplane", "dataplane_http", "dataplane_l7", "authz", "scale")
 
 
 def _log(msg: str) -> None:
@@ -79,8 +79,24 @@ def _run_cli(args: argparse.Namespace) -> dict:
     from benchmarks import cli
 
     if args.quick:
-        return cli.run(help_runs=2, dump_runs=1)
-    return cli.run()
+        return cli.run(help_runs=2, dump_runs=1, cgroup_parent=args.cgroup_parent)
+    return cli.run(cgroup_parent=args.cgroup_parent)
+
+
+def _run_controlplane(args: argparse.Namespace) -> dict:
+    """benchmarks.controlplane on the real daemon: 3 fresh daemons (with --quick: 1)."""
+    from benchmarks import controlplane
+
+    return controlplane.run(repeats=1 if args.quick else 3, updates=5 if args.quick else 15,
+                            cgroup_parent=args.cgroup_parent)
+
+
+def _run_scale(args: argparse.Namespace) -> dict:
+    """benchmarks.scale: 10k/100k/1M endpoints (with --quick: 1k and 10k, not for publishing)."""
+    from benchmarks import scale
+
+    return scale.run(scale.QUICK_POINTS if args.quick else scale.POINTS, cgroup_parent=args.cgroup_parent,
+                     progress=_log)
 
 
 def _run_http(args: argparse.Namespace) -> dict:
@@ -159,6 +175,10 @@ def _main(args: argparse.Namespace) -> int:
                 sections[name] = _run_http(args)
             elif name == "dataplane_l7":
                 sections[name] = _run_l7(args)
+            elif name == "controlplane":
+                sections[name] = _run_controlplane(args)
+            elif name == "scale":
+                sections[name] = _run_scale(args)
             else:
                 sections[name] = _run_foreign(name)
         except Exception as exc:  # noqa: BLE001 - one section failing must not lose the others

@@ -1,25 +1,35 @@
-"""Control-plane figures: 10,000 services x 10 endpoints over real gRPC delta ADS.
+"""Control-plane figures: the real kmesh-daemon fed 10,000 services x 10 endpoints over gRPC.
 
-Two child processes, so neither's memory or CPU pollutes the other's figure:
+What runs (benchmarks.realdaemon): a sandbox API server, the synthetic xDS server below
+(``serve``: sandbox.pilot's delta ADS servicer over resources generated here, in its own
+process) and the daemon's console script with everything a node runs: admin API, metrics
+server, enrollment watcher, event reader, BPF data plane attached to a child cgroup, pins on a
+private bpffs. ``repeats`` fresh daemons connect one after the other to the same server; each
+one's maps start empty (the previous daemon uninstalled itself on SIGTERM).
 
-- ``serve``: a generator speaking the protocol (sandbox.pilot.server with synthetic resources,
-  the same delta semantics the pilot uses). It prints ``sent <type> <count> <t>`` (monotonic
-  clock, shared by processes on one machine) just before handing each response to gRPC, and
-  on ``update <i>`` (stdin) changes workload i's address.
-- ``daemon``: what the kmesh daemon runs: XdsClient -> State -> DataplaneSync -> Dataplane
-  (the real BPF reconciler when importable and root, else a null sink that walks the
-  projection, reported as such). It prints JSON lines with monotonic times.
+Figures (every repeat is kept: median, and min/max/runs beside it):
 
-Figures: parse = first response sent -> state applied; write = state applied -> maps written;
-converge = the sum; single update = server sends one changed workload -> maps written (median of
-several); RSS of the daemon child after convergence.
+- converge = the server's first full response handed to gRPC -> the daemon's first full sync
+  done (``/status`` dataplane_sync.last_sync_done_monotonic; CLOCK_MONOTONIC is one clock for
+  every process on the machine). parse = sent -> the full sync started (transfer, decode,
+  state); write = the full sync (projection + map writes).
+- single update = the server sends one changed workload -> the daemon's incremental pass done,
+  over ``updates`` updates per repeat.
+- daemon_rss_mib = VmRSS of the daemon pid after convergence, the updates and ``settle_s``
+  seconds; daemon_peak_rss_mib = its VmHWM. map_mib = kernel memory of its maps (fdinfo memlock).
 
-Who owns which share of the RSS: after the main run a second daemon child connects with the
-null data plane (no BPF, no reconciler). Its RSS growth from just before the xDS client starts
-(interpreter, grpc and protobuf already imported) to convergence is the xDS side
-(``xds_state_rss_mib``: decoded state + the cached projection); the rest of the main daemon's
-growth is the data plane's (``dataplane_rss_mib``). The same child's first response -> projection
-walked is ``xds_only_converge_s``: the xDS side's share of the convergence time.
+RSS split (``rss_split_mib``), with how each share is measured:
+
+- base: the same daemon's RSS once it is up (BPF loaded, attached, admin/metrics/enrollment/
+  events running, its xDS stream open) but before the server releases any data (the server
+  holds its first response until told: ``serve --hold``).
+- xds_state: the daemon cannot run without its data plane, so this share comes from a second,
+  reduced process (``xds-only`` below: XdsClient -> State ->
+  DataplaneSync walking the projection, no reconciler): its RSS growth from just before its xDS
+  client starts to convergence (decoded state + cached projection). Same code, same data, but
+  not the real daemon: an estimate, labelled as one.
+- dataplane: the rest, steady RSS - base - xds_state (the reconciler's mirror of the maps,
+  names, allocator state, fragmentation).
 """
 
 from __future__ import annotations
@@ -27,10 +37,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -59,15 +69,26 @@ def _workload(i: int, services: int, endpoints: int, bump: int = 0) -> tuple[str
     return uid, wl.Address(workload=w).SerializeToString()
 
 
-def serve_main(services: int, endpoints: int) -> int:
+def serve_main(services: int, endpoints: int, port: int = 0, hold: bool = False) -> int:
+    """Generate the resources, then serve them on 127.0.0.1:port.
+
+    hold: every response waits (after it is built, before it is handed to gRPC) until ``release``
+    arrives on stdin; ``hold`` re-arms the gate. A real daemon can then connect and settle, and
+    its RSS be read, before any xDS data reaches it (the "base" share of its memory).
+    """
+    from concurrent import futures
+
+    import grpc
+
     from daemon.xds.gen.istio.workload import workload_pb2 as wl
-    from sandbox.pilot.server import ResourceStore, serve
+    from sandbox.pilot.server import DeltaAdsServer, ResourceStore
 
     store = ResourceStore()
     res: dict[str, bytes] = {}
     for s in range(services):
         svc = wl.Service(name=f"s{s}", namespace="bench", hostname=f"s{s}.bench.svc.cluster.local",
-                         addresses=[wl.NetworkAddress(address=bytes([10, 96, (s >> 8) & 255, s & 255]))],
+                         addresses=[wl.NetworkAddress(address=bytes([10, 96 + (s >> 16), (s >> 8) & 255,
+                                                                     s & 255]))],
                          ports=[wl.Port(service_port=80, target_port=8080)])
         res[f"bench/s{s}.bench.svc.cluster.local"] = wl.Address(service=svc).SerializeToString()
     for i in range(services * endpoints):
@@ -75,10 +96,23 @@ def serve_main(services: int, endpoints: int) -> int:
         res[uid] = raw
     store.update(ADDRESS_TYPE, res)
     del res
+    gate = threading.Event()
+    if not hold:
+        gate.set()
+
     def on_send(type_url: str, n: int) -> None:
+        if not gate.is_set():
+            _out(f"waiting {type_url.rsplit('.', 1)[-1].lower()} {n}")  # a client is connected
+            gate.wait()
         _out(f"sent {type_url.rsplit('.', 1)[-1].lower()} {n} {time.monotonic()}")
 
-    server, port, _ = serve(store, 0, on_send=on_send)
+    # sandbox.pilot.server.serve caps a response at 256 MiB; 1M endpoints need more (~300 MB)
+    opts = [("grpc.max_send_message_length", 2047 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=opts)
+    DeltaAdsServer(store, None, on_send).add_to(server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
     _out(f"port {port}")
     bumps: dict[int, int] = {}
     for line in sys.stdin:
@@ -88,17 +122,23 @@ def serve_main(services: int, endpoints: int) -> int:
             bumps[i] = bumps.get(i, 0) + 1
             uid, raw = _workload(i, services, endpoints, bumps[i])
             store.update(ADDRESS_TYPE, {uid: raw})
+        elif parts and parts[0] == "hold":
+            gate.clear()
+            _out("holding")
+        elif parts and parts[0] == "release":
+            gate.set()
         elif parts and parts[0] == "quit":
             break
+    gate.set()
     server.stop(0)
     return 0
 
 
-# ---------------------------------------------------------------------------- daemon child
+# ---------------------------------------------------------------------------- xDS-only child
 class NullDataplane:
-    """Stand-in when the BPF data plane is unavailable: walks what would be written."""
+    """No BPF: walks what would be written, so the xDS side's cost can be measured alone."""
 
-    kind = "null (projection walk only; BPF data plane not available)"
+    kind = "null (projection walk only)"
 
     def _walk(self, projection: Any, services: Any = None) -> Any:
         names = projection.services if services is None else services
@@ -138,50 +178,8 @@ def _malloc_trim() -> None:
         pass
 
 
-def _cleanup(prefix: str, cgroup: Path) -> None:
-    """Remove what _open_dataplane made: the private bpffs mount point and the bench cgroup."""
-    pins = Path(f"/tmp/{prefix}-bpffs")
-    subprocess.run(["umount", str(pins)], capture_output=True)
-    for path in (cgroup, pins):
-        try:
-            path.rmdir()
-        except OSError:
-            pass
-
-
-def _open_dataplane(prefix: str) -> tuple[Any, Any]:
-    """The real Dataplane in a dedicated child cgroup, or NullDataplane with the reason."""
-    try:
-        if os.environ.get("KMESH_BENCH_NULL_DATAPLANE"):
-            raise ImportError("KMESH_BENCH_NULL_DATAPLANE is set")
-        from daemon.dataplane import Dataplane
-    except ImportError as e:
-        dp = NullDataplane()
-        dp.kind += f" ({e})"
-        return dp, None
-    if os.geteuid() != 0:
-        dp = NullDataplane()
-        dp.kind += " (not root)"
-        return dp, None
-    # this child runs in a private mount namespace (see run()): a bpffs mounted here is ours alone
-    pins = Path(f"/tmp/{prefix}-bpffs")
-    pins.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
-    from sandbox.cgroups import cgroup2_root
-
-    cgroup = cgroup2_root() / f"kmesh-bench-{prefix}"
-    cgroup.mkdir(exist_ok=True)
-    try:
-        dp = Dataplane.open(cgroup, pins / "kmesh")
-    except BaseException:
-        _cleanup(prefix, cgroup)
-        raise
-    _malloc_trim()  # return the compiler's freed heap (bcc/LLVM) to the OS, as the daemon should
-    dp.kind = "bpf"
-    return dp, cgroup
-
-
-def daemon_main(address: str, prefix: str) -> int:
+def xds_only_main(address: str) -> int:
+    """The xDS side of the daemon alone (XdsClient -> State -> DataplaneSync -> NullDataplane)."""
     import grpc  # noqa: F401 - imported before the baseline RSS: not part of anyone's state
     from envoy.service.discovery.v3 import discovery_pb2  # noqa: F401
 
@@ -191,8 +189,8 @@ def daemon_main(address: str, prefix: str) -> int:
 
     _malloc_trim()
     base_rss, _ = _rss_mib()
-    dp, cgroup = _open_dataplane(prefix)
-    _out(json.dumps({"ev": "dataplane", "kind": getattr(dp, "kind", "bpf"), "rss_mib": _rss_mib()[0],
+    dp = NullDataplane()
+    _out(json.dumps({"ev": "dataplane", "kind": dp.kind, "rss_mib": _rss_mib()[0],
                      "rss_before_dataplane_mib": base_rss}))
     state = State(node_name="node-1")
 
@@ -223,11 +221,6 @@ def daemon_main(address: str, prefix: str) -> int:
     finally:
         client.stop()
         sync.stop()
-        if cgroup is not None:
-            dp.uninstall()
-            _cleanup(prefix, cgroup)
-        else:
-            dp.close()
     return 0
 
 
@@ -290,80 +283,95 @@ def _ev(line: str) -> dict[str, Any]:
         return {}
 
 
-def run(services: int = 10_000, endpoints: int = 10, updates: int = 15) -> dict:
-    prefix = "kb" + secrets.token_hex(3)
-    server = _Child(["serve", "--services", str(services), "--endpoints", str(endpoints)])
-    daemon = None
-    try:
-        _, line = server.wait(lambda s: s.startswith("port "), timeout=300)
-        port = int(line.split()[1])
-        mark = len(server.lines)
-        wrapper = ["unshare", "--mount", "--propagation", "private", "--"] if os.geteuid() == 0 else None
-        daemon = _Child(["daemon", "--address", f"127.0.0.1:{port}", "--prefix", prefix], wrapper)
-        _, dline = daemon.wait(lambda s: _ev(s).get("ev") == "dataplane", timeout=300)
-        dinfo = _ev(dline)
-        _, sent = server.wait(lambda s: s.startswith("sent address"), start=mark)
-        t_sent = float(sent.split()[3])
-        n_sent = int(sent.split()[2])
-        i_app, app = daemon.wait(lambda s: _ev(s).get("ev") == "applied" and _ev(s)["services"] >= services)
-        t_applied = _ev(app)["t"]
-        i_wr, wr = daemon.wait(lambda s: _ev(s).get("ev") == "written" and _ev(s)["kind"] == "sync",
-                               start=i_app)
-        t_written = _ev(wr)["t"]
-        lat: list[float] = []
-        pos = i_wr + 1
-        for k in range(updates):
-            smark = len(server.lines)
-            server.send(f"update {(k * 7919) % (services * endpoints)}")
-            _, s_line = server.wait(lambda s: s.startswith("sent address 1 "), start=smark, timeout=30)
-            pos, w_line = daemon.wait(lambda s: _ev(s).get("ev") == "written" and _ev(s)["kind"] == "update",
-                                      start=pos, timeout=30)
-            pos += 1
-            lat.append((_ev(w_line)["t"] - float(s_line.split()[3])) * 1000)
-            time.sleep(0.02)
-        rmark = len(daemon.lines)
-        daemon.send("rss")
-        _, r_line = daemon.wait(lambda s: _ev(s).get("ev") == "rss", start=rmark)
-        rss = _ev(r_line)
-        daemon.close()
-        daemon = None
-        xds = _xds_share(server, port, services)
-        base = dinfo.get("rss_before_dataplane_mib") or 0.0
-        return {
-            "converge_100k_endpoints_s": round(t_written - t_sent, 3),
-            "single_update_ms": round(statistics.median(lat), 2),
-            "daemon_rss_mib": rss["rss_mib"],
-            "parse_s": round(t_applied - t_sent, 3),
-            "parse_transfer_s": round(_ev(app)["received"] - t_sent, 3),
-            "parse_decode_apply_s": round(t_applied - _ev(app)["received"], 3),
-            "write_s": round(t_written - t_applied, 3),
-            "single_update_p90_ms": round(sorted(lat)[int(len(lat) * 0.9) - 1], 2),
-            "daemon_peak_rss_mib": rss["hwm_mib"],
-            "xds_state_rss_mib": xds["xds_state_rss_mib"],
-            "dataplane_rss_mib": round(rss["rss_mib"] - base - xds["xds_state_rss_mib"], 1),
-            "xds_only_converge_s": xds["xds_only_converge_s"],
-            "xds_only_parse_s": xds["xds_only_parse_s"],
-            "xds_only_projection_s": xds["xds_only_projection_s"],
-            "rss_before_dataplane_mib": dinfo.get("rss_before_dataplane_mib"),
-            "rss_after_dataplane_open_mib": dinfo.get("rss_mib"),
-            "dataplane": dinfo.get("kind"),
-            "resources_sent": n_sent,
-            "scale": f"{services} services x {endpoints} endpoints",
-            "transport": "grpc delta ADS over 127.0.0.1 (plaintext), server in a separate process",
-            "load_average_1m": round(os.getloadavg()[0], 2),
-            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "default"),
-        }
-    finally:
-        if daemon is not None:
-            daemon.close()
-        server.close()
+def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
+    """Median, min, max and every value, in measurement order (no repeat is dropped)."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "runs": [round(v, digits) for v in values]}
+
+
+def run(services: int = 10_000, endpoints: int = 10, updates: int = 15, repeats: int = 3,
+        cgroup_parent: Path | None = None, settle_s: float = 3.0, base_settle_s: float = 2.0) -> dict:
+    """The real kmesh-daemon (benchmarks.realdaemon), `repeats` fresh daemons against one server."""
+    from benchmarks import realdaemon as rd
+
+    why = rd.tool_available()
+    if why:
+        return {"error": f"not available: {why}"}
+    if cgroup_parent is None:
+        from sandbox.cgroups import cgroup2_root
+
+        cgroup_parent = cgroup2_root()
+    runs: list[dict[str, Any]] = []
+    lat: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="kmesh-bench-cp-") as tmp, \
+            rd.Stack(services, endpoints, Path(tmp), cgroup_parent) as stack:
+        assert stack.server is not None
+        for r in range(repeats):
+            with rd.RealDaemon(stack, name=f"r{r}") as daemon:
+                res = rd.converge(stack, daemon, settle_s=base_settle_s)
+                pos = len(stack.server.lines)
+                for k in range(updates):
+                    stack.server.send(f"update {(k * 7919 + r) % (services * endpoints)}")
+                    t_sent, _ = stack.sent(pos, count=1, timeout=60)
+                    pos = len(stack.server.lines)
+                    # the pass that writes this update starts after the server sent it (an earlier
+                    # pass still finishing must not count: that gave negative "latencies")
+                    st = daemon.wait_status(
+                        lambda st, t=t_sent: st["dataplane_sync"]["last_started_monotonic"] > t,
+                        60, "a single update written", interval=0.01)
+                    lat.append((st["dataplane_sync"]["last_done_monotonic"] - t_sent) * 1000)
+                    time.sleep(0.2)  # let any follow-up pass finish before the next update
+                time.sleep(settle_s)  # steady state: after convergence and updates, a few seconds on
+                res.update(daemon.memory())
+                runs.append(res)
+        xds = _xds_share(stack.server, stack.xds_port, services)
+
+    def fig(key: str, digits: int = 3) -> dict[str, Any]:
+        return spread([float(x[key]) for x in runs], digits)
+
+    conv, rss, hwm, base = fig("converge_s"), fig("rss_mib", 1), fig("hwm_mib", 1), fig("base_rss_mib", 1)
+    lat_sorted = sorted(lat)
+    return {
+        "converge_100k_endpoints_s": conv["median"],
+        "single_update_ms": round(statistics.median(lat), 2),
+        "daemon_rss_mib": rss["median"],
+        "converge_100k_endpoints_spread_s": conv,
+        "parse_s": fig("parse_s")["median"],
+        "write_s": fig("write_s")["median"],
+        "parse_spread_s": fig("parse_s"),
+        "write_spread_s": fig("write_s"),
+        "reconcile_s": fig("reconcile_s")["median"],
+        "reconcile_syscalls_s": fig("reconcile_syscalls_s")["median"],
+        "single_update_p90_ms": round(lat_sorted[max(0, int(len(lat) * 0.9) - 1)], 2),
+        "single_update_spread_ms": spread(lat, 2),
+        "daemon_rss_spread_mib": rss,
+        "daemon_peak_rss_mib": hwm["median"],
+        "daemon_peak_rss_spread_mib": hwm,
+        "rss_split_mib": {
+            "base": base["median"],
+            "xds_state": xds["xds_state_rss_mib"],
+            "dataplane": round(rss["median"] - base["median"] - xds["xds_state_rss_mib"], 1),
+        },
+        "map_mib": fig("map_mib", 1)["median"],
+        "xds_only_converge_s": xds["xds_only_converge_s"],
+        "xds_only_parse_s": xds["xds_only_parse_s"],
+        "xds_only_projection_s": xds["xds_only_projection_s"],
+        "written_entries": runs[0]["written"],
+        "resources_sent": runs[0]["resources_sent"],
+        "repeats": repeats,
+        "updates_per_repeat": updates,
+        "scale": f"{services} services x {endpoints} endpoints",
+        "daemon": "kmesh-daemon console script: admin, metrics, enrollment watcher (sandbox API), "
+                  "event reader, BPF data plane in a child cgroup",
+        "transport": "grpc delta ADS over 127.0.0.1 (plaintext), server in a separate process",
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def _xds_share(server: _Child, port: int, services: int) -> dict[str, float]:
     """A second daemon child on the null data plane: what the xDS side costs on its own."""
     mark = len(server.lines)
-    child = _Child(["daemon", "--address", f"127.0.0.1:{port}", "--prefix", "xdsonly"],
-                   env={"KMESH_BENCH_NULL_DATAPLANE": "1"})
+    child = _Child(["xds-only", "--address", f"127.0.0.1:{port}"])
     try:
         _, dline = child.wait(lambda s: _ev(s).get("ev") == "dataplane", timeout=300)
         base = _ev(dline)["rss_before_dataplane_mib"]
@@ -389,17 +397,18 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("--services", type=int, default=10_000)
     s.add_argument("--endpoints", type=int, default=10)
-    d = sub.add_parser("daemon")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--hold", action="store_true")
+    d = sub.add_parser("xds-only")
     d.add_argument("--address", required=True)
-    d.add_argument("--prefix", required=True)
     r = sub.add_parser("run")
     r.add_argument("--services", type=int, default=10_000)
     r.add_argument("--endpoints", type=int, default=10)
     args = p.parse_args(argv)
     if args.cmd == "serve":
-        return serve_main(args.services, args.endpoints)
-    if args.cmd == "daemon":
-        return daemon_main(args.address, args.prefix)
+        return serve_main(args.services, args.endpoints, args.port, args.hold)
+    if args.cmd == "xds-only":
+        return xds_only_main(args.address)
     services = getattr(args, "services", 10_000)
     endpoints = getattr(args, "endpoints", 10)
     print(json.dumps(run(services, endpoints), indent=2))

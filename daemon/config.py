@@ -63,6 +63,10 @@ class DaemonConfig:
     log_format: str = "logfmt"
     enroll: bool = True
     command: str = "run"
+    # --capacity: map sizes (daemon.dataplane.types.Capacity fields); empty = the defaults
+    capacity: dict[str, int] = field(default_factory=dict)
+    # --xds-max-message-mib: largest xDS response accepted; 0 = the client's default (200 MiB)
+    xds_max_message_mib: int = 0
 
 
 def _bool(value: str) -> bool:
@@ -136,6 +140,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--kubeconfig", default=env("KUBECONFIG"), help="default: in-cluster config")
     p.add_argument("--node-name", default=env("NODE_NAME"))
     p.add_argument("--no-enroll", action="store_true", help="do not watch pods (debugging)")
+    p.add_argument("--capacity", default=env("KMESH_CAPACITY", ""), metavar="NAME=N[,NAME=N...]",
+                   help=f"BPF map sizes, e.g. frontends=2000000,endpoints=2000000 (names: "
+                        f"{', '.join(CAPACITY_FIELDS)}; env KMESH_CAPACITY); a change makes new maps")
+    p.add_argument("--xds-max-message-mib", type=int, default=0, metavar="MIB",
+                   help="largest xDS response accepted (default 200 MiB; raise it past ~800k endpoints)")
     p.add_argument("--log-level", action="append", default=[], metavar="[SUBSYS:]LEVEL",
                    help=f"e.g. info or xds:debug; subsystems {', '.join(SUBSYSTEMS)}")
     p.add_argument("--log-format", choices=("logfmt", "json"), default=env("KMESH_LOG_FORMAT", "logfmt"))
@@ -155,6 +164,30 @@ def _parse_levels(items: list[str]) -> dict[str, str]:
                 raise ConfigError(f"--log-level {part!r}: level must be debug, info, warn or error")
             levels[name] = level.lower()
     return levels
+
+
+CAPACITY_FIELDS = ("frontends", "services", "endpoints", "backends", "manage", "sockets")
+
+
+def parse_capacity(text: str) -> dict[str, int]:
+    """``frontends=2000000,endpoints=2000000`` -> {"frontends": 2000000, ...}, checked like Capacity."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in CAPACITY_FIELDS:
+            raise ConfigError(f"--capacity {part!r}: expected NAME=N with NAME one of "
+                              f"{', '.join(CAPACITY_FIELDS)}")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ConfigError(f"--capacity {part!r}: {value!r} is not an integer") from None
+        if not 1 <= n <= 1 << 24:
+            raise ConfigError(f"--capacity {part!r}: must be between 1 and {1 << 24}")
+        out[name] = n
+    return out
 
 
 def node_cgroup_roots() -> set[Path]:
@@ -230,7 +263,12 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
         log_format=ns.log_format,
         enroll=not ns.no_enroll,
         command=ns.command,
+        capacity=parse_capacity(ns.capacity or ""),
     )
+    if ns.xds_max_message_mib < 0 or ns.xds_max_message_mib > 2047:
+        raise ConfigError(f"--xds-max-message-mib {ns.xds_max_message_mib}: must be between 1 and 2047 "
+                          "(0 = default)")
+    cfg.xds_max_message_mib = ns.xds_max_message_mib
     cfg.pin_dir = validate_pin_prefix(ns.pin_prefix, ns.bpf_fs)
     if cfg.command == "version":
         return cfg

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.kube import ApiError, KubeClient, Watch, pod_path
+
 log = logging.getLogger("daemon.enroll")
 
 MODE_LABEL = "istio.io/dataplane-mode"
@@ -30,7 +32,6 @@ WAYPOINT_VALUE = "istio.io-mesh-controller"
 REDIRECT_ANNOTATION = "kmesh.net/redirection"
 REDIRECT_ENABLED = "enabled"
 SIDECAR_CONTAINER = "istio-proxy"
-MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class EnrollmentController:
 
     def __init__(
         self,
-        api_client: Any,
+        api_client: KubeClient,
         node_name: str,
         proc_root: Path,
         control_connect: ControlConnect | None = None,
@@ -276,15 +277,11 @@ class EnrollmentController:
 
     # ----- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        from kubernetes import client
-
-        core = client.CoreV1Api(self._api)
-        ns_watch = ListWatcher("namespaces", core.list_namespace, {}, self._on_namespace, self._stop,
-                               on_synced=lambda: self._mark_synced("namespaces"))
-        pod_watch = ListWatcher("pods", core.list_pod_for_all_namespaces,
-                                {"field_selector": f"spec.nodeName={self.node_name}"}, self._on_pod,
+        ns_watch = ListWatcher("namespaces", self._api, "/api/v1/namespaces", {}, self._on_namespace,
+                               self._stop, on_synced=lambda: self._mark_synced("namespaces"))
+        pod_watch = ListWatcher("pods", self._api, "/api/v1/pods",
+                                {"fieldSelector": f"spec.nodeName={self.node_name}"}, self._on_pod,
                                 self._stop, on_synced=lambda: self._mark_synced("pods"))
-        self._core = core
         self._watchers = [ns_watch, pod_watch]
         for target, name in ((ns_watch.run, "enroll-ns-watch"), (pod_watch.run, "enroll-pod-watch"),
                              (self._worker, "enroll-worker")):
@@ -486,12 +483,10 @@ class EnrollmentController:
         has = pod.annotations.get(REDIRECT_ANNOTATION) == REDIRECT_ENABLED
         if has == enabled:
             return
-        from kubernetes.client.exceptions import ApiException
-
         body = {"metadata": {"annotations": {REDIRECT_ANNOTATION: REDIRECT_ENABLED if enabled else None}}}
         try:
-            self._core.patch_namespaced_pod(pod.name, pod.namespace, body, _content_type=MERGE_PATCH)
-        except ApiException as exc:
+            self._api.merge_patch(pod_path(pod.namespace, pod.name), body)
+        except ApiError as exc:
             if exc.status == 404:
                 return
             raise
@@ -500,32 +495,30 @@ class EnrollmentController:
 class ListWatcher:
     """List, then watch from the list's resourceVersion; re-list on 410 Gone or errors.
 
-    Events arrive as plain dicts (``raw_object``) so callers do not depend on the client's
-    model classes. A re-list synthesizes DELETED for objects that vanished meanwhile.
+    Events arrive as the API's plain dicts. A re-list synthesizes DELETED for objects that
+    vanished meanwhile. ``query`` (e.g. a fieldSelector) applies to both the list and the watch.
     """
 
-    def __init__(self, what: str, list_fn: Callable[..., Any], kwargs: dict[str, Any],
+    def __init__(self, what: str, api: KubeClient, path: str, query: dict[str, str],
                  on_event: Callable[[str, dict[str, Any]], None], stop: threading.Event,
                  on_synced: Callable[[], None] | None = None, watch_timeout: int = 240) -> None:
         self.what = what
-        self._list = list_fn
-        self._kwargs = kwargs
+        self._api = api
+        self._path = path
+        self._query = query
         self._on_event = on_event
         self._stop = stop
         self._on_synced = on_synced
         self._timeout = watch_timeout
         self._known: dict[str, dict[str, Any]] = {}
-        self._watch: Any = None
+        self._watch: Watch | None = None
 
     def stop(self) -> None:
         if self._watch is not None:
             self._watch.stop()
 
     def _relist(self) -> str:
-        import json
-
-        resp = self._list(_preload_content=False, **self._kwargs)
-        data = json.loads(resp.data)
+        data = self._api.list(self._path, **self._query) or {}
         items = data.get("items") or []
         rv = (data.get("metadata") or {}).get("resourceVersion", "")
         seen: dict[str, dict[str, Any]] = {}
@@ -541,9 +534,6 @@ class ListWatcher:
         return rv
 
     def run(self) -> None:
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
-
         backoff = 0.5
         rv = ""
         need_list = True
@@ -555,14 +545,12 @@ class ListWatcher:
                     if self._on_synced:
                         self._on_synced()
                         self._on_synced = None
-                self._watch = watch.Watch()
-                events = self._watch.stream(self._list, resource_version=rv, timeout_seconds=self._timeout,
-                                            allow_watch_bookmarks=True, **self._kwargs)
-                for event in events:
+                self._watch = self._api.watch(self._path, rv, self._timeout, **self._query)
+                if self._stop.is_set():  # stop() ran before this watch existed
+                    self._watch.stop()
+                for kind, obj in self._watch:
                     if self._stop.is_set():
                         break
-                    kind = event.get("type", "")
-                    obj = event.get("raw_object") or {}
                     meta = obj.get("metadata") or {}
                     if meta.get("resourceVersion"):
                         rv = meta["resourceVersion"]
@@ -574,12 +562,14 @@ class ListWatcher:
                             self._known[uid] = obj
                         self._on_event(kind, obj)
                 backoff = 0.5
-            except ApiException as exc:
+            except ApiError as exc:
+                if self._stop.is_set():
+                    break
                 if exc.status == 410:
                     log.info("watch expired; re-listing", extra={"resource": self.what})
                 else:
                     log.warning("watch failed",
-                                extra={"resource": self.what, "error": f"{exc.status} {exc.reason}"})
+                                extra={"resource": self.what, "error": str(exc)})
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
                 need_list = True

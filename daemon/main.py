@@ -63,16 +63,12 @@ def inside_cgroup(cgroup_root: Path) -> bool:
 
 
 def load_kube_client(cfg: DaemonConfig) -> Any:
-    """ApiClient from KUBECONFIG/--kubeconfig, else the in-cluster service account."""
-    from kubernetes import client, config
+    """KubeClient from KUBECONFIG/--kubeconfig, else the in-cluster service account."""
+    from daemon.kube import KubeClient
 
-    conf = client.Configuration()
     if cfg.kubeconfig:
-        config.load_kube_config(config_file=cfg.kubeconfig, client_configuration=conf, persist_config=False)
-    else:
-        config.load_incluster_config(client_configuration=conf)
-    conf.retries = 1
-    return client.ApiClient(configuration=conf)
+        return KubeClient.from_kubeconfig(cfg.kubeconfig)
+    return KubeClient.in_cluster()
 
 
 def daemonset_still_exists(api: Any, cfg: DaemonConfig) -> bool | None:
@@ -83,17 +79,15 @@ def daemonset_still_exists(api: Any, cfg: DaemonConfig) -> bool | None:
     """
     if api is None or not cfg.pod_name:
         return None
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
+    from daemon.kube import ApiError, pod_path
 
-    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     candidates: list[str] = []
     try:
-        pod = core.read_namespaced_pod(cfg.pod_name, cfg.pod_namespace)
-        for ref in pod.metadata.owner_references or []:
-            if ref.kind == "DaemonSet":
-                candidates.append(ref.name)
-    except ApiException as exc:
+        pod = api.get(pod_path(cfg.pod_namespace, cfg.pod_name))
+        for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+            if ref.get("kind") == "DaemonSet":
+                candidates.append(ref.get("name", ""))
+    except ApiError as exc:
         if exc.status != 404:
             return None
     except Exception:  # noqa: BLE001 - API unreachable: unknown
@@ -102,14 +96,14 @@ def daemonset_still_exists(api: Any, cfg: DaemonConfig) -> bool | None:
         candidates = [cfg.pod_name.rsplit("-", 1)[0], cfg.pod_name.split("-", 1)[0]]
     for name in dict.fromkeys(candidates):
         try:
-            ds = apps.read_namespaced_daemon_set(name, cfg.pod_namespace)
-        except ApiException as exc:
+            ds = api.get(f"/apis/apps/v1/namespaces/{cfg.pod_namespace}/daemonsets/{name}")
+        except ApiError as exc:
             if exc.status == 404:
                 continue
             return None
         except Exception:  # noqa: BLE001
             return None
-        return ds.metadata.deletion_timestamp is None
+        return not (ds.get("metadata") or {}).get("deletionTimestamp")
     return False
 
 
@@ -121,6 +115,11 @@ def _open_dataplane(dataplane_cls: Any, cfg: DaemonConfig) -> Any:
 
         if ensure_cgroup2(Path(cfg.cgroup_root)):
             log.info("mounted cgroup2", extra={"path": str(cfg.cgroup_root)})
+    if cfg.capacity:  # --capacity: only the named sizes change; the others keep their defaults
+        from daemon.dataplane.types import Capacity
+
+        return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, Capacity(**cfg.capacity),
+                                  allow_root=cfg.allow_node_root)
     return dataplane_cls.open(cfg.cgroup_root, cfg.pin_dir, allow_root=cfg.allow_node_root)
 
 
@@ -192,6 +191,8 @@ class Daemon:
             ca_path=cfg.root_ca, server_name=cfg.server_name, plaintext=cfg.plaintext,
             pod_name=cfg.pod_name, pod_namespace=cfg.pod_namespace, instance_ip=cfg.instance_ip,
             node_name=cfg.node_name, service_account=cfg.service_account)
+        if cfg.xds_max_message_mib:
+            xds_cfg.max_receive_bytes = cfg.xds_max_message_mib * 1024 * 1024
         self.xds = XdsClient(xds_cfg, self.state)
         self.sync = DataplaneSync(self.state, self.dataplane)
         self.ctx.xds, self.ctx.sync = self.xds, self.sync
@@ -266,16 +267,13 @@ class Daemon:
     def _clear_annotations(self) -> None:
         if self.enroll is None or self.api is None:
             return
-        from kubernetes import client
+        from daemon.enroll import REDIRECT_ANNOTATION
+        from daemon.kube import pod_path
 
-        from daemon.enroll import MERGE_PATCH, REDIRECT_ANNOTATION
-
-        core = client.CoreV1Api(self.api)
         for pod in self.enroll.enrolled():
             try:
-                core.patch_namespaced_pod(pod.name, pod.namespace,
-                                          {"metadata": {"annotations": {REDIRECT_ANNOTATION: None}}},
-                                          _content_type=MERGE_PATCH)
+                self.api.merge_patch(pod_path(pod.namespace, pod.name),
+                                     {"metadata": {"annotations": {REDIRECT_ANNOTATION: None}}})
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
 
@@ -287,9 +285,11 @@ class Daemon:
         self._signal = "exit"
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+        from daemon.kube import KubeConfigError
+
         try:
             self.start()
-        except OSError as exc:
+        except (OSError, KubeConfigError) as exc:
             log.error("startup failed", extra={"error": str(exc)})
             self.stop("startup failure")
             return 1

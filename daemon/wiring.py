@@ -54,6 +54,13 @@ class DataplaneSync:
         self.last_error = ""
         self.last_result: Any = None
         self.last_seconds = 0.0
+        # CLOCK_MONOTONIC (shared by the processes of one machine) of the last pass's start and
+        # end, and of the last full sync's: read-only, so a benchmark can time "response sent ->
+        # maps written" on the real daemon from its admin /status
+        self.last_started_monotonic = 0.0
+        self.last_done_monotonic = 0.0
+        self.last_sync_started_monotonic = 0.0
+        self.last_sync_done_monotonic = 0.0
         self._thread = threading.Thread(target=self._run, name="dataplane-sync", daemon=True)
         self._thread.start()
         state.subscribe(self._on_change)
@@ -102,11 +109,13 @@ class DataplaneSync:
                 self._cond.notify_all()
 
     def _apply(self, full: bool, services: set[str], backends: set[str]) -> None:
+        started = time.monotonic()
         t0 = time.perf_counter()
         if full:  # builds and writes ~100k objects at scale: no cyclic GC passes meanwhile
             gc.disable()
             try:
                 result = self.dataplane.sync(self.state.projection())
+                written = time.monotonic()  # the maps hold everything from here on
             finally:
                 gc.enable()
             malloc_trim()  # the pass freed tens of MiB of transient objects: give the pages back
@@ -115,9 +124,14 @@ class DataplaneSync:
             kind = "sync"
         else:
             result = self.dataplane.update(self.state.projection(), services, backends)
+            written = time.monotonic()
             self.updates += 1
             kind = "update"
         self.last_seconds = time.perf_counter() - t0
+        done = written  # "maps written", not the bookkeeping after it (malloc_trim)
+        self.last_started_monotonic, self.last_done_monotonic = started, done
+        if full:
+            self.last_sync_started_monotonic, self.last_sync_done_monotonic = started, done
         self.last_result = result
         self.last_error = ""
         rejected = getattr(result, "rejected", None)
@@ -148,7 +162,13 @@ class DataplaneSync:
         return {
             "synced": self._synced_once, "syncs": self.syncs, "updates": self.updates,
             "last_error": self.last_error, "last_seconds": round(self.last_seconds, 4),
+            "last_started_monotonic": self.last_started_monotonic,
+            "last_done_monotonic": self.last_done_monotonic,
+            "last_sync_started_monotonic": self.last_sync_started_monotonic,
+            "last_sync_done_monotonic": self.last_sync_done_monotonic,
             "last_result": None if res is None else {
                 "written": getattr(res, "written", None), "deleted": getattr(res, "deleted", None),
+                "seconds": getattr(res, "seconds", None),
+                "write_seconds": getattr(res, "write_seconds", None),
                 "rejected": dict(getattr(res, "rejected", {}) or {})},
         }

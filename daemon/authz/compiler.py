@@ -288,6 +288,9 @@ def compile_tables(policies: dict[str, Any], workloads: Iterable[WorkloadInfo], 
 
     pol_ids = stable_ids(policies)
     out.policy_ids = {v: k for k, v in pol_ids.items()}
+    if not policies:  # nothing selects anything: no rulesets, no destinations, so no identities either
+        out.ident = {}
+        return out
     local = [w for w in wls if not node or w.node == node]
     wl_ids = stable_ids(w.uid for w in local)
     out.workload_ids = {v: k for k, v in wl_ids.items()}

@@ -167,7 +167,10 @@ class AuthzManager:
                 except Exception as exc:  # noqa: BLE001
                     log.warning("authz records: %s", exc)
             with self._cond:
-                if not self._dirty and not self._stop:
+                # dirty but not synced yet: nothing to compile until the xDS stream has synced
+                # (mark_synced notifies). Without the wait this loop spun on the GIL while the
+                # first push was being decoded: +2 s on a 100k-endpoint converge.
+                if not self._stop and (not self._dirty or not getattr(self.state, "synced", False)):
                     self._cond.wait(self.poll_s)
 
     def _workload_infos(self) -> list[WorkloadInfo]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-LAYOUT_VERSION = 4  # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: config
-# 4: km_conn_stats (connection counters in the kernel), km_config.trace_on
+# 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: km_config;
+# 4: the reconciled maps are preallocated; 5: km_conn_stats (connection counters in the kernel),
+# km_config.trace_on
+LAYOUT_VERSION = 5
 SOCK_SAME_SINCE = 2  # km_sock means the same since this version: its records carry over
 
 AF_INET = 2

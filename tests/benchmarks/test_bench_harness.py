@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks import cli, report
+from benchmarks import report
 from benchmarks.wrk import MARKER, parse_done_line, parse_latency_text
 
 WRK_TEXT = """Running 1s test @ http://10.250.0.3:8080/
@@ -109,20 +111,38 @@ def test_report_keys_targets_and_markdown(tmp_path: Path) -> None:
     assert "make bench" in md
 
 
-def test_cli_bench_small_dump() -> None:
-    res = cli.run(help_runs=1, dump_runs=1, workloads=300)["cli"]
-    assert isinstance(res["help_s"], float) and 0 < res["help_s"] < 10
-    assert isinstance(res["dump_10k_s"], float) and res["dump_workloads"] == 300
-    assert isinstance(res["dump_10k_json_s"], float)
+def _no_leftovers(parent: Path) -> None:
+    """Everything a real-daemon run made is gone: its cgroups, bpffs dirs, processes."""
+    assert not list(parent.glob("kmesh-bench-kd*")), list(parent.glob("kmesh-bench-kd*"))
+    mark = f"{parent}/kmesh-bench-kd".encode()
+    alive = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if mark in cmdline.read_bytes():
+                alive.append(cmdline.parent.name)
+        except OSError:
+            continue
+    assert not alive, f"benchmark daemons still running: pids {alive}"
+    for d in Path("/tmp").glob("kd*-bpffs"):
+        assert not (parent / f"kmesh-bench-{d.name[:-6]}").exists()
 
 
-def test_main_writes_results_for_selected_sections(tmp_path: Path,
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="the dump is timed against a real daemon: needs root")
+def test_main_writes_results_for_selected_sections(tmp_path: Path, test_cgroup: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.__main__ import main
 
-    assert main(["--only", "cli", "--quick", "--results-dir", str(tmp_path)]) == 0
+    assert main(["--only", "cli", "--quick", "--results-dir", str(tmp_path),
+                 "--cgroup-parent", str(test_cgroup)]) == 0
     doc = json.loads((tmp_path / "latest.json").read_text())
     assert isinstance(doc["cli"]["help_s"], float)
+    assert isinstance(doc["cli"]["dump_10k_s"], float), doc["cli"]["dump_10k_s"]
+    details = doc["details"]["cli"]
+    assert details["dump_workloads"] == 10_000 and "real kmesh-daemon" in details["dump_against"]
+    assert isinstance(details["dump_10k_json_s"], float)
+    _no_leftovers(test_cgroup)
+    assert doc["scale"]["1m"] == "not available: not selected (--only)"
     assert doc["dataplane"]["direct"] == "not available: not selected (--only)"
     assert "targets" in capsys.readouterr().out
 
@@ -251,6 +271,65 @@ def test_every_benchmark_module_imports() -> None:
             importlib.import_module(f"benchmarks.{mod.name}")
 
 
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the real daemon: BPF, cgroups, mounts)")
+def test_controlplane_real_daemon_tiny(test_cgroup: Path) -> None:
+    """Two fresh real daemons, 20 services x 5 endpoints: figures present, consistent, spread kept."""
+    from benchmarks import controlplane
+
+    out = controlplane.run(20, 5, updates=2, repeats=2, cgroup_parent=test_cgroup, settle_s=0.2,
+                           base_settle_s=0.2)
+    assert "error" not in out, out
+    conv = out["converge_100k_endpoints_spread_s"]
+    assert len(conv["runs"]) == 2 and conv["min"] <= out["converge_100k_endpoints_s"] <= conv["max"]
+    assert 0 < out["converge_100k_endpoints_s"] < 60
+    assert out["parse_s"] > 0 and out["write_s"] > 0
+    assert len(out["single_update_spread_ms"]["runs"]) == 4 and out["single_update_spread_ms"]["min"] > 0
+    assert out["resources_sent"] == 20 + 100 and out["written_entries"] > 0
+    split = out["rss_split_mib"]
+    assert 20 < split["base"] < out["daemon_rss_mib"] <= out["daemon_peak_rss_mib"]
+    assert out["map_mib"] > 1
+    _no_leftovers(test_cgroup)
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the real daemon: BPF, cgroups, mounts)")
+def test_scale_tiny_points_and_capacity_flag(test_cgroup: Path) -> None:
+    """Two tiny points (named like the real ones so the ratio is computed) and the --capacity
+    flag reaching the kernel's maps."""
+    from benchmarks import realdaemon as rd
+    from benchmarks import scale
+
+    out = scale.run({"100k": (10, 4), "1m": (30, 4)}, cgroup_parent=test_cgroup, settle_s=0.2)
+    for point, endpoints in (("100k", 40), ("1m", 120)):
+        fig = out[point]
+        assert "error" not in fig, fig
+        assert fig["endpoints"] == endpoints and fig["converge_s"] > 0 and fig["map_mib"] > 1
+        assert fig["rss_mib"] > 20 and fig["capacity"] == "daemon defaults"
+    assert out["ratio_1m_over_100k_converge"] == round(out["1m"]["converge_s"] / out["100k"]["converge_s"], 2)
+    doc = report.assemble(report.machine_info(), {"scale": out})
+    assert set(doc["scale"]["1m"]) == {"converge_s", "rss_mib", "map_mib"}
+    assert doc["scale"]["10k"].startswith("not available")
+    ratio = [t for t in doc["targets"] if t["key"] == "scale.ratio_1m_over_100k_converge"]
+    assert ratio and ratio[0]["met"] is not None
+    with tempfile.TemporaryDirectory() as tmp, rd.Stack(5, 2, Path(tmp), test_cgroup) as stack, \
+            rd.RealDaemon(stack, name="c", capacity={"frontends": 3000, "backends": 2000}) as daemon:
+        rd.converge(stack, daemon, settle_s=0.1)
+        maxes = {name: m["max"] for name, m in daemon.status()["maps"].items()}
+        assert maxes["frontend"] == 3000 and maxes["backend"] == 2000, maxes
+    _no_leftovers(test_cgroup)
+
+
+def test_scale_capacity_sizing() -> None:
+    from benchmarks import scale
+
+    assert scale.capacity_for(10_000, 10) is None  # 100k endpoints: the defaults hold it
+    cap = scale.capacity_for(100_000, 10)
+    assert cap is not None and cap["frontends"] >= 1.2 * 1_100_000 and cap["backends"] >= 1.2 * 1_000_000
+    assert cap["services"] >= 1.2 * 100_000
+    assert scale.message_mib_for(10_000, 10) == 0 and 400 < scale.message_mib_for(100_000, 10) < 2048
+
+
 def test_paired_ratio_median_and_spread() -> None:
     from benchmarks.connload import ConnResult
     from benchmarks.dataplane_http import paired
@@ -285,3 +364,40 @@ def test_connect_micro_benchmark_baseline_has_no_programs() -> None:
     lo, hi = out["vip_over_direct_p50_range"]
     assert lo <= out["vip_over_direct_p50"] <= hi
     assert isinstance(out["vip_monitor_off_over_direct_p50"], float)  # the switch is in the data plane
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of a process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the real daemon: BPF, cgroups, mounts)")
+def test_daemon_is_idle_while_waiting_for_the_first_push(test_cgroup: Path) -> None:
+    """A daemon whose xDS server holds its first response must not burn CPU: the authorization
+    worker once spun on the GIL until the stream synced, adding seconds to every converge."""
+    from benchmarks import realdaemon as rd
+
+    with tempfile.TemporaryDirectory() as tmp, rd.Stack(5, 2, Path(tmp), test_cgroup) as stack, \
+            rd.RealDaemon(stack, name="idle") as daemon:
+        stack.hold()
+        assert stack.server is not None
+        mark = len(stack.server.lines)
+        daemon.start()
+        stack.server.wait(lambda s: s.startswith("waiting address"), start=mark, timeout=120)
+        time.sleep(0.5)
+        before = _cpu_s(daemon.pid)
+        time.sleep(2.0)
+        used = _cpu_s(daemon.pid) - before
+        assert used < 0.5, f"the daemon used {used:.2f} s of CPU in 2 s while waiting for xDS"
+        stack.release()
+        daemon.wait_status(lambda st: st["dataplane_sync"].get("syncs", 0) >= 1, 120, "the first sync")
+    _no_leftovers(test_cgroup)

@@ -94,3 +94,22 @@ def test_cli_error_is_one_line_exit_2() -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "loopback" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_capacity_and_xds_message_flags() -> None:
+    cfg = parse_config([], BASE_ENV)
+    assert cfg.capacity == {} and cfg.xds_max_message_mib == 0
+    cfg = parse_config(["--capacity", "frontends=2000000, endpoints=1500000", "--xds-max-message-mib", "600"],
+                       BASE_ENV)
+    assert cfg.capacity == {"frontends": 2_000_000, "endpoints": 1_500_000}
+    assert cfg.xds_max_message_mib == 600
+    from daemon.dataplane.types import Capacity
+
+    cap = Capacity(**cfg.capacity)
+    assert cap.frontends == 2_000_000 and cap.services == Capacity().services
+    for bad, msg in (("frontend=5", "NAME=N"), ("endpoints=x", "not an integer"), ("endpoints", "NAME=N"),
+                     ("backends=0", "between 1"), (f"sockets={(1 << 24) + 1}", "between 1")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_config(["--capacity", bad], BASE_ENV)
+    with pytest.raises(ConfigError, match="xds-max-message-mib"):
+        parse_config(["--xds-max-message-mib", "-1"], BASE_ENV)

@@ -3,19 +3,29 @@ re-list on 410 Gone (synthesizing DELETED for what vanished), keep following aft
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from daemon.enroll import ListWatcher
+from daemon.kube import KubeClient
 from sandbox.apiserver.server import ApiServer
 
 
-class _Resp:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+class _StaleFirstList(KubeClient):
+    """The daemon's client whose first list is stale: an old resourceVersion + a ghost object."""
+
+    lists: list[int]
+
+    def list(self, path: str, **query: Any) -> dict[str, Any]:
+        data = super().list(path, **query)
+        self.lists.append(1)
+        if len(self.lists) == 1:
+            data["metadata"]["resourceVersion"] = "1"
+            data["items"].append({"metadata": {"name": "ghost", "uid": "ghost-uid"}})
+        return data
 
 
 def test_list_watcher_relists_after_gone(tmp_path: Path) -> None:
@@ -30,19 +40,8 @@ def test_list_watcher_relists_after_gone(tmp_path: Path) -> None:
         core = client.CoreV1Api(config.new_client_from_config(config_file=str(kc)))
         for i in range(6):  # more writes than the watch history holds
             core.create_namespace({"metadata": {"name": f"w{i}"}})
-        lists = []
-
-        def list_namespace(**kw):  # the first list is stale: old resourceVersion + a ghost object
-            resp = core.list_namespace(**kw)
-            if kw.get("watch"):
-                return resp
-            lists.append(1)
-            if len(lists) > 1:
-                return resp
-            data = json.loads(resp.data)
-            data["metadata"]["resourceVersion"] = "1"
-            data["items"].append({"metadata": {"name": "ghost", "uid": "ghost-uid"}})
-            return _Resp(json.dumps(data).encode())
+        api = _StaleFirstList.from_kubeconfig(kc)
+        api.lists = lists = []
 
         events: list[tuple[str, str]] = []
         synced = threading.Event()
@@ -53,7 +52,7 @@ def test_list_watcher_relists_after_gone(tmp_path: Path) -> None:
         old_level = enroll_log.level
         enroll_log.setLevel(logging.INFO)
         enroll_log.addHandler(handler)
-        lw = ListWatcher("namespaces", list_namespace, {},
+        lw = ListWatcher("namespaces", api, "/api/v1/namespaces", {},
                          lambda k, o: events.append((k, o["metadata"]["name"])),
                          stop, on_synced=synced.set, watch_timeout=30)
         t = threading.Thread(target=lw.run, daemon=True)

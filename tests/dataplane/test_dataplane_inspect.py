@@ -41,7 +41,7 @@ def test_bpftool_shows_pinned_maps(dp) -> None:
         info = bpftool("map", "show", "pinned", str(dp.gen_dir / name))
         assert info["name"] == f"km_{name}", info
     fe = bpftool("map", "show", "pinned", str(dp.gen_dir / "frontend"))
-    assert fe["type"] == "hash" and fe["flags"] & 1  # BPF_F_NO_PREALLOC
+    assert fe["type"] == "hash" and not fe["flags"] & 1  # preallocated (no BPF_F_NO_PREALLOC)
     assert bpftool("map", "show", "pinned", str(dp.gen_dir / "sock"))["type"] == "lru_hash"
 
 

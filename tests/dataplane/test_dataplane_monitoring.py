@@ -12,6 +12,7 @@ import pytest
 from dp_topo import VIP4, ip4
 
 from daemon.dataplane import ConnEvent, netns_cookie
+from daemon.dataplane.layout import LAYOUT_VERSION
 from daemon.dataplane.mapio import MapIO
 
 pytestmark = pytest.mark.kernel
@@ -173,7 +174,7 @@ def test_upgrade_from_layout_2_keeps_switch_enrolment_and_sockets(topology, pin_
         renamed = old_gen.with_name("v2-" + old_gen.name.split("-", 1)[1])
         old_gen.rename(renamed)
         new = Dataplane.open(cg, pins)
-        assert new.gen_dir.name.startswith("v4-") and not new.attached
+        assert new.gen_dir.name.startswith(f"v{LAYOUT_VERSION}-") and not new.attached
         assert new.monitoring() == {"access_log": False, "metrics": False, "enabled": False}
         assert socks <= _sock_keys(new)
         assert not new.sync(base_projection()).rejected and new.attached

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from collections import Counter
 
 import pytest
@@ -34,6 +35,7 @@ class World:
                   "backend": cap.backends, "names": cap.names(), "manage": cap.manage}
         self.maps = {m: FakeMap(self, m, limits[m]) for m in self.data}
         self.ops = 0
+        self.lock = threading.Lock()
         self.fail_at = -1  # inject an error when ops reaches this count
 
     def tick(self) -> None:
@@ -75,20 +77,23 @@ class FakeMap:
 
     def update_batch(self, keys: list[bytes], values: list[bytes]) -> None:
         for k, v in zip(keys, values, strict=True):
-            if k not in self.d and len(self.d) >= self.max_entries:
-                raise OSError(errno.E2BIG, f"{self.name} full")
-            self.world.tick()
-            self.d[k] = v
-            self.world.check()
+            with self.world.lock:  # one element at a time, as the kernel (writers run on threads)
+                if k not in self.d and len(self.d) >= self.max_entries:
+                    raise OSError(errno.E2BIG, f"{self.name} full")
+                self.world.tick()
+                self.d[k] = v
+                self.world.check()
 
     def delete_batch(self, keys: list[bytes]) -> None:
         for k in keys:
-            self.world.tick()
-            self.d.pop(k, None)
-            self.world.check()
+            with self.world.lock:
+                self.world.tick()
+                self.d.pop(k, None)
+                self.world.check()
 
     def dump(self) -> list[tuple[bytes, bytes]]:
-        return list(self.d.items())
+        with self.world.lock:
+            return list(self.d.items())
 
 
 PODS = [f"p{i}" for i in range(12)]

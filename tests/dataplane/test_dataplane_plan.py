@@ -1,0 +1,181 @@
+"""The pure planner (daemon/dataplane/plan.py) without a kernel: what a plan holds, in which
+order, and that planning never changes the mirror it reads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from daemon.dataplane import layout as L
+from daemon.dataplane import plan as plan_mod
+from daemon.dataplane.apply import apply
+from daemon.dataplane.mirror import IdPool, Mirror, Port
+from daemon.dataplane.model import Backend, Endpoint, Projection, Service, ServicePort
+from daemon.dataplane.plan import Plan, make_plan
+from daemon.dataplane.render import RECONCILED_MAPS
+from daemon.dataplane.types import ReconcileResult
+
+
+class DictMap:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.d: dict[bytes, bytes] = {}
+
+    def update_raw(self, keys: bytes, values: bytes, n: int) -> None:
+        ks, vs = len(keys) // n, len(values) // n
+        for i in range(n):
+            self.d[bytes(keys[i * ks:(i + 1) * ks])] = bytes(values[i * vs:(i + 1) * vs])
+
+    def delete_batch(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.d.pop(k, None)
+
+    def dump(self) -> list[tuple[bytes, bytes]]:
+        return list(self.d.items())
+
+
+LIMITS = {"frontend": 64, "service": 8, "endpoint": 16, "backend": 8, "names": 16}
+
+
+def backends(n: int) -> dict[str, Backend]:
+    return {f"uid/p{i}": Backend(f"uid/p{i}", f"p{i}", "ns", bytes([10, 0, 0, i + 1])) for i in range(n)}
+
+
+def service(name: str, vip: int, uids: list[str], port: int = 80) -> Service:
+    eps = tuple(Endpoint(u, 8080) for u in uids)
+    return Service(name, (bytes([10, 96, 0, vip]),), (ServicePort(port, eps),))
+
+
+def full_plan(m: Mirror, proj: Projection) -> Plan:
+    removed = [u for u in m.be_id if u not in proj.backends]
+    return make_plan(m, proj, set(proj.services) | set(m.svc_ports), [*proj.backends, *removed], orphans=True)
+
+
+def run(m: Mirror, maps: dict[str, DictMap], proj: Projection) -> Plan:
+    plan = full_plan(m, proj)
+    apply(maps, plan, ReconcileResult())
+    m.commit(plan, proj)
+    return plan
+
+
+def plain(v: object) -> object:
+    """A value-comparable copy: slotted mirror objects become tuples of their fields."""
+    if isinstance(v, Port):
+        return ("Port", v.id, v.name, v.service, v.value, v.vals, v.fes)
+    if isinstance(v, IdPool):
+        return ("IdPool", bytes(v.used), set(v.big), list(v.free), v.next)
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [plain(x) for x in v]
+    return copy.deepcopy(v)
+
+
+def snapshot(m: Mirror) -> dict:
+    return {k: plain(v) for k, v in vars(m).items()}
+
+
+def new_world() -> tuple[Mirror, dict[str, DictMap]]:
+    return Mirror(dict(LIMITS)), {name: DictMap(n) for name, n in LIMITS.items()}
+
+
+def test_first_plan_writes_in_dependency_order_and_deletes_nothing() -> None:
+    m, _ = new_world()
+    bes = backends(3)
+    proj = Projection({"ns/a": service("ns/a", 1, list(bes))}, bes)
+    plan = full_plan(m, proj)
+    ops = [(kind, name) for kind, name, _ in plan.ops()]
+    assert ops == [("write", "backend"), ("write", "names"), ("write", "endpoint"), ("write", "service"),
+                   ("write", "frontend")]
+    counts = {name: wr.n for name, wr in plan.write}
+    # 3 pod IPs + 1 VIP:port; 3 backend names + 1 service-port name
+    assert counts == {"backend": 3, "names": 4, "endpoint": 3, "service": 1, "frontend": 4}
+    assert plan.size() == 15 and not plan.rejected
+
+
+def test_planning_never_changes_the_mirror() -> None:
+    m, maps = new_world()
+    bes = backends(4)
+    run(m, maps, Projection({"ns/a": service("ns/a", 1, ["uid/p0", "uid/p1"])}, bes))
+    before = snapshot(m)
+    changed = Projection({"ns/b": service("ns/b", 2, ["uid/p2", "uid/p3"])}, backends(5))
+    plan = full_plan(m, changed)
+    assert plan.size() > 0
+    assert snapshot(m) == before
+    # and the ids it chose are fresh ones (the pool was not advanced by planning)
+    assert plan.be_ids[0] == [5] and plan.svc_ids[0] == [2]
+
+
+def test_removal_frees_before_writing_and_trims_after() -> None:
+    m, maps = new_world()
+    bes = backends(3)
+    run(m, maps, Projection({"ns/a": service("ns/a", 1, list(bes))}, bes))
+    # ns/a goes, ns/b (new VIP, one remaining backend) arrives, two backends go
+    keep = {"uid/p2": bes["uid/p2"]}
+    plan = full_plan(m, Projection({"ns/b": service("ns/b", 2, ["uid/p2"])}, keep))
+    ops = [(kind, name) for kind, name, _ in plan.ops()]
+    assert ops == [("delete", "frontend"), ("delete", "service"), ("delete", "endpoint"),
+                   ("write", "names"), ("write", "endpoint"), ("write", "service"), ("write", "frontend"),
+                   ("delete", "backend"), ("delete", "names")]
+    free = dict(plan.free)
+    assert len(free["frontend"]) == 3  # ns/a's VIP:port and the two pod IPs
+    assert sorted(L.U32.unpack(k)[0] for k in dict(plan.trim)["backend"]) == [1, 2]
+
+
+def test_service_over_capacity_is_rejected_with_nothing_planned() -> None:
+    m, _ = new_world()
+    bes = backends(8)
+    big = Service("ns/big", (bytes([10, 96, 0, 9]),),
+                  (ServicePort(80, tuple(Endpoint(u, p) for u in bes for p in (8080, 9090, 9091))),))
+    proj = Projection({"ns/small": service("ns/small", 1, ["uid/p0"]), "ns/big": big}, bes)
+    plan = full_plan(m, proj)
+    assert set(plan.rejected) == {"ns/big"} and "endpoint map full" in plan.rejected["ns/big"]
+    fw = dict(plan.write)["frontend"]
+    addrs = {bytes(fw.keys[i * L.FE_KEY.size:i * L.FE_KEY.size + 4]) for i in range(fw.n)}
+    assert bytes([10, 96, 0, 9]) not in addrs and bytes([10, 96, 0, 1]) in addrs
+    assert len(plan.svc_ids[0]) == 1  # the rejected service's id went back
+
+
+def test_applied_plan_matches_and_replanning_is_empty() -> None:
+    m, maps = new_world()
+    bes = backends(4)
+    proj = Projection({"ns/a": service("ns/a", 1, ["uid/p0", "uid/p1"]),
+                       "ns/b": service("ns/b", 2, ["uid/p1", "uid/p2", "uid/p3"], 443)}, bes)
+    run(m, maps, proj)
+    assert {n: len(maps[n].d) for n in RECONCILED_MAPS} == m.counts() == {
+        "frontend": 6, "service": 2, "endpoint": 5, "backend": 4, "names": 6}
+    again = full_plan(m, proj)
+    assert again.size() == 0 and not again.rejected
+    # a restarted process (mirror loaded from the maps) plans nothing either
+    m2 = Mirror(dict(LIMITS))
+    m2.load(maps)
+    assert full_plan(m2, proj).size() == 0
+
+
+def test_bulk_first_sync_writes_exactly_what_the_loop_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first sync packs plain IPv4 backends in bulk; the maps must be byte for byte what the
+    per-backend loop writes (names: non-ASCII, and longer than the 255 bytes a name keeps)."""
+    limits = {"frontend": 4096, "service": 64, "endpoint": 4096, "backend": 2048, "names": 4096}
+    bes = {}
+    for i in range(1500):
+        name = "pöd" if i == 7 else "p" * 300 if i == 8 else f"p{i}"
+        uid = f"Kubernetes//Pod/ns/{name}-{i}"
+        bes[uid] = Backend(uid, name, "ns", bytes([10, 1, i >> 8, i & 255]))
+    uids = list(bes)
+    svcs = {f"ns/s{j}": service(f"ns/s{j}", j + 1, uids[j * 30:(j + 1) * 30]) for j in range(50)}
+    proj = Projection(svcs, bes)
+
+    def first_sync() -> tuple[dict[str, dict[bytes, bytes]], Plan]:
+        m = Mirror(dict(limits))
+        maps = {name: DictMap(n) for name, n in limits.items()}
+        plan = run(m, maps, proj)
+        return {name: mp.d for name, mp in maps.items()}, plan
+
+    bulk, plan = first_sync()
+    assert plan.be_ids[1] == [range(1, 1501)]  # taken in bulk
+    monkeypatch.setattr(plan_mod, "_bulk_backends", lambda *a, **k: False)
+    loop, plan = first_sync()
+    assert not plan.be_ids[1] and len(plan.be_ids[0]) == 1500
+    assert bulk == loop
+    assert len(bulk["backend"]) == 1500 and len(bulk["names"]) == 1550 and len(bulk["frontend"]) == 1550
