@@ -112,10 +112,19 @@ class AuthzManager:
         self._held = []
 
     def _on_change(self, change: Any) -> None:
+        if not (change.full or change.policies) and self._policy_free():
+            return  # no policy before or after: the tables are empty whatever the workloads do
         if change.full or change.policies or change.backends or getattr(change, "workloads", None):
             with self._cond:
                 self._dirty = True
                 self._cond.notify_all()
+
+    def _policy_free(self) -> bool:
+        """The tables in the kernel were compiled from no policy and the state holds none: a
+        workload change cannot change them (at 100k pods a recompile is ~50 ms of CPU, which
+        every single-workload update would otherwise pay)."""
+        comp = self.compiled
+        return comp is not None and not comp.policy_ids and not self._dirty and not self.state.policies
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every change so far is compiled and written (tests)."""
@@ -399,8 +408,11 @@ class AuthzManager:
         out["destinations"] = dsts
         out["rulesets"] = [{"id": rid & 0x7FFFFFFF, "policies": comp.rulesets[rid],
                             "entries": comp.readable[rid]} for rid in sorted(comp.rulesets)]
+        idents = comp.identities
+        if not comp.policy_ids:  # not recompiled on workload changes (see _policy_free): fresh list
+            idents = compile_tables({}, self._identity_infos(), 0).identities
         out["identities"] = [{"id": i, "principal": ident.principal}
-                             for i, ident in sorted(comp.identities.items())]
+                             for i, ident in sorted(idents.items())]
         out["counts"] = self.writer.counts()
         return out
 

@@ -71,6 +71,24 @@ def refused_times(denv: DaemonEnv, client: str, n: int = 20, port: int = 8080) -
     return out
 
 
+def test_no_policy_means_no_recompile_on_workload_changes(denv: DaemonEnv) -> None:
+    """With no policy anywhere the tables are empty whatever the workloads do: a workload change
+    must not recompile them (at 100k pods that cost every single update ~50 ms of CPU)."""
+    wait_for(lambda: denv.get("/authz")["compiles"] >= 1, 30, "a first compile")
+    assert denv.get("/authz")["policies"] == 0
+    before = denv.get("/authz")["compiles"]
+    try:
+        denv.kubectl("label", "pod", "fortio", "-n", "default", "service.istio.io/canonical-revision=relabelled",
+                     "--overwrite")
+        wait_for(lambda: "relabelled" in denv.kubectl("get", "pod", "fortio", "-n", "default",
+                                                      "-o", "jsonpath={.metadata.labels}").stdout, 10,
+                 "the relabel")
+        time.sleep(1.0)  # the pilot pushes the changed workload; the daemon applies it
+        assert denv.get("/authz")["compiles"] == before
+    finally:
+        denv.kubectl("label", "pod", "fortio", "-n", "default", "service.istio.io/canonical-revision-")
+
+
 def test_deny_namespace_refused_fast_server_untouched_and_visible(denv: DaemonEnv) -> None:
     traces = [
         subprocess.Popen(
