@@ -78,7 +78,8 @@ def test_no_policy_means_no_recompile_on_workload_changes(denv: DaemonEnv) -> No
     assert denv.get("/authz")["policies"] == 0
     before = denv.get("/authz")["compiles"]
     try:
-        denv.kubectl("label", "pod", "fortio", "-n", "default", "service.istio.io/canonical-revision=relabelled",
+        denv.kubectl("label", "pod", "fortio", "-n", "default",
+                     "service.istio.io/canonical-revision=relabelled",
                      "--overwrite")
         wait_for(lambda: "relabelled" in denv.kubectl("get", "pod", "fortio", "-n", "default",
                                                       "-o", "jsonpath={.metadata.labels}").stdout, 10,
