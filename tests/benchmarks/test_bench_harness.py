@@ -287,7 +287,10 @@ def test_controlplane_real_daemon_tiny(test_cgroup: Path) -> None:
     assert len(out["single_update_spread_ms"]["runs"]) == 4 and out["single_update_spread_ms"]["min"] > 0
     assert out["resources_sent"] == 20 + 100 and out["written_entries"] > 0
     split = out["rss_split_mib"]
-    assert 20 < split["base"] < out["daemon_rss_mib"] <= out["daemon_peak_rss_mib"]
+    # 20 workloads add almost nothing: the steady RSS may even sit a little under the base
+    # (pages given back after the sync), so base and steady are compared with a tolerance
+    assert 20 < split["base"] < out["daemon_rss_mib"] + 5
+    assert out["daemon_rss_mib"] <= out["daemon_peak_rss_mib"]
     assert out["map_mib"] > 1
     _no_leftovers(test_cgroup)
 
