@@ -20,6 +20,7 @@ from sandbox.apiserver import spdy
 from tests.apiserver.conftest import Cluster
 from tests.apiserver.podbox import PodBox, children, fd_count, make_pod_box, settle
 from tests.support.kubectl import kubectl_path
+from tests.support.loopserver import LoopbackServer
 
 BIG = 100 << 20
 
@@ -33,39 +34,31 @@ class Backend:
     """What listens "in the pod" (hostNetwork: our loopback): echo, or a 100 MiB source."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.blob = os.urandom(1 << 20) * 100  # 100 MiB, from 1 MiB of random bytes
-        self.conns = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.server = LoopbackServer(self._one, threaded=True)
+        self.port = self.server.port
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns += 1
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+    @property
+    def conns(self) -> int:
+        return self.server.accepted
 
     def _one(self, conn: socket.socket) -> None:
-        with conn:
-            first = conn.recv(65536)
-            if first.startswith(b"GET /big"):
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % BIG)
-                conn.sendall(self.blob)
-                return
-            if first.startswith(b"GET "):
-                conn.sendall(b"HTTP/1.1 200 OK\r\nServer: backend\r\nContent-Length: 2\r\n"
-                             b"Connection: close\r\n\r\nok")
-                return
-            data = first
-            while data:
-                conn.sendall(data)
-                data = conn.recv(65536)
+        first = conn.recv(65536)
+        if first.startswith(b"GET /big"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % BIG)
+            conn.sendall(self.blob)
+            return
+        if first.startswith(b"GET "):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nServer: backend\r\nContent-Length: 2\r\n"
+                         b"Connection: close\r\n\r\nok")
+            return
+        data = first
+        while data:
+            conn.sendall(data)
+            data = conn.recv(65536)
 
     def close(self) -> None:
-        self.sock.close()
+        self.server.stop()
 
 
 @pytest.fixture(scope="module")

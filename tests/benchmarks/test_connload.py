@@ -9,51 +9,33 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from benchmarks import connload
+from tests.support.loopserver import LoopbackServer
+
+REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
-class _Server:
-    """Accepts, reads one chunk, answers `reply`, closes: one connection per request."""
-
-    def __init__(self, reply: bytes) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.reply = reply
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.recv(4096)
-                conn.sendall(self.reply)
+def _answer(conn: socket.socket) -> None:
+    """Read one chunk, answer, close (LoopbackServer closes): one connection per request."""
+    conn.recv(4096)
+    conn.sendall(REPLY)
 
 
 @pytest.fixture
-def server() -> Iterator[_Server]:
-    srv = _Server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-    yield srv
-    srv.sock.close()
+def server() -> Iterator[LoopbackServer]:
+    with LoopbackServer(_answer) as srv:
+        yield srv
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(connload.binary()), *args], capture_output=True, text=True, timeout=60)
 
 
-def test_counts_one_connection_per_request(server: _Server) -> None:
+def test_counts_one_connection_per_request(server: LoopbackServer) -> None:
     proc = _run("-a", "127.0.0.1", "-p", str(server.port), "-c", "2", "-n", "40")
     assert proc.returncode == 0, proc.stderr
     res = connload.parse_line(proc.stdout)
@@ -63,12 +45,12 @@ def test_counts_one_connection_per_request(server: _Server) -> None:
     assert res.rps > 0 and res.cycle_ms == pytest.approx(2 / res.rps * 1000)
 
 
-def test_duration_bound(server: _Server) -> None:
+def test_duration_bound(server: LoopbackServer) -> None:
     res = connload.parse_line(_run("-a", "127.0.0.1", "-p", str(server.port), "-d", "0.3").stdout)
     assert res.requests > 0 and 0.3 <= res.duration_s < 5
 
 
-def test_wrong_response_is_an_error_not_a_sample(server: _Server) -> None:
+def test_wrong_response_is_an_error_not_a_sample(server: LoopbackServer) -> None:
     proc = _run("-a", "127.0.0.1", "-p", str(server.port), "-n", "5", "-e", "HTTP/1.1 503")
     res = connload.parse_line(proc.stdout)
     assert res.requests == 0 and res.errors == 5 and proc.returncode == 1
