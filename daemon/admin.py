@@ -158,6 +158,10 @@ class _Handler(BaseHTTPRequestHandler):
                            "text/plain")
             elif path == "/status":
                 self._json(ctx.status())
+            elif path == "/debug/memory":
+                from daemon import memdebug
+
+                self._json(memdebug.report(int(query.get("top", "25"))))
             elif path == "/debug/trace":
                 self._trace(query)
             elif path == "/authz":
@@ -166,7 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._monitoring(path, None)
             else:
                 self._error(404, f"no such endpoint {path}; see /status, /debug/config_dump, /debug/bpf, "
-                                 "/debug/trace, /debug/loggers, /debug/ready, /monitoring, /version")
+                                 "/debug/trace, /debug/loggers, /debug/ready, /debug/memory, /monitoring, "
+                                 "/version")
         except BrokenPipeError:
             pass
         except Exception as exc:  # noqa: BLE001 - report, keep serving

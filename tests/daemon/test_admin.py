@@ -110,6 +110,11 @@ def test_endpoints(admin) -> None:
     assert bpf["raw"]["frontend"] == [["0a 00", "01 00"]] and bpf["enrolled"][0]["netns_cookie"] == 77
     assert get(server, "/debug/config_dump")[0] == 503  # no state yet: says so
     assert get(server, "/nope")[0] == 404
+    mem = json.loads(get(server, "/debug/memory?top=5")[1])
+    assert mem["process_mib"]["VmRSS"] > 0 and mem["gc_objects"] > 1000
+    top = mem["gc_objects_by_type"]
+    assert len(top) == 5 and {"type", "count", "mib"} <= set(top[0])
+    assert "PYTHONTRACEMALLOC" in mem["top_sites"]  # not tracing: says how to
     xds.connected = False
     code, body = get(server, "/debug/ready")
     assert code == 503 and b"connection refused" in body
