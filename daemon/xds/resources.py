@@ -194,6 +194,106 @@ def _payload(value: bytes, tag: int) -> bytes | None:
     return value[head:] if head + n == size else None
 
 
+# byte strings of fields 4-19 (between the addresses and the uid) seen to be whole fields:
+# replicas of a deployment share them, so most workloads skip the walk (bounded like _PORTS)
+_MIDS: set[bytes] = set()
+
+
+def _whole_fields(v: bytes, p: int, end: int) -> bool:
+    """``v[p:end]`` is a sequence of whole fields numbered 4 or more with one-byte lengths and
+    no uid (remembered in ``_MIDS``). Raises IndexError when it runs off ``v``."""
+    start = p
+    while p < end:
+        t = v[p]
+        if t < 0x80:  # one-byte tag: fields 4-15
+            if t < 0x20:
+                return False
+            p += 1
+        else:  # two-byte tag: fields 16-31, not the uid
+            if v[p + 1] != 1 or t == 0xA2:
+                return False
+            p += 2
+        w = t & 7
+        n = v[p]
+        if n & 0x80 or w not in (0, 2):
+            return False
+        p += 1 + n if w == 2 else 1
+    if p != end:
+        return False
+    if len(_MIDS) > 65536:
+        _MIDS.clear()
+    _MIDS.add(v[start:end])
+    return True
+
+
+def _split(v: bytes, p: int) -> tuple[str, bytes | tuple[bytes, ...], str, bytes] | None:
+    """The Workload at ``v[p:]`` as (name, address or tuple of addresses, uid, remainder) read
+    straight from its bytes; None when its layout is not the plain one (the caller then parses).
+
+    The plain layout is what protobuf serializers emit: fields in number order, so name (1),
+    namespace (2), addresses (3), some of fields 4-19, the uid (20), then the rest, each with a
+    one-byte length. The remainder is ``v[p:]`` without the name, address and uid fields, i.e.
+    exactly what clearing them in a parsed ``WorkloadHead`` and serializing it gives (upb keeps
+    unknown fields as they came). Only the part up to the uid is walked: the tail is taken as
+    is, so the caller must make sure a remainder holds no further name/address/uid field before
+    trusting it (``_clean_profile``); a remainder already in the profile cache was checked.
+    Raises IndexError or UnicodeDecodeError on truncated or bad input (the caller parses then).
+    """
+    t = v[p]
+    if t == 0x0A:  # name = 1
+        n = v[p + 1]
+        if n & 0x80:
+            return None
+        q = p + 2 + n
+        wname = v[p + 2:q].decode()
+        p = q
+        t = v[p]
+    else:
+        wname = ""
+    a = p
+    if t == 0x12:  # namespace = 2: part of the remainder
+        n = v[p + 1]
+        if n & 0x80:
+            return None
+        p += 2 + n
+        t = v[p]
+    b = p
+    addr: bytes | tuple[bytes, ...] = ()
+    while t == 0x1A:  # addresses = 3 (a tuple unless exactly one)
+        n = v[p + 1]
+        if n & 0x80:
+            return None
+        q = p + 2 + n
+        if addr.__class__ is bytes:
+            addr = (addr, v[p + 2:q])  # type: ignore[assignment]
+        elif addr:
+            addr = (*addr, v[p + 2:q])
+        else:
+            addr = v[p + 2:q]
+        p = q
+        t = v[p]
+    c = p
+    p = v.find(b"\xa2\x01", c)  # the uid's tag, if the fields before it are whole
+    if p < 0:
+        return None
+    if p > c and v[c:p] not in _MIDS and not _whole_fields(v, c, p):
+        return None
+    n = v[p + 2]
+    q = p + 3 + n
+    if n & 0x80 or q > len(v):
+        return None
+    return wname, addr, v[p + 3:q].decode(), v[a:b] + v[c:p] + v[q:]
+
+
+def _clean_profile(rest: bytes) -> WorkloadProfile | None:
+    """Profile of a remainder cut by ``_split`` (cache miss); None when it still holds a name,
+    address or uid field (an unusual layout: the caller parses the resource instead)."""
+    w = _WORKLOAD_FROM(rest)
+    if w.uid or w.name or w.addresses:
+        return None
+    return _new_profile(w, rest)
+
+
 def _decode_address(name: str, value: bytes, version: str, digest: int) -> ServiceRecord | WorkloadRecord:
     """Address bytes -> record. Common shapes (only a workload, only a service) skip the wrapper."""
     try:
@@ -301,6 +401,7 @@ def _decode_addresses(resources: Iterable[Any], held: Callable[[str], Any] | Non
     profiles = _PROFILES
     head_from = _HEAD_FROM
     make = make_workload_record
+    split, clean_profile = _split, _clean_profile
     for r in resources:
         name = r.name
         any_ = r.resource
@@ -331,6 +432,34 @@ def _decode_addresses(resources: Iterable[Any], held: Callable[[str], Any] | Non
             except Invalid as e:
                 errors.append(f"{name or '<unnamed>'}: {e}")
             continue
+        try:
+            got = split(value, start)
+        except (IndexError, UnicodeDecodeError):
+            got = None
+        if got is not None:
+            wname, addr, uid, rest = got
+            prof = profiles.get(rest)
+            if prof is None:
+                try:
+                    prof = clean_profile(rest)
+                except Exception:  # noqa: BLE001 - parsed below, which names the error
+                    prof = None
+            if prof is not None and uid:
+                if name and name != uid:
+                    errors.append(f"{name}: resource name does not match workload uid {uid}")
+                    continue
+                if addr.__class__ is bytes:
+                    if len(addr) != 4 and len(addr) != 16:
+                        errors.append(f"{name or uid}: workload address has {len(addr)} bytes, want 4 or 16")
+                        continue
+                else:
+                    bad = next((a for a in addr if len(a) != 4 and len(a) != 16), None)
+                    if bad is not None:
+                        errors.append(f"{name or uid}: workload address has {len(bad)} bytes, want 4 or 16")
+                        continue
+                append(make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True)
+                            + r.version.encode()))
+                continue
         try:
             h = head_from(value[start:])
         except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or others
