@@ -208,6 +208,8 @@ class XdsClient:
         from envoy.service.discovery.v3 import discovery_pb2
         from google.rpc import status_pb2
 
+        from daemon.xds.gen.kmesh import decode_pb2
+
         metadata = self._metadata()
         channel = self._channel()
         requests: queue.Queue[Any] = queue.Queue()
@@ -228,7 +230,8 @@ class XdsClient:
         stream = channel.stream_stream(
             ADS_METHOD,
             request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+            # a view: each resource's Any stays bytes, the decoder reads it (daemon/xds/resources.py)
+            response_deserializer=decode_pb2.ResponseView.FromString,
         )
         call = stream(request_iter(), metadata=metadata)
         with self._lock:

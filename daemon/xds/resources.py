@@ -15,7 +15,7 @@ resources re-sent unchanged (same content digest as the held record) without dec
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from daemon.dataplane.model import HBONE_PORT
@@ -27,6 +27,7 @@ from daemon.state import (
     WorkloadRecord,
     make_workload_record,
 )
+from daemon.xds import native
 from daemon.xds.gen.istio.security import authorization_pb2
 from daemon.xds.gen.istio.workload import workload_pb2
 from daemon.xds.gen.kmesh import decode_pb2
@@ -39,6 +40,11 @@ _WORKLOAD_FROM = workload_pb2.Workload.FromString
 _SERVICE_FROM = workload_pb2.Service.FromString
 _AUTHZ_FROM = authorization_pb2.Authorization.FromString
 _HEAD_FROM = decode_pb2.WorkloadHead.FromString
+_ANY_FROM = decode_pb2.AnyView.FromString
+_RESPONSE_VIEW_FROM = decode_pb2.ResponseView.FromString
+_RESOURCE_VIEW = decode_pb2.ResourceView
+# an Any's type URL field for the Address type, and the tag of its value field
+_ADDRESS_ANY = b"\x0a" + bytes([len(ADDRESS_TYPE)]) + ADDRESS_TYPE.encode() + b"\x12"
 _TAG_WORKLOAD, _TAG_SERVICE = 0x0A, 0x12  # Address.workload = 1, Address.service = 2 (length-delimited)
 
 
@@ -354,11 +360,14 @@ def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], 
                  ) -> tuple[list[Any], list[str], int]:
     """The resources of one response -> (records to apply, NACK reasons, count re-sent unchanged).
 
-    ``held(name)`` returns the record held under that name (or None; ``held`` None: nothing is
-    held). A resource whose content
-    digest equals the held record's is not decoded: only its version is taken (servers that
-    ignore initial_resource_versions resend everything on a new stream). Hot path: 100k per push.
+    ``resources`` are ``ResourceView``s (the client parses responses as ``ResponseView``) or
+    full envoy ``Resource`` messages (converted first: tests and tools). ``held(name)`` returns
+    the record held under that name (or None; ``held`` None: nothing is held). A resource whose
+    content digest equals the held record's is not decoded: only its version is taken (servers
+    that ignore initial_resource_versions resend everything on a new stream). Hot path: 100k per
+    push.
     """
+    resources = _views(resources)
     if type_url == ADDRESS_TYPE:
         return _decode_addresses(resources, held)
     records: list[Any] = []
@@ -366,11 +375,14 @@ def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], 
     unchanged = 0
     for r in resources:
         name = r.name
-        any_ = r.resource
-        if any_.type_url != type_url:
-            errors.append(f"{name or '<unnamed>'}: resource type {any_.type_url!r} is not {type_url}")
+        try:
+            kind, value = _any(r.resource)
+        except Invalid as e:
+            errors.append(f"{name or '<unnamed>'}: {e}")
             continue
-        value = any_.value
+        if kind != type_url:
+            errors.append(f"{name or '<unnamed>'}: resource type {kind!r} is not {type_url}")
+            continue
         old = held(name) if held is not None else None
         if old is not None and old.digest == hash(value):
             old.set_version(r.version)
@@ -383,7 +395,53 @@ def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], 
     return records, errors, unchanged
 
 
-def _decode_addresses(resources: Iterable[Any], held: Callable[[str], Any] | None
+def _views(resources: Iterable[Any]) -> Sequence[Any]:
+    """``resources`` as ``ResourceView``s (each Any left as its bytes)."""
+    if not isinstance(resources, Sequence):
+        resources = list(resources)
+    if not resources or resources[0].__class__ is _RESOURCE_VIEW:
+        return resources
+    out = bytearray()
+    for r in resources:
+        raw = r.SerializeToString()
+        out += b"\x12" + _varint(len(raw)) + raw
+    return _RESPONSE_VIEW_FROM(bytes(out)).resources
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _any(raw: bytes) -> tuple[str, bytes]:
+    """A serialized google.protobuf.Any -> (type URL, value). An Address Any laid out the usual
+    way (type URL, then value) is cut without a parse."""
+    if raw.startswith(_ADDRESS_ANY):
+        p = len(_ADDRESS_ANY)
+        size = len(raw)
+        n = raw[p] if size > p else 0x80
+        if n < 0x80:
+            start = p + 1
+        elif size > p + 1 and raw[p + 1] < 0x80:
+            n, start = (n & 0x7F) | (raw[p + 1] << 7), p + 2
+        elif size > p + 2 and raw[p + 2] < 0x80:
+            n, start = (n & 0x7F) | ((raw[p + 1] & 0x7F) << 7) | (raw[p + 2] << 14), p + 3
+        else:
+            start = 0
+        if start and start + n == size:
+            return ADDRESS_TYPE, raw[start:]
+    try:
+        a = _ANY_FROM(raw)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or others
+        raise Invalid(f"cannot decode Any: {e}") from None
+    return a.type_url, a.value
+
+
+def _decode_addresses(resources: Sequence[Any], held: Callable[[str], Any] | None
                       ) -> tuple[list[Any], list[str], int]:
     """``decode_batch`` for Address resources: one loop with the common shape inlined.
 
@@ -402,13 +460,39 @@ def _decode_addresses(resources: Iterable[Any], held: Callable[[str], Any] | Non
     head_from = _HEAD_FROM
     make = make_workload_record
     split, clean_profile = _split, _clean_profile
+    native_mod = native.load()
+    fast = native_mod.workload if native_mod is not None else None
+    from_bytes = int.from_bytes
     for r in resources:
         name = r.name
-        any_ = r.resource
-        if any_.type_url != ADDRESS_TYPE:
-            errors.append(f"{name or '<unnamed>'}: resource type {any_.type_url!r} is not {ADDRESS_TYPE}")
+        raw = r.resource
+        if fast is not None:
+            got = fast(raw, name, r.version)  # a valid plain Workload: its parts; else None
+            if got is not None:
+                uid, wname, addr, rest, vd = got
+                if held is not None:
+                    old = held(name)
+                    if old is not None and old.digest == from_bytes(vd[:8], "little", signed=True):
+                        old.set_version(r.version)  # nothing to decode, nothing changes downstream
+                        unchanged += 1
+                        continue
+                prof = profiles.get(rest)
+                if prof is None:
+                    try:
+                        prof = clean_profile(rest)
+                    except Exception:  # noqa: BLE001 - decoded below, which names the error
+                        prof = None
+                if prof is not None:
+                    append(make(uid, wname, addr, prof, vd))
+                    continue
+        try:
+            kind, value = _any(raw)
+        except Invalid as e:
+            errors.append(f"{name or '<unnamed>'}: {e}")
             continue
-        value = any_.value
+        if kind != ADDRESS_TYPE:
+            errors.append(f"{name or '<unnamed>'}: resource type {kind!r} is not {ADDRESS_TYPE}")
+            continue
         digest = hash(value)
         old = held(name) if held is not None else None
         if old is not None and old.digest == digest:

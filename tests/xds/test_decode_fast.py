@@ -9,12 +9,14 @@ through ``decode_batch`` (fast path first) and ``decode_address`` (full parse) a
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.state import WorkloadProfile, WorkloadRecord
-from daemon.xds import resources
+from daemon.xds import native, resources
 from daemon.xds.gen.istio.workload import workload_pb2 as wl
 from daemon.xds.resources import ADDRESS_TYPE, Invalid, decode_address, decode_batch
 
@@ -81,6 +83,16 @@ def _chunks(b: bytes) -> list[bytes]:
 
 
 def _same(name: str, value: bytes, plain: bool = True) -> None:
+    for path in ("c", "python"):
+        _same_on(path, name, value, plain)
+
+
+def _same_on(path: str, name: str, value: bytes, plain: bool) -> None:
+    if path == "c":
+        assert _real_load() is not None, "the C helper must build here (make setup installs cc, python3-dev)"
+        _with_native(True)
+    else:
+        _with_native(False)
     resources._PROFILES.clear()  # the fast path must also build the profiles it uses
     resources._MIDS.clear()
     want: WorkloadRecord | None = None
@@ -115,6 +127,20 @@ def _same(name: str, value: bytes, plain: bool = True) -> None:
             assert got.profile.rest == want.profile.rest
 
 
+def _with_native(on: bool) -> None:
+    """Make the batch decoder take (or skip) the C helper."""
+    resources.native.load = _real_load if on else (lambda: None)  # type: ignore[assignment]
+
+
+_real_load = native.load
+
+
+@pytest.fixture(autouse=True)
+def _restore_native() -> Iterator[None]:
+    yield
+    _with_native(True)
+
+
 def _address(payload: bytes) -> bytes:
     return b"\x0a" + _varint(len(payload)) + payload
 
@@ -144,8 +170,11 @@ def test_uid_tag_inside_an_earlier_field_is_not_taken_for_the_uid() -> None:
     _same("u/p1", _address(w.SerializeToString()))
 
 
-def test_replicas_of_the_plain_layout_share_one_profile() -> None:
+@pytest.mark.parametrize("c_helper", [True, False])
+def test_replicas_of_the_plain_layout_share_one_profile(c_helper: bool) -> None:
+    _with_native(c_helper)
     resources._PROFILES.clear()
+    resources._MIDS.clear()
     from envoy.service.discovery.v3 import discovery_pb2
 
     resp = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE)
@@ -157,6 +186,7 @@ def test_replicas_of_the_plain_layout_share_one_profile() -> None:
         r.resource.type_url, r.resource.value = ADDRESS_TYPE, _address(w.SerializeToString())
     recs, errors, _ = decode_batch(resp.resources, ADDRESS_TYPE, None)
     assert errors == [] and len({id(r.profile) for r in recs}) == 1
-    assert resources._MIDS  # the fast path took them (it remembers the fields before the uid)
+    # the Python fast path remembers the fields before the uid; the C helper needs not
+    assert bool(resources._MIDS) is not c_helper
     assert [(r.name, r.addresses, r.version) for r in recs] == [
         (f"p{i}", (bytes([10, 0, 0, i]),), f"v{i}") for i in range(3)]
