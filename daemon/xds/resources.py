@@ -41,8 +41,7 @@ _SERVICE_FROM = workload_pb2.Service.FromString
 _AUTHZ_FROM = authorization_pb2.Authorization.FromString
 _HEAD_FROM = decode_pb2.WorkloadHead.FromString
 _ANY_FROM = decode_pb2.AnyView.FromString
-_RESPONSE_VIEW_FROM = decode_pb2.ResponseView.FromString
-_RESOURCE_VIEW = decode_pb2.ResourceView
+_RESOURCE_FROM = decode_pb2.ResourceView.FromString
 # an Any's type URL field for the Address type, and the tag of its value field
 _ADDRESS_ANY = b"\x0a" + bytes([len(ADDRESS_TYPE)]) + ADDRESS_TYPE.encode() + b"\x12"
 _TAG_WORKLOAD, _TAG_SERVICE = 0x0A, 0x12  # Address.workload = 1, Address.service = 2 (length-delimited)
@@ -291,6 +290,15 @@ def _split(v: bytes, p: int) -> tuple[str, bytes | tuple[bytes, ...], str, bytes
     return wname, addr, v[p + 3:q].decode(), v[a:b] + v[c:p] + v[q:]
 
 
+def _profile_or_none(rest: bytes) -> WorkloadProfile | None:
+    """``_clean_profile`` for the fast paths: None also when the remainder is invalid (the
+    resource is then decoded in full, which names the problem)."""
+    try:
+        return _clean_profile(rest)
+    except Exception:  # noqa: BLE001 - Invalid, DecodeError, ...
+        return None
+
+
 def _clean_profile(rest: bytes) -> WorkloadProfile | None:
     """Profile of a remainder cut by ``_split`` (cache miss); None when it still holds a name,
     address or uid field (an unusual layout: the caller parses the resource instead)."""
@@ -367,13 +375,18 @@ def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], 
     that ignore initial_resource_versions resend everything on a new stream). Hot path: 100k per
     push.
     """
-    resources = _views(resources)
+    resources = _raw(resources)
     if type_url == ADDRESS_TYPE:
         return _decode_addresses(resources, held)
     records: list[Any] = []
     errors: list[str] = []
     unchanged = 0
-    for r in resources:
+    for one in resources:
+        try:
+            r = _RESOURCE_FROM(one)
+        except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or others
+            errors.append(f"<unnamed>: cannot decode Resource: {e}")
+            continue
         name = r.name
         try:
             kind, value = _any(r.resource)
@@ -395,26 +408,13 @@ def decode_batch(resources: Iterable[Any], type_url: str, held: Callable[[str], 
     return records, errors, unchanged
 
 
-def _views(resources: Iterable[Any]) -> Sequence[Any]:
-    """``resources`` as ``ResourceView``s (each Any left as its bytes)."""
+def _raw(resources: Iterable[Any]) -> Sequence[bytes]:
+    """``resources`` as serialized envoy ``Resource``s (what ``ResponseView.resources`` holds)."""
     if not isinstance(resources, Sequence):
         resources = list(resources)
-    if not resources or resources[0].__class__ is _RESOURCE_VIEW:
+    if not resources or resources[0].__class__ is bytes:
         return resources
-    out = bytearray()
-    for r in resources:
-        raw = r.SerializeToString()
-        out += b"\x12" + _varint(len(raw)) + raw
-    return _RESPONSE_VIEW_FROM(bytes(out)).resources
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return [r.SerializeToString() for r in resources]
 
 
 def _any(raw: bytes) -> tuple[str, bytes]:
@@ -441,20 +441,20 @@ def _any(raw: bytes) -> tuple[str, bytes]:
     return a.type_url, a.value
 
 
-def _decode_addresses(resources: Sequence[Any], held: Callable[[str], Any] | None
+def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | None
                       ) -> tuple[list[Any], list[str], int]:
-    """``decode_batch`` for Address resources: one loop with the common shape inlined.
+    """``decode_batch`` for Address resources (serialized envoy ``Resource``s).
 
-    The common shape is an Address holding only a Workload (one field 1, length < 2 MiB). Its
-    bytes are parsed as a ``WorkloadHead`` (uid, name, addresses; the rest stays unknown bytes),
-    the three fields are cleared and the remainder serialized: that remainder is the key of the
-    profile cache, so a pod whose deployment was seen before costs no further decoding. Every
-    other shape (services, a wrapper with more fields) goes through ``_decode_address``.
-    ~4 us a workload instead of ~7 (cProfile and timings in issue 12's note).
+    The common shape is a Resource whose Any holds an Address holding only a Workload. Its
+    name, addresses and uid are cut out of the bytes; the remainder (the same bytes for every
+    replica of a deployment) is the key of the profile cache, so a pod whose deployment was
+    seen before costs no further decoding. With the C helper (daemon/xds/wiresplit.c) a first
+    push (nothing held) is done in one call that returns the records; what it leaves (services,
+    unusual layouts, invalid resources) and every later push go through the loop below, which
+    has the same fast path in Python and falls back to protobuf parsing. Issue 12: ~3.8 us of
+    CPU a workload before, ~0.8 with the batch call.
     """
-    records: list[Any] = []
     errors: list[str] = []
-    append = records.append
     unchanged = 0
     profiles = _PROFILES
     head_from = _HEAD_FROM
@@ -462,28 +462,35 @@ def _decode_addresses(resources: Sequence[Any], held: Callable[[str], Any] | Non
     split, clean_profile = _split, _clean_profile
     native_mod = native.load()
     fast = native_mod.workload if native_mod is not None else None
+    todo: Iterable[int]
+    if native_mod is not None and held is None:
+        out, todo = native_mod.batch(resources, profiles, _profile_or_none, make)
+    else:
+        out, todo = [None] * len(resources), range(len(resources))
     from_bytes = int.from_bytes
-    for r in resources:
-        name = r.name
-        raw = r.resource
+    view_from = _RESOURCE_FROM
+    for i in todo:
+        try:
+            r = view_from(resources[i])
+        except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or others
+            errors.append(f"<unnamed>: cannot decode Resource: {e}")
+            continue
+        name, raw, version = r.name, r.resource, r.version
         if fast is not None:
-            got = fast(raw, name, r.version)  # a valid plain Workload: its parts; else None
+            got = fast(raw, name, version)  # a valid plain Workload: its parts; else None
             if got is not None:
                 uid, wname, addr, rest, vd = got
                 if held is not None:
                     old = held(name)
                     if old is not None and old.digest == from_bytes(vd[:8], "little", signed=True):
-                        old.set_version(r.version)  # nothing to decode, nothing changes downstream
+                        old.set_version(version)  # nothing to decode, nothing changes downstream
                         unchanged += 1
                         continue
                 prof = profiles.get(rest)
                 if prof is None:
-                    try:
-                        prof = clean_profile(rest)
-                    except Exception:  # noqa: BLE001 - decoded below, which names the error
-                        prof = None
+                    prof = _profile_or_none(rest)
                 if prof is not None:
-                    append(make(uid, wname, addr, prof, vd))
+                    out[i] = make(uid, wname, addr, prof, vd)
                     continue
         try:
             kind, value = _any(raw)
@@ -496,7 +503,7 @@ def _decode_addresses(resources: Sequence[Any], held: Callable[[str], Any] | Non
         digest = hash(value)
         old = held(name) if held is not None else None
         if old is not None and old.digest == digest:
-            old.set_version(r.version)  # nothing to decode, nothing changes downstream
+            old.set_version(version)  # nothing to decode, nothing changes downstream
             unchanged += 1
             continue
         size = len(value)
@@ -512,7 +519,7 @@ def _decode_addresses(resources: Sequence[Any], held: Callable[[str], Any] | Non
             start = n = 0
         if not start or start + n != size:  # not the common shape: the general decoder
             try:
-                append(_decode_address(name, value, r.version, digest))
+                out[i] = _decode_address(name, value, version, digest)
             except Invalid as e:
                 errors.append(f"{name or '<unnamed>'}: {e}")
             continue
@@ -541,8 +548,8 @@ def _decode_addresses(resources: Sequence[Any], held: Callable[[str], Any] | Non
                     if bad is not None:
                         errors.append(f"{name or uid}: workload address has {len(bad)} bytes, want 4 or 16")
                         continue
-                append(make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True)
-                            + r.version.encode()))
+                out[i] = make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True)
+                              + version.encode())
                 continue
         try:
             h = head_from(value[start:])
@@ -583,6 +590,5 @@ def _decode_addresses(resources: Sequence[Any], held: Callable[[str], Any] | Non
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{name or uid}: cannot decode Address: {e}")
                 continue
-        append(make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True)
-                    + r.version.encode()))
-    return records, errors, unchanged
+        out[i] = make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True) + version.encode())
+    return [x for x in out if x is not None] if todo else out, errors, unchanged

@@ -82,15 +82,12 @@ struct cut {
     ptr start, end;
 };
 
-static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The parts of a plain Workload in the Any at [p, end): 1 and parts[5] filled (new references),
+ * 0 when it is not a plain valid Workload, -1 with an exception set. want: the resource name
+ * ("" when unnamed) the uid must equal; ver: the version packed into vd. */
+static int split_any(ptr p, ptr end, const char *want, Py_ssize_t want_len, const char *ver,
+                     Py_ssize_t ver_len, PyObject **parts)
 {
-    (void)self;
-    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyUnicode_Check(args[1]) || !PyUnicode_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "workload(any: bytes, name: str, version: str)");
-        return NULL;
-    }
-    ptr p = (ptr)PyBytes_AS_STRING(args[0]);
-    ptr end = p + PyBytes_GET_SIZE(args[0]);
     ptr value = NULL, data;
     uint64_t tag, n, vlen = 0;
     int typed = 0;
@@ -98,26 +95,26 @@ static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t narg
     /* google.protobuf.Any: type_url (1) must be the Address type, value (2); nothing else */
     while (p < end) {
         if (!varint(&p, end, &tag))
-            Py_RETURN_NONE;
+            return 0;
         if (tag == 0x0a && !typed) {
             if (!payload(&p, end, &data, &n) || n != sizeof(ADDRESS_TYPE) - 1 || memcmp(data, ADDRESS_TYPE, n))
-                Py_RETURN_NONE;
+                return 0;
             typed = 1;
         } else if (tag == 0x12 && value == NULL) {
             if (!payload(&p, end, &value, &vlen))
-                Py_RETURN_NONE;
+                return 0;
         } else {
-            Py_RETURN_NONE;
+            return 0;
         }
     }
     if (!typed || value == NULL)
-        Py_RETURN_NONE;
+        return 0;
 
     /* istio.workload.Address holding only a workload (1) */
     p = value;
     end = value + vlen;
     if (!varint(&p, end, &tag) || tag != 0x0a || !varint(&p, end, &n) || (uint64_t)(end - p) != n)
-        Py_RETURN_NONE;
+        return 0;
 
     /* istio.workload.Workload: cut name (1), addresses (3), uid (20) out, keep the rest */
     struct cut cuts[MAX_CUT];
@@ -129,24 +126,24 @@ static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t narg
     while (p < end) {
         ptr field = p;
         if (!varint(&p, end, &tag) || tag >> 3 == 0 || tag >> 3 > 536870911)
-            Py_RETURN_NONE;
+            return 0;
         uint64_t num = tag >> 3;
         if (num == 1 || num == 3 || num == 20) {
             if ((tag & 7) != 2 || ncut == MAX_CUT || !payload(&p, end, &data, &n))
-                Py_RETURN_NONE;
+                return 0;
             if (num == 1) {
                 if (name != NULL)
-                    Py_RETURN_NONE;
+                    return 0;
                 name = data;
                 name_len = n;
             } else if (num == 20) {
                 if (uid != NULL)
-                    Py_RETURN_NONE;
+                    return 0;
                 uid = data;
                 uid_len = n;
             } else {
                 if (n != 4 && n != 16)
-                    Py_RETURN_NONE;
+                    return 0;
                 addrs[naddr] = data;
                 addr_len[naddr++] = n;
             }
@@ -154,22 +151,14 @@ static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t narg
             cuts[ncut++].end = p;
         } else {
             if (!skip(&p, end, (unsigned)(tag & 7)))
-                Py_RETURN_NONE;
+                return 0;
             rest_len += (uint64_t)(p - field);
         }
     }
     if (uid == NULL || uid_len == 0)
-        Py_RETURN_NONE;
-    Py_ssize_t want_len;
-    const char *want = PyUnicode_AsUTF8AndSize(args[1], &want_len);
-    if (want == NULL)
-        return NULL;
+        return 0;
     if (want_len && ((uint64_t)want_len != uid_len || memcmp(want, uid, uid_len)))
-        Py_RETURN_NONE;
-    Py_ssize_t ver_len;
-    const char *ver = PyUnicode_AsUTF8AndSize(args[2], &ver_len);
-    if (ver == NULL)
-        return NULL;
+        return 0;
 
     PyObject *uid_s = NULL, *name_s = NULL, *addr = NULL, *rest = NULL, *vd = NULL;
     uid_s = PyUnicode_DecodeUTF8((const char *)uid, (Py_ssize_t)uid_len, NULL);
@@ -212,32 +201,184 @@ static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t narg
     for (int i = 0; i < 8; i++)
         v[i] = (unsigned char)(h >> (8 * i));
     memcpy(v + 8, ver, (size_t)ver_len);
-    PyObject *t = PyTuple_New(5);
-    if (t == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 0, uid_s); /* the tuple takes our references */
-    PyTuple_SET_ITEM(t, 1, name_s);
-    PyTuple_SET_ITEM(t, 2, addr);
-    PyTuple_SET_ITEM(t, 3, rest);
-    PyTuple_SET_ITEM(t, 4, vd);
-    return t;
+    parts[0] = uid_s;
+    parts[1] = name_s;
+    parts[2] = addr;
+    parts[3] = rest;
+    parts[4] = vd;
+    return 1;
 
 invalid: /* bad UTF-8 in uid or name: protobuf rejects it, with its message */
     PyErr_Clear();
     Py_XDECREF(uid_s);
-    Py_RETURN_NONE;
+    return 0;
 fail:
     Py_XDECREF(uid_s);
     Py_XDECREF(name_s);
     Py_XDECREF(addr);
     Py_XDECREF(rest);
     Py_XDECREF(vd);
+    return -1;
+}
+
+static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyUnicode_Check(args[1]) || !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "workload(any: bytes, name: str, version: str)");
+        return NULL;
+    }
+    Py_ssize_t want_len, ver_len;
+    const char *want = PyUnicode_AsUTF8AndSize(args[1], &want_len);
+    const char *ver = want ? PyUnicode_AsUTF8AndSize(args[2], &ver_len) : NULL;
+    if (ver == NULL)
+        return NULL;
+    ptr p = (ptr)PyBytes_AS_STRING(args[0]);
+    PyObject *parts[5];
+    int got = split_any(p, p + PyBytes_GET_SIZE(args[0]), want, want_len, ver, ver_len, parts);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_NONE;
+    PyObject *t = PyTuple_New(5);
+    if (t == NULL) {
+        for (int i = 0; i < 5; i++)
+            Py_DECREF(parts[i]);
+        return NULL;
+    }
+    for (int i = 0; i < 5; i++)
+        PyTuple_SET_ITEM(t, i, parts[i]); /* the tuple takes our references */
+    return t;
+}
+
+/* One plain Workload resource (envoy Resource bytes: version 1, resource 2, name 3, nothing
+ * else) -> its record via make(uid, name, address(es), profile, vd); Py_None when the caller
+ * must decode it; NULL on error. */
+static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, PyObject *make)
+{
+    ptr p = (ptr)PyBytes_AS_STRING(raw), end = p + PyBytes_GET_SIZE(raw), any = NULL, data;
+    ptr name = NULL, ver = NULL;
+    uint64_t tag, any_len = 0, name_len = 0, ver_len = 0;
+    while (p < end) {
+        if (!varint(&p, end, &tag))
+            Py_RETURN_NONE;
+        if (tag == 0x0a && ver == NULL) {
+            if (!payload(&p, end, &ver, &ver_len))
+                Py_RETURN_NONE;
+        } else if (tag == 0x12 && any == NULL) {
+            if (!payload(&p, end, &any, &any_len))
+                Py_RETURN_NONE;
+        } else if (tag == 0x1a && name == NULL) {
+            if (!payload(&p, end, &name, &name_len))
+                Py_RETURN_NONE;
+        } else {
+            Py_RETURN_NONE;
+        }
+    }
+    /* unnamed: left to the caller (a delta response names every resource); the version must be
+     * valid UTF-8 as protobuf would check (the name equals the uid, checked when decoded) */
+    if (any == NULL || name_len == 0)
+        Py_RETURN_NONE;
+    if (ver_len) {
+        PyObject *check = PyUnicode_DecodeUTF8((const char *)ver, (Py_ssize_t)ver_len, NULL);
+        if (check == NULL) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        Py_DECREF(check);
+    }
+    (void)data;
+    PyObject *parts[5];
+    int got = split_any(any, any + any_len, (const char *)name, (Py_ssize_t)name_len,
+                        ver ? (const char *)ver : "", (Py_ssize_t)ver_len, parts);
+    if (got < 0)
+        return NULL;
+    if (got == 0)
+        Py_RETURN_NONE;
+    PyObject *prof = PyDict_GetItemWithError(profiles, parts[3]); /* borrowed */
+    PyObject *rec = NULL;
+    if (prof != NULL) {
+        Py_INCREF(prof);
+    } else if (!PyErr_Occurred()) {
+        prof = PyObject_CallOneArg(new_profile, parts[3]);
+    }
+    if (prof == Py_None) {
+        Py_DECREF(prof);
+        rec = Py_None;
+        Py_INCREF(rec);
+    } else if (prof != NULL) {
+        PyObject *args[5] = {parts[0], parts[1], parts[2], prof, parts[4]};
+        rec = PyObject_Vectorcall(make, args, 5, NULL);
+        Py_DECREF(prof);
+    }
+    for (int i = 0; i < 5; i++)
+        Py_DECREF(parts[i]);
+    return rec;
+}
+
+/* batch(resources, profiles, new_profile, make) -> (out, todo)
+ *   resources    iterable of envoy Resource bytes (ResponseView.resources)
+ *   profiles     dict remainder -> profile (resources._PROFILES)
+ *   new_profile  remainder -> profile or None, on a cache miss (it fills profiles)
+ *   make         daemon.state.make_workload_record
+ * out[i] is resource i's WorkloadRecord, or None when its index is in todo (the caller decodes
+ * it: services, unusual layouts, anything invalid). */
+static PyObject *batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 4 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "batch(resources, profiles: dict, new_profile, make)");
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(args[0]);
+    if (it == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0), *todo = PyList_New(0), *item;
+    if (out == NULL || todo == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; (item = PyIter_Next(it)) != NULL; i++) {
+        PyObject *rec;
+        if (PyBytes_CheckExact(item)) {
+            rec = one(item, args[1], args[2], args[3]);
+        } else {
+            rec = Py_None;
+            Py_INCREF(rec);
+        }
+        Py_DECREF(item);
+        if (rec == NULL)
+            goto fail;
+        int bad = PyList_Append(out, rec);
+        Py_DECREF(rec);
+        if (bad)
+            goto fail;
+        if (rec == Py_None) {
+            PyObject *idx = PyLong_FromSsize_t(i);
+            if (idx == NULL || PyList_Append(todo, idx)) {
+                Py_XDECREF(idx);
+                goto fail;
+            }
+            Py_DECREF(idx);
+        }
+    }
+    if (PyErr_Occurred())
+        goto fail;
+    Py_DECREF(it);
+    PyObject *t = PyTuple_Pack(2, out, todo);
+    Py_DECREF(out);
+    Py_DECREF(todo);
+    return t;
+fail:
+    Py_DECREF(it);
+    Py_XDECREF(out);
+    Py_XDECREF(todo);
     return NULL;
 }
 
 static PyMethodDef methods[] = {
     {"workload", (PyCFunction)(void (*)(void))workload, METH_FASTCALL,
      "workload(any, name, version) -> (uid, name, address(es), remainder, vd) or None"},
+    {"batch", (PyCFunction)(void (*)(void))batch, METH_FASTCALL,
+     "batch(resources, profiles, new_profile, make) -> (records or None, indexes left to the caller)"},
     {NULL, NULL, 0, NULL},
 };
 

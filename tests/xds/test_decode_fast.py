@@ -83,12 +83,12 @@ def _chunks(b: bytes) -> list[bytes]:
 
 
 def _same(name: str, value: bytes, plain: bool = True) -> None:
-    for path in ("c", "python"):
+    for path in ("c", "c-per-resource", "python"):
         _same_on(path, name, value, plain)
 
 
 def _same_on(path: str, name: str, value: bytes, plain: bool) -> None:
-    if path == "c":
+    if path.startswith("c"):
         assert _real_load() is not None, "the C helper must build here (make setup installs cc, python3-dev)"
         _with_native(True)
     else:
@@ -107,7 +107,9 @@ def _same_on(path: str, name: str, value: bytes, plain: bool) -> None:
     r = resp.resources.add(name=name, version="v1")
     r.resource.type_url, r.resource.value = ADDRESS_TYPE, value
     for _ in range(2):  # once building the profile, once finding it cached
-        recs, errors, _n = decode_batch(resp.resources, ADDRESS_TYPE, None)
+        # a first push (nothing held) takes the C batch call; later ones go resource by resource
+        held = (lambda _name: None) if path == "c-per-resource" else None
+        recs, errors, _n = decode_batch(resp.resources, ADDRESS_TYPE, held)
         if want is None:
             assert recs == [] and len(errors) == 1, (reason, errors)
             if "cannot decode" not in reason:
