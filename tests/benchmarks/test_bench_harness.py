@@ -305,7 +305,11 @@ def test_scale_tiny_points_and_capacity_flag(test_cgroup: Path) -> None:
     from benchmarks import realdaemon as rd
     from benchmarks import scale
 
-    out = scale.run({"100k": (10, 4), "1m": (30, 4)}, cgroup_parent=test_cgroup, settle_s=0.2)
+    out = scale.run({"100k": (10, 4), "1m": (30, 4)}, cgroup_parent=test_cgroup, settle_s=0.2,
+                    repeats={"100k": 2})
+    assert out["runs_per_point"] == {"100k": 2, "1m": 1} and len(out["100k"]["converge_s_runs"]) == 2
+    runs = out["100k"]["converge_s_runs"]
+    assert min(runs) <= out["100k"]["converge_s"] <= max(runs)
     for point, endpoints in (("100k", 40), ("1m", 120)):
         fig = out[point]
         assert "error" not in fig, fig
