@@ -191,8 +191,9 @@ class XdsClient:
         return md
 
     def _node(self) -> Any:
-        from envoy.config.core.v3 import base_pb2
         from google.protobuf import struct_pb2
+
+        from daemon.xds.gen.kmesh import ads_pb2
 
         c = self.config
         meta = struct_pb2.Struct()
@@ -201,12 +202,11 @@ class XdsClient:
             "NODE_NAME": c.node_name, "SERVICE_ACCOUNT": c.service_account, "MESH_ID": c.mesh_id,
             "NETWORK": c.network, "NAME": c.pod_name,
         })
-        return base_pb2.Node(id=c.node_id, metadata=meta)
+        return ads_pb2.Node(id=c.node_id, metadata=meta)
 
     def _stream_once(self) -> bool:
         """Run one stream to its end. Returns True if it was healthy (got a response)."""
-        from envoy.service.discovery.v3 import discovery_pb2
-        from google.rpc import status_pb2
+        from daemon.xds.gen.kmesh import ads_pb2 as discovery_pb2  # Envoy's wire format, our module
 
         metadata = self._metadata()
         channel = self._channel()
@@ -258,7 +258,7 @@ class XdsClient:
                 applied_ms = (time.monotonic() - received) * 1000
                 ack = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)
                 if error:
-                    ack.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
+                    ack.error_detail.CopyFrom(discovery_pb2.Status(code=INVALID_ARGUMENT, message=error))
                 requests.put(ack)
                 self._record(type_url, nonce, error, count, applied_ms)
                 if type_url in TYPES and type_url not in responded:
