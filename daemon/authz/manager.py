@@ -95,6 +95,7 @@ class AuthzManager:
         self.last_applied = 0.0
         self.first_compile: dict[str, Any] | None = None  # when (monotonic) and with how many policies
         self._wl_cache: dict[bytes, tuple[str, str, str, tuple[str, ...], str]] = {}
+        self._wl_prev: dict[bytes, tuple[str, str, str, tuple[str, ...], str]] = {}  # during a compile
         self._pol_cache: dict[bytes, Any] = {}
         self._seen: dict[bytes, int] | None = None
         self._by_ip: dict[bytes, WorkloadInfo] = {}
@@ -211,6 +212,10 @@ class AuthzManager:
         for rec in records:
             prof = rec.profile
             info = self._wl_cache.get(prof.rest)
+            if info is None and self._wl_prev:
+                info = self._wl_prev.get(prof.rest)
+                if info is not None:
+                    self._wl_cache[prof.rest] = info
             if info is None:
                 w = wl.Workload.FromString(prof.rest)
                 info = (w.trust_domain or "cluster.local", w.service_account or "default", w.node,
@@ -254,15 +259,21 @@ class AuthzManager:
         policies = self._policies()
         if self.first_compile is None:
             self.first_compile = {"started_monotonic": time.monotonic(), "policies": len(policies)}
-        if policies:
-            infos = self._workload_infos()
-            self._by_ip = {a: w for w in infos for a in w.addresses}  # records -> names, per compile
-        else:
-            # nothing to judge: the tables stay empty whatever the workloads are, so do not build
-            # (and keep) a view of every workload; at 100k pods that is ~0.5 s of CPU taken from
-            # the first data-plane sync and ~20 MiB. One entry per identity keeps the dump's list.
-            infos = self._identity_infos()
-            self._by_ip = {}
+        # the profile cache is rebuilt from the previous one: profiles no longer held drop out
+        self._wl_prev, self._wl_cache = self._wl_cache, {}
+        try:
+            if policies:
+                infos = self._workload_infos()
+                self._by_ip = {a: w for w in infos for a in w.addresses}  # records -> names, per compile
+            else:
+                # nothing to judge: the tables stay empty whatever the workloads are, so do not build
+                # (and keep) a view of every workload; at 100k pods that is ~0.5 s of CPU taken from
+                # the first data-plane sync and ~20 MiB. One entry per identity keeps the dump's list.
+                infos = self._identity_infos()
+                self._by_ip = {}
+                self._wl_cache = {}  # ~3 MiB at 10k profiles; the next compile (a policy came) refills it
+        finally:
+            self._wl_prev = {}
         compiled = compile_tables(policies, infos, self.writer.inactive_epoch(),
                                   node=self.node_name, node_addresses=self.node_ips,
                                   root_namespace=self.root_namespace)
