@@ -251,10 +251,21 @@ static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return t;
 }
 
+/* The content digest packed at the start of a vd (little-endian, signed). */
+static long long vd_digest(PyObject *vd)
+{
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(vd);
+    uint64_t h = 0;
+    for (int i = 7; i >= 0; i--)
+        h = h << 8 | b[i];
+    return (long long)(int64_t)h;
+}
+
 /* One plain Workload resource (envoy Resource bytes: version 1, resource 2, name 3, nothing
  * else) -> its record via make(uid, name, address(es), profile, vd); Py_None when the caller
  * must decode it; NULL on error. */
-static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, PyObject *make)
+static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, PyObject *make, PyObject *held,
+                     Py_ssize_t *unchanged)
 {
     ptr p = (ptr)PyBytes_AS_STRING(raw), end = p + PyBytes_GET_SIZE(raw), any = NULL, data;
     ptr name = NULL, ver = NULL;
@@ -295,8 +306,40 @@ static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, P
         return NULL;
     if (got == 0)
         Py_RETURN_NONE;
-    PyObject *prof = PyDict_GetItemWithError(profiles, parts[3]); /* borrowed */
     PyObject *rec = NULL;
+    if (held != Py_None) {
+        /* re-sent unchanged (same digest as the record held under this name, the uid): only the
+         * version is taken, nothing is returned (Py_None, and not left to the caller) */
+        int same = 0;
+        PyObject *old = PyObject_CallOneArg(held, parts[0]);
+        if (old == NULL)
+            goto done;
+        if (old != Py_None) {
+            PyObject *digest = PyObject_GetAttrString(old, "digest");
+            PyObject *mine = digest ? PyLong_FromLongLong(vd_digest(parts[4])) : NULL;
+            same = mine ? PyObject_RichCompareBool(digest, mine, Py_EQ) : -1;
+            Py_XDECREF(digest);
+            Py_XDECREF(mine);
+            if (same == 1) {
+                PyObject *version = PyUnicode_DecodeUTF8(ver ? (const char *)ver : "", (Py_ssize_t)ver_len, NULL);
+                PyObject *r = version ? PyObject_CallMethod(old, "set_version", "O", version) : NULL;
+                Py_XDECREF(version);
+                if (r == NULL)
+                    same = -1;
+                Py_XDECREF(r);
+            }
+        }
+        Py_DECREF(old);
+        if (same < 0)
+            goto done;
+        if (same) {
+            ++*unchanged;
+            rec = Py_None;
+            Py_INCREF(rec);
+            goto done;
+        }
+    }
+    PyObject *prof = PyDict_GetItemWithError(profiles, parts[3]); /* borrowed */
     if (prof != NULL) {
         Py_INCREF(prof);
     } else if (!PyErr_Occurred()) {
@@ -311,35 +354,49 @@ static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, P
         rec = PyObject_Vectorcall(make, args, 5, NULL);
         Py_DECREF(prof);
     }
+done:
     for (int i = 0; i < 5; i++)
         Py_DECREF(parts[i]);
     return rec;
 }
 
-/* batch(resources, profiles, new_profile, make) -> (out, todo)
+/* batch(resources, profiles, new_profile, make, held) -> (out, todo, unchanged)
  *   resources    iterable of envoy Resource bytes (ResponseView.resources)
  *   profiles     dict remainder -> profile (resources._PROFILES)
  *   new_profile  remainder -> profile or None, on a cache miss (it fills profiles)
  *   make         daemon.state.make_workload_record
- * out[i] is resource i's WorkloadRecord, or None when its index is in todo (the caller decodes
- * it: services, unusual layouts, anything invalid). */
+ *   held         name -> record held under it, or None (State.held); None: nothing is held
+ * out[i] is resource i's WorkloadRecord, or None: when its index is in todo (the caller decodes
+ * it: services, unusual layouts, anything invalid), or when it was re-sent unchanged (counted
+ * in unchanged; its record got the new version). */
 static PyObject *batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 4 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "batch(resources, profiles: dict, new_profile, make)");
+    if (nargs != 5 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "batch(resources, profiles: dict, new_profile, make, held)");
         return NULL;
     }
     PyObject *it = PyObject_GetIter(args[0]);
     if (it == NULL)
         return NULL;
     PyObject *out = PyList_New(0), *todo = PyList_New(0), *item;
+    Py_ssize_t unchanged = 0;
     if (out == NULL || todo == NULL)
         goto fail;
     for (Py_ssize_t i = 0; (item = PyIter_Next(it)) != NULL; i++) {
         PyObject *rec;
         if (PyBytes_CheckExact(item)) {
-            rec = one(item, args[1], args[2], args[3]);
+            Py_ssize_t before = unchanged;
+            rec = one(item, args[1], args[2], args[3], args[4], &unchanged);
+            if (rec == Py_None && unchanged != before) { /* taken: neither a record nor to do */
+                Py_DECREF(item);
+                if (PyList_Append(out, rec)) {
+                    Py_DECREF(rec);
+                    goto fail;
+                }
+                Py_DECREF(rec);
+                continue;
+            }
         } else {
             rec = Py_None;
             Py_INCREF(rec);
@@ -363,7 +420,9 @@ static PyObject *batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred())
         goto fail;
     Py_DECREF(it);
-    PyObject *t = PyTuple_Pack(2, out, todo);
+    PyObject *n = PyLong_FromSsize_t(unchanged);
+    PyObject *t = n ? PyTuple_Pack(3, out, todo, n) : NULL;
+    Py_XDECREF(n);
     Py_DECREF(out);
     Py_DECREF(todo);
     return t;
@@ -378,7 +437,7 @@ static PyMethodDef methods[] = {
     {"workload", (PyCFunction)(void (*)(void))workload, METH_FASTCALL,
      "workload(any, name, version) -> (uid, name, address(es), remainder, vd) or None"},
     {"batch", (PyCFunction)(void (*)(void))batch, METH_FASTCALL,
-     "batch(resources, profiles, new_profile, make) -> (records or None, indexes left to the caller)"},
+     "batch(resources, profiles, new_profile, make, held) -> (records or None, indexes left, unchanged)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -83,7 +83,7 @@ def _chunks(b: bytes) -> list[bytes]:
 
 
 def _same(name: str, value: bytes, plain: bool = True) -> None:
-    for path in ("c", "c-per-resource", "python"):
+    for path in ("c", "c-held", "python"):
         _same_on(path, name, value, plain)
 
 
@@ -108,7 +108,7 @@ def _same_on(path: str, name: str, value: bytes, plain: bool) -> None:
     r.resource.type_url, r.resource.value = ADDRESS_TYPE, value
     for _ in range(2):  # once building the profile, once finding it cached
         # a first push (nothing held) takes the C batch call; later ones go resource by resource
-        held = (lambda _name: None) if path == "c-per-resource" else None
+        held = (lambda _name: None) if path == "c-held" else None
         recs, errors, _n = decode_batch(resp.resources, ADDRESS_TYPE, held)
         if want is None:
             assert recs == [] and len(errors) == 1, (reason, errors)
@@ -192,3 +192,37 @@ def test_replicas_of_the_plain_layout_share_one_profile(c_helper: bool) -> None:
     assert bool(resources._MIDS) is not c_helper
     assert [(r.name, r.addresses, r.version) for r in recs] == [
         (f"p{i}", (bytes([10, 0, 0, i]),), f"v{i}") for i in range(3)]
+
+
+@pytest.mark.parametrize("c_helper", [True, False])
+def test_a_re_push_counts_only_real_changes(c_helper: bool) -> None:
+    """A re-sent workload with the same bytes is not a change (only its version is taken); one
+    with other bytes is decoded again; a service re-sent unchanged is skipped the same way."""
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from daemon.state import State
+
+    _with_native(c_helper)
+
+    def push(addr_last: int, version: str) -> discovery_pb2.DeltaDiscoveryResponse:
+        resp = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE)
+        for i in range(4):
+            w = wl.Workload(uid=f"c//Pod/ns/p{i}", name=f"p{i}", namespace="ns", node="n1",
+                            addresses=[bytes([10, 0, 0, addr_last if i == 3 else i])])
+            r = resp.resources.add(name=w.uid, version=f"{version}-{i}")
+            r.resource.type_url, r.resource.value = ADDRESS_TYPE, _address(w.SerializeToString())
+        svc = wl.Service(name="s", namespace="ns", hostname="s.ns.svc", addresses=[wl.NetworkAddress(
+            address=bytes([10, 96, 0, 1]))], ports=[wl.Port(service_port=80, target_port=8080)])
+        r = resp.resources.add(name="ns/s.ns.svc", version=version)
+        r.resource.type_url, r.resource.value = ADDRESS_TYPE, wl.Address(service=svc).SerializeToString()
+        return resp
+
+    st = State()
+    recs, errors, unchanged = decode_batch(push(3, "a").resources, ADDRESS_TYPE, st.held(True))
+    assert (len(recs), errors, unchanged) == (5, [], 0)
+    st.apply_addresses(recs)
+    recs, errors, unchanged = decode_batch(push(9, "b").resources, ADDRESS_TYPE, st.held(True))
+    assert errors == [] and unchanged == 4 and [r.uid for r in recs] == ["c//Pod/ns/p3"]
+    assert recs[0].addresses == (bytes([10, 0, 0, 9]),) and recs[0].version == "b-3"
+    assert [st.workloads[f"c//Pod/ns/p{i}"].version for i in range(3)] == ["b-0", "b-1", "b-2"]
+    assert st.services["ns/s.ns.svc"].version == "b"
