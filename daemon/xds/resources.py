@@ -86,6 +86,15 @@ def service_record(name: str, svc: workload_pb2.Service, raw: bytes, version: st
     )
 
 
+def _plain_service(name: str, namespace: str, hostname: str, vips: tuple[bytes, ...],
+                   ports: tuple[tuple[int, int], ...], raw: bytes, version: str) -> ServiceRecord:
+    """``service_record`` of a Service the C helper read and validated: no waypoint, no
+    load_balancing, nothing else it would read (same result, tests/xds/test_decode_fast.py)."""
+    return ServiceRecord(name=_intern(name), namespace=_intern(namespace), hostname=hostname, vips=vips,
+                         ports=_shared_ports(ports), lb_mode=0, routing=(), health_policy=0, raw=raw,
+                         version=version, waypoint=None)
+
+
 def gateway_ref(g: workload_pb2.GatewayAddress) -> GatewayRef | None:
     """A GatewayAddress as the state keeps it: ("addr", ip bytes, hbone port) or
     ("host", "ns/hostname", hbone port); None when it names nothing."""
@@ -464,7 +473,8 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
     fast = native_mod.workload if native_mod is not None else None
     todo: Iterable[int]
     if native_mod is not None:
-        out, todo, unchanged = native_mod.batch(resources, profiles, _profile_or_none, make, held)
+        out, todo, unchanged = native_mod.batch(resources, profiles, _profile_or_none, make, _plain_service,
+                                                held)
     else:
         out, todo = [None] * len(resources), range(len(resources))
     from_bytes = int.from_bytes

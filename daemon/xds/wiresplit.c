@@ -251,6 +251,282 @@ static PyObject *workload(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return t;
 }
 
+
+/* 1 when [p, p+n) is valid UTF-8 (what protobuf checks of a string field it parses). */
+static int utf8_ok(ptr p, uint64_t n)
+{
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
+    if (s == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(s);
+    return 1;
+}
+
+/* The Address value of an Any of the Address type at [p, end): 1 with value/vlen set, or 0. */
+static int address_value(ptr p, ptr end, ptr *value, uint64_t *vlen)
+{
+    ptr data;
+    uint64_t tag, n;
+    int typed = 0;
+    *value = NULL;
+    while (p < end) {
+        if (!varint(&p, end, &tag))
+            return 0;
+        if (tag == 0x0a && !typed) {
+            if (!payload(&p, end, &data, &n) || n != sizeof(ADDRESS_TYPE) - 1 || memcmp(data, ADDRESS_TYPE, n))
+                return 0;
+            typed = 1;
+        } else if (tag == 0x12 && *value == NULL) {
+            if (!payload(&p, end, value, vlen))
+                return 0;
+        } else {
+            return 0;
+        }
+    }
+    return typed && *value != NULL;
+}
+
+/* A plain Service in the Any at [p, end) -> new references in parts: name ("ns/hostname"),
+ * namespace, hostname, vips tuple, ports tuple of (service_port, target_port), raw (the
+ * Address bytes). 1 done, 0 not plain or invalid (the caller decodes it), -1 error. Plain:
+ * only fields service_record reads, plus the varint ones it ignores (9, 11, 12, 14). */
+static int split_service(ptr p, ptr end, const char *want, Py_ssize_t want_len, PyObject **parts,
+                         ptr *value_out, uint64_t *vlen_out)
+{
+    ptr value, data, ns = NULL, host = NULL;
+    uint64_t vlen = 0, tag, n, ns_len = 0, host_len = 0;
+    if (!address_value(p, end, &value, &vlen))
+        return 0;
+    p = value;
+    end = value + vlen;
+    if (!varint(&p, end, &tag) || tag != 0x12 || !varint(&p, end, &n) || (uint64_t)(end - p) != n)
+        return 0;
+    ptr start = p;
+    int nvip = 0, nport = 0, seen_name = 0;
+    /* first pass: validate and count */
+    while (p < end) {
+        if (!varint(&p, end, &tag))
+            return 0;
+        switch (tag) {
+        case 0x0a: /* name: unused, but must be UTF-8 */
+            if (seen_name || !payload(&p, end, &data, &n) || !utf8_ok(data, n))
+                return 0;
+            seen_name = 1;
+            break;
+        case 0x12:
+            if (ns != NULL || !payload(&p, end, &ns, &ns_len))
+                return 0;
+            break;
+        case 0x1a:
+            if (host != NULL || !payload(&p, end, &host, &host_len))
+                return 0;
+            break;
+        case 0x22: { /* NetworkAddress: network (1, string), address (2), length (3) */
+            ptr q, qend, addr = NULL;
+            uint64_t alen = 0, t2;
+            if (!payload(&p, end, &q, &n))
+                return 0;
+            qend = q + n;
+            int seen_net = 0;
+            while (q < qend) {
+                if (!varint(&q, qend, &t2))
+                    return 0;
+                if (t2 == 0x0a && !seen_net) {
+                    if (!payload(&q, qend, &data, &n) || !utf8_ok(data, n))
+                        return 0;
+                    seen_net = 1;
+                } else if (t2 == 0x12 && addr == NULL) {
+                    if (!payload(&q, qend, &addr, &alen))
+                        return 0;
+                } else if (t2 == 0x18) {
+                    if (!varint(&q, qend, &n))
+                        return 0;
+                } else {
+                    return 0;
+                }
+            }
+            if (alen != 4 && alen != 16)
+                return 0;
+            nvip++;
+            break;
+        }
+        case 0x2a: { /* Port: service_port (1), target_port (2), app_protocol (3) */
+            ptr q, qend;
+            uint64_t t2, sp = 0, tp = 0;
+            int seen_sp = 0, seen_tp = 0;
+            if (!payload(&p, end, &q, &n))
+                return 0;
+            qend = q + n;
+            while (q < qend) {
+                if (!varint(&q, qend, &t2))
+                    return 0;
+                if (t2 == 0x08 && !seen_sp) {
+                    if (!varint(&q, qend, &sp))
+                        return 0;
+                    seen_sp = 1;
+                } else if (t2 == 0x10 && !seen_tp) {
+                    if (!varint(&q, qend, &tp))
+                        return 0;
+                    seen_tp = 1;
+                } else if (t2 == 0x18) {
+                    if (!varint(&q, qend, &n))
+                        return 0;
+                } else {
+                    return 0;
+                }
+            }
+            if (sp < 1 || sp > 65535 || tp > 65535)
+                return 0;
+            nport++;
+            break;
+        }
+        case 0x48: case 0x58: case 0x60: case 0x70: /* ip_families, canonical, ingress_use_waypoint, visibility */
+            if (!varint(&p, end, &n))
+                return 0;
+            break;
+        default:
+            return 0;
+        }
+    }
+    if (ns == NULL || host == NULL || ns_len == 0 || host_len == 0)
+        return 0;
+    if (want_len && ((uint64_t)want_len != ns_len + 1 + host_len || memcmp(want, ns, ns_len) ||
+                     want[ns_len] != '/' || memcmp(want + ns_len + 1, host, host_len)))
+        return 0;
+
+    PyObject *ns_s = PyUnicode_DecodeUTF8((const char *)ns, (Py_ssize_t)ns_len, NULL);
+    PyObject *host_s = ns_s ? PyUnicode_DecodeUTF8((const char *)host, (Py_ssize_t)host_len, NULL) : NULL;
+    if (host_s == NULL) {
+        PyErr_Clear();
+        Py_XDECREF(ns_s);
+        return 0;
+    }
+    PyObject *name_s = PyUnicode_FromFormat("%U/%U", ns_s, host_s);
+    PyObject *vips = PyTuple_New(nvip), *ports = PyTuple_New(nport);
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)value, (Py_ssize_t)vlen);
+    if (name_s == NULL || vips == NULL || ports == NULL || raw == NULL)
+        goto fail;
+    /* second pass: build (the bytes were validated above) */
+    int iv = 0, ip = 0;
+    p = start;
+    while (p < end) {
+        varint(&p, end, &tag);
+        if (tag == 0x22 || tag == 0x2a) {
+            ptr q, qend;
+            uint64_t t2 = 0, a = 0, b = 0;
+            payload(&p, end, &q, &n);
+            qend = q + n;
+            ptr addr = NULL;
+            uint64_t alen = 0;
+            while (q < qend) {
+                varint(&q, qend, &t2);
+                if (tag == 0x22 && t2 == 0x12)
+                    payload(&q, qend, &addr, &alen);
+                else if (tag == 0x2a && t2 == 0x08)
+                    varint(&q, qend, &a);
+                else if (tag == 0x2a && t2 == 0x10)
+                    varint(&q, qend, &b);
+                else
+                    skip(&q, qend, (unsigned)(t2 & 7));
+            }
+            PyObject *item;
+            if (tag == 0x22) {
+                item = PyBytes_FromStringAndSize((const char *)addr, (Py_ssize_t)alen);
+                if (item == NULL)
+                    goto fail;
+                PyTuple_SET_ITEM(vips, iv++, item);
+            } else {
+                item = Py_BuildValue("(KK)", (unsigned long long)a, (unsigned long long)b);
+                if (item == NULL)
+                    goto fail;
+                PyTuple_SET_ITEM(ports, ip++, item);
+            }
+        } else {
+            skip(&p, end, (unsigned)(tag & 7));
+        }
+    }
+    parts[0] = name_s;
+    parts[1] = ns_s;
+    parts[2] = host_s;
+    parts[3] = vips;
+    parts[4] = ports;
+    parts[5] = raw;
+    *value_out = value;
+    *vlen_out = vlen;
+    return 1;
+fail:
+    Py_XDECREF(ns_s);
+    Py_XDECREF(host_s);
+    Py_XDECREF(name_s);
+    Py_XDECREF(vips);
+    Py_XDECREF(ports);
+    Py_XDECREF(raw);
+    return -1;
+}
+
+/* held(name) re-sent unchanged? Then its version is set: 1; 0 not held or changed; -1 error. */
+static int unchanged_held(PyObject *held, PyObject *name, long long digest, ptr ver, uint64_t ver_len)
+{
+    if (held == Py_None)
+        return 0;
+    int same = 0;
+    PyObject *old = PyObject_CallOneArg(held, name);
+    if (old == NULL)
+        return -1;
+    if (old != Py_None) {
+        PyObject *theirs = PyObject_GetAttrString(old, "digest");
+        PyObject *mine = theirs ? PyLong_FromLongLong(digest) : NULL;
+        same = mine ? PyObject_RichCompareBool(theirs, mine, Py_EQ) : -1;
+        Py_XDECREF(theirs);
+        Py_XDECREF(mine);
+        if (same == 1) {
+            PyObject *version = PyUnicode_DecodeUTF8(ver ? (const char *)ver : "", (Py_ssize_t)ver_len, NULL);
+            PyObject *r = version ? PyObject_CallMethod(old, "set_version", "O", version) : NULL;
+            Py_XDECREF(version);
+            if (r == NULL)
+                same = -1;
+            Py_XDECREF(r);
+        }
+    }
+    Py_DECREF(old);
+    return same;
+}
+
+/* A plain Service resource -> make_service(name, namespace, hostname, vips, ports, raw,
+ * version); Py_None when re-sent unchanged (counted) or left to the caller; NULL on error. */
+static PyObject *one_service(ptr any, uint64_t any_len, ptr name, uint64_t name_len, ptr ver, uint64_t ver_len,
+                             PyObject *make_service, PyObject *held, Py_ssize_t *unchanged)
+{
+    PyObject *parts[6];
+    ptr value;
+    uint64_t vlen;
+    int got = split_service(any, any + any_len, (const char *)name, (Py_ssize_t)name_len, parts, &value, &vlen);
+    if (got <= 0) {
+        if (got == 0)
+            Py_RETURN_NONE;
+        return NULL;
+    }
+    PyObject *rec = NULL;
+    int same = unchanged_held(held, parts[0], (long long)_Py_HashBytes(value, (Py_ssize_t)vlen), ver, ver_len);
+    if (same == 1) {
+        ++*unchanged;
+        rec = Py_None;
+        Py_INCREF(rec);
+    } else if (same == 0) {
+        PyObject *version = PyUnicode_DecodeUTF8(ver ? (const char *)ver : "", (Py_ssize_t)ver_len, NULL);
+        if (version != NULL) {
+            PyObject *args[7] = {parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], version};
+            rec = PyObject_Vectorcall(make_service, args, 7, NULL);
+            Py_DECREF(version);
+        }
+    }
+    for (int i = 0; i < 6; i++)
+        Py_DECREF(parts[i]);
+    return rec;
+}
+
 /* The content digest packed at the start of a vd (little-endian, signed). */
 static long long vd_digest(PyObject *vd)
 {
@@ -264,8 +540,8 @@ static long long vd_digest(PyObject *vd)
 /* One plain Workload resource (envoy Resource bytes: version 1, resource 2, name 3, nothing
  * else) -> its record via make(uid, name, address(es), profile, vd); Py_None when the caller
  * must decode it; NULL on error. */
-static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, PyObject *make, PyObject *held,
-                     Py_ssize_t *unchanged)
+static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, PyObject *make,
+                     PyObject *make_service, PyObject *held, Py_ssize_t *unchanged)
 {
     ptr p = (ptr)PyBytes_AS_STRING(raw), end = p + PyBytes_GET_SIZE(raw), any = NULL, data;
     ptr name = NULL, ver = NULL;
@@ -305,39 +581,18 @@ static PyObject *one(PyObject *raw, PyObject *profiles, PyObject *new_profile, P
     if (got < 0)
         return NULL;
     if (got == 0)
-        Py_RETURN_NONE;
+        return one_service(any, any_len, name, name_len, ver, ver_len, make_service, held, unchanged);
     PyObject *rec = NULL;
-    if (held != Py_None) {
-        /* re-sent unchanged (same digest as the record held under this name, the uid): only the
-         * version is taken, nothing is returned (Py_None, and not left to the caller) */
-        int same = 0;
-        PyObject *old = PyObject_CallOneArg(held, parts[0]);
-        if (old == NULL)
-            goto done;
-        if (old != Py_None) {
-            PyObject *digest = PyObject_GetAttrString(old, "digest");
-            PyObject *mine = digest ? PyLong_FromLongLong(vd_digest(parts[4])) : NULL;
-            same = mine ? PyObject_RichCompareBool(digest, mine, Py_EQ) : -1;
-            Py_XDECREF(digest);
-            Py_XDECREF(mine);
-            if (same == 1) {
-                PyObject *version = PyUnicode_DecodeUTF8(ver ? (const char *)ver : "", (Py_ssize_t)ver_len, NULL);
-                PyObject *r = version ? PyObject_CallMethod(old, "set_version", "O", version) : NULL;
-                Py_XDECREF(version);
-                if (r == NULL)
-                    same = -1;
-                Py_XDECREF(r);
-            }
-        }
-        Py_DECREF(old);
-        if (same < 0)
-            goto done;
-        if (same) {
-            ++*unchanged;
-            rec = Py_None;
-            Py_INCREF(rec);
-            goto done;
-        }
+    /* re-sent unchanged (same digest as the record held under this name, the uid): only the
+     * version is taken, nothing is returned (Py_None, and not left to the caller) */
+    int same = unchanged_held(held, parts[0], vd_digest(parts[4]), ver, ver_len);
+    if (same < 0)
+        goto done;
+    if (same) {
+        ++*unchanged;
+        rec = Py_None;
+        Py_INCREF(rec);
+        goto done;
     }
     PyObject *prof = PyDict_GetItemWithError(profiles, parts[3]); /* borrowed */
     if (prof != NULL) {
@@ -360,11 +615,13 @@ done:
     return rec;
 }
 
-/* batch(resources, profiles, new_profile, make, held) -> (out, todo, unchanged)
+/* batch(resources, profiles, new_profile, make, make_service, held) -> (out, todo, unchanged)
  *   resources    iterable of envoy Resource bytes (ResponseView.resources)
  *   profiles     dict remainder -> profile (resources._PROFILES)
  *   new_profile  remainder -> profile or None, on a cache miss (it fills profiles)
  *   make         daemon.state.make_workload_record
+ *   make_service (name, namespace, hostname, vips, ports, raw, version) -> ServiceRecord, for
+ *                a plain Service (fields service_record reads; ports and addresses validated)
  *   held         name -> record held under it, or None (State.held); None: nothing is held
  * out[i] is resource i's WorkloadRecord, or None: when its index is in todo (the caller decodes
  * it: services, unusual layouts, anything invalid), or when it was re-sent unchanged (counted
@@ -372,8 +629,8 @@ done:
 static PyObject *batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 5 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "batch(resources, profiles: dict, new_profile, make, held)");
+    if (nargs != 6 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "batch(resources, profiles: dict, new_profile, make, make_service, held)");
         return NULL;
     }
     PyObject *it = PyObject_GetIter(args[0]);
@@ -387,7 +644,7 @@ static PyObject *batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *rec;
         if (PyBytes_CheckExact(item)) {
             Py_ssize_t before = unchanged;
-            rec = one(item, args[1], args[2], args[3], args[4], &unchanged);
+            rec = one(item, args[1], args[2], args[3], args[4], args[5], &unchanged);
             if (rec == Py_None && unchanged != before) { /* taken: neither a record nor to do */
                 Py_DECREF(item);
                 if (PyList_Append(out, rec)) {
@@ -437,7 +694,7 @@ static PyMethodDef methods[] = {
     {"workload", (PyCFunction)(void (*)(void))workload, METH_FASTCALL,
      "workload(any, name, version) -> (uid, name, address(es), remainder, vd) or None"},
     {"batch", (PyCFunction)(void (*)(void))batch, METH_FASTCALL,
-     "batch(resources, profiles, new_profile, make, held) -> (records or None, indexes left, unchanged)"},
+     "batch(resources, profiles, new_profile, make, make_service, held) -> (records, indexes left, unchanged)"},
     {NULL, NULL, 0, NULL},
 };
 

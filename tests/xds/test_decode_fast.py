@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.state import WorkloadProfile, WorkloadRecord
+from daemon.state import ServiceRecord, WorkloadProfile, WorkloadRecord
 from daemon.xds import native, resources
 from daemon.xds.gen.istio.workload import workload_pb2 as wl
 from daemon.xds.resources import ADDRESS_TYPE, Invalid, decode_address, decode_batch
@@ -95,7 +95,7 @@ def _same_on(path: str, name: str, value: bytes, plain: bool) -> None:
         _with_native(False)
     resources._PROFILES.clear()  # the fast path must also build the profiles it uses
     resources._MIDS.clear()
-    want: WorkloadRecord | None = None
+    want: WorkloadRecord | ServiceRecord | None = None
     try:
         want = decode_address(name, ADDRESS_TYPE, value, "v1")  # type: ignore[assignment]
         reason = ""
@@ -117,6 +117,9 @@ def _same_on(path: str, name: str, value: bytes, plain: bool) -> None:
             continue
         assert errors == [] and len(recs) == 1, errors
         got = recs[0]
+        if isinstance(want, ServiceRecord):
+            assert got == want
+            continue
         assert isinstance(got, WorkloadRecord) and isinstance(want, WorkloadRecord)
         assert (got.uid, got._name, got._addr, got._vd) == (want.uid, want._name, want._addr, want._vd)
         slots = [s for s in WorkloadProfile.__slots__ if s != "rest"]
@@ -143,8 +146,8 @@ def _restore_native() -> Iterator[None]:
     _with_native(True)
 
 
-def _address(payload: bytes) -> bytes:
-    return b"\x0a" + _varint(len(payload)) + payload
+def _address(payload: bytes, tag: int = 0x0A) -> bytes:
+    return bytes([tag]) + _varint(len(payload)) + payload
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -226,3 +229,63 @@ def test_a_re_push_counts_only_real_changes(c_helper: bool) -> None:
     assert recs[0].addresses == (bytes([10, 0, 0, 9]),) and recs[0].version == "b-3"
     assert [st.workloads[f"c//Pod/ns/p{i}"].version for i in range(3)] == ["b-0", "b-1", "b-2"]
     assert st.services["ns/s.ns.svc"].version == "b"
+
+
+@st.composite
+def services(draw: st.DrawFn) -> wl.Service:
+    svc = wl.Service(name=draw(text), namespace=draw(st.sampled_from(["ns", "ns", "", "é"])),
+                     hostname=draw(st.sampled_from(["s.ns.svc", "s.ns.svc", "", "h"])))
+    for _ in range(draw(st.integers(0, 2))):
+        a = svc.addresses.add(address=draw(addr))
+        if draw(st.booleans()):
+            a.network = draw(text)
+    for _ in range(draw(st.integers(0, 2))):
+        svc.ports.add(service_port=draw(st.sampled_from([80, 0, 65535, 70000])),
+                      target_port=draw(st.sampled_from([8080, 9090, 0, 70000])),
+                      app_protocol=draw(st.sampled_from([0, 1])))
+    rare = st.integers(0, 4).map(lambda n: n == 0)  # fields the C helper leaves to protobuf
+    if draw(rare):
+        svc.load_balancing.mode = 1
+    if draw(rare):
+        svc.waypoint.address.address = bytes(4)
+    if draw(rare):
+        svc.subject_alt_names.append(draw(text))
+    svc.ip_families = draw(st.sampled_from([0, 3]))
+    svc.canonical = draw(st.booleans())
+    return svc
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(services(), st.randoms(use_true_random=False), st.sampled_from(["plain", "shuffle", "repeat", "cut"]),
+       st.booleans())
+def test_services_fast_path_agrees_with_full_parse(svc: wl.Service, rnd: random.Random, layout: str,
+                                                   named: bool) -> None:
+    payload = svc.SerializeToString()
+    parts = _chunks(payload)
+    if layout == "shuffle":
+        rnd.shuffle(parts)
+    elif layout == "repeat" and parts:
+        parts.insert(rnd.randrange(len(parts) + 1), rnd.choice(parts))
+    elif layout == "cut" and payload:
+        joined = b"".join(parts)
+        parts = [joined[:rnd.randrange(len(joined))]]
+    _same(f"{svc.namespace}/{svc.hostname}" if named else "", _address(b"".join(parts), 0x12))
+
+
+def test_a_plain_service_is_read_by_the_c_helper() -> None:
+    svc = wl.Service(name="s", namespace="ns", hostname="s.ns.svc",
+                     ports=[wl.Port(service_port=80, target_port=8080)],
+                     addresses=[wl.NetworkAddress(network="n", address=bytes([10, 96, 0, 1]))])
+    value = wl.Address(service=svc).SerializeToString()
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    resp = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE)
+    r = resp.resources.add(name="ns/s.ns.svc", version="v1")
+    r.resource.type_url, r.resource.value = ADDRESS_TYPE, value
+    mod = _real_load()
+    assert mod is not None
+    out, todo, unchanged = mod.batch([r.SerializeToString()], {}, None, None, resources._plain_service, None)
+    assert (todo, unchanged) == ([], 0)
+    assert out == [decode_address("ns/s.ns.svc", ADDRESS_TYPE, value, "v1")]
+    assert out[0].ports == ((80, 8080),) and out[0].vips == (bytes([10, 96, 0, 1]),)
+    _same("ns/s.ns.svc", value)
