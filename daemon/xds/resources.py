@@ -299,6 +299,15 @@ def _split(v: bytes, p: int) -> tuple[str, bytes | tuple[bytes, ...], str, bytes
     return wname, addr, v[p + 3:q].decode(), v[a:b] + v[c:p] + v[q:]
 
 
+def _profile_of_whole(rest: bytes) -> WorkloadProfile | None:
+    """Profile of a remainder the C helper cut (it walked every field: no name, address or uid
+    is left in it), or None when invalid (the resource is then decoded in full)."""
+    try:
+        return _new_profile(_WORKLOAD_FROM(rest), rest)
+    except Exception:  # noqa: BLE001 - Invalid, DecodeError, ...
+        return None
+
+
 def _profile_or_none(rest: bytes) -> WorkloadProfile | None:
     """``_clean_profile`` for the fast paths: None also when the remainder is invalid (the
     resource is then decoded in full, which names the problem)."""
@@ -473,7 +482,7 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
     fast = native_mod.workload if native_mod is not None else None
     todo: Iterable[int]
     if native_mod is not None:
-        out, todo, unchanged = native_mod.batch(resources, profiles, _profile_or_none, make, _plain_service,
+        out, todo, unchanged = native_mod.batch(resources, profiles, _profile_of_whole, make, _plain_service,
                                                 held)
     else:
         out, todo = [None] * len(resources), range(len(resources))
