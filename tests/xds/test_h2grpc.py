@@ -34,6 +34,9 @@ def _handler(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterat
             yield hashlib.sha256(req).digest() + len(req).to_bytes(8, "big")
         elif op == b"E":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, arg.decode())
+        elif op == b"M":  # many small messages at once: several per DATA frame, prefixes split
+            for i in range(int(arg)):
+                yield i.to_bytes(4, "big") * (i % 7)
         elif op == b"C":
             return
 
@@ -103,6 +106,16 @@ def test_big_messages_both_ways_and_the_receive_limit(server: int) -> None:
         err = s.ask(b"S13000000")
         assert isinstance(err, h2grpc.RpcError) and err.code().name == "RESOURCE_EXHAUSTED"
         assert "larger than max (13000000 vs. 12582912)" in err.details()
+    finally:
+        s.close()
+
+
+def test_many_small_messages_in_few_frames(server: int) -> None:
+    s = Session(server)
+    try:
+        s.requests.put(b"M500")
+        got = [s.responses.get(timeout=30) for _ in range(500)]
+        assert got == [i.to_bytes(4, "big") * (i % 7) for i in range(500)]  # empty ones included
     finally:
         s.close()
 
