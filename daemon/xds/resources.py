@@ -4,12 +4,19 @@ Validation is per resource so a response with one bad resource can still apply t
 (ztunnel does the same): each failure is returned as ``(name, reason)`` and the client names
 them in the NACK's error_detail as ``name: reason; ...``.
 
-Why the split into a record and a shared ``WorkloadProfile``: see daemon/state.py. Decoding a
-workload parses it once (upb, in C), takes uid, name and addresses, clears them and serializes
-the remainder; that remainder is the key of a cache of profiles, so the Python-level decoding
-of services, ports and locality happens once per distinct remainder (a deployment on a node),
-not once per pod. ``decode_batch`` is the per-response loop the client runs: it also skips
-resources re-sent unchanged (same content digest as the held record) without decoding them.
+Why the split into a record and a shared ``WorkloadProfile``: see daemon/state.py. A workload's
+uid, name and addresses are cut out of its bytes; the remainder (the bytes without those three
+fields) is the key of a cache of profiles, so the Python-level decoding of services, ports and
+locality happens once per distinct remainder (a deployment on a node), not once per pod.
+``decode_batch`` is the per-response loop the client runs: it also skips resources re-sent
+unchanged (same content digest as the held record) without decoding them.
+
+Why bytes and a C helper: the client parses each response as a ``ResponseView`` whose
+resources stay serialized, and daemon/xds/wiresplit.c (built on first use, daemon/xds/native.py)
+turns every plain Workload and Service into its record in one call; protobuf objects are only
+built for the rest (unusual layouts, invalid resources, cache misses). Issue 12: the first push
+of 10k services x 10 endpoints took ~0.38 s of decode CPU, ~0.13 s with the helper (~0.41 s on
+the Python path, when no compiler is there).
 """
 
 from __future__ import annotations
