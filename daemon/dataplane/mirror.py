@@ -9,8 +9,9 @@ per-element objects. A backend is one uid -> id dict entry plus slots in id-inde
 value, name and pod-IP frontend keys are re-derived from that ``Backend`` when needed. A service
 port keeps its km_service value and, per priority, the packed km_endpoint values of slots
 0..n-1 as one bytes object (the keys are implied by the slot numbers). Frontend ownership is one
-dict key -> owner code: a backend id (> 0) for a pod IP, minus the service-port id (< 0) for a
-VIP:port (a backend's code is the very int object stored as its id: no extra object per owner).
+dict token -> owner code: a backend id (> 0) for a pod IP, keyed by the Backend's own address
+bytes (pod_tokens: no key object per pod), minus the service-port id (< 0) for a VIP:port, keyed
+by its 20-byte key (a backend's code is the very int object stored as its id).
 Services whose input object is unchanged since it was last written (identity, then equality) and
 whose backends kept their ids are skipped by the planner without any per-endpoint work.
 """
@@ -22,10 +23,42 @@ from typing import TYPE_CHECKING, Protocol
 
 from daemon.dataplane import layout as L
 from daemon.dataplane.model import Backend, Projection, Service
-from daemon.dataplane.render import RECONCILED_MAPS, be_keys, decode_name, decode_wp, slot_backend_ids
+from daemon.dataplane.render import (
+    RECONCILED_MAPS,
+    V4MAPPED,
+    decode_name,
+    decode_wp,
+    fe_key,
+    routable,
+    slot_backend_ids,
+)
 
 if TYPE_CHECKING:
     from daemon.dataplane.plan import Plan
+
+
+def pod_tokens(b: Backend) -> list[bytes]:
+    """The owner tokens of a backend's pod-IP frontends, in be_keys() order: the address itself
+    (4 or 16 bytes, v4-mapped folded to v4), so the mirror keeps the Backend's own bytes object
+    instead of a 20-byte key per pod. A VIP:port frontend's token is its key (20 bytes, port > 0):
+    the two kinds never collide."""
+    out = []
+    for ip in (b.ipv4, b.ipv6):
+        if ip and routable(ip):
+            out.append(ip[12:] if len(ip) == 16 and ip[:12] == V4MAPPED else ip)
+    return out if len(out) < 2 or out[0] != out[1] else out[:1]
+
+
+def token_key(t: bytes) -> bytes:
+    """The km_fe_key of an owner token (see pod_tokens)."""
+    return t if len(t) == 20 else fe_key(t, 0)
+
+
+def fe_token(k: bytes) -> bytes:
+    """The owner token of a km_fe_key: a pod-IP key (port 0) -> its address."""
+    if k[16:18] != b"\0\0":
+        return k
+    return k[:4] if k[18] == L.AF_INET else k[:16]
 
 
 class MapLike(Protocol):
@@ -134,7 +167,8 @@ class Mirror:
         self.be_src: list[Backend | None] = [None]  # id -> the Backend last written (None: loaded)
         self.be_refs: list[int] = [0]  # id -> number of service ports whose slots use it
         self.be_loaded: dict[int, Backend] = {}  # id -> Backend decoded by load(), until verified
-        self.fe_owner: dict[bytes, int] = {}  # frontend key -> backend id / -(service-port id)
+        # frontend owner token (pod_tokens: a pod's address, else the key) -> backend id / -(port id)
+        self.fe_owner: dict[bytes, int] = {}
         self.orphans: dict[str, list[bytes]] = {m: [] for m in RECONCILED_MAPS}
         self.svc_ids = IdPool()
         self.be_ids = IdPool()
@@ -254,8 +288,9 @@ class Mirror:
                 continue
             if kind == L.FE_BACKEND and 0 < oid < len(self.be_uid) and self.be_uid[oid] is not None:
                 b = self.be_loaded.get(oid)
-                if b is not None and k in be_keys(b):
-                    self.fe_owner[k] = oid
+                t = fe_token(k)
+                if b is not None and t in pod_tokens(b):
+                    self.fe_owner[t] = oid
                     continue
             orphans["frontend"].append(k)
             if kind == L.FE_SERVICE:
@@ -387,9 +422,9 @@ class Mirror:
                 cur_b = self.backend_of(bid)
                 code = bid
                 if cur_b is not None:
-                    for k in be_keys(cur_b):
-                        if fe_owner.get(k) == code:
-                            del fe_owner[k]
+                    for t in pod_tokens(cur_b):
+                        if fe_owner.get(t) == code:
+                            del fe_owner[t]
                 self.be_loaded.pop(bid, None)
             if nb is None:
                 self.kept.discard(uid)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon.dataplane import layout as L
-from daemon.dataplane.mirror import IdPool, Mirror, Port
+from daemon.dataplane.mirror import IdPool, Mirror, Port, fe_token, pod_tokens, token_key
 from daemon.dataplane.model import Backend, Projection, Service
 from daemon.dataplane.render import (
     BE_TAIL_PLAIN,
@@ -37,7 +37,6 @@ from daemon.dataplane.render import (
     ZERO16,
     bad_backend,
     bad_service,
-    be_keys,
     be_tail,
     encode_name,
     fe_key,
@@ -57,6 +56,8 @@ _V4_FLAGS = L.U32.pack(L.BE_HAS_V4)
 
 
 _BE_WORDS = L.BE_VAL.size // 4
+_FE_WORDS = L.FE_KEY.size // 4
+_FE4_WORDS = array("I", _FE4.pack(ZERO4, L.AF_INET, 0))
 _BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
 
@@ -79,10 +80,8 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
         return False
     if any(ip is None or len(ip) != 4 or ip[0] == 127 or ip == ZERO4 for ip in ip4s):
         return False
-    fe4, af4 = _FE4.pack, L.AF_INET
-    keys = [fe4(ip, af4, 0) for ip in ip4s]
     ids = list(alloc.take_range(n))  # one int object per id, shared by every dict below
-    owners = dict(zip(keys, ids, strict=True))
+    owners = dict(zip(ip4s, ids, strict=True))  # owner tokens: the Backends' own address objects
     if len(owners) < n:  # two backends share a pod IP: the loop decides who gets it
         alloc.untake_range(range(ids[0], ids[0] + n))
         return False
@@ -98,7 +97,9 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     nk[0::2] = array("I", [L.NAME_BACKEND]) * n
     nk[1::2] = idarr
     nw.keys = bytearray(nk.tobytes())
-    fw.keys += b"".join(keys)
+    fk = array("I", _FE4_WORDS) * n  # km_fe_key: ip4, zeros, port 0, AF_INET
+    fk[0::_FE_WORDS] = vals[0::_BE_WORDS]
+    fw.keys += fk.tobytes()
     fv = array("I", [0]) * (2 * n)
     fv[0::2] = array("I", [L.FE_BACKEND]) * n
     fv[1::2] = idarr
@@ -148,9 +149,9 @@ def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejec
             continue
         bid = take()
         if ip6:
-            keys = be_keys(b)
+            keys = pod_tokens(b)
         elif ip4 and ip4[0] != 127 and ip4 != ZERO4:
-            keys = [fe4(ip4, af4, 0)]
+            keys = [ip4]
         else:
             keys = []
         fes = [k for k in keys if claims.get(k, bid) == bid]
@@ -179,7 +180,7 @@ def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejec
         nv[off:off + len(name)] = name
         for k in fes:
             claims[k] = bid
-            fk(k)
+            fk(fe4(k, af4, 0) if len(k) == 4 else token_key(k))
             fv(fevpack(be_kind, bid))
         j += 1
     del bk[4 * j:], bv[bsz * j:], nk[8 * j:], nv[nsz * j:]
@@ -367,9 +368,9 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         cur_b = m.backend_of(bid)
         if b is cur_b or cur_b is None:
             continue
-        keep = set(be_keys(b)) if b is not None and not bad_backend(b) else set()
+        keep = set(pod_tokens(b)) if b is not None and not bad_backend(b) else set()
         code = bid
-        released.update(k for k in be_keys(cur_b) if k not in keep and fe_owner.get(k) == code)
+        released.update(k for k in pod_tokens(cur_b) if k not in keep and fe_owner.get(k) == code)
 
     pass_claims: dict[bytes, int] = {}  # keys accepted for an owner in this pass
     claim_names: dict[bytes, str] = {}
@@ -416,7 +417,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     bw, nw, fw = w["backend"], w["names"], w["frontend"]
     u_be, u_nm, u_fe = usage["backend"], usage["names"], usage["frontend"]
     lim_be, lim_nm, lim_fe = limits["backend"], limits["names"], limits["frontend"]
-    fek, bepack, namepack = L.FE_KEY.pack, L.BE_VAL.pack, L.NAME_VAL.pack
+    bepack, namepack = L.BE_VAL.pack, L.NAME_VAL.pack
     fevpack, u32, namekey = L.FE_VAL.pack, L.U32.pack, L.NAME_KEY.pack
     kept, loaded = m.kept, m.be_loaded
     take = be_alloc.take
@@ -453,7 +454,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
             value = bepack(ip4 or ZERO4, ip6 or ZERO16, flags, *be_tail(b))
             name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
-            keys = be_keys(b) if ip6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 and routable(ip4) else []
+            keys = pod_tokens(b) if ip6 else [ip4] if ip4 and routable(ip4) else []
             fes = []
             for k in keys:
                 pc = pass_claims.get(k)
@@ -465,7 +466,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             if cur_b is not None:
                 cur_value = render_backend(cur_b)
                 cur_name = encode_name(cur_b.uid, cur_b.name, cur_b.namespace)
-                cur_fes = [k for k in be_keys(cur_b) if fe_owner.get(k) == code]
+                cur_fes = [k for k in pod_tokens(cur_b) if fe_owner.get(k) == code]
                 if cur_value == value and cur_name == name and cur_fes == fes:
                     verified.append((nbid, b))  # already in the maps exactly so (first sync after a restart)
                     for k in fes:
@@ -500,10 +501,10 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
                 nv(name)
             for k in fes:
                 if k not in cur_fes:
-                    fk(k)
+                    fk(token_key(k))
                     fv(fevpack(L.FE_BACKEND, nbid))
             if cur_fes:
-                p1["frontend"].extend(k for k in cur_fes if k not in fes)
+                p1["frontend"].extend(token_key(k) for k in cur_fes if k not in fes)
     usage["backend"], usage["names"], usage["frontend"] = u_be, u_nm, u_fe
     bw.n = len(bw.keys) // 4
     nw.n = len(nw.keys) // L.NAME_KEY.size
@@ -690,7 +691,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         cur_b = m.backend_of(bid)
         code = bid
         if cur_b is not None:
-            p1["frontend"].extend(k for k in be_keys(cur_b) if fe_owner.get(k) == code)
+            p1["frontend"].extend(token_key(k) for k in pod_tokens(cur_b) if fe_owner.get(k) == code)
         p3["backend"].append(L.U32.pack(bid))
         p3["names"].append(L.NAME_KEY.pack(L.NAME_BACKEND, bid))
 
@@ -704,7 +705,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         def must_delete(k: bytes) -> bool:
             if k not in rewritten:
                 return True
-            owner = fe_owner.get(k)
+            owner = fe_owner.get(fe_token(k))
             return owner is None or (owner < 0 and -owner in dropped_ids)
 
         p1["frontend"] = list(dict.fromkeys(k for k in p1["frontend"] if must_delete(k)))
