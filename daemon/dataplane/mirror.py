@@ -163,7 +163,8 @@ class Mirror:
         self.svc_ports: dict[str, tuple[str, ...]] = {}
         self.port_by_id: dict[int, Port] = {}
         self.be_id: dict[str, int] = {}  # backend uid -> id, for backends in the maps
-        self.be_uid: list[str | None] = [None]  # id -> uid
+        # id -> service(s) whose last rendered input names that backend: str, or a set when several
+        self.be_want: list[str | set[str] | None] = [None]
         self.be_src: list[Backend | None] = [None]  # id -> the Backend last written (None: loaded)
         self.be_refs: list[int] = [0]  # id -> number of service ports whose slots use it
         self.be_loaded: dict[int, Backend] = {}  # id -> Backend decoded by load(), until verified
@@ -177,7 +178,7 @@ class Mirror:
         # last rendered input per service and the backend ids it saw (None: that input was rejected,
         # so it is retried): an unchanged input is skipped
         self.src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
-        # backend uid -> service(s) whose last rendered input names it: str, or a set when several
+        # the same for backends without an id (not in the maps): uid -> service(s)
         self.wants: dict[str, str | set[str]] = {}
         self._held: list[tuple[IdPool, int]] = []  # orphan ids reserved until their cleanup
         # backends gone from the projection but kept in the maps (a rejected service still uses
@@ -199,21 +200,22 @@ class Mirror:
         return p.service if p is not None else None
 
     def backend_uid(self, bid: int) -> str | None:
-        return self.be_uid[bid] if 0 < bid < len(self.be_uid) else None
+        b = self.backend_of(bid) if 0 < bid < len(self.be_src) else None
+        return b.uid if b is not None else None
 
     def backend_of(self, bid: int) -> Backend | None:
         b = self.be_src[bid]
         return b if b is not None else self.be_loaded.get(bid)
 
     def _set_backend(self, bid: int, uid: str, b: Backend | None) -> None:
-        n = len(self.be_uid)
+        n = len(self.be_src)
         if bid >= n:
             grow = bid + 1 - n
-            self.be_uid.extend([None] * grow)
+            self.be_want.extend([None] * grow)
             self.be_src.extend([None] * grow)
             self.be_refs.extend([0] * grow)
         self.be_id[uid] = bid
-        self.be_uid[bid] = uid
+        self.be_want[bid] = self.wants.pop(uid, None)
         self.be_src[bid] = b
         self.be_ids.mark(bid)
 
@@ -286,7 +288,7 @@ class Mirror:
                 fes.setdefault(oid, []).append(k)
                 self.fe_owner[k] = -oid
                 continue
-            if kind == L.FE_BACKEND and 0 < oid < len(self.be_uid) and self.be_uid[oid] is not None:
+            if kind == L.FE_BACKEND and 0 < oid < len(self.be_src):
                 b = self.be_loaded.get(oid)
                 t = fe_token(k)
                 if b is not None and t in pod_tokens(b):
@@ -300,7 +302,7 @@ class Mirror:
         refs = self.be_refs
         for p in self.ports.values():
             for x in slot_backend_ids(p.vals):
-                if x < len(refs) and self.be_uid[x] is not None:
+                if x < len(refs) and self.backend_of(x) is not None:
                     refs[x] += 1
 
     def _add_port(self, p: Port) -> None:
@@ -341,29 +343,43 @@ class Mirror:
                 o.fes = tuple(k for k in o.fes if k != key)
         self.fe_owner[key] = code
 
+    def wanted_by(self, uid: str) -> str | set[str] | None:
+        """The service(s) whose last rendered input names backend uid."""
+        bid = self.be_id.get(uid)
+        return self.be_want[bid] if bid is not None else self.wants.get(uid)
+
+    def _set_want(self, uid: str, w: str | set[str] | None) -> None:
+        bid = self.be_id.get(uid)
+        if bid is not None:
+            self.be_want[bid] = w
+        elif w is None:
+            self.wants.pop(uid, None)
+        else:
+            self.wants[uid] = w
+
     def _want(self, uid: str, sname: str) -> None:
-        cur = self.wants.get(uid)
+        cur = self.wanted_by(uid)
         if cur is None:
-            self.wants[uid] = sname
+            self._set_want(uid, sname)
         elif isinstance(cur, str):
             if cur != sname:
-                self.wants[uid] = {cur, sname}
+                self._set_want(uid, {cur, sname})
         else:
             cur.add(sname)
 
     def _unwant(self, uid: str, sname: str) -> None:
-        cur = self.wants.get(uid)
+        cur = self.wanted_by(uid)
         if cur is None:
             return
         if isinstance(cur, str):
             if cur == sname:
-                del self.wants[uid]
+                self._set_want(uid, None)
             return
         cur.discard(sname)
         if len(cur) == 1:
-            self.wants[uid] = next(iter(cur))
+            self._set_want(uid, next(iter(cur)))
         elif not cur:
-            del self.wants[uid]
+            self._set_want(uid, None)
 
     def _forget_src(self, sname: str) -> None:
         old = self.src.pop(sname, None)
@@ -401,20 +417,21 @@ class Mirror:
             be_src[bid] = b
             self.be_loaded.pop(bid, None)
         top = max((nb for nb in new_backs.values() if nb is not None), default=0)
-        if top >= len(self.be_uid):
-            grow = top + 1 - len(self.be_uid)
-            self.be_uid.extend([None] * grow)
+        if top >= len(be_src):
+            grow = top + 1 - len(be_src)
+            self.be_want.extend([None] * grow)
             be_src.extend([None] * grow)
             self.be_refs.extend([0] * grow)
-        be_uid = self.be_uid
+        be_want, wants = self.be_want, self.wants
         bulk = plan.be_ids[1]
         if (not be_id and not self.be_loaded and len(bulk) == 1 and len(bulk[0]) == len(new_backs)
                 and not plan.be_ids[0]):
             # a first sync whose backends all took consecutive ids, in order (plan._bulk_backends)
             be_id.update(new_backs)
             r = bulk[0]
-            be_uid[r.start:r.stop] = new_backs
             be_src[r.start:r.stop] = map(pb.__getitem__, new_backs)
+            for uid in wants.keys() & new_backs.keys():  # named before they had an id
+                be_want[new_backs[uid]] = wants.pop(uid)
             new_backs = {}
         for uid, nb in new_backs.items():
             bid = be_id.get(uid)
@@ -430,14 +447,20 @@ class Mirror:
                 self.kept.discard(uid)
                 if bid is not None:
                     del be_id[uid]
-                    be_uid[bid] = None
+                    w = be_want[bid]
+                    if w is not None:
+                        wants[uid] = w
+                        be_want[bid] = None
                     be_src[bid] = None  # its reference count is 0 once `delta` is applied below
                     self.be_ids.release(bid)
                 continue
             nbid = nb
             b = pb[uid]
+            w = be_want[bid] if bid is not None else wants.pop(uid, None)
+            if bid is not None:
+                be_want[bid] = None
             be_id[uid] = nbid
-            be_uid[nbid] = uid
+            be_want[nbid] = w
             be_src[nbid] = b
         # every frontend key accepted in this pass (the key objects made while planning are kept)
         if not fe_owner:
@@ -456,15 +479,31 @@ class Mirror:
         for sname, (_svc, want, _same) in wanted.items():
             if not want:
                 self._forget_src(sname)
-        wants = self.wants
+        acc: dict[str, str | set[str]] = {}  # uid -> service(s) newly naming it, then spread by id
         for sname, sig in new_src.items():
             if sname in src:
                 self._forget_src(sname)
             src[sname] = sig
             named = dict.fromkeys([e.backend_uid for sp in sig[0].ports for e in sp.endpoints], sname)
-            both = named.keys() & wants.keys()
+            both = named.keys() & acc.keys()
             if both:
                 for u in both:
-                    self._want(u, sname)
+                    cur = acc[u]
+                    if isinstance(cur, str):
+                        acc[u] = {cur, sname}
+                    else:
+                        cur.add(sname)
                     del named[u]
-            wants.update(named)
+            acc.update(named)
+        if not acc:
+            return
+        ids = list(map(be_id.get, acc))
+        if None not in ids and list(map(be_want.__getitem__, ids)).count(None) == len(ids):
+            list(map(be_want.__setitem__, ids, acc.values()))  # the common case: no one named them yet
+            return
+        for uid, w in acc.items():
+            if isinstance(w, str):
+                self._want(uid, w)
+            else:
+                for sname in w:
+                    self._want(uid, sname)
