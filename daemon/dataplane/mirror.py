@@ -18,6 +18,7 @@ whose backends kept their ids are skipped by the planner without any per-endpoin
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -166,7 +167,7 @@ class Mirror:
         # id -> service(s) whose last rendered input names that backend: str, or a set when several
         self.be_want: list[str | set[str] | None] = [None]
         self.be_src: list[Backend | None] = [None]  # id -> the Backend last written (None: loaded)
-        self.be_refs: list[int] = [0]  # id -> number of service ports whose slots use it
+        self.be_refs = array("i", [0])  # id -> number of service ports whose slots use it
         self.be_loaded: dict[int, Backend] = {}  # id -> Backend decoded by load(), until verified
         # frontend owner token (pod_tokens: a pod's address, else the key) -> backend id / -(port id)
         self.fe_owner: dict[bytes, int] = {}
