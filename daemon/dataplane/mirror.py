@@ -149,7 +149,7 @@ class Port:
         self.fes = fes  # frontend keys it owns, sorted
 
     def nslots(self) -> int:
-        return sum(len(v) for v in self.vals) // 8
+        return sum(map(len, self.vals)) // 8
 
 
 class Mirror:
@@ -417,7 +417,7 @@ class Mirror:
         for bid, b in verified:
             be_src[bid] = b
             self.be_loaded.pop(bid, None)
-        top = max((nb for nb in new_backs.values() if nb is not None), default=0)
+        top = max(filter(None, new_backs.values()), default=0)  # ids are >= 1; None: removed
         if top >= len(be_src):
             grow = top + 1 - len(be_src)
             self.be_want.extend([None] * grow)
@@ -480,26 +480,37 @@ class Mirror:
         for sname, (_svc, want, _same) in wanted.items():
             if not want:
                 self._forget_src(sname)
-        acc: dict[str, str | set[str]] = {}  # uid -> service(s) newly naming it, then spread by id
+        # uid -> service(s) newly naming it, then spread by id
+        uids: list[str] = []
+        snames: list[str] = []
         for sname, sig in new_src.items():
             if sname in src:
                 self._forget_src(sname)
             src[sname] = sig
-            named = dict.fromkeys([e.backend_uid for sp in sig[0].ports for e in sp.endpoints], sname)
-            both = named.keys() & acc.keys()
-            if both:
-                for u in both:
-                    cur = acc[u]
-                    if isinstance(cur, str):
+            ports = sig[0].ports
+            named = [e.backend_uid for sp in ports for e in sp.endpoints]
+            if len(ports) > 1:
+                named = list(dict.fromkeys(named))
+            uids += named
+            snames += [sname] * len(named)
+        acc: dict[str, str | set[str]] = dict(zip(uids, snames, strict=True))
+        if len(acc) != len(uids):  # a backend named by several services (or twice by one port)
+            acc = {}
+            for u, sname in zip(uids, snames, strict=True):
+                cur = acc.get(u)
+                if cur is None:
+                    acc[u] = sname
+                elif isinstance(cur, str):
+                    if cur != sname:
                         acc[u] = {cur, sname}
-                    else:
-                        cur.add(sname)
-                    del named[u]
-            acc.update(named)
+                else:
+                    cur.add(sname)
+        del uids, snames
         if not acc:
             return
         ids = list(map(be_id.get, acc))
-        if None not in ids and list(map(be_want.__getitem__, ids)).count(None) == len(ids):
+        if None not in ids and (be_want.count(None) == len(be_want)  # nothing named yet: a first sync
+                                or list(map(be_want.__getitem__, ids)).count(None) == len(ids)):
             list(map(be_want.__setitem__, ids, acc.values()))  # the common case: no one named them yet
             return
         for uid, w in acc.items():

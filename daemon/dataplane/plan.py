@@ -25,6 +25,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from daemon.dataplane import layout as L
 from daemon.dataplane.mirror import IdPool, Mirror, Port, fe_token, pod_tokens, token_key
@@ -60,6 +61,7 @@ _FE_WORDS = L.FE_KEY.size // 4
 _FE4_WORDS = array("I", _FE4.pack(ZERO4, L.AF_INET, 0))
 _BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
+_IP4, _IP6, _WP, _HANDOFF = (attrgetter(a) for a in ("ipv4", "ipv6", "waypoint", "handoff_port"))
 
 
 def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room: tuple[int, int, int],
@@ -75,10 +77,20 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
         bs = list(map(pb.__getitem__, order))
     except KeyError:
         return False
-    ip4s = [b.ipv4 for b in bs]
-    if any(b.ipv6 is not None or b.waypoint is not None or b.handoff_port for b in bs):
+    # the checks run in C (map/count/join), not one Python statement per backend
+    if (list(map(_IP6, bs)).count(None) != n or list(map(_WP, bs)).count(None) != n
+            or any(map(_HANDOFF, bs))):
         return False
-    if any(ip is None or len(ip) != 4 or ip[0] == 127 or ip == ZERO4 for ip in ip4s):
+    ip4s = list(map(_IP4, bs))
+    if None in ip4s or ZERO4 in ip4s:
+        return False
+    try:
+        packed = b"".join(ip4s)
+    except TypeError:
+        return False
+    if len(packed) != 4 * n or 127 in packed[0::4]:  # 4 * n bytes from n objects of len >= 1
+        return False
+    if len(set(map(len, ip4s))) != 1:  # a 3-byte and a 5-byte address would also make 4 * n
         return False
     ids = list(alloc.take_range(n))  # one int object per id, shared by every dict below
     owners = dict(zip(ip4s, ids, strict=True))  # owner tokens: the Backends' own address objects
@@ -91,7 +103,7 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     idarr = array("I", ids)
     bw.keys = bytearray(idarr.tobytes())
     vals = array("I", _BE_V4_TAIL_WORDS) * n  # 12 words a backend: ip4 first, the rest constant
-    vals[0::_BE_WORDS] = array("I", b"".join(ip4s))
+    vals[0::_BE_WORDS] = array("I", packed)
     bw.vals = bytearray(vals.tobytes())
     nk = array("I", [0]) * (2 * n)
     nk[0::2] = array("I", [L.NAME_BACKEND]) * n
