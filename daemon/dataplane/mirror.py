@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Mapping
+from itertools import chain, repeat
 from typing import TYPE_CHECKING, Protocol
 
 from daemon.dataplane import layout as L
@@ -430,7 +431,8 @@ class Mirror:
             # a first sync whose backends all took consecutive ids, in order (plan._bulk_backends)
             be_id.update(new_backs)
             r = bulk[0]
-            be_src[r.start:r.stop] = map(pb.__getitem__, new_backs)
+            be_src[r.start:r.stop] = plan.bulk_src if len(plan.bulk_src) == len(r) else map(
+                pb.__getitem__, new_backs)
             for uid in wants.keys() & new_backs.keys():  # named before they had an id
                 be_want[new_backs[uid]] = wants.pop(uid)
             new_backs = {}
@@ -480,13 +482,29 @@ class Mirror:
         for sname, (_svc, want, _same) in wanted.items():
             if not want:
                 self._forget_src(sname)
-        # uid -> service(s) newly naming it, then spread by id
-        uids: list[str] = []
-        snames: list[str] = []
         for sname, sig in new_src.items():
             if sname in src:
                 self._forget_src(sname)
             src[sname] = sig
+        if not new_src:
+            return
+        if be_want.count(None) == len(be_want):  # nothing named yet by id: a first sync
+            # the backend ids each service saw when it was planned (its signature) are the ids
+            # they have now: spread the service names by id with no lookup per endpoint
+            sigs = [sig[1] for sig in new_src.values()]
+            if None not in sigs:
+                ids = list(chain.from_iterable(sigs))
+                if None not in ids:
+                    list(map(be_want.__setitem__, ids, chain.from_iterable(
+                        map(repeat, new_src.keys(), map(len, sigs)))))
+                    if be_want.count(None) == len(be_want) - len(ids):
+                        return
+                    for bid in ids:  # a backend named twice: undo, take the general way
+                        be_want[bid] = None
+        # uid -> service(s) newly naming it, then spread by id
+        uids: list[str] = []
+        snames: list[str] = []
+        for sname, sig in new_src.items():
             ports = sig[0].ports
             named = [e.backend_uid for sp in ports for e in sp.endpoints]
             if len(ports) > 1:
@@ -506,8 +524,6 @@ class Mirror:
                 else:
                     cur.add(sname)
         del uids, snames
-        if not acc:
-            return
         ids = list(map(be_id.get, acc))
         if None not in ids and (be_want.count(None) == len(be_want)  # nothing named yet: a first sync
                                 or list(map(be_want.__getitem__, ids)).count(None) == len(ids)):

@@ -66,17 +66,22 @@ _IP4, _IP6, _WP, _HANDOFF = (attrgetter(a) for a in ("ipv4", "ipv6", "waypoint",
 
 def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room: tuple[int, int, int],
                    bw: Writes, nw: Writes, fw: Writes, claims: dict[bytes, int],
-                   new_backs: dict[str, int | None], override: dict[str, int | None]) -> bool:
+                   new_backs: dict[str, int | None], override: dict[str, int | None],
+                   bulk_src: list[Backend]) -> bool:
     """_new_backends for the common first sync, with no per-backend statement: every backend in
     order exists, is IPv4-only with a distinct routable pod IP, has no waypoint role, and all
-    fit; ids are fresh and consecutive. False (nothing done) when any of that does not hold."""
+    fit; ids are fresh and consecutive. False (nothing done) when any of that does not hold.
+    bulk_src receives the Backends in id order, for Mirror.commit."""
     n = len(order)
     if not n or n > min(room) or not alloc.pristine():
         return False
-    try:
-        bs = list(map(pb.__getitem__, order))
-    except KeyError:
-        return False
+    if n == len(pb) and order == list(pb):  # sync(): the projection's own order, no lookups
+        bs = list(pb.values())
+    else:
+        try:
+            bs = list(map(pb.__getitem__, order))
+        except KeyError:
+            return False
     # the checks run in C (map/count/join), not one Python statement per backend
     if (list(map(_IP6, bs)).count(None) != n or list(map(_WP, bs)).count(None) != n
             or any(map(_HANDOFF, bs))):
@@ -126,20 +131,22 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
         else:
             nv += b"".join([namepack(f"{b.uid}\0{b.name}\0{b.namespace}".encode()[:top]) for b in part])
     nw.vals = nv
+    bulk_src[:] = bs
     return True
 
 
 def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejected: dict[str, str],
                   usage: tuple[int, int, int], limits: dict[str, int], bw: Writes, nw: Writes, fw: Writes,
-                  claims: dict[bytes, int], new_backs: dict[str, int | None], override: dict[str, int | None]
-                  ) -> tuple[int, int, int]:
+                  claims: dict[bytes, int], new_backs: dict[str, int | None], override: dict[str, int | None],
+                  bulk_src: list[Backend]) -> tuple[int, int, int]:
     """The backend stage when the mirror holds no backend and no frontend (a first sync): every
     backend is new and nothing is released, so the general loop's comparisons are skipped and the
-    values are packed in place into preallocated buffers. Returns the new usage."""
+    values are packed in place into preallocated buffers. Returns the new usage (bulk_src: see
+    _bulk_backends)."""
     u_be, u_nm, u_fe = usage
     lim_be, lim_nm, lim_fe = limits["backend"], limits["names"], limits["frontend"]
     if _bulk_backends(order, pb, alloc, (lim_be - u_be, lim_nm - u_nm, lim_fe - u_fe), bw, nw, fw, claims,
-                      new_backs, override):
+                      new_backs, override, bulk_src):
         n = len(new_backs)
         return u_be + n, u_nm + n, u_fe + n
     n = len(order)
@@ -301,6 +308,7 @@ class Plan:
     src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = field(default_factory=dict)
     svc_ids: tuple[list[int], list[range], int, int] = ([], [], 0, 1)
     be_ids: tuple[list[int], list[range], int, int] = ([], [], 0, 1)
+    bulk_src: list[Backend] = field(default_factory=list)  # a bulk first sync's Backends, in id order
 
     def ops(self) -> list[tuple[str, str, object]]:
         """("delete", map, keys) / ("write", map, Writes) in execution order, early writes first."""
@@ -424,6 +432,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     # --- backends (adds and changes; removals are decided after the services)
     removed_backs: list[tuple[str, int]] = []
     kept_back: list[str] = []  # uids leaving m.kept in this pass
+    bulk_src: list[Backend] = []
     override: dict[str, int | None] = {}  # backends whose id changes in this pass
     be_src = m.be_src
     bw, nw, fw = w["backend"], w["names"], w["frontend"]
@@ -437,7 +446,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     fk, fv = fw.keys.extend, fw.vals.extend
     if not be_id and not m.fe_owner and not loaded:  # a first sync: every backend is new
         u_be, u_nm, u_fe = _new_backends(be_order, pb, be_alloc, rejected, (u_be, u_nm, u_fe), limits,
-                                         bw, nw, fw, pass_claims, new_backs, override)
+                                         bw, nw, fw, pass_claims, new_backs, override, bulk_src)
     else:
         for uid in be_order:
             b = pb.get(uid)
@@ -729,4 +738,4 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
                 trim=[(name, p3[name]) for name in ("endpoint", "backend", "names") if p3[name]],
                 rejected=rejected, orphans=orphans, ports=new_ports, backs=new_backs, verified=verified,
                 refs=delta, kept_back=kept_back, kept_now=kept_now, claims=pass_claims, wanted=wanted,
-                src=new_src, svc_ids=svc_alloc.done(), be_ids=be_alloc.done())
+                src=new_src, svc_ids=svc_alloc.done(), be_ids=be_alloc.done(), bulk_src=bulk_src)

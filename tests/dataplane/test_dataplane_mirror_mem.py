@@ -131,3 +131,21 @@ def test_first_sync_shares_the_projections_objects() -> None:
     rec.update(proj, [], ["uid/p16"])
     assert "uid/p16" not in m.wants and m.wanted_by("uid/p16") == "ns/s1"
     assert_bookkeeping(m)
+
+
+def test_first_sync_with_shared_backends_indexes_every_service() -> None:
+    """A backend named by two services, and by two ports of one service, on a first sync."""
+    cap = Capacity(frontends=64, services=16, endpoints=64, backends=16, manage=4, sockets=4)
+    rec = Reconciler(World(cap).maps, cap)
+    bes = {f"uid/p{i}": Backend(f"uid/p{i}", f"p{i}", "ns", bytes([10, 1, 0, i + 1])) for i in range(4)}
+    e = {u: Endpoint(u, 8080) for u in bes}
+    a = Service("ns/a", (bytes([10, 96, 0, 1]),), (ServicePort(80, (e["uid/p0"], e["uid/p1"])),))
+    b = Service("ns/b", (bytes([10, 96, 0, 2]),), (ServicePort(80, (e["uid/p1"], e["uid/p2"])),))
+    p3 = (e["uid/p3"],)
+    c = Service("ns/c", (bytes([10, 96, 0, 3]),), (ServicePort(80, p3), ServicePort(443, p3)))
+    rec.sync(Projection({s.name: s for s in (a, b, c)}, bes))
+    m = rec.mirror
+    assert m.wanted_by("uid/p0") == "ns/a"
+    assert m.wanted_by("uid/p1") == {"ns/a", "ns/b"}
+    assert m.wanted_by("uid/p3") == "ns/c"
+    assert_bookkeeping(m)
