@@ -162,7 +162,8 @@ class Mirror:
 
     def reset(self) -> None:
         self.ports: dict[str, Port] = {}
-        self.svc_ports: dict[str, tuple[str, ...]] = {}
+        # service -> its port names: a str for one port (nearly every service), a tuple for several
+        self.svc_ports: dict[str, str | tuple[str, ...]] = {}
         self.port_by_id: dict[int, Port] = {}
         self.be_id: dict[str, int] = {}  # backend uid -> id, for backends in the maps
         # id -> service(s) whose last rendered input names that backend: str, or a set when several
@@ -196,6 +197,11 @@ class Mirror:
                 "endpoint": self._n_ep + len(o["endpoint"]),
                 "backend": nb + len(o["backend"]),
                 "names": len(self.ports) + nb + len(o["names"])}
+
+    def port_names(self, service: str) -> tuple[str, ...]:
+        """Names of a service's ports in the maps."""
+        names = self.svc_ports.get(service, ())
+        return (names,) if isinstance(names, str) else names
 
     def service_name(self, sid: int) -> str | None:
         p = self.port_by_id.get(sid)
@@ -309,16 +315,17 @@ class Mirror:
 
     def _add_port(self, p: Port) -> None:
         self.ports[p.name] = p
-        self.svc_ports[p.service] = (*self.svc_ports.get(p.service, ()), p.name)
+        cur = self.svc_ports.get(p.service)
+        self.svc_ports[p.service] = p.name if cur is None else (*self.port_names(p.service), p.name)
         self.port_by_id[p.id] = p
         self._n_svc += 1 if p.value else 0
         self._n_ep += p.nslots()
 
     def _drop_port(self, p: Port) -> None:
         self.ports.pop(p.name, None)
-        names = tuple(n for n in self.svc_ports.get(p.service, ()) if n != p.name)
+        names = tuple(n for n in self.port_names(p.service) if n != p.name)
         if names:
-            self.svc_ports[p.service] = names
+            self.svc_ports[p.service] = names[0] if len(names) == 1 else names
         else:
             self.svc_ports.pop(p.service, None)
         self.port_by_id.pop(p.id, None)

@@ -61,6 +61,9 @@ _FE_WORDS = L.FE_KEY.size // 4
 _FE4_WORDS = array("I", _FE4.pack(ZERO4, L.AF_INET, 0))
 _BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
+# km_service values kept by the mirror, one object per distinct value: it depends on the lb mode,
+# the slot counts and the waypoint only, so 10,000 ports of 10 endpoints share one
+_VALUES: dict[bytes, bytes] = {}
 _IP4, _IP6, _WP, _HANDOFF = (attrgetter(a) for a in ("ipv4", "ipv6", "waypoint", "handoff_port"))
 
 
@@ -371,7 +374,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         wanted[sname] = (svc, want, same_input)
         if same_input:
             continue  # the same ports and VIPs as written: nothing released
-        for pname in m.svc_ports.get(sname, ()):
+        for pname in m.port_names(sname):
             cur = m.ports[pname]
             if pname not in want:
                 released.update(cur.fes)
@@ -426,7 +429,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     # --- services removed whole (phase 1; frees capacity for what follows)
     for sname, (_svc, want, _same) in wanted.items():
         if not want:
-            for pname in sorted(m.svc_ports.get(sname, ())):
+            for pname in sorted(m.port_names(sname)):
                 drop_port(m.ports[pname])
 
     # --- backends (adds and changes; removals are decided after the services)
@@ -558,6 +561,9 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     ew, sw = w["endpoint"], w["service"]
     ek, ev, epkey = ew.keys.extend, ew.vals.extend, L.EP_KEY.pack
     render = render_slots
+    if len(_VALUES) > 4096:
+        _VALUES.clear()
+    intern = _VALUES.setdefault
     for sname, (svc, want, same_input) in wanted.items():
         if not want or svc is None:
             continue
@@ -582,7 +588,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         staged: list[tuple[str, Port, Port | None]] = []
         need = {"frontend": 0, "service": 0, "endpoint": 0, "names": 0}
         reason = ""
-        dropped = [m.ports[n] for n in sorted(m.svc_ports.get(sname, ())) if n not in want]
+        dropped = [m.ports[n] for n in sorted(m.port_names(sname)) if n not in want]
         for cur in dropped:
             need["frontend"] -= len(cur.fes)
             need["service"] -= 1 if cur.value else 0
@@ -606,6 +612,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             value, vals = render(svc.lb_mode, eps)
             if svc.waypoint is not None:
                 value = value[:SVC_HEAD] + render_wp(svc.waypoint)
+            value = intern(value, value)
             code = -sid
             fes = tuple(sorted({fe_key(vip, sp.port) for vip in svc.vips}))
             for k in fes:

@@ -41,6 +41,10 @@ def assert_bookkeeping(m: Mirror) -> None:
         assert m.backend_uid(bid) == uid
     for bid, w in enumerate(m.be_want):
         assert w is None or m.backend_of(bid) is not None, bid
+    names = [n for s in m.svc_ports for n in m.port_names(s)]
+    assert sorted(names) == sorted(m.ports)
+    assert all(isinstance(v, str) or len(v) > 1 for v in m.svc_ports.values())
+    assert all(p.name in m.port_names(p.service) for p in m.ports.values())
     for tok, code in m.fe_owner.items():
         if code > 0:
             assert len(tok) in (4, 16), tok
