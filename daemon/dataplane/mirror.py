@@ -57,10 +57,16 @@ def token_key(t: bytes) -> bytes:
 
 
 def fe_token(k: bytes) -> bytes:
-    """The owner token of a km_fe_key: a pod-IP key (port 0) -> its address."""
-    if k[16:18] != b"\0\0":
+    """The owner token of a km_fe_key: a pod-IP key (port 0, as fe_key() makes it) -> its
+    address; any other key (a VIP:port, a foreign entry) is its own token."""
+    if k[16:18] != b"\0\0" or k[19]:
         return k
-    return k[:4] if k[18] == L.AF_INET else k[:16]
+    if k[18] == L.AF_INET:
+        return k[:4] if k[4:16] == _ZERO12 else k
+    return k[:16] if k[18] == L.AF_INET6 and k[:12] != V4MAPPED else k
+
+
+_ZERO12 = bytes(12)
 
 
 class MapLike(Protocol):

@@ -15,10 +15,10 @@ import random
 import pytest
 from test_dataplane_reconciler import PODS, ROOMY, TIGHT, World, rand_backend, rand_service
 
-from daemon.dataplane.mirror import Mirror, pod_tokens
+from daemon.dataplane.mirror import Mirror, fe_token, pod_tokens, token_key
 from daemon.dataplane.model import Backend, Endpoint, Projection, Service, ServicePort
 from daemon.dataplane.reconciler import Reconciler
-from daemon.dataplane.render import V4MAPPED
+from daemon.dataplane.render import V4MAPPED, fe_key
 from daemon.dataplane.types import Capacity
 
 SEEDS = int(os.environ.get("DP_SEEDS", "5"))
@@ -153,3 +153,17 @@ def test_first_sync_with_shared_backends_indexes_every_service() -> None:
     assert m.wanted_by("uid/p1") == {"ns/a", "ns/b"}
     assert m.wanted_by("uid/p3") == "ns/c"
     assert_bookkeeping(m)
+
+
+def test_owner_tokens_round_trip_and_foreign_keys_stay_keys() -> None:
+    v4, v6, mapped = bytes([10, 0, 0, 1]), bytes(15) + b"\x05", V4MAPPED + bytes([10, 0, 0, 1])
+    for addr, n in ((v4, 4), (v6, 16), (mapped, 4)):
+        k = fe_key(addr, 0)
+        t = fe_token(k)
+        assert len(t) == n and token_key(t) == k
+        assert fe_token(fe_key(addr, 80)) == fe_key(addr, 80)  # a VIP:port is its own token
+    assert pod_tokens(Backend("u", ipv4=v4, ipv6=mapped)) == [v4]  # one frontend, as be_keys()
+    assert pod_tokens(Backend("u", ipv4=bytes([127, 0, 0, 1]), ipv6=v6)) == [v6]
+    odd = bytearray(fe_key(v4, 0))
+    odd[7] = 1  # not a key fe_key() makes: never mistaken for the pod's own
+    assert fe_token(bytes(odd)) == bytes(odd)
