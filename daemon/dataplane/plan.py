@@ -61,6 +61,9 @@ _FE_WORDS = L.FE_KEY.size // 4
 _FE4_WORDS = array("I", _FE4.pack(ZERO4, L.AF_INET, 0))
 _BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
+_EPK_RUN = 256
+_EPK = [array("I", [x for s in range(_EPK_RUN) for x in (0, prio, s)]) for prio in range(L.PRIOS)]
+assert _EPK[1][:3].tobytes() == L.EP_KEY.pack(0, 1, 0)  # km_ep_key is three native u32
 # km_service values kept by the mirror, one object per distinct value: it depends on the lb mode,
 # the slot counts and the waypoint only, so 10,000 ports of 10 endpoints share one
 _VALUES: dict[bytes, bytes] = {}
@@ -660,14 +663,21 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             for k in p.fes:
                 pass_claims[k] = -sid
                 claim_names[k] = pname
-            old_vals = cur.vals if cur is not None else EMPTY_VALS
-            for prio, (nv, ov) in enumerate(zip(p.vals, old_vals, strict=True)):
-                if nv == ov:
-                    continue
+            if cur is None:  # a new port: its non-empty priorities (nearly always just 0)
+                runs = [(prio, nv, b"") for prio, nv in enumerate(p.vals) if nv]
+            else:
+                runs = [(prio, nv, ov) for prio, (nv, ov) in enumerate(zip(p.vals, cur.vals, strict=True))
+                        if nv != ov]
+            for prio, nv, ov in runs:
                 n_new, n_old = len(nv) // 8, len(ov) // 8
                 if not ov:
-                    for s in range(n_new):
-                        ek(epkey(sid, prio, s))
+                    if n_new <= _EPK_RUN:  # keys (sid, prio, 0..n-1) from a template, sid filled in
+                        keys = _EPK[prio][:3 * n_new]
+                        keys[0::3] = array("I", (sid,)) * n_new
+                        ew.keys += keys
+                    else:
+                        for s in range(n_new):
+                            ek(epkey(sid, prio, s))
                     ev(nv)
                     ew.n += n_new
                 else:
