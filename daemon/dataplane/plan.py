@@ -61,6 +61,7 @@ _FE_WORDS = L.FE_KEY.size // 4
 _FE4_WORDS = array("I", _FE4.pack(ZERO4, L.AF_INET, 0))
 _BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
+_NAMES = struct.Struct(f"={_CHUNK * L.NAME_VAL.format[1:]}")  # a chunk of km_names values
 _EPK_RUN = 256
 _EPK = [array("I", [x for s in range(_EPK_RUN) for x in (0, prio, s)]) for prio in range(L.PRIOS)]
 assert _EPK[1][:3].tobytes() == L.EP_KEY.pack(0, 1, 0)  # km_ep_key is three native u32
@@ -127,15 +128,14 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     fv[0::2] = array("I", [L.FE_BACKEND]) * n
     fv[1::2] = idarr
     fw.vals += fv.tobytes()
-    namepack, top, size = L.NAME_VAL.pack, L.NAME_LEN - 1, L.NAME_LEN
-    nv = bytearray()
-    for i in range(0, n, _CHUNK):  # 256 bytes a name: join a chunk at a time, not 100k objects at once
-        part = bs[i:i + _CHUNK]
-        text = "".join([f"{b.uid}\0{b.name}\0{b.namespace}"[:top].ljust(size, "\0") for b in part])
-        if text.isascii():  # one character, one byte: the padding holds
-            nv += text.encode()
-        else:
-            nv += b"".join([namepack(f"{b.uid}\0{b.name}\0{b.namespace}".encode()[:top]) for b in part])
+    top, size = L.NAME_LEN - 1, L.NAME_LEN
+    nv = bytearray(size * n)
+    for i in range(0, n, _CHUNK):  # a chunk of names at a time, not 100k objects at once
+        raw = [f"{b.uid}\0{b.name}\0{b.namespace}".encode() for b in bs[i:i + _CHUNK]]
+        if max(map(len, raw)) > top:
+            raw = [r[:top] for r in raw]  # as encode_name(): the last byte stays NUL
+        names = _NAMES if len(raw) == _CHUNK else struct.Struct(f"={len(raw) * L.NAME_VAL.format[1:]}")
+        names.pack_into(nv, size * i, *raw)  # each padded with NULs to its 256 bytes, in C
     nw.vals = nv
     bulk_src[:] = bs
     return True

@@ -15,10 +15,12 @@ import random
 import pytest
 from test_dataplane_reconciler import PODS, ROOMY, TIGHT, World, rand_backend, rand_service
 
+from daemon.dataplane import layout as L
 from daemon.dataplane.mirror import Mirror, fe_token, pod_tokens, token_key
 from daemon.dataplane.model import Backend, Endpoint, Projection, Service, ServicePort
+from daemon.dataplane.plan import make_plan
 from daemon.dataplane.reconciler import Reconciler
-from daemon.dataplane.render import V4MAPPED, fe_key
+from daemon.dataplane.render import V4MAPPED, encode_name, fe_key
 from daemon.dataplane.types import Capacity
 
 SEEDS = int(os.environ.get("DP_SEEDS", "5"))
@@ -167,3 +169,26 @@ def test_owner_tokens_round_trip_and_foreign_keys_stay_keys() -> None:
     odd = bytearray(fe_key(v4, 0))
     odd[7] = 1  # not a key fe_key() makes: never mistaken for the pod's own
     assert fe_token(bytes(odd)) == bytes(odd)
+
+
+def test_bulk_first_sync_names_match_encode_name() -> None:
+    """The bulk path packs names a chunk at a time: long and non-ASCII names are cut as
+    encode_name() cuts them (bytes, the last one NUL)."""
+    n = 5000  # more than one chunk
+    cap = Capacity(frontends=2 * n, services=8, endpoints=8, backends=2 * n, manage=4, sockets=4)
+    world = World(cap)
+    rec = Reconciler(world.maps, cap)
+    bes = {}
+    for i in range(n):
+        uid = f"uid/p{i}" + ("x" * 300 if i == 7 else "") + ("é" * 200 if i == 4500 else "")
+        name = f"pöd-{i}" if i % 1000 == 3 else f"p{i}"
+        bes[uid] = Backend(uid, name, "ns", bytes([10, 2, i >> 8, i & 255]))
+    proj = Projection({}, bes)
+    assert len(make_plan(Mirror(rec.limits), proj, set(), list(bes), True).bulk_src) == n  # the bulk path
+    rec.sync(proj)
+    m = rec.mirror
+    assert m.wants == {} and len(m.be_id) == n
+    names = world.data["names"]
+    for uid, bid in m.be_id.items():
+        b = bes[uid]
+        assert names[L.NAME_KEY.pack(L.NAME_BACKEND, bid)] == encode_name(uid, b.name, b.namespace), uid
