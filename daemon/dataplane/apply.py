@@ -43,6 +43,7 @@ def apply(maps: Mapping[str, MapLike], plan: Plan, res: ReconcileResult) -> None
         delete(maps, plan.trim, res)
     finally:
         res.write_seconds += time.perf_counter() - t
+        res.maps_written_monotonic = time.monotonic()
 
 
 class Writer(threading.Thread):
@@ -75,6 +76,7 @@ class Writer(threading.Thread):
                     write(self.maps, item, self.res)
                 finally:
                     self.res.write_seconds += time.perf_counter() - t
+                    self.res.maps_written_monotonic = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - re-raised by finish(); nothing queued after runs
             self.error = exc
 
@@ -97,5 +99,6 @@ class Writer(threading.Thread):
         res.written += self.res.written
         res.deleted += self.res.deleted
         res.write_seconds += self.res.write_seconds
+        res.maps_written_monotonic = max(res.maps_written_monotonic, self.res.maps_written_monotonic)
         if self.error is not None:
             raise self.error

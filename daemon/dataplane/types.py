@@ -47,6 +47,9 @@ class ReconcileResult:
     rejected: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     write_seconds: float = 0.0  # of which: time spent in map syscalls
+    # CLOCK_MONOTONIC when the pass's last map write returned (0.0: it wrote nothing): "the maps
+    # hold everything" for converge figures, before the mirror bookkeeping and malloc_trim after it
+    maps_written_monotonic: float = 0.0
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from dp_topo import VIP4, backends, ep, service
 
@@ -21,8 +23,11 @@ def chi2(counts: dict[str, int], expected: dict[str, float]) -> float:
 
 def with_services(dp, *services) -> None:
     proj = Projection({s.name: s for s in services}, backends())
+    before = time.monotonic()
     res = dp.sync(proj)
     assert not res.rejected, res
+    # when the last write returned: within the call, before the bookkeeping that followed it
+    assert before < res.maps_written_monotonic <= time.monotonic()
 
 
 def test_uniform_split_chi_square(dp, topology) -> None:
