@@ -32,7 +32,6 @@ from typing import NamedTuple
 from daemon.dataplane.model import (
     MAX_PRIORITY,
     Backend,
-    Endpoint,
     LbMode,
     Projection,
     Service,
@@ -681,7 +680,7 @@ class State:
         wp = self._service_waypoint(rec) if rec.waypoint is not None else None
         members = self._members.get(name)
         if not members:
-            return Service(name, rec.vips, tuple([ServicePort(p, ()) for p, _ in rec.ports]), mode, wp)
+            return Service(name, rec.vips, tuple([ServicePort.of(p, (), 0) for p, _ in rec.ports]), mode, wp)
         allow_all = rec.health_policy == HEALTH_ALLOW_ALL
         ranked = rec.lb_mode in (MODE_STRICT, MODE_FAILOVER) and bool(rec.routing)
         strict = rec.lb_mode == MODE_STRICT
@@ -689,8 +688,13 @@ class State:
             src = self._source_scopes()
         sports = rec.ports
         derived: dict[WorkloadProfile, tuple[int, int, tuple[int, ...]] | None] = {}
-        chosen: list[tuple[int, str, int, tuple[int, ...]]] = []
         addressless = self._addressless
+        # Common case: every eligible member derives the same (priority, weight, target ports)
+        # (replicas of one deployment, or profiles that differ only where the service does not
+        # look): the ports are then just the sorted uids plus shared values, no per-endpoint object.
+        uids: list[str] = []
+        first = None  # the one derivation seen so far
+        mixed: list[tuple[int, str, int, tuple[int, ...]]] | None = None
         for uid, w in members.items():
             if addressless and uid in addressless:
                 continue  # not a backend: nothing to point an endpoint at
@@ -698,13 +702,24 @@ class State:
             d = derived.get(prof, False)
             if d is False:
                 d = derived[prof] = _derive(prof, name, sports, allow_all, ranked, strict, rec.routing, src)
-            if d is not None:
-                chosen.append((d[0], uid, d[1], d[2]))
-        chosen.sort()  # (priority, uid, ...): uids are unique, so the tail is never compared
+            if d is None:
+                continue
+            if mixed is None:
+                if d is first or first is None or d == first:
+                    first = d
+                    uids.append(uid)
+                    continue
+                mixed = [(first[0], u, first[1], first[2]) for u in uids]  # type: ignore[index]
+            mixed.append((d[0], uid, d[1], d[2]))
+        if mixed is None:
+            uids.sort()
+            return Service(name, rec.vips, _uniform_ports(sports, tuple(uids), first), mode, wp)
+        mixed.sort()  # (priority, uid, ...): uids are unique, so the tail is never compared
         ports = []
         for i, (sport, _) in enumerate(sports):
-            ports.append(ServicePort(sport, tuple([Endpoint(uid, tps[i], weight, prio)
-                                                   for prio, uid, weight, tps in chosen if tps[i]])))
+            rows = [(uid, tps[i], weight, prio) for prio, uid, weight, tps in mixed if tps[i]]
+            ports.append(ServicePort.of(sport, tuple([r[0] for r in rows]), tuple([r[1] for r in rows]),
+                                        tuple([r[2] for r in rows]), tuple([r[3] for r in rows])))
         return Service(name, rec.vips, tuple(ports), mode, wp)
 
     # ---- config dump -----------------------------------------------------------------------
@@ -735,6 +750,17 @@ def _unlink(index: dict[str, set[str]], key: str, member: str) -> None:
         users.discard(member)
         if not users:
             del index[key]
+
+
+def _uniform_ports(sports: Ports, uids: tuple[str, ...],
+                   d: tuple[int, int, tuple[int, ...]] | None) -> tuple[ServicePort, ...]:
+    """The ports of a service whose endpoints all derived ``d`` (priority, weight, target ports):
+    one uids tuple shared by every port the endpoints serve."""
+    if d is None:
+        return tuple([ServicePort.of(p, (), 0) for p, _ in sports])
+    prio, weight, tps = d
+    return tuple([ServicePort.of(sport, uids, tp, weight, prio) if tp else ServicePort.of(sport, (), 0)
+                  for (sport, _), tp in zip(sports, tps, strict=True)])
 
 
 def _derive(prof: WorkloadProfile, service: str, sports: Ports, allow_all: bool, ranked: bool,

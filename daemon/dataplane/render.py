@@ -18,7 +18,7 @@ from functools import reduce
 from math import gcd
 
 from daemon.dataplane import layout as L
-from daemon.dataplane.model import MAX_PRIORITY, Backend, LbMode, Service, Waypoint
+from daemon.dataplane.model import MAX_PRIORITY, Backend, LbMode, Service, ServicePort, Waypoint
 
 MAX_SLOTS_PER_ENDPOINT = 16
 assert array("I").itemsize == 4  # u32 ids are read and written as native arrays
@@ -179,6 +179,23 @@ def render_slots(lb: LbMode, endpoints: list[tuple[str, int, int, int, int]]
         vals[prio] = blob
         counts[prio] = len(blob) // 8
     return L.SVC_VAL.pack(int(lb), *counts, 0, ZERO16, b"\0\0", 0, 0), tuple(vals)
+
+
+def render_port(lb: LbMode, sp: ServicePort, bids: list[int | None] | tuple[int | None, ...]
+                ) -> tuple[bytes, tuple[bytes, ...]]:
+    """``render_slots`` of a service port read in its compact form: ``bids`` are the backend ids
+    aligned with ``sp.uids`` (None: the backend has no id, the endpoint is left out), endpoints
+    without a valid target port are left out. No Endpoint object is built."""
+    u = sp.uniform
+    if u is not None:
+        tp, w, prio = u
+        if not 0 < tp < 65536:
+            return render_slots(lb, [])
+        eps = [(uid, tp, w, prio, bid) for uid, bid in zip(sp.uids, bids, strict=True) if bid is not None]
+    else:
+        eps = [(uid, tp, w, prio, bid) for (uid, tp, w, prio), bid in zip(sp.rows(), bids, strict=True)
+               if bid is not None and 0 < tp < 65536]
+    return render_slots(lb, eps)
 
 
 def bad_backend(b: Backend) -> str:
