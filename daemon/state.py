@@ -129,35 +129,39 @@ class WorkloadRecord:
     It offers every ``Backend`` field (uid, name, namespace, ipv4, ipv6, handoff_port, waypoint)
     and Backend's equality over them, so the projection hands records to the reconciler as they
     are; it is not a Backend subclass because that would carry Backend's seven slots, most of
-    which a record derives: at 100k workloads every slot is 0.8 MB. Five slots: the uid, the
-    name only when it is not the uid's last segment, the address (the one address as bytes, or a
-    tuple when there are none or several), the shared profile, and the content digest packed
-    with the xDS version.
+    which a record derives: at 100k workloads every slot is 0.8 MB. Four slots: the uid, the
+    address (the one address as bytes, or a tuple when there are none or several), the shared
+    profile, and the content digest packed with the xDS version; the name is the uid's last
+    segment, and only a name that is not is kept, paired with that packed digest in a tuple.
 
     The attribute names of the earlier dataclass (uid, name, namespace, addresses, status, node,
     cluster_id, network, locality, capacity, app_tunnel_port, services, raw, version) stay
     readable. Immutable in everything the projection reads; only ``version`` is ever reassigned.
     """
 
-    __slots__ = ("uid", "_name", "_addr", "profile", "_vd")
+    __slots__ = ("uid", "_addr", "profile", "_vd")
 
     def __init__(self, uid: str, name: str, addresses: tuple[bytes, ...], profile: WorkloadProfile,
                  digest: int = 0, version: str = "") -> None:
         self.uid = uid
-        n = len(name)
-        self._name = None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name
         self._addr = addresses[0] if len(addresses) == 1 else tuple(addresses)
         self.profile = profile
-        self._vd = _pack(digest, version)
+        self._vd = _with_name(uid, name, _pack(digest, version))
 
     # -- the Backend view ------------------------------------------------------------------
     @property
     def name(self) -> str:
-        n = self._name
-        if n is None:
-            uid = self.uid
-            return uid[uid.rfind("/") + 1:]
-        return n
+        vd = self._vd
+        if vd.__class__ is tuple:
+            return vd[1]  # type: ignore[return-value]
+        uid = self.uid
+        return uid[uid.rfind("/") + 1:]
+
+    @property
+    def _name(self) -> str | None:
+        """The name when it is not the uid's last segment, else None."""
+        vd = self._vd
+        return vd[1] if vd.__class__ is tuple else None  # type: ignore[return-value]
 
     @property
     def namespace(self) -> str:
@@ -260,14 +264,20 @@ class WorkloadRecord:
     # -- xDS bookkeeping -----------------------------------------------------------------------
     @property
     def digest(self) -> int:
-        return int.from_bytes(self._vd[:8], "little", signed=True)
+        vd = self._vd
+        return int.from_bytes((vd[0] if vd.__class__ is tuple else vd)[:8], "little", signed=True)
 
     @property
     def version(self) -> str:
-        return self._vd[8:].decode()
+        vd = self._vd
+        return (vd[0] if vd.__class__ is tuple else vd)[8:].decode()
 
     def set_version(self, value: str) -> None:
-        self._vd = self._vd[:8] + value.encode()
+        vd = self._vd
+        if vd.__class__ is tuple:
+            self._vd = (vd[0][:8] + value.encode(), vd[1])
+        else:
+            self._vd = vd[:8] + value.encode()
 
     @property
     def raw(self) -> bytes:
@@ -297,12 +307,17 @@ def make_workload_record(uid: str, name: str, address: bytes | tuple[bytes, ...]
     without its argument handling."""
     rec = _NEW(WorkloadRecord)
     rec.uid = uid
-    n = len(name)
-    rec._name = None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name
     rec._addr = address
     rec.profile = profile
-    rec._vd = vd
+    n = len(name)
+    rec._vd = vd if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else (vd, name)
     return rec
+
+
+def _with_name(uid: str, name: str, vd: bytes) -> bytes | tuple[bytes, str]:
+    """``vd`` alone when ``name`` is the uid's last segment (nearly always), else (vd, name)."""
+    n = len(name)
+    return vd if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else (vd, name)
 
 
 _NEW = WorkloadRecord.__new__
