@@ -385,8 +385,10 @@ class State:
         self.services: dict[str, ServiceRecord] = {}
         self.workloads: dict[str, WorkloadRecord] = {}
         self.policies: dict[str, PolicyRecord] = {}
-        # service name -> {uid: record} of the workloads naming it (a dict: small, O(1) removal)
-        self._members: dict[str, dict[str, WorkloadRecord]] = {}
+        # service name -> the workloads naming it: a list of records while small (200 bytes for
+        # 10 where a {uid: record} dict takes 350: 10k services x 10 replicas save ~1.5 MiB), a
+        # {uid: record} dict from _SMALL_MEMBERS on, so removal stays O(1) in a big service
+        self._members: dict[str, Members] = {}
         self._svc_cache: dict[str, Service] = {}
         self._addressless: set[str] = set()  # workloads without an address: not in Projection.backends
         self._dirty: set[str] = set()
@@ -578,11 +580,7 @@ class State:
                 if old.profile is not prof or old != rec:
                     touched_workloads.add(uid)
                 for svc, _ in old.profile.services:
-                    m = members.get(svc)
-                    if m is not None:
-                        m.pop(uid, None)
-                        if not m:
-                            del members[svc]
+                    _drop_member(members, svc, uid)
                     touched.add(svc)
                 last_prof = None
                 if not has_address:
@@ -600,9 +598,14 @@ class State:
             for svc, _ in prof.services:
                 m = members.get(svc)
                 if m is None:
-                    members[svc] = {uid: rec}
+                    members[svc] = [rec]
+                elif m.__class__ is not list:
+                    m[uid] = rec  # type: ignore[call-overload]
+                elif len(m) < _SMALL_MEMBERS:
+                    m.append(rec)  # type: ignore[union-attr]
                 else:
-                    m[uid] = rec
+                    big = members[svc] = {r.uid: r for r in m}
+                    big[uid] = rec
             if prof is not last_prof:
                 for svc, _ in prof.services:
                     touched.add(svc)
@@ -631,11 +634,7 @@ class State:
             self._link_workload_waypoint(uid, old, None)
         change.workloads.add(uid)
         for svc, _ in old.profile.services:
-            m = self._members.get(svc)
-            if m is not None:
-                m.pop(uid, None)
-                if not m:
-                    del self._members[svc]
+            _drop_member(self._members, svc, uid)
             change.services.add(svc)
         if not old.has_address:
             self._addressless.discard(uid)
@@ -710,7 +709,8 @@ class State:
         uids: list[str] = []
         first = None  # the one derivation seen so far
         mixed: list[tuple[int, str, int, tuple[int, ...]]] | None = None
-        for uid, w in members.items():
+        for w in (members if members.__class__ is list else members.values()):  # type: ignore[union-attr]
+            uid = w.uid
             if addressless and uid in addressless:
                 continue  # not a backend: nothing to point an endpoint at
             prof = w.profile
@@ -747,16 +747,45 @@ class State:
 
     def members(self, service: str) -> list[str]:
         with self._lock:
-            return sorted(self._members.get(service, ()))
+            return sorted(w.uid for w in _records(self._members.get(service)))
 
     def member_records(self, service: str) -> Iterator[WorkloadRecord]:
         """The workloads naming ``service``, in uid order (caller holds no lock: a snapshot)."""
         with self._lock:
-            items = sorted(self._members.get(service, {}).items())
-        return (w for _, w in items)
+            items = sorted(_records(self._members.get(service)), key=_uid_of)
+        return iter(items)
 
 
 _LB_MODES = {MODE_STRICT: LbMode.STRICT, MODE_FAILOVER: LbMode.FAILOVER}
+
+Members = list[WorkloadRecord] | dict[str, WorkloadRecord]
+_SMALL_MEMBERS = 32  # a service's members: a list up to this many, then a {uid: record} dict
+
+
+def _uid_of(w: WorkloadRecord) -> str:
+    return w.uid
+
+
+def _records(m: Members | None) -> Iterable[WorkloadRecord]:
+    if m is None:
+        return ()
+    return m if m.__class__ is list else m.values()  # type: ignore[union-attr, return-value]
+
+
+def _drop_member(members: dict[str, Members], svc: str, uid: str) -> None:
+    """Remove workload ``uid`` from ``svc``'s members (a list: at most _SMALL_MEMBERS to scan)."""
+    m = members.get(svc)
+    if m is None:
+        return
+    if m.__class__ is list:
+        for i, w in enumerate(m):  # type: ignore[arg-type]
+            if w.uid == uid:
+                del m[i]  # type: ignore[arg-type]
+                break
+    else:
+        m.pop(uid, None)  # type: ignore[call-arg]
+    if not m:
+        del members[svc]
 
 
 def _unlink(index: dict[str, set[str]], key: str, member: str) -> None:
