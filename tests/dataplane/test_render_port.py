@@ -58,3 +58,14 @@ def test_empty_and_uniform_ports() -> None:
     assert sp.endpoints == (Endpoint(UIDS[0], 8080, 2, 1), Endpoint(UIDS[1], 8080, 2, 1))
     assert sp.endpoints is sp.endpoints  # materialized once
     assert ServicePort.of(80, (UIDS[0],), 8080) != ServicePort.of(81, (UIDS[0],), 8080)
+
+
+def test_equal_service_headers_are_one_object() -> None:
+    from daemon.dataplane import layout as L
+
+    a = render_slots(LbMode.RANDOM, [(UIDS[0], 8080, 1, 0, 1), (UIDS[1], 8080, 1, 0, 2)])[0]
+    b = render_slots(LbMode.RANDOM, [(UIDS[2], 9090, 1, 0, 3), (UIDS[3], 9090, 1, 0, 4)])[0]
+    assert a is b and L.SVC_VAL.unpack(a)[:3] == (0, 2, 0)
+    c = render_slots(LbMode.FAILOVER, [(UIDS[0], 8080, 2, 1, 1), (UIDS[1], 8080, 1, 3, 2)])[0]
+    d = render_slots(LbMode.FAILOVER, [(UIDS[2], 8080, 2, 1, 5), (UIDS[3], 8080, 1, 3, 6)])[0]
+    assert c is d and L.SVC_VAL.unpack(c)[:8] == (int(LbMode.FAILOVER), 0, 1, 0, 1, 0, 0, 0)
