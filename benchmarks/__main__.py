@@ -108,6 +108,8 @@ def _run_http(args: argparse.Namespace) -> dict:
                            duration_s=1 if args.quick else args.duration,
                            warmup_s=1, connections=args.connections, pin=not args.no_pin,
                            backend=args.backend, modes=args.modes, conn_concurrency=args.conn_concurrency)
+    if args.quick:
+        settings.mon_rounds, settings.mon_duration_s = 3, 0.3
     if args.cgroup_parent is not None:
         settings.cgroup_parent = args.cgroup_parent
     return dp.run(settings)

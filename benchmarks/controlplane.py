@@ -180,12 +180,13 @@ def _malloc_trim() -> None:
 
 def xds_only_main(address: str) -> int:
     """The xDS side of the daemon alone (XdsClient -> State -> DataplaneSync -> NullDataplane)."""
-    import grpc  # noqa: F401 - imported before the baseline RSS: not part of anyone's state
-    from envoy.service.discovery.v3 import discovery_pb2  # noqa: F401
+    import h2.connection  # noqa: F401 - imported before the baseline RSS: not part of anyone's state
 
     from daemon.state import Change, State
     from daemon.wiring import DataplaneSync
+    from daemon.xds import h2grpc  # noqa: F401
     from daemon.xds.client import XdsClient, XdsConfig
+    from daemon.xds.gen.kmesh import ads_pb2  # noqa: F401
 
     _malloc_trim()
     base_rss, _ = _rss_mib()

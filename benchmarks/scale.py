@@ -13,8 +13,9 @@ the 1M point raises them with the daemon's ``--capacity`` flag (about 1.25x the 
 needs) and its xDS message limit with ``--xds-max-message-mib`` (the 1.1M resources arrive as
 one ~300 MB delta response; the default limit of 200 MiB stops at roughly 800k endpoints).
 
-One run per point (the 1M point takes minutes): the values are single measurements, not
-medians; ``ratio_1m_over_100k_converge`` is their quotient (target <= 12: linear growth is 10).
+Runs per point (``REPEATS``): 3 fresh daemons for 10k and 100k (medians, every run listed in
+``converge_s_runs``), one for 1M (it takes ~2 minutes); ``ratio_1m_over_100k_converge`` is the
+quotient of those (target <= 12: linear growth is 10).
 
 Where the next limit is (measured 2026-12-03 on the 2-core, 24 GiB VM: 1M endpoints converged
 in 55.6 s, daemon RSS 1005 MiB steady / 1559 MiB peak, 778 MiB of kernel map memory), in the
@@ -43,6 +44,9 @@ from typing import Any
 # name -> (services, endpoints per service)
 POINTS: dict[str, tuple[int, int]] = {"10k": (1_000, 10), "100k": (10_000, 10), "1m": (100_000, 10)}
 QUICK_POINTS: dict[str, tuple[int, int]] = {"1k": (100, 10), "10k": (1_000, 10)}
+# fresh daemons per point (medians): the small points are cheap, so their noise is cut; 1M takes
+# ~2 minutes a run and stays a single measurement
+REPEATS: dict[str, int] = {"1k": 1, "10k": 3, "100k": 3, "1m": 1}
 DEFAULT_CAPACITY = {"frontends": 262_144, "services": 65_536, "endpoints": 262_144, "backends": 131_072}
 
 
@@ -66,37 +70,48 @@ def message_mib_for(services: int, endpoints: int) -> int:
 
 
 def measure_point(services: int, endpoints: int, cgroup_parent: Path,
-                  settle_s: float = 3.0) -> dict[str, Any]:
+                  settle_s: float = 3.0, repeats: int = 1) -> dict[str, Any]:
+    """`repeats` fresh daemons against one server; medians, with every run's converge listed."""
+    import statistics
+
     from benchmarks import realdaemon as rd
 
     cap = capacity_for(services, endpoints)
     started = time.monotonic()
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kmesh-bench-scale-") as tmp, \
             rd.Stack(services, endpoints, Path(tmp), cgroup_parent) as stack:
         generated = time.monotonic() - started
-        with rd.RealDaemon(stack, name="s", capacity=cap,
-                           max_message_mib=message_mib_for(services, endpoints)) as daemon:
-            res = rd.converge(stack, daemon, settle_s=min(2.0, settle_s), timeout=1800)
-            time.sleep(settle_s)
-            mem = daemon.memory()
+        for r in range(repeats):
+            with rd.RealDaemon(stack, name=f"s{r}", capacity=cap,
+                               max_message_mib=message_mib_for(services, endpoints)) as daemon:
+                res = rd.converge(stack, daemon, settle_s=min(2.0, settle_s), timeout=1800)
+                time.sleep(settle_s)
+                runs.append({**res, **daemon.memory()})
+
+    def med(key: str) -> Any:
+        return round(statistics.median(r[key] for r in runs), 3)
+
     return {
-        "converge_s": res["converge_s"],
-        "rss_mib": mem["rss_mib"],
-        "map_mib": mem["map_mib"],
-        "peak_rss_mib": mem["hwm_mib"],
-        "base_rss_mib": res["base_rss_mib"],
-        "parse_s": res["parse_s"],
-        "write_s": res["write_s"],
+        "converge_s": med("converge_s"),
+        "converge_s_runs": [r["converge_s"] for r in runs],
+        "rss_mib": med("rss_mib"),
+        "map_mib": med("map_mib"),
+        "peak_rss_mib": med("hwm_mib"),
+        "base_rss_mib": med("base_rss_mib"),
+        "parse_s": med("parse_s"),
+        "write_s": med("write_s"),
+        "runs": repeats,
         "endpoints": services * endpoints,
         "services": services,
-        "written_entries": res["written"],
+        "written_entries": runs[-1]["written"],
         "capacity": cap or "daemon defaults",
         "server_generate_s": round(generated, 1),
     }
 
 
 def run(points: dict[str, tuple[int, int]] | None = None, cgroup_parent: Path | None = None,
-        progress: Any = None, settle_s: float = 3.0) -> dict[str, Any]:
+        progress: Any = None, settle_s: float = 3.0, repeats: dict[str, int] | None = None) -> dict[str, Any]:
     """{"10k": {...}, "100k": {...}, "1m": {...}, "ratio_1m_over_100k_converge": x}."""
     from benchmarks import realdaemon as rd
 
@@ -112,14 +127,15 @@ def run(points: dict[str, tuple[int, int]] | None = None, cgroup_parent: Path | 
         if progress:
             progress(f"scale {name}: {services} services x {endpoints} endpoints")
         try:
-            out[name] = measure_point(services, endpoints, cgroup_parent, settle_s)
+            n = (REPEATS if repeats is None else repeats).get(name, 1)
+            out[name] = measure_point(services, endpoints, cgroup_parent, settle_s, repeats=n)
         except Exception as exc:  # noqa: BLE001 - a point that fails is reported, the others still run
             out[name] = {"error": f"not available: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
     for big, small in (("1m", "100k"), ("100k", "10k")):
         a, b = out.get(big, {}).get("converge_s"), out.get(small, {}).get("converge_s")
         if isinstance(a, float) and isinstance(b, float) and b > 0:
             out[f"ratio_{big}_over_{small}_converge"] = round(a / b, 2)
-    out["runs_per_point"] = 1
+    out["runs_per_point"] = {name: out[name].get("runs", 0) for name in (points or POINTS) if name in out}
     out["load_average_1m"] = round(os.getloadavg()[0], 2)
     return out
 

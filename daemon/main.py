@@ -199,7 +199,9 @@ class Daemon:
         from daemon.authz.manager import AuthzManager, node_addresses
 
         node_ips = node_addresses(cfg.instance_ip, os.environ.get("KMESH_NODE_IPS", ""))
-        self.authz = AuthzManager(self.state, self.dataplane, node_name=cfg.node_name, node_ips=node_ips)
+        sync = self.sync
+        self.authz = AuthzManager(self.state, self.dataplane, node_name=cfg.node_name, node_ips=node_ips,
+                                  after_first_sync=lambda: sync.syncs >= 1 or bool(sync.last_error))
         self.ctx.authz = self.authz
         self.xds.start()
 

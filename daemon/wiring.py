@@ -50,6 +50,7 @@ class DataplaneSync:
         self._synced_once = False
         self._stop = False
         self.syncs = 0
+        self.first_sync_done_monotonic = 0.0
         self.updates = 0
         self.last_error = ""
         self.last_result: Any = None
@@ -120,6 +121,8 @@ class DataplaneSync:
                 gc.enable()
             malloc_trim()  # the pass freed tens of MiB of transient objects: give the pages back
             self.syncs += 1
+            if not self._synced_once:
+                self.first_sync_done_monotonic = written
             self._synced_once = True
             kind = "sync"
         else:
@@ -166,6 +169,7 @@ class DataplaneSync:
             "last_done_monotonic": self.last_done_monotonic,
             "last_sync_started_monotonic": self.last_sync_started_monotonic,
             "last_sync_done_monotonic": self.last_sync_done_monotonic,
+            "first_sync_done_monotonic": self.first_sync_done_monotonic,
             "last_result": None if res is None else {
                 "written": getattr(res, "written", None), "deleted": getattr(res, "deleted", None),
                 "seconds": getattr(res, "seconds", None),

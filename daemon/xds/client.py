@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import gc
 import logging
+import os
 import queue
 import random
 import threading
@@ -163,18 +164,37 @@ class XdsClient:
             self._stop.wait(delay)
 
     def _channel(self) -> Any:
+        """Our HTTP/2 gRPC transport (daemon/xds/h2grpc.py); grpcio with KMESH_XDS_TRANSPORT=grpcio."""
+        if os.environ.get("KMESH_XDS_TRANSPORT", "h2") == "grpcio":
+            return self._grpcio_channel()
+        import ssl
+
+        from daemon.xds import h2grpc
+
+        tls = None
+        if not self.config.plaintext:
+            root = self._root_pem()
+            tls = ssl.create_default_context(cadata=root.decode(errors="replace"))
+            tls.set_alpn_protocols(["h2"])
+        return h2grpc.Channel(self.config.address, tls=tls, server_name=self.config.server_name,
+                              max_receive_bytes=self.config.max_receive_bytes)
+
+    def _root_pem(self) -> bytes:
+        if self.config.ca_path is None:
+            raise ConfigError("TLS needs a root certificate (ca_path); or set plaintext explicitly")
+        try:
+            return Path(self.config.ca_path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read root certificate {self.config.ca_path}: {e.strerror}") from None
+
+    def _grpcio_channel(self) -> Any:
         import grpc
 
         # no client keepalive pings: servers enforce a minimum ping interval (GOAWAY too_many_pings)
         opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", self.config.max_receive_bytes)]
         if self.config.plaintext:
             return grpc.insecure_channel(self.config.address, options=opts)
-        if self.config.ca_path is None:
-            raise ConfigError("TLS needs a root certificate (ca_path); or set plaintext explicitly")
-        try:
-            root = Path(self.config.ca_path).read_bytes()
-        except OSError as e:
-            raise ConfigError(f"cannot read root certificate {self.config.ca_path}: {e.strerror}") from None
+        root = self._root_pem()
         if self.config.server_name:
             opts.append(("grpc.ssl_target_name_override", self.config.server_name))
         return grpc.secure_channel(self.config.address, grpc.ssl_channel_credentials(root_certificates=root),
@@ -191,8 +211,9 @@ class XdsClient:
         return md
 
     def _node(self) -> Any:
-        from envoy.config.core.v3 import base_pb2
         from google.protobuf import struct_pb2
+
+        from daemon.xds.gen.kmesh import ads_pb2
 
         c = self.config
         meta = struct_pb2.Struct()
@@ -201,12 +222,11 @@ class XdsClient:
             "NODE_NAME": c.node_name, "SERVICE_ACCOUNT": c.service_account, "MESH_ID": c.mesh_id,
             "NETWORK": c.network, "NAME": c.pod_name,
         })
-        return base_pb2.Node(id=c.node_id, metadata=meta)
+        return ads_pb2.Node(id=c.node_id, metadata=meta)
 
     def _stream_once(self) -> bool:
         """Run one stream to its end. Returns True if it was healthy (got a response)."""
-        from envoy.service.discovery.v3 import discovery_pb2
-        from google.rpc import status_pb2
+        from daemon.xds.gen.kmesh import ads_pb2 as discovery_pb2  # Envoy's wire format, our module
 
         metadata = self._metadata()
         channel = self._channel()
@@ -258,7 +278,7 @@ class XdsClient:
                 applied_ms = (time.monotonic() - received) * 1000
                 ack = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)
                 if error:
-                    ack.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
+                    ack.error_detail.CopyFrom(discovery_pb2.Status(code=INVALID_ARGUMENT, message=error))
                 requests.put(ack)
                 self._record(type_url, nonce, error, count, applied_ms)
                 if type_url in TYPES and type_url not in responded:

@@ -76,6 +76,10 @@ def test_no_policy_means_no_recompile_on_workload_changes(denv: DaemonEnv) -> No
     must not recompile them (at 100k pods that cost every single update ~50 ms of CPU)."""
     wait_for(lambda: denv.get("/authz")["compiles"] >= 1, 30, "a first compile")
     assert denv.get("/authz")["policies"] == 0
+    # the daemon started with no policy: its first compile waited for the data plane's first sync
+    first = denv.get("/authz")["first_compile"]
+    synced = denv.get("/status")["dataplane_sync"]["first_sync_done_monotonic"]
+    assert first["policies"] == 0 and first["started_monotonic"] >= synced > 0
     before = denv.get("/authz")["compiles"]
     try:
         denv.kubectl("label", "pod", "fortio", "-n", "default",

@@ -172,7 +172,7 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
     with_bpf = backend == "nginx" and _dataplane_present()
     modes = ("direct", "bpf_vip", "envoy_proxy") if with_bpf else ("direct", "envoy_proxy")
     settings = dp.Settings(rounds=1, duration_s=1, warmup_s=0, connections=2, cgroup_parent=test_cgroup,
-                           prefix=prefix, backend=backend, modes=modes)
+                           prefix=prefix, backend=backend, modes=modes, mon_rounds=3, mon_duration_s=0.2)
     out = dp.run(settings, progress=lambda _msg: None)
     assert out["meta"]["backend"].startswith(backend)
     measured = list(modes)
@@ -195,7 +195,7 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
         assert out["ratios"]["envoy_proxy_over_bpf_vip_p50"] is not None
         assert set(out["meta"]["effective_programs"]["mesh"]) >= {"inet4_connect", "sock_ops"}
         on = out["dataplane"]["monitoring_on"]
-        assert on["rounds"] == 1 and on["min"] <= on["vip_over_direct_p50"] <= on["max"]
+        assert on["min"] <= on["vip_over_direct_p50"] <= on["max"]
         # monitoring on, nobody tracing: no event (metrics in the kernel); a trace attached:
         # connect/established/close events are read; off: none at all
         assert out["dataplane"]["bpf_vip"]["events_per_request"] == [0.0]
@@ -204,7 +204,9 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
         assert 2.5 <= out["dataplane"]["bpf_vip_tracing"]["events_per_request"][0] <= 3.5
         off = out["dataplane"]["monitoring_off"]
         if isinstance(off, dict):
-            assert off["rounds"] == 1
+            # the dedicated stage: 3 rotated rounds of direct/on/off; the main rounds' figure beside
+            assert off["rounds"] == on["rounds"] == 3 and on["main_rounds"]["rounds"] == 1
+            assert out["meta"]["monitoring_stage"]["units"] == ["direct", "bpf_vip", "bpf_vip_monitor_off"]
             assert out["dataplane"]["bpf_vip_monitor_off"]["events_per_request"] == [0.0]
             assert out["dataplane"]["bpf_vip_monitor_off"]["errors"] == 0
         else:
@@ -303,7 +305,11 @@ def test_scale_tiny_points_and_capacity_flag(test_cgroup: Path) -> None:
     from benchmarks import realdaemon as rd
     from benchmarks import scale
 
-    out = scale.run({"100k": (10, 4), "1m": (30, 4)}, cgroup_parent=test_cgroup, settle_s=0.2)
+    out = scale.run({"100k": (10, 4), "1m": (30, 4)}, cgroup_parent=test_cgroup, settle_s=0.2,
+                    repeats={"100k": 2})
+    assert out["runs_per_point"] == {"100k": 2, "1m": 1} and len(out["100k"]["converge_s_runs"]) == 2
+    runs = out["100k"]["converge_s_runs"]
+    assert min(runs) <= out["100k"]["converge_s"] <= max(runs)
     for point, endpoints in (("100k", 40), ("1m", 120)):
         fig = out[point]
         assert "error" not in fig, fig

@@ -1,4 +1,5 @@
-"""A started daemon never imports the official ``kubernetes`` client (issue 12: ~24 MiB of RSS).
+"""A started daemon never imports the official ``kubernetes`` client (issue 12: ~24 MiB of RSS)
+nor grpcio (~13 MiB: its xDS stream runs on daemon/xds/h2grpc.py).
 
 The real daemon runs under ``python -X importtime``, which logs every import when it happens,
 lazy ones included, through a whole life: start, list+watch, enrolling pods (merge patches),
@@ -48,8 +49,9 @@ def test_started_daemon_never_imports_kubernetes(env: Env) -> None:
     assert all(env.annotation(p) is None for p in PODS)
     log = daemon.log.read_text()
     modules = _imported(log)
-    assert {"daemon.kube", "daemon.enroll", "http.client", "ssl"} <= modules, sorted(modules)[:50]
-    leaked = sorted(m for m in modules if m.split(".")[0] in ("kubernetes", "urllib3"))
+    assert {"daemon.kube", "daemon.enroll", "daemon.xds.h2grpc", "h2.connection", "http.client",
+            "ssl"} <= modules, sorted(modules)[:50]
+    leaked = sorted(m for m in modules if m.split(".")[0] in ("kubernetes", "urllib3", "grpc"))
     assert not leaked, leaked
     env.label_namespace(None)
     env.start_daemon()  # leave the module's environment as the fixture made it
