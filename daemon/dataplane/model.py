@@ -67,15 +67,14 @@ class ServicePort:
     gives all its endpoints the same target port, weight and priority. So a port keeps the
     backend uids (the State's own str objects, in endpoint order) and, per column, one int shared
     by every endpoint or a tuple aligned with ``uids``. ``endpoints`` materializes Endpoint
-    objects on demand and keeps them (a reader that iterates them once per pass, as the planner
-    did, should not pay for them each time); readers on the hot path use ``uids`` / ``uniform`` /
-    ``rows()`` instead and never build them.
+    objects on demand; readers on the hot path (the planner) use ``uids`` / ``uniform`` /
+    ``rows()`` / ``render_port`` instead and never build them.
 
     Behaves as the frozen dataclass it replaces: ``ServicePort(port, endpoints)``, equality and
     hash over (port, endpoints), immutable by convention (nothing assigns to it after building).
     """
 
-    __slots__ = ("port", "uids", "_tp", "_w", "_prio", "_eps")
+    __slots__ = ("port", "uids", "_tp", "_w", "_prio")
 
     def __init__(self, port: int, endpoints: Iterable[Endpoint] = ()) -> None:
         eps = tuple(endpoints)
@@ -84,7 +83,6 @@ class ServicePort:
         self._tp = _column([e.target_port for e in eps], 0)
         self._w = _column([e.weight for e in eps], 1)
         self._prio = _column([e.priority for e in eps], 0)
-        self._eps = None
 
     @classmethod
     def of(cls, port: int, uids: tuple[str, ...], target_port: int | tuple[int, ...],
@@ -101,7 +99,6 @@ class ServicePort:
             sp._prio = priority if priority.__class__ is int else _column(priority, 0)
         else:
             sp._tp, sp._w, sp._prio = 0, 1, 0
-        sp._eps = None
         return sp
 
     @property
@@ -129,10 +126,19 @@ class ServicePort:
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
-        """The endpoints as objects, built on the first call and kept (see the class docstring)."""
-        eps = self._eps
-        if eps is None:
-            eps = self._eps = tuple([Endpoint(*r) for r in self.rows()])
+        """The endpoints as objects, built on demand (see the class docstring). The last few
+        ports' are kept aside (a reader touches one port's endpoints several times in a row),
+        never on the port itself: that would bring back the memory the columns save."""
+        hit = _EPS_CACHE.get(id(self))
+        if hit is not None and hit[0] is self:
+            return hit[1]
+        eps = tuple([Endpoint(*r) for r in self.rows()])
+        if len(_EPS_CACHE) >= 256:
+            try:  # drop the oldest entry; another thread may be doing the same
+                del _EPS_CACHE[next(iter(_EPS_CACHE))]
+            except (KeyError, RuntimeError, StopIteration):
+                pass
+        _EPS_CACHE[id(self)] = (self, eps)
         return eps
 
     def _key(self) -> tuple:
@@ -158,6 +164,8 @@ class ServicePort:
 
 
 _NEW_SP = object.__new__
+# id(port) -> (port, its Endpoint objects) for the last ports whose ``endpoints`` were read
+_EPS_CACHE: dict[int, tuple[ServicePort, tuple[Endpoint, ...]]] = {}
 
 
 def _column(values: Sequence[int], empty: int) -> int | tuple[int, ...]:
