@@ -73,6 +73,8 @@ if ! .venv/bin/kubectl version --client 2>/dev/null | grep -qx "Client Version: 
 fi
 # The waypoint's kmesh_tlv Envoy dynamic module (C, system compiler); rebuilt when its source changes.
 .venv/bin/python -m waypoint.module >&2
+# The xDS decoder's C helper (daemon/xds/wiresplit.c); built here so the daemon's first push does not wait.
+.venv/bin/python -m daemon.xds.native >&2
 # nginx for `make bench`'s HTTP backend: Debian's package unpacked, not installed (an installed
 # nginx would start a service on the machine's port 80 and write under /etc).
 NGINX_DIR="$ROOT/.build/nginx"

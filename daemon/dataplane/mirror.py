@@ -9,23 +9,64 @@ per-element objects. A backend is one uid -> id dict entry plus slots in id-inde
 value, name and pod-IP frontend keys are re-derived from that ``Backend`` when needed. A service
 port keeps its km_service value and, per priority, the packed km_endpoint values of slots
 0..n-1 as one bytes object (the keys are implied by the slot numbers). Frontend ownership is one
-dict key -> owner code: a backend id (> 0) for a pod IP, minus the service-port id (< 0) for a
-VIP:port (a backend's code is the very int object stored as its id: no extra object per owner).
+dict token -> owner code: a backend id (> 0) for a pod IP, keyed by the Backend's own address
+bytes (pod_tokens: no key object per pod), minus the service-port id (< 0) for a VIP:port, keyed
+by its 20-byte key (a backend's code is the very int object stored as its id).
 Services whose input object is unchanged since it was last written (identity, then equality) and
 whose backends kept their ids are skipped by the planner without any per-endpoint work.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping
+from itertools import chain, repeat
 from typing import TYPE_CHECKING, Protocol
 
 from daemon.dataplane import layout as L
 from daemon.dataplane.model import Backend, Projection, Service
-from daemon.dataplane.render import RECONCILED_MAPS, be_keys, decode_name, decode_wp, slot_backend_ids
+from daemon.dataplane.render import (
+    RECONCILED_MAPS,
+    V4MAPPED,
+    decode_name,
+    decode_wp,
+    fe_key,
+    routable,
+    slot_backend_ids,
+)
 
 if TYPE_CHECKING:
     from daemon.dataplane.plan import Plan
+
+
+def pod_tokens(b: Backend) -> list[bytes]:
+    """The owner tokens of a backend's pod-IP frontends, in be_keys() order: the address itself
+    (4 or 16 bytes, v4-mapped folded to v4), so the mirror keeps the Backend's own bytes object
+    instead of a 20-byte key per pod. A VIP:port frontend's token is its key (20 bytes, port > 0):
+    the two kinds never collide."""
+    out = []
+    for ip in (b.ipv4, b.ipv6):
+        if ip and routable(ip):
+            out.append(ip[12:] if len(ip) == 16 and ip[:12] == V4MAPPED else ip)
+    return out if len(out) < 2 or out[0] != out[1] else out[:1]
+
+
+def token_key(t: bytes) -> bytes:
+    """The km_fe_key of an owner token (see pod_tokens)."""
+    return t if len(t) == 20 else fe_key(t, 0)
+
+
+def fe_token(k: bytes) -> bytes:
+    """The owner token of a km_fe_key: a pod-IP key (port 0, as fe_key() makes it) -> its
+    address; any other key (a VIP:port, a foreign entry) is its own token."""
+    if k[16:18] != b"\0\0" or k[19]:
+        return k
+    if k[18] == L.AF_INET:
+        return k[:4] if k[4:16] == _ZERO12 else k
+    return k[:16] if k[18] == L.AF_INET6 and k[:12] != V4MAPPED else k
+
+
+_ZERO12 = bytes(12)
 
 
 class MapLike(Protocol):
@@ -115,7 +156,7 @@ class Port:
         self.fes = fes  # frontend keys it owns, sorted
 
     def nslots(self) -> int:
-        return sum(len(v) for v in self.vals) // 8
+        return sum(map(len, self.vals)) // 8
 
 
 class Mirror:
@@ -127,14 +168,17 @@ class Mirror:
 
     def reset(self) -> None:
         self.ports: dict[str, Port] = {}
-        self.svc_ports: dict[str, tuple[str, ...]] = {}
+        # service -> its port names: a str for one port (nearly every service), a tuple for several
+        self.svc_ports: dict[str, str | tuple[str, ...]] = {}
         self.port_by_id: dict[int, Port] = {}
         self.be_id: dict[str, int] = {}  # backend uid -> id, for backends in the maps
-        self.be_uid: list[str | None] = [None]  # id -> uid
+        # id -> service(s) whose last rendered input names that backend: str, or a set when several
+        self.be_want: list[str | set[str] | None] = [None]
         self.be_src: list[Backend | None] = [None]  # id -> the Backend last written (None: loaded)
-        self.be_refs: list[int] = [0]  # id -> number of service ports whose slots use it
+        self.be_refs = array("i", [0])  # id -> number of service ports whose slots use it
         self.be_loaded: dict[int, Backend] = {}  # id -> Backend decoded by load(), until verified
-        self.fe_owner: dict[bytes, int] = {}  # frontend key -> backend id / -(service-port id)
+        # frontend owner token (pod_tokens: a pod's address, else the key) -> backend id / -(port id)
+        self.fe_owner: dict[bytes, int] = {}
         self.orphans: dict[str, list[bytes]] = {m: [] for m in RECONCILED_MAPS}
         self.svc_ids = IdPool()
         self.be_ids = IdPool()
@@ -143,7 +187,7 @@ class Mirror:
         # last rendered input per service and the backend ids it saw (None: that input was rejected,
         # so it is retried): an unchanged input is skipped
         self.src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
-        # backend uid -> service(s) whose last rendered input names it: str, or a set when several
+        # the same for backends without an id (not in the maps): uid -> service(s)
         self.wants: dict[str, str | set[str]] = {}
         self._held: list[tuple[IdPool, int]] = []  # orphan ids reserved until their cleanup
         # backends gone from the projection but kept in the maps (a rejected service still uses
@@ -160,26 +204,32 @@ class Mirror:
                 "backend": nb + len(o["backend"]),
                 "names": len(self.ports) + nb + len(o["names"])}
 
+    def port_names(self, service: str) -> tuple[str, ...]:
+        """Names of a service's ports in the maps."""
+        names = self.svc_ports.get(service, ())
+        return (names,) if isinstance(names, str) else names
+
     def service_name(self, sid: int) -> str | None:
         p = self.port_by_id.get(sid)
         return p.service if p is not None else None
 
     def backend_uid(self, bid: int) -> str | None:
-        return self.be_uid[bid] if 0 < bid < len(self.be_uid) else None
+        b = self.backend_of(bid) if 0 < bid < len(self.be_src) else None
+        return b.uid if b is not None else None
 
     def backend_of(self, bid: int) -> Backend | None:
         b = self.be_src[bid]
         return b if b is not None else self.be_loaded.get(bid)
 
     def _set_backend(self, bid: int, uid: str, b: Backend | None) -> None:
-        n = len(self.be_uid)
+        n = len(self.be_src)
         if bid >= n:
             grow = bid + 1 - n
-            self.be_uid.extend([None] * grow)
+            self.be_want.extend([None] * grow)
             self.be_src.extend([None] * grow)
             self.be_refs.extend([0] * grow)
         self.be_id[uid] = bid
-        self.be_uid[bid] = uid
+        self.be_want[bid] = self.wants.pop(uid, None)
         self.be_src[bid] = b
         self.be_ids.mark(bid)
 
@@ -252,10 +302,11 @@ class Mirror:
                 fes.setdefault(oid, []).append(k)
                 self.fe_owner[k] = -oid
                 continue
-            if kind == L.FE_BACKEND and 0 < oid < len(self.be_uid) and self.be_uid[oid] is not None:
+            if kind == L.FE_BACKEND and 0 < oid < len(self.be_src):
                 b = self.be_loaded.get(oid)
-                if b is not None and k in be_keys(b):
-                    self.fe_owner[k] = oid
+                t = fe_token(k)
+                if b is not None and t in pod_tokens(b):
+                    self.fe_owner[t] = oid
                     continue
             orphans["frontend"].append(k)
             if kind == L.FE_SERVICE:
@@ -265,21 +316,22 @@ class Mirror:
         refs = self.be_refs
         for p in self.ports.values():
             for x in slot_backend_ids(p.vals):
-                if x < len(refs) and self.be_uid[x] is not None:
+                if x < len(refs) and self.backend_of(x) is not None:
                     refs[x] += 1
 
     def _add_port(self, p: Port) -> None:
         self.ports[p.name] = p
-        self.svc_ports[p.service] = (*self.svc_ports.get(p.service, ()), p.name)
+        cur = self.svc_ports.get(p.service)
+        self.svc_ports[p.service] = p.name if cur is None else (*self.port_names(p.service), p.name)
         self.port_by_id[p.id] = p
         self._n_svc += 1 if p.value else 0
         self._n_ep += p.nslots()
 
     def _drop_port(self, p: Port) -> None:
         self.ports.pop(p.name, None)
-        names = tuple(n for n in self.svc_ports.get(p.service, ()) if n != p.name)
+        names = tuple(n for n in self.port_names(p.service) if n != p.name)
         if names:
-            self.svc_ports[p.service] = names
+            self.svc_ports[p.service] = names[0] if len(names) == 1 else names
         else:
             self.svc_ports.pop(p.service, None)
         self.port_by_id.pop(p.id, None)
@@ -306,29 +358,43 @@ class Mirror:
                 o.fes = tuple(k for k in o.fes if k != key)
         self.fe_owner[key] = code
 
+    def wanted_by(self, uid: str) -> str | set[str] | None:
+        """The service(s) whose last rendered input names backend uid."""
+        bid = self.be_id.get(uid)
+        return self.be_want[bid] if bid is not None else self.wants.get(uid)
+
+    def _set_want(self, uid: str, w: str | set[str] | None) -> None:
+        bid = self.be_id.get(uid)
+        if bid is not None:
+            self.be_want[bid] = w
+        elif w is None:
+            self.wants.pop(uid, None)
+        else:
+            self.wants[uid] = w
+
     def _want(self, uid: str, sname: str) -> None:
-        cur = self.wants.get(uid)
+        cur = self.wanted_by(uid)
         if cur is None:
-            self.wants[uid] = sname
+            self._set_want(uid, sname)
         elif isinstance(cur, str):
             if cur != sname:
-                self.wants[uid] = {cur, sname}
+                self._set_want(uid, {cur, sname})
         else:
             cur.add(sname)
 
     def _unwant(self, uid: str, sname: str) -> None:
-        cur = self.wants.get(uid)
+        cur = self.wanted_by(uid)
         if cur is None:
             return
         if isinstance(cur, str):
             if cur == sname:
-                del self.wants[uid]
+                self._set_want(uid, None)
             return
         cur.discard(sname)
         if len(cur) == 1:
-            self.wants[uid] = next(iter(cur))
+            self._set_want(uid, next(iter(cur)))
         elif not cur:
-            del self.wants[uid]
+            self._set_want(uid, None)
 
     def _forget_src(self, sname: str) -> None:
         old = self.src.pop(sname, None)
@@ -365,21 +431,23 @@ class Mirror:
         for bid, b in verified:
             be_src[bid] = b
             self.be_loaded.pop(bid, None)
-        top = max((nb for nb in new_backs.values() if nb is not None), default=0)
-        if top >= len(self.be_uid):
-            grow = top + 1 - len(self.be_uid)
-            self.be_uid.extend([None] * grow)
+        top = max(filter(None, new_backs.values()), default=0)  # ids are >= 1; None: removed
+        if top >= len(be_src):
+            grow = top + 1 - len(be_src)
+            self.be_want.extend([None] * grow)
             be_src.extend([None] * grow)
             self.be_refs.extend([0] * grow)
-        be_uid = self.be_uid
+        be_want, wants = self.be_want, self.wants
         bulk = plan.be_ids[1]
         if (not be_id and not self.be_loaded and len(bulk) == 1 and len(bulk[0]) == len(new_backs)
                 and not plan.be_ids[0]):
             # a first sync whose backends all took consecutive ids, in order (plan._bulk_backends)
             be_id.update(new_backs)
             r = bulk[0]
-            be_uid[r.start:r.stop] = new_backs
-            be_src[r.start:r.stop] = map(pb.__getitem__, new_backs)
+            be_src[r.start:r.stop] = plan.bulk_src if len(plan.bulk_src) == len(r) else map(
+                pb.__getitem__, new_backs)
+            for uid in wants.keys() & new_backs.keys():  # named before they had an id
+                be_want[new_backs[uid]] = wants.pop(uid)
             new_backs = {}
         for uid, nb in new_backs.items():
             bid = be_id.get(uid)
@@ -387,22 +455,28 @@ class Mirror:
                 cur_b = self.backend_of(bid)
                 code = bid
                 if cur_b is not None:
-                    for k in be_keys(cur_b):
-                        if fe_owner.get(k) == code:
-                            del fe_owner[k]
+                    for t in pod_tokens(cur_b):
+                        if fe_owner.get(t) == code:
+                            del fe_owner[t]
                 self.be_loaded.pop(bid, None)
             if nb is None:
                 self.kept.discard(uid)
                 if bid is not None:
                     del be_id[uid]
-                    be_uid[bid] = None
+                    w = be_want[bid]
+                    if w is not None:
+                        wants[uid] = w
+                        be_want[bid] = None
                     be_src[bid] = None  # its reference count is 0 once `delta` is applied below
                     self.be_ids.release(bid)
                 continue
             nbid = nb
             b = pb[uid]
+            w = be_want[bid] if bid is not None else wants.pop(uid, None)
+            if bid is not None:
+                be_want[bid] = None
             be_id[uid] = nbid
-            be_uid[nbid] = uid
+            be_want[nbid] = w
             be_src[nbid] = b
         # every frontend key accepted in this pass (the key objects made while planning are kept)
         if not fe_owner:
@@ -421,15 +495,56 @@ class Mirror:
         for sname, (_svc, want, _same) in wanted.items():
             if not want:
                 self._forget_src(sname)
-        wants = self.wants
         for sname, sig in new_src.items():
             if sname in src:
                 self._forget_src(sname)
             src[sname] = sig
-            named = dict.fromkeys([e.backend_uid for sp in sig[0].ports for e in sp.endpoints], sname)
-            both = named.keys() & wants.keys()
-            if both:
-                for u in both:
-                    self._want(u, sname)
-                    del named[u]
-            wants.update(named)
+        if not new_src:
+            return
+        if be_want.count(None) == len(be_want):  # nothing named yet by id: a first sync
+            # the backend ids each service saw when it was planned (its signature) are the ids
+            # they have now: spread the service names by id with no lookup per endpoint
+            sigs = [sig[1] for sig in new_src.values()]
+            if None not in sigs:
+                ids = list(chain.from_iterable(sigs))
+                if None not in ids:
+                    list(map(be_want.__setitem__, ids, chain.from_iterable(
+                        map(repeat, new_src.keys(), map(len, sigs)))))
+                    if be_want.count(None) == len(be_want) - len(ids):
+                        return
+                    for bid in ids:  # a backend named twice: undo, take the general way
+                        be_want[bid] = None
+        # uid -> service(s) newly naming it, then spread by id
+        uids: list[str] = []
+        snames: list[str] = []
+        for sname, sig in new_src.items():
+            ports = sig[0].ports
+            named = [e.backend_uid for sp in ports for e in sp.endpoints]
+            if len(ports) > 1:
+                named = list(dict.fromkeys(named))
+            uids += named
+            snames += [sname] * len(named)
+        acc: dict[str, str | set[str]] = dict(zip(uids, snames, strict=True))
+        if len(acc) != len(uids):  # a backend named by several services (or twice by one port)
+            acc = {}
+            for u, sname in zip(uids, snames, strict=True):
+                cur = acc.get(u)
+                if cur is None:
+                    acc[u] = sname
+                elif isinstance(cur, str):
+                    if cur != sname:
+                        acc[u] = {cur, sname}
+                else:
+                    cur.add(sname)
+        del uids, snames
+        ids = list(map(be_id.get, acc))
+        if None not in ids and (be_want.count(None) == len(be_want)  # nothing named yet: a first sync
+                                or list(map(be_want.__getitem__, ids)).count(None) == len(ids)):
+            list(map(be_want.__setitem__, ids, acc.values()))  # the common case: no one named them yet
+            return
+        for uid, w in acc.items():
+            if isinstance(w, str):
+                self._want(uid, w)
+            else:
+                for sname in w:
+                    self._want(uid, sname)

@@ -25,9 +25,10 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from daemon.dataplane import layout as L
-from daemon.dataplane.mirror import IdPool, Mirror, Port
+from daemon.dataplane.mirror import IdPool, Mirror, Port, fe_token, pod_tokens, token_key
 from daemon.dataplane.model import Backend, Projection, Service
 from daemon.dataplane.render import (
     BE_TAIL_PLAIN,
@@ -37,7 +38,6 @@ from daemon.dataplane.render import (
     ZERO16,
     bad_backend,
     bad_service,
-    be_keys,
     be_tail,
     encode_name,
     fe_key,
@@ -57,32 +57,55 @@ _V4_FLAGS = L.U32.pack(L.BE_HAS_V4)
 
 
 _BE_WORDS = L.BE_VAL.size // 4
+_FE_WORDS = L.FE_KEY.size // 4
+_FE4_WORDS = array("I", _FE4.pack(ZERO4, L.AF_INET, 0))
 _BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
+_NAMES = struct.Struct(f"={_CHUNK * L.NAME_VAL.format[1:]}")  # a chunk of km_names values
+_EPK_RUN = 256
+_EPK = [array("I", [x for s in range(_EPK_RUN) for x in (0, prio, s)]) for prio in range(L.PRIOS)]
+assert _EPK[1][:3].tobytes() == L.EP_KEY.pack(0, 1, 0)  # km_ep_key is three native u32
+# km_service values kept by the mirror, one object per distinct value: it depends on the lb mode,
+# the slot counts and the waypoint only, so 10,000 ports of 10 endpoints share one
+_VALUES: dict[bytes, bytes] = {}
+_IP4, _IP6, _WP, _HANDOFF = (attrgetter(a) for a in ("ipv4", "ipv6", "waypoint", "handoff_port"))
 
 
 def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room: tuple[int, int, int],
                    bw: Writes, nw: Writes, fw: Writes, claims: dict[bytes, int],
-                   new_backs: dict[str, int | None], override: dict[str, int | None]) -> bool:
+                   new_backs: dict[str, int | None], override: dict[str, int | None],
+                   bulk_src: list[Backend]) -> bool:
     """_new_backends for the common first sync, with no per-backend statement: every backend in
     order exists, is IPv4-only with a distinct routable pod IP, has no waypoint role, and all
-    fit; ids are fresh and consecutive. False (nothing done) when any of that does not hold."""
+    fit; ids are fresh and consecutive. False (nothing done) when any of that does not hold.
+    bulk_src receives the Backends in id order, for Mirror.commit."""
     n = len(order)
     if not n or n > min(room) or not alloc.pristine():
         return False
+    if n == len(pb) and order == list(pb):  # sync(): the projection's own order, no lookups
+        bs = list(pb.values())
+    else:
+        try:
+            bs = list(map(pb.__getitem__, order))
+        except KeyError:
+            return False
+    # the checks run in C (map/count/join), not one Python statement per backend
+    if (list(map(_IP6, bs)).count(None) != n or list(map(_WP, bs)).count(None) != n
+            or any(map(_HANDOFF, bs))):
+        return False
+    ip4s = list(map(_IP4, bs))
+    if None in ip4s or ZERO4 in ip4s:
+        return False
     try:
-        bs = list(map(pb.__getitem__, order))
-    except KeyError:
+        packed = b"".join(ip4s)
+    except TypeError:
         return False
-    ip4s = [b.ipv4 for b in bs]
-    if any(b.ipv6 is not None or b.waypoint is not None or b.handoff_port for b in bs):
+    if len(packed) != 4 * n or 127 in packed[0::4]:  # 4 * n bytes from n objects of len >= 1
         return False
-    if any(ip is None or len(ip) != 4 or ip[0] == 127 or ip == ZERO4 for ip in ip4s):
+    if len(set(map(len, ip4s))) != 1:  # a 3-byte and a 5-byte address would also make 4 * n
         return False
-    fe4, af4 = _FE4.pack, L.AF_INET
-    keys = [fe4(ip, af4, 0) for ip in ip4s]
     ids = list(alloc.take_range(n))  # one int object per id, shared by every dict below
-    owners = dict(zip(keys, ids, strict=True))
+    owners = dict(zip(ip4s, ids, strict=True))  # owner tokens: the Backends' own address objects
     if len(owners) < n:  # two backends share a pod IP: the loop decides who gets it
         alloc.untake_range(range(ids[0], ids[0] + n))
         return False
@@ -92,41 +115,44 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     idarr = array("I", ids)
     bw.keys = bytearray(idarr.tobytes())
     vals = array("I", _BE_V4_TAIL_WORDS) * n  # 12 words a backend: ip4 first, the rest constant
-    vals[0::_BE_WORDS] = array("I", b"".join(ip4s))
+    vals[0::_BE_WORDS] = array("I", packed)
     bw.vals = bytearray(vals.tobytes())
     nk = array("I", [0]) * (2 * n)
     nk[0::2] = array("I", [L.NAME_BACKEND]) * n
     nk[1::2] = idarr
     nw.keys = bytearray(nk.tobytes())
-    fw.keys += b"".join(keys)
+    fk = array("I", _FE4_WORDS) * n  # km_fe_key: ip4, zeros, port 0, AF_INET
+    fk[0::_FE_WORDS] = vals[0::_BE_WORDS]
+    fw.keys += fk.tobytes()
     fv = array("I", [0]) * (2 * n)
     fv[0::2] = array("I", [L.FE_BACKEND]) * n
     fv[1::2] = idarr
     fw.vals += fv.tobytes()
-    namepack, top, size = L.NAME_VAL.pack, L.NAME_LEN - 1, L.NAME_LEN
-    nv = bytearray()
-    for i in range(0, n, _CHUNK):  # 256 bytes a name: join a chunk at a time, not 100k objects at once
-        part = bs[i:i + _CHUNK]
-        text = "".join([f"{b.uid}\0{b.name}\0{b.namespace}"[:top].ljust(size, "\0") for b in part])
-        if text.isascii():  # one character, one byte: the padding holds
-            nv += text.encode()
-        else:
-            nv += b"".join([namepack(f"{b.uid}\0{b.name}\0{b.namespace}".encode()[:top]) for b in part])
+    top, size = L.NAME_LEN - 1, L.NAME_LEN
+    nv = bytearray(size * n)
+    for i in range(0, n, _CHUNK):  # a chunk of names at a time, not 100k objects at once
+        raw = [f"{b.uid}\0{b.name}\0{b.namespace}".encode() for b in bs[i:i + _CHUNK]]
+        if max(map(len, raw)) > top:
+            raw = [r[:top] for r in raw]  # as encode_name(): the last byte stays NUL
+        names = _NAMES if len(raw) == _CHUNK else struct.Struct(f"={len(raw) * L.NAME_VAL.format[1:]}")
+        names.pack_into(nv, size * i, *raw)  # each padded with NULs to its 256 bytes, in C
     nw.vals = nv
+    bulk_src[:] = bs
     return True
 
 
 def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejected: dict[str, str],
                   usage: tuple[int, int, int], limits: dict[str, int], bw: Writes, nw: Writes, fw: Writes,
-                  claims: dict[bytes, int], new_backs: dict[str, int | None], override: dict[str, int | None]
-                  ) -> tuple[int, int, int]:
+                  claims: dict[bytes, int], new_backs: dict[str, int | None], override: dict[str, int | None],
+                  bulk_src: list[Backend]) -> tuple[int, int, int]:
     """The backend stage when the mirror holds no backend and no frontend (a first sync): every
     backend is new and nothing is released, so the general loop's comparisons are skipped and the
-    values are packed in place into preallocated buffers. Returns the new usage."""
+    values are packed in place into preallocated buffers. Returns the new usage (bulk_src: see
+    _bulk_backends)."""
     u_be, u_nm, u_fe = usage
     lim_be, lim_nm, lim_fe = limits["backend"], limits["names"], limits["frontend"]
     if _bulk_backends(order, pb, alloc, (lim_be - u_be, lim_nm - u_nm, lim_fe - u_fe), bw, nw, fw, claims,
-                      new_backs, override):
+                      new_backs, override, bulk_src):
         n = len(new_backs)
         return u_be + n, u_nm + n, u_fe + n
     n = len(order)
@@ -148,9 +174,9 @@ def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejec
             continue
         bid = take()
         if ip6:
-            keys = be_keys(b)
+            keys = pod_tokens(b)
         elif ip4 and ip4[0] != 127 and ip4 != ZERO4:
-            keys = [fe4(ip4, af4, 0)]
+            keys = [ip4]
         else:
             keys = []
         fes = [k for k in keys if claims.get(k, bid) == bid]
@@ -179,7 +205,7 @@ def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejec
         nv[off:off + len(name)] = name
         for k in fes:
             claims[k] = bid
-            fk(k)
+            fk(fe4(k, af4, 0) if len(k) == 4 else token_key(k))
             fv(fevpack(be_kind, bid))
         j += 1
     del bk[4 * j:], bv[bsz * j:], nk[8 * j:], nv[nsz * j:]
@@ -288,6 +314,7 @@ class Plan:
     src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = field(default_factory=dict)
     svc_ids: tuple[list[int], list[range], int, int] = ([], [], 0, 1)
     be_ids: tuple[list[int], list[range], int, int] = ([], [], 0, 1)
+    bulk_src: list[Backend] = field(default_factory=list)  # a bulk first sync's Backends, in id order
 
     def ops(self) -> list[tuple[str, str, object]]:
         """("delete", map, keys) / ("write", map, Writes) in execution order, early writes first."""
@@ -350,7 +377,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         wanted[sname] = (svc, want, same_input)
         if same_input:
             continue  # the same ports and VIPs as written: nothing released
-        for pname in m.svc_ports.get(sname, ()):
+        for pname in m.port_names(sname):
             cur = m.ports[pname]
             if pname not in want:
                 released.update(cur.fes)
@@ -367,9 +394,9 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         cur_b = m.backend_of(bid)
         if b is cur_b or cur_b is None:
             continue
-        keep = set(be_keys(b)) if b is not None and not bad_backend(b) else set()
+        keep = set(pod_tokens(b)) if b is not None and not bad_backend(b) else set()
         code = bid
-        released.update(k for k in be_keys(cur_b) if k not in keep and fe_owner.get(k) == code)
+        released.update(k for k in pod_tokens(cur_b) if k not in keep and fe_owner.get(k) == code)
 
     pass_claims: dict[bytes, int] = {}  # keys accepted for an owner in this pass
     claim_names: dict[bytes, str] = {}
@@ -405,18 +432,19 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     # --- services removed whole (phase 1; frees capacity for what follows)
     for sname, (_svc, want, _same) in wanted.items():
         if not want:
-            for pname in sorted(m.svc_ports.get(sname, ())):
+            for pname in sorted(m.port_names(sname)):
                 drop_port(m.ports[pname])
 
     # --- backends (adds and changes; removals are decided after the services)
     removed_backs: list[tuple[str, int]] = []
     kept_back: list[str] = []  # uids leaving m.kept in this pass
+    bulk_src: list[Backend] = []
     override: dict[str, int | None] = {}  # backends whose id changes in this pass
     be_src = m.be_src
     bw, nw, fw = w["backend"], w["names"], w["frontend"]
     u_be, u_nm, u_fe = usage["backend"], usage["names"], usage["frontend"]
     lim_be, lim_nm, lim_fe = limits["backend"], limits["names"], limits["frontend"]
-    fek, bepack, namepack = L.FE_KEY.pack, L.BE_VAL.pack, L.NAME_VAL.pack
+    bepack, namepack = L.BE_VAL.pack, L.NAME_VAL.pack
     fevpack, u32, namekey = L.FE_VAL.pack, L.U32.pack, L.NAME_KEY.pack
     kept, loaded = m.kept, m.be_loaded
     take = be_alloc.take
@@ -424,7 +452,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     fk, fv = fw.keys.extend, fw.vals.extend
     if not be_id and not m.fe_owner and not loaded:  # a first sync: every backend is new
         u_be, u_nm, u_fe = _new_backends(be_order, pb, be_alloc, rejected, (u_be, u_nm, u_fe), limits,
-                                         bw, nw, fw, pass_claims, new_backs, override)
+                                         bw, nw, fw, pass_claims, new_backs, override, bulk_src)
     else:
         for uid in be_order:
             b = pb.get(uid)
@@ -453,7 +481,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             flags = (L.BE_HAS_V4 if ip4 else 0) | (L.BE_HAS_V6 if ip6 else 0)
             value = bepack(ip4 or ZERO4, ip6 or ZERO16, flags, *be_tail(b))
             name = namepack(f"{uid}\0{b.name}\0{b.namespace}".encode()[:L.NAME_LEN - 1])
-            keys = be_keys(b) if ip6 else [fek(ip4, b"\0\0", L.AF_INET, 0)] if ip4 and routable(ip4) else []
+            keys = pod_tokens(b) if ip6 else [ip4] if ip4 and routable(ip4) else []
             fes = []
             for k in keys:
                 pc = pass_claims.get(k)
@@ -465,7 +493,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             if cur_b is not None:
                 cur_value = render_backend(cur_b)
                 cur_name = encode_name(cur_b.uid, cur_b.name, cur_b.namespace)
-                cur_fes = [k for k in be_keys(cur_b) if fe_owner.get(k) == code]
+                cur_fes = [k for k in pod_tokens(cur_b) if fe_owner.get(k) == code]
                 if cur_value == value and cur_name == name and cur_fes == fes:
                     verified.append((nbid, b))  # already in the maps exactly so (first sync after a restart)
                     for k in fes:
@@ -500,10 +528,10 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
                 nv(name)
             for k in fes:
                 if k not in cur_fes:
-                    fk(k)
+                    fk(token_key(k))
                     fv(fevpack(L.FE_BACKEND, nbid))
             if cur_fes:
-                p1["frontend"].extend(k for k in cur_fes if k not in fes)
+                p1["frontend"].extend(token_key(k) for k in cur_fes if k not in fes)
     usage["backend"], usage["names"], usage["frontend"] = u_be, u_nm, u_fe
     bw.n = len(bw.keys) // 4
     nw.n = len(nw.keys) // L.NAME_KEY.size
@@ -536,6 +564,9 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     ew, sw = w["endpoint"], w["service"]
     ek, ev, epkey = ew.keys.extend, ew.vals.extend, L.EP_KEY.pack
     render = render_slots
+    if len(_VALUES) > 4096:
+        _VALUES.clear()
+    intern = _VALUES.setdefault
     for sname, (svc, want, same_input) in wanted.items():
         if not want or svc is None:
             continue
@@ -560,7 +591,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         staged: list[tuple[str, Port, Port | None]] = []
         need = {"frontend": 0, "service": 0, "endpoint": 0, "names": 0}
         reason = ""
-        dropped = [m.ports[n] for n in sorted(m.svc_ports.get(sname, ())) if n not in want]
+        dropped = [m.ports[n] for n in sorted(m.port_names(sname)) if n not in want]
         for cur in dropped:
             need["frontend"] -= len(cur.fes)
             need["service"] -= 1 if cur.value else 0
@@ -584,6 +615,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             value, vals = render(svc.lb_mode, eps)
             if svc.waypoint is not None:
                 value = value[:SVC_HEAD] + render_wp(svc.waypoint)
+            value = intern(value, value)
             code = -sid
             fes = tuple(sorted({fe_key(vip, sp.port) for vip in svc.vips}))
             for k in fes:
@@ -631,14 +663,21 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             for k in p.fes:
                 pass_claims[k] = -sid
                 claim_names[k] = pname
-            old_vals = cur.vals if cur is not None else EMPTY_VALS
-            for prio, (nv, ov) in enumerate(zip(p.vals, old_vals, strict=True)):
-                if nv == ov:
-                    continue
+            if cur is None:  # a new port: its non-empty priorities (nearly always just 0)
+                runs = [(prio, nv, b"") for prio, nv in enumerate(p.vals) if nv]
+            else:
+                runs = [(prio, nv, ov) for prio, (nv, ov) in enumerate(zip(p.vals, cur.vals, strict=True))
+                        if nv != ov]
+            for prio, nv, ov in runs:
                 n_new, n_old = len(nv) // 8, len(ov) // 8
                 if not ov:
-                    for s in range(n_new):
-                        ek(epkey(sid, prio, s))
+                    if n_new <= _EPK_RUN:  # keys (sid, prio, 0..n-1) from a template, sid filled in
+                        keys = _EPK[prio][:3 * n_new]
+                        keys[0::3] = array("I", (sid,)) * n_new
+                        ew.keys += keys
+                    else:
+                        for s in range(n_new):
+                            ek(epkey(sid, prio, s))
                     ev(nv)
                     ew.n += n_new
                 else:
@@ -690,7 +729,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         cur_b = m.backend_of(bid)
         code = bid
         if cur_b is not None:
-            p1["frontend"].extend(k for k in be_keys(cur_b) if fe_owner.get(k) == code)
+            p1["frontend"].extend(token_key(k) for k in pod_tokens(cur_b) if fe_owner.get(k) == code)
         p3["backend"].append(L.U32.pack(bid))
         p3["names"].append(L.NAME_KEY.pack(L.NAME_BACKEND, bid))
 
@@ -704,7 +743,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         def must_delete(k: bytes) -> bool:
             if k not in rewritten:
                 return True
-            owner = fe_owner.get(k)
+            owner = fe_owner.get(fe_token(k))
             return owner is None or (owner < 0 and -owner in dropped_ids)
 
         p1["frontend"] = list(dict.fromkeys(k for k in p1["frontend"] if must_delete(k)))
@@ -716,4 +755,4 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
                 trim=[(name, p3[name]) for name in ("endpoint", "backend", "names") if p3[name]],
                 rejected=rejected, orphans=orphans, ports=new_ports, backs=new_backs, verified=verified,
                 refs=delta, kept_back=kept_back, kept_now=kept_now, claims=pass_claims, wanted=wanted,
-                src=new_src, svc_ids=svc_alloc.done(), be_ids=be_alloc.done())
+                src=new_src, svc_ids=svc_alloc.done(), be_ids=be_alloc.done(), bulk_src=bulk_src)

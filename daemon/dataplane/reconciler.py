@@ -105,10 +105,10 @@ class Reconciler:
             return self.sync(projection)
         svc_scope = set(services)
         be_scope = set(backends)
-        wants = self.mirror.wants
+        wanted_by = self.mirror.wanted_by
         for uid in be_scope:
             # a backend appearing, going or changing id: re-render every service that names it
-            w = wants.get(uid)
+            w = wanted_by(uid)
             if isinstance(w, str):
                 svc_scope.add(w)
             elif w:

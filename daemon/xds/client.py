@@ -227,6 +227,7 @@ class XdsClient:
     def _stream_once(self) -> bool:
         """Run one stream to its end. Returns True if it was healthy (got a response)."""
         from daemon.xds.gen.kmesh import ads_pb2 as discovery_pb2  # Envoy's wire format, our module
+        from daemon.xds.gen.kmesh import decode_pb2
 
         metadata = self._metadata()
         channel = self._channel()
@@ -248,7 +249,8 @@ class XdsClient:
         stream = channel.stream_stream(
             ADS_METHOD,
             request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+            # a view: each Resource stays bytes, the decoder reads them (daemon/xds/resources.py)
+            response_deserializer=decode_pb2.ResponseView.FromString,
         )
         call = stream(request_iter(), metadata=metadata)
         with self._lock:

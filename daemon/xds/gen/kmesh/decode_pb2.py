@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kmesh/decode.proto\x12\x0ckmesh.decode\"<\n\x0cWorkloadHead\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\x0c\x12\x0b\n\x03uid\x18\x14 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kmesh/decode.proto\x12\x0ckmesh.decode\"<\n\x0cWorkloadHead\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\x0c\x12\x0b\n\x03uid\x18\x14 \x01(\t\"\xba\x01\n\x0cResponseView\x12\x1b\n\x13system_version_info\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x03(\x0c\x12\x10\n\x08type_url\x18\x04 \x01(\t\x12\r\n\x05nonce\x18\x05 \x01(\t\x12\x19\n\x11removed_resources\x18\x06 \x03(\t\x12>\n\x16removed_resource_names\x18\x08 \x03(\x0b\x32\x1e.kmesh.decode.ResourceNameView\"?\n\x0cResourceView\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08resource\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\" \n\x10ResourceNameView\x12\x0c\n\x04name\x18\x01 \x01(\t\"*\n\x07\x41nyView\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,4 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKLOADHEAD']._serialized_start=36
   _globals['_WORKLOADHEAD']._serialized_end=96
+  _globals['_RESPONSEVIEW']._serialized_start=99
+  _globals['_RESPONSEVIEW']._serialized_end=285
+  _globals['_RESOURCEVIEW']._serialized_start=287
+  _globals['_RESOURCEVIEW']._serialized_end=350
+  _globals['_RESOURCENAMEVIEW']._serialized_start=352
+  _globals['_RESOURCENAMEVIEW']._serialized_end=384
+  _globals['_ANYVIEW']._serialized_start=386
+  _globals['_ANYVIEW']._serialized_end=428
 # @@protoc_insertion_point(module_scope)
