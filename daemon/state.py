@@ -32,7 +32,6 @@ from typing import NamedTuple
 from daemon.dataplane.model import (
     MAX_PRIORITY,
     Backend,
-    Endpoint,
     LbMode,
     Projection,
     Service,
@@ -130,35 +129,39 @@ class WorkloadRecord:
     It offers every ``Backend`` field (uid, name, namespace, ipv4, ipv6, handoff_port, waypoint)
     and Backend's equality over them, so the projection hands records to the reconciler as they
     are; it is not a Backend subclass because that would carry Backend's seven slots, most of
-    which a record derives: at 100k workloads every slot is 0.8 MB. Five slots: the uid, the
-    name only when it is not the uid's last segment, the address (the one address as bytes, or a
-    tuple when there are none or several), the shared profile, and the content digest packed
-    with the xDS version.
+    which a record derives: at 100k workloads every slot is 0.8 MB. Four slots: the uid, the
+    address (the one address as bytes, or a tuple when there are none or several), the shared
+    profile, and the content digest packed with the xDS version; the name is the uid's last
+    segment, and only a name that is not is kept, paired with that packed digest in a tuple.
 
     The attribute names of the earlier dataclass (uid, name, namespace, addresses, status, node,
     cluster_id, network, locality, capacity, app_tunnel_port, services, raw, version) stay
     readable. Immutable in everything the projection reads; only ``version`` is ever reassigned.
     """
 
-    __slots__ = ("uid", "_name", "_addr", "profile", "_vd")
+    __slots__ = ("uid", "_addr", "profile", "_vd")
 
     def __init__(self, uid: str, name: str, addresses: tuple[bytes, ...], profile: WorkloadProfile,
                  digest: int = 0, version: str = "") -> None:
         self.uid = uid
-        n = len(name)
-        self._name = None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name
         self._addr = addresses[0] if len(addresses) == 1 else tuple(addresses)
         self.profile = profile
-        self._vd = _pack(digest, version)
+        self._vd = _with_name(uid, name, _pack(digest, version))
 
     # -- the Backend view ------------------------------------------------------------------
     @property
     def name(self) -> str:
-        n = self._name
-        if n is None:
-            uid = self.uid
-            return uid[uid.rfind("/") + 1:]
-        return n
+        vd = self._vd
+        if vd.__class__ is tuple:
+            return vd[1]  # type: ignore[return-value]
+        uid = self.uid
+        return uid[uid.rfind("/") + 1:]
+
+    @property
+    def _name(self) -> str | None:
+        """The name when it is not the uid's last segment, else None."""
+        vd = self._vd
+        return vd[1] if vd.__class__ is tuple else None  # type: ignore[return-value]
 
     @property
     def namespace(self) -> str:
@@ -261,14 +264,20 @@ class WorkloadRecord:
     # -- xDS bookkeeping -----------------------------------------------------------------------
     @property
     def digest(self) -> int:
-        return int.from_bytes(self._vd[:8], "little", signed=True)
+        vd = self._vd
+        return int.from_bytes((vd[0] if vd.__class__ is tuple else vd)[:8], "little", signed=True)
 
     @property
     def version(self) -> str:
-        return self._vd[8:].decode()
+        vd = self._vd
+        return (vd[0] if vd.__class__ is tuple else vd)[8:].decode()
 
     def set_version(self, value: str) -> None:
-        self._vd = self._vd[:8] + value.encode()
+        vd = self._vd
+        if vd.__class__ is tuple:
+            self._vd = (vd[0][:8] + value.encode(), vd[1])
+        else:
+            self._vd = vd[:8] + value.encode()
 
     @property
     def raw(self) -> bytes:
@@ -298,12 +307,17 @@ def make_workload_record(uid: str, name: str, address: bytes | tuple[bytes, ...]
     without its argument handling."""
     rec = _NEW(WorkloadRecord)
     rec.uid = uid
-    n = len(name)
-    rec._name = None if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else name
     rec._addr = address
     rec.profile = profile
-    rec._vd = vd
+    n = len(name)
+    rec._vd = vd if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else (vd, name)
     return rec
+
+
+def _with_name(uid: str, name: str, vd: bytes) -> bytes | tuple[bytes, str]:
+    """``vd`` alone when ``name`` is the uid's last segment (nearly always), else (vd, name)."""
+    n = len(name)
+    return vd if n and len(uid) > n and uid[-n - 1] == "/" and uid.endswith(name) else (vd, name)
 
 
 _NEW = WorkloadRecord.__new__
@@ -371,8 +385,10 @@ class State:
         self.services: dict[str, ServiceRecord] = {}
         self.workloads: dict[str, WorkloadRecord] = {}
         self.policies: dict[str, PolicyRecord] = {}
-        # service name -> {uid: record} of the workloads naming it (a dict: small, O(1) removal)
-        self._members: dict[str, dict[str, WorkloadRecord]] = {}
+        # service name -> the workloads naming it: a list of records while small (200 bytes for
+        # 10 where a {uid: record} dict takes 350: 10k services x 10 replicas save ~1.5 MiB), a
+        # {uid: record} dict from _SMALL_MEMBERS on, so removal stays O(1) in a big service
+        self._members: dict[str, Members] = {}
         self._svc_cache: dict[str, Service] = {}
         self._addressless: set[str] = set()  # workloads without an address: not in Projection.backends
         self._dirty: set[str] = set()
@@ -564,11 +580,7 @@ class State:
                 if old.profile is not prof or old != rec:
                     touched_workloads.add(uid)
                 for svc, _ in old.profile.services:
-                    m = members.get(svc)
-                    if m is not None:
-                        m.pop(uid, None)
-                        if not m:
-                            del members[svc]
+                    _drop_member(members, svc, uid)
                     touched.add(svc)
                 last_prof = None
                 if not has_address:
@@ -586,9 +598,14 @@ class State:
             for svc, _ in prof.services:
                 m = members.get(svc)
                 if m is None:
-                    members[svc] = {uid: rec}
+                    members[svc] = [rec]
+                elif m.__class__ is not list:
+                    m[uid] = rec  # type: ignore[call-overload]
+                elif len(m) < _SMALL_MEMBERS:
+                    m.append(rec)  # type: ignore[union-attr]
                 else:
-                    m[uid] = rec
+                    big = members[svc] = {r.uid: r for r in m}
+                    big[uid] = rec
             if prof is not last_prof:
                 for svc, _ in prof.services:
                     touched.add(svc)
@@ -617,11 +634,7 @@ class State:
             self._link_workload_waypoint(uid, old, None)
         change.workloads.add(uid)
         for svc, _ in old.profile.services:
-            m = self._members.get(svc)
-            if m is not None:
-                m.pop(uid, None)
-                if not m:
-                    del self._members[svc]
+            _drop_member(self._members, svc, uid)
             change.services.add(svc)
         if not old.has_address:
             self._addressless.discard(uid)
@@ -681,7 +694,7 @@ class State:
         wp = self._service_waypoint(rec) if rec.waypoint is not None else None
         members = self._members.get(name)
         if not members:
-            return Service(name, rec.vips, tuple([ServicePort(p, ()) for p, _ in rec.ports]), mode, wp)
+            return Service(name, rec.vips, tuple([ServicePort.of(p, (), 0) for p, _ in rec.ports]), mode, wp)
         allow_all = rec.health_policy == HEALTH_ALLOW_ALL
         ranked = rec.lb_mode in (MODE_STRICT, MODE_FAILOVER) and bool(rec.routing)
         strict = rec.lb_mode == MODE_STRICT
@@ -689,22 +702,39 @@ class State:
             src = self._source_scopes()
         sports = rec.ports
         derived: dict[WorkloadProfile, tuple[int, int, tuple[int, ...]] | None] = {}
-        chosen: list[tuple[int, str, int, tuple[int, ...]]] = []
         addressless = self._addressless
-        for uid, w in members.items():
+        # Common case: every eligible member derives the same (priority, weight, target ports)
+        # (replicas of one deployment, or profiles that differ only where the service does not
+        # look): the ports are then just the sorted uids plus shared values, no per-endpoint object.
+        uids: list[str] = []
+        first = None  # the one derivation seen so far
+        mixed: list[tuple[int, str, int, tuple[int, ...]]] | None = None
+        for w in (members if members.__class__ is list else members.values()):  # type: ignore[union-attr]
+            uid = w.uid
             if addressless and uid in addressless:
                 continue  # not a backend: nothing to point an endpoint at
             prof = w.profile
             d = derived.get(prof, False)
             if d is False:
                 d = derived[prof] = _derive(prof, name, sports, allow_all, ranked, strict, rec.routing, src)
-            if d is not None:
-                chosen.append((d[0], uid, d[1], d[2]))
-        chosen.sort()  # (priority, uid, ...): uids are unique, so the tail is never compared
+            if d is None:
+                continue
+            if mixed is None:
+                if d is first or first is None or d == first:
+                    first = d
+                    uids.append(uid)
+                    continue
+                mixed = [(first[0], u, first[1], first[2]) for u in uids]  # type: ignore[index]
+            mixed.append((d[0], uid, d[1], d[2]))
+        if mixed is None:
+            uids.sort()
+            return Service(name, rec.vips, _uniform_ports(sports, tuple(uids), first), mode, wp)
+        mixed.sort()  # (priority, uid, ...): uids are unique, so the tail is never compared
         ports = []
         for i, (sport, _) in enumerate(sports):
-            ports.append(ServicePort(sport, tuple([Endpoint(uid, tps[i], weight, prio)
-                                                   for prio, uid, weight, tps in chosen if tps[i]])))
+            rows = [(uid, tps[i], weight, prio) for prio, uid, weight, tps in mixed if tps[i]]
+            ports.append(ServicePort.of(sport, tuple([r[0] for r in rows]), tuple([r[1] for r in rows]),
+                                        tuple([r[2] for r in rows]), tuple([r[3] for r in rows])))
         return Service(name, rec.vips, tuple(ports), mode, wp)
 
     # ---- config dump -----------------------------------------------------------------------
@@ -717,16 +747,45 @@ class State:
 
     def members(self, service: str) -> list[str]:
         with self._lock:
-            return sorted(self._members.get(service, ()))
+            return sorted(w.uid for w in _records(self._members.get(service)))
 
     def member_records(self, service: str) -> Iterator[WorkloadRecord]:
         """The workloads naming ``service``, in uid order (caller holds no lock: a snapshot)."""
         with self._lock:
-            items = sorted(self._members.get(service, {}).items())
-        return (w for _, w in items)
+            items = sorted(_records(self._members.get(service)), key=_uid_of)
+        return iter(items)
 
 
 _LB_MODES = {MODE_STRICT: LbMode.STRICT, MODE_FAILOVER: LbMode.FAILOVER}
+
+Members = list[WorkloadRecord] | dict[str, WorkloadRecord]
+_SMALL_MEMBERS = 32  # a service's members: a list up to this many, then a {uid: record} dict
+
+
+def _uid_of(w: WorkloadRecord) -> str:
+    return w.uid
+
+
+def _records(m: Members | None) -> Iterable[WorkloadRecord]:
+    if m is None:
+        return ()
+    return m if m.__class__ is list else m.values()  # type: ignore[union-attr, return-value]
+
+
+def _drop_member(members: dict[str, Members], svc: str, uid: str) -> None:
+    """Remove workload ``uid`` from ``svc``'s members (a list: at most _SMALL_MEMBERS to scan)."""
+    m = members.get(svc)
+    if m is None:
+        return
+    if m.__class__ is list:
+        for i, w in enumerate(m):  # type: ignore[arg-type]
+            if w.uid == uid:
+                del m[i]  # type: ignore[arg-type]
+                break
+    else:
+        m.pop(uid, None)  # type: ignore[call-arg]
+    if not m:
+        del members[svc]
 
 
 def _unlink(index: dict[str, set[str]], key: str, member: str) -> None:
@@ -735,6 +794,17 @@ def _unlink(index: dict[str, set[str]], key: str, member: str) -> None:
         users.discard(member)
         if not users:
             del index[key]
+
+
+def _uniform_ports(sports: Ports, uids: tuple[str, ...],
+                   d: tuple[int, int, tuple[int, ...]] | None) -> tuple[ServicePort, ...]:
+    """The ports of a service whose endpoints all derived ``d`` (priority, weight, target ports):
+    one uids tuple shared by every port the endpoints serve."""
+    if d is None:
+        return tuple([ServicePort.of(p, (), 0) for p, _ in sports])
+    prio, weight, tps = d
+    return tuple([ServicePort.of(sport, uids, tp, weight, prio) if tp else ServicePort.of(sport, (), 0)
+                  for (sport, _), tp in zip(sports, tps, strict=True)])
 
 
 def _derive(prof: WorkloadProfile, service: str, sports: Ports, allow_all: bool, ranked: bool,

@@ -18,7 +18,7 @@ from functools import reduce
 from math import gcd
 
 from daemon.dataplane import layout as L
-from daemon.dataplane.model import MAX_PRIORITY, Backend, LbMode, Service, Waypoint
+from daemon.dataplane.model import MAX_PRIORITY, Backend, LbMode, Service, ServicePort, Waypoint
 
 MAX_SLOTS_PER_ENDPOINT = 16
 assert array("I").itemsize == 4  # u32 ids are read and written as native arrays
@@ -166,7 +166,10 @@ def render_slots(lb: LbMode, endpoints: list[tuple[str, int, int, int, int]]
         endpoints.sort()
         blob = b"".join([pack(e[4], htons(e[1]), 0) for e in endpoints])
         n = len(endpoints)
-        return SVC_VAL_PACK(0, n, 0, 0, 0, 0, 0, 0, 0, ZERO16, b"\0\0", 0, 0), (blob, *EMPTY_VALS[1:])
+        head = _HEADERS.get(n)
+        if head is None:
+            head = _header(n, SVC_VAL_PACK(0, n, 0, 0, 0, 0, 0, 0, 0, ZERO16, b"\0\0", 0, 0))
+        return head, (blob, *EMPTY_VALS[1:])
     counts = [0] * L.PRIOS
     vals = [b""] * L.PRIOS
     for prio, eps in groups.items():
@@ -178,7 +181,40 @@ def render_slots(lb: LbMode, endpoints: list[tuple[str, int, int, int, int]]
                              for e, reps in zip(eps, slot_counts([e[2] for e in eps]), strict=True)])
         vals[prio] = blob
         counts[prio] = len(blob) // 8
-    return L.SVC_VAL.pack(int(lb), *counts, 0, ZERO16, b"\0\0", 0, 0), tuple(vals)
+    key = (int(lb), *counts)
+    head = _HEADERS.get(key)
+    if head is None:
+        head = _header(key, L.SVC_VAL.pack(int(lb), *counts, 0, ZERO16, b"\0\0", 0, 0))
+    return head, tuple(vals)
+
+
+# Service headers (km_service without a waypoint) depend only on the mode and the counts: at
+# 10k services most are equal, and the mirror keeps one per port (~100 bytes each); equal ones
+# share one bytes object. Keyed by the endpoint count (RANDOM, weight 1) or (mode, *counts).
+_HEADERS: dict[int | tuple[int, ...], bytes] = {}
+
+
+def _header(key: int | tuple[int, ...], value: bytes) -> bytes:
+    if len(_HEADERS) < 4096:  # bounded: a pathological variety of counts just stops sharing
+        _HEADERS[key] = value
+    return value
+
+
+def render_port(lb: LbMode, sp: ServicePort, bids: list[int | None] | tuple[int | None, ...]
+                ) -> tuple[bytes, tuple[bytes, ...]]:
+    """``render_slots`` of a service port read in its compact form: ``bids`` are the backend ids
+    aligned with ``sp.uids`` (None: the backend has no id, the endpoint is left out), endpoints
+    without a valid target port are left out. No Endpoint object is built."""
+    u = sp.uniform
+    if u is not None:
+        tp, w, prio = u
+        if not 0 < tp < 65536:
+            return render_slots(lb, [])
+        eps = [(uid, tp, w, prio, bid) for uid, bid in zip(sp.uids, bids, strict=True) if bid is not None]
+    else:
+        eps = [(uid, tp, w, prio, bid) for (uid, tp, w, prio), bid in zip(sp.rows(), bids, strict=True)
+               if bid is not None and 0 < tp < 65536]
+    return render_slots(lb, eps)
 
 
 def bad_backend(b: Backend) -> str:
