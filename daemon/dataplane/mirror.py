@@ -401,8 +401,8 @@ class Mirror:
         if old is None:
             return
         for sp in old[0].ports:
-            for e in sp.endpoints:
-                self._unwant(e.backend_uid, sname)
+            for uid in sp.uids:
+                self._unwant(uid, sname)
 
     def commit(self, plan: Plan, proj: Projection) -> None:
         """Record a plan as done (its writes are applied, or being applied)."""
@@ -519,7 +519,7 @@ class Mirror:
         snames: list[str] = []
         for sname, sig in new_src.items():
             ports = sig[0].ports
-            named = [e.backend_uid for sp in ports for e in sp.endpoints]
+            named = [u for sp in ports for u in sp.uids]
             if len(ports) > 1:
                 named = list(dict.fromkeys(named))
             uids += named

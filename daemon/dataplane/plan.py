@@ -572,7 +572,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             continue
         if same_input and not override:
             continue  # same input, no backend changed id in this pass: nothing to write
-        uids = [e.backend_uid for sp in svc.ports for e in sp.endpoints]
+        uids = [u for sp in svc.ports for u in sp.uids]  # the compact columns: no Endpoint objects
         if same_input and not any(u in override for u in uids):
             continue
         if no_ids:  # nothing had an id before this pass: only this pass's ids count
@@ -600,7 +600,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         off = 0
         for sp in svc.ports:
             offsets.append(off)
-            off += len(sp.endpoints)
+            off += len(sp.uids)
         for pname, i in sorted(want.items()):
             sp = svc.ports[i]
             cur = m.ports.get(pname)
@@ -609,9 +609,9 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             else:
                 sid = cur.id
             base = offsets[i]
-            eps = [(e.backend_uid, e.target_port, e.weight, e.priority, bid)
-                   for e, bid in zip(sp.endpoints, live[base:base + len(sp.endpoints)], strict=True)
-                   if bid is not None and 0 < e.target_port < 65536]
+            # rows: (backend_uid, target_port, weight, priority), read from the port's columns
+            eps = [(*r, bid) for r, bid in zip(sp.rows(), live[base:base + len(sp.uids)], strict=True)
+                   if bid is not None and 0 < r[1] < 65536]
             value, vals = render(svc.lb_mode, eps)
             if svc.waypoint is not None:
                 value = value[:SVC_HEAD] + render_wp(svc.waypoint)
