@@ -17,18 +17,23 @@ Runs per point (``REPEATS``): 3 fresh daemons for 10k and 100k (medians, every r
 ``converge_s_runs``), one for 1M (it takes ~2 minutes); ``ratio_1m_over_100k_converge`` is the
 quotient of those (target <= 12: linear growth is 10).
 
-Where the next limit is (measured 2026-12-03 on the 2-core, 24 GiB VM: 1M endpoints converged
-in 55.6 s, daemon RSS 1005 MiB steady / 1559 MiB peak, 778 MiB of kernel map memory), in the
-order they would bite past 1M:
+Where the next limit is (measured 2026-12-03 16:23 UTC by make bench on the 2-core, 24 GiB VM,
+commit 08819f5: 1M endpoints converged in 16.0 s, parse 5.5 + write 10.5; daemon RSS 716 MiB steady / 1437 MiB
+peak; 895 MiB of kernel map memory), in the order they would bite past 1M:
 
-1. memory: ~1 GiB steady (1.5 GiB peak) of daemon RSS plus ~0.8 GiB of map memory per 1M
-   endpoints, so this machine tops out near 8-10M endpoints; a 1 GiB pod limit stops before 1M.
-2. one xDS response: a workload costs ~254 bytes on the wire; the client's default 200 MiB
-   limit stops near 800k endpoints (hence ``--xds-max-message-mib``), and gRPC/protobuf's hard
-   2 GiB message cap near 8M (beyond that the server would have to split the initial push).
-3. map sizes: ``Capacity.validate`` allows at most 2^24 (16.7M) entries a map.
-4. time: 10x the endpoints took ~12x the time (100k -> 1M) and ~9x (10k -> 100k); at 10M the
-   first sync would take on the order of 10 minutes at this rate.
+1. time grows faster than the endpoints: 10x the endpoints took ~15x the time (100k -> 1M; the
+   parse 11x, the write 15.5x) and ~8.5x (10k -> 100k). A py-spy profile of the 1M write shows
+   no step that is super-linear by algorithm: the same code spends more per element (the first
+   sync's bulk backend pass ~18x its 100k time, the per-service planning ~15x), i.e. the 1M
+   working set (700 MiB of Python objects, 900 MiB of maps) misses caches and TLBs where 100k
+   mostly did not. At 10M the first sync would take minutes.
+2. memory: ~0.7 GiB steady (1.4 GiB peak: the decoded push plus the write buffers, a first
+   sync's km_names alone is 256 MB at 1M) of daemon RSS plus ~0.9 GiB of map memory per 1M
+   endpoints, so this machine tops out near 10M endpoints; a 1 GiB pod limit stops before 1M.
+3. one xDS response: a workload costs ~254 bytes on the wire; the client's default 200 MiB
+   limit stops near 800k endpoints (hence ``--xds-max-message-mib``), and protobuf's hard 2 GiB
+   message cap near 8M (beyond that the server would have to split the initial push).
+4. map sizes: ``Capacity.validate`` allows at most 2^24 (16.7M) entries a map.
 """
 
 from __future__ import annotations
