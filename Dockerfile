@@ -2,7 +2,7 @@
 #
 # `make image` builds it with podman from a locally debootstrapped base (BASE=localhost/kmesh-base:...)
 # and a build context holding the kmesh-py wheel and its dependencies as wheels (see scripts/image.sh).
-# Elsewhere: `pip wheel -w deps . && mkdir app && mv deps/kmesh_py-*.whl app/ && rm deps/kubernetes_validate-*
+# Elsewhere: `pip wheel -w deps . && mkdir app native && mv deps/kmesh_py-*.whl app/ && rm deps/kubernetes_validate-*
 # && docker build --build-arg BASE=debian:bookworm-slim .`
 #
 # Contents: Debian bookworm's python3 with bcc (python3-bpfcc), clang for bcc's compilation at daemon
@@ -43,6 +43,9 @@ RUN /opt/kmesh/venv/bin/pip install -q --no-cache-dir --no-index --no-deps /tmp/
  && /opt/kmesh/venv/bin/pip uninstall -q -y pip \
  && rm -rf /tmp/app \
  && /opt/kmesh/venv/bin/python -m compileall -q /opt/kmesh/venv/lib
+# The xDS decoder's C helper built by scripts/image.sh (may be empty: the Python decoder is used),
+# where daemon/xds/native.py looks for it (<site-packages>/.build/native).
+COPY native /opt/kmesh/venv/lib/python3.11/site-packages/.build/native
 ENV PATH=/opt/kmesh/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     KMESH_KERNEL_HEADERS=/opt/kmesh/kernel-src \
     PYTHONUNBUFFERED=1

@@ -39,6 +39,15 @@ def test_image_reports_the_project_version(daemon_image: str) -> None:
     assert info["gitVersion"] == f"v{version()}"
 
 
+def test_image_carries_the_xds_decoder_helper(daemon_image: str) -> None:
+    """scripts/image.sh compiles daemon/xds/wiresplit.c for the image (which has no Python
+    headers): the daemon there loads it instead of falling back to the Python decoder."""
+    code = "from daemon.xds import native; print(native.load() is not None)"
+    r = podman("run", "--rm", "--network", "host", "--entrypoint", "/opt/kmesh/venv/bin/python",
+               daemon_image, "-c", code, timeout=120)
+    assert r.stdout.strip() == "True", r.stderr[-500:]
+
+
 @pytest.fixture
 def child_cgroup(test_cgroup: Path) -> Iterator[Path]:
     path = test_cgroup / f"img-{secrets.token_hex(3)}"
