@@ -300,6 +300,29 @@ class WorkloadRecord:
         return f"WorkloadRecord(uid={self.uid!r}, addresses={self.addresses!r}, node={self.node!r})"
 
 
+def _untracked(cls: type) -> type:
+    """``cls`` rebuilt on the C helper's ``Record`` storage (not tracked by the cyclic GC: 16
+    bytes less a record, see daemon/xds/wiresplit.c), with the same methods; ``cls`` itself
+    when the helper cannot be built (the daemon then runs its Python paths anyway)."""
+    from daemon.xds import native
+
+    mod = native.load()
+    if mod is None:
+        return cls
+    rec = mod.Record
+    for key, value in cls.__dict__.items():
+        if key in ("__slots__", "__dict__", "__weakref__") or key in cls.__slots__:  # type: ignore[attr-defined]
+            continue  # the storage (uid, _addr, profile, _vd) is Record's own
+        setattr(rec, key, value)
+    rec.__name__ = cls.__name__
+    rec.__qualname__ = cls.__qualname__
+    return rec
+
+
+_PyWorkloadRecord = WorkloadRecord
+WorkloadRecord = _untracked(WorkloadRecord)  # type: ignore[misc]
+
+
 def make_workload_record(uid: str, name: str, address: bytes | tuple[bytes, ...], profile: WorkloadProfile,
                          vd: bytes) -> WorkloadRecord:
     """The decoder's constructor (hot path): ``address`` is the one address (validated) or a

@@ -1,0 +1,55 @@
+"""WorkloadRecord's storage: on the C helper's ``Record`` (not tracked by the cyclic GC, 48
+bytes) it must behave exactly as the pure-Python class it replaces (daemon.state._untracked)."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import pytest
+
+from daemon import state as st
+from daemon.xds import native
+
+NATIVE = native.load() is not None
+
+
+def _records(cls: type) -> tuple[object, object, object]:
+    prof = st.WorkloadProfile("ns", node="n1", proxy_port=15008)
+    a = cls("Kubernetes//Pod/ns/p1", "p1", (b"\x0a\x00\x00\x01",), prof, -5, "v1")
+    b = cls("Kubernetes//Pod/ns/p1", "other", (b"\x0a\x00\x00\x01", b"\x00" * 15 + b"\x01"), prof, 7, "")
+    c = cls("Kubernetes//Pod/ns/p2", "p2", (), prof, 2**62, "ver-ü")
+    return a, b, c
+
+
+def _view(r: object) -> tuple:
+    return (r.uid, r.name, r._name, r.namespace, r.ipv4, r.ipv6, r.addresses, r.has_address,  # type: ignore[attr-defined]
+            r.handoff_port, r.waypoint, r.digest, r.version, r.node, hash(r), repr(r))  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C helper: WorkloadRecord is the Python class")
+def test_native_record_is_small_and_untracked() -> None:
+    rec = st.make_workload_record("Kubernetes//Pod/ns/p1", "p1", b"\x0a\x00\x00\x01",
+                                  st.WorkloadProfile("ns"), st._pack(1, "v"))
+    assert type(rec) is st.WorkloadRecord and isinstance(rec, st.WorkloadRecord)
+    assert not gc.is_tracked(rec)
+    assert sys.getsizeof(rec) == 48
+    assert type(rec).__name__ == "WorkloadRecord" and type(rec).__module__ == "daemon.state"
+    with pytest.raises(AttributeError):
+        rec.other = 1  # type: ignore[attr-defined]
+    refs = sys.getrefcount(st.WorkloadRecord)
+    many = [st.make_workload_record(f"u{i}", "", b"\x01\x02\x03\x04", rec.profile, b"\x00" * 8) for i in range(1000)]
+    del many
+    assert abs(sys.getrefcount(st.WorkloadRecord) - refs) < 10  # each instance's type reference released
+
+
+def test_same_behaviour_as_the_python_class() -> None:
+    py = st._untracked.__globals__["_PyWorkloadRecord"]
+    for got, want in zip(_records(st.WorkloadRecord), _records(py), strict=True):
+        assert _view(got) == _view(want)
+        got.set_version("v9")  # type: ignore[attr-defined]
+        want.set_version("v9")  # type: ignore[attr-defined]
+        assert (got.version, got.digest, got.name) == (want.version, want.digest, want.name)  # type: ignore[attr-defined]
+    a, b, c = _records(st.WorkloadRecord)
+    a2, _, _ = _records(st.WorkloadRecord)
+    assert a == a2 and a != b and a != c and {a: 1}[a2] == 1
