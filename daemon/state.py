@@ -59,9 +59,37 @@ class GatewayRef(NamedTuple):
 STATUS_PORT = 15021  # a service with this port is (part of) a waypoint: never sent to a waypoint
 
 
+DIGEST_MASK = (1 << 55) - 1  # a content digest: the low 55 bits of hash(Any.value)
+_PACKED = 1 << 55  # flag in the digest's 7 bytes: the version is stored as 8 binary bytes
+
+
+def fold(h: int) -> int:
+    """The content digest of a resource whose ``hash(Any.value)`` is ``h`` (see ``_pack``)."""
+    return h & DIGEST_MASK
+
+
 def _pack(digest: int, version: str) -> bytes:
-    """Content digest (8 bytes) + xDS version: one small object instead of an int and a str."""
-    return digest.to_bytes(8, "little", signed=True) + version.encode()
+    """Content digest + xDS version, one small object instead of an int and a str: 7 bytes of
+    digest (55 bits, the top bit flags a packed version), then the version in UTF-8, or, when it
+    is 16 lowercase hex digits (a content hash, as the sandbox's pilot sends), as its 8 bytes:
+    15 bytes then, a 48-byte object instead of 64 (~1.5 MiB at 100k workloads)."""
+    d = digest & DIGEST_MASK
+    if len(version) == 16:
+        try:
+            b = bytes.fromhex(version)
+        except ValueError:
+            b = b""
+        if len(b) == 8 and b.hex() == version:  # exactly round-trips (lowercase, no spaces)
+            return (d | _PACKED).to_bytes(7, "little") + b
+    return d.to_bytes(7, "little") + version.encode()
+
+
+def _vd_digest(vd: bytes) -> int:
+    return int.from_bytes(vd[:7], "little") & DIGEST_MASK
+
+
+def _vd_version(vd: bytes) -> str:
+    return vd[7:].hex() if vd[6] & 0x80 else vd[7:].decode()
 
 
 @dataclass(slots=True)
@@ -82,7 +110,7 @@ class ServiceRecord:
 
     @property
     def digest(self) -> int:
-        return hash(self.raw)  # bytes cache their hash: free after the first call
+        return hash(self.raw) & DIGEST_MASK  # bytes cache their hash: free after the first call
 
     def set_version(self, value: str) -> None:
         self.version = value
@@ -265,19 +293,19 @@ class WorkloadRecord:
     @property
     def digest(self) -> int:
         vd = self._vd
-        return int.from_bytes((vd[0] if vd.__class__ is tuple else vd)[:8], "little", signed=True)
+        return _vd_digest(vd[0] if vd.__class__ is tuple else vd)
 
     @property
     def version(self) -> str:
         vd = self._vd
-        return (vd[0] if vd.__class__ is tuple else vd)[8:].decode()
+        return _vd_version(vd[0] if vd.__class__ is tuple else vd)
 
     def set_version(self, value: str) -> None:
         vd = self._vd
         if vd.__class__ is tuple:
-            self._vd = (vd[0][:8] + value.encode(), vd[1])
+            self._vd = (_pack(_vd_digest(vd[0]), value), vd[1])
         else:
-            self._vd = vd[:8] + value.encode()
+            self._vd = _pack(_vd_digest(vd), value)
 
     @property
     def raw(self) -> bytes:

@@ -32,6 +32,9 @@ from daemon.state import (
     ServiceRecord,
     WorkloadProfile,
     WorkloadRecord,
+    _pack,
+    _vd_digest,
+    fold,
     make_workload_record,
 )
 from daemon.xds import native
@@ -361,7 +364,7 @@ def decode_address(
     """One ``Resource`` of type Address -> record, or raise ``Invalid``."""
     if type_url != ADDRESS_TYPE:
         raise Invalid(f"resource type {type_url!r} is not {ADDRESS_TYPE}")
-    return _decode_address(name, value, version, hash(value))
+    return _decode_address(name, value, version, fold(hash(value)))
 
 
 def _decode_authorization(name: str, value: bytes, version: str, _digest: int) -> PolicyRecord:
@@ -493,7 +496,7 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
                                                 held)
     else:
         out, todo = [None] * len(resources), range(len(resources))
-    from_bytes = int.from_bytes
+    pack, vd_digest = _pack, _vd_digest
     view_from = _RESOURCE_FROM
     for i in todo:
         try:
@@ -508,7 +511,7 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
                 uid, wname, addr, rest, vd = got
                 if held is not None:
                     old = held(name)
-                    if old is not None and old.digest == from_bytes(vd[:8], "little", signed=True):
+                    if old is not None and old.digest == vd_digest(vd):
                         old.set_version(version)  # nothing to decode, nothing changes downstream
                         unchanged += 1
                         continue
@@ -526,7 +529,7 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
         if kind != ADDRESS_TYPE:
             errors.append(f"{name or '<unnamed>'}: resource type {kind!r} is not {ADDRESS_TYPE}")
             continue
-        digest = hash(value)
+        digest = fold(hash(value))
         old = held(name) if held is not None else None
         if old is not None and old.digest == digest:
             old.set_version(version)  # nothing to decode, nothing changes downstream
@@ -574,8 +577,7 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
                     if bad is not None:
                         errors.append(f"{name or uid}: workload address has {len(bad)} bytes, want 4 or 16")
                         continue
-                out[i] = make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True)
-                              + version.encode())
+                out[i] = make(uid, wname, addr, prof, pack(digest, version))
                 continue
         try:
             h = head_from(value[start:])
@@ -616,5 +618,5 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{name or uid}: cannot decode Address: {e}")
                 continue
-        out[i] = make(uid, wname, addr, prof, digest.to_bytes(8, "little", signed=True) + version.encode())
+        out[i] = make(uid, wname, addr, prof, pack(digest, version))
     return [x for x in out if x is not None] if todo or unchanged else out, errors, unchanged

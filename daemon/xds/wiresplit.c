@@ -14,8 +14,8 @@
  * invalid UTF-8 ...): the caller then decodes it with protobuf, which names the problem.
  * The remainder is the Workload's bytes without its name (1), addresses (3) and uid (20)
  * fields, other fields in the order they came (what upb serializes for a WorkloadHead with
- * those cleared). vd is the 8-byte little-endian hash(Any.value) followed by the version in
- * UTF-8 (daemon.state._pack). address is bytes when there is exactly one, else a tuple.
+ * those cleared). vd is daemon.state._pack(hash(Any.value), version): 7 bytes of digest, then
+ * the version (see pack_vd). address is bytes when there is exactly one, else a tuple.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -82,6 +82,39 @@ static int payload(ptr *p, ptr end, ptr *data, uint64_t *len)
 struct cut {
     ptr start, end;
 };
+
+#define DIGEST_MASK ((UINT64_C(1) << 55) - 1)
+#define VD_PACKED (UINT64_C(1) << 55)
+
+static int hexval(unsigned char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* daemon.state._pack: 7 bytes of digest (the low 55 bits of the hash; the top bit flags a
+ * packed version), then the version: its 8 bytes when it is 16 lowercase hex digits, else its
+ * UTF-8 as is. */
+static PyObject *pack_vd(uint64_t h, ptr ver, uint64_t ver_len)
+{
+    uint64_t d = h & DIGEST_MASK;
+    int packed = ver_len == 16;
+    for (uint64_t i = 0; packed && i < 16; i++)
+        packed = hexval(ver[i]) >= 0;
+    PyObject *vd = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(7 + (packed ? 8 : ver_len)));
+    if (vd == NULL)
+        return NULL;
+    unsigned char *v = (unsigned char *)PyBytes_AS_STRING(vd);
+    if (packed) {
+        d |= VD_PACKED;
+        for (int i = 0; i < 8; i++)
+            v[7 + i] = (unsigned char)(hexval(ver[2 * i]) << 4 | hexval(ver[2 * i + 1]));
+    } else if (ver_len) {
+        memcpy(v + 7, ver, (size_t)ver_len);
+    }
+    for (int i = 0; i < 7; i++)
+        v[i] = (unsigned char)(d >> (8 * i));
+    return vd;
+}
 
 /* The parts of a plain Workload in the Any at [p, end): 1 and parts[5] filled (new references),
  * 0 when it is not a plain valid Workload, -1 with an exception set. want: the resource name
@@ -194,14 +227,9 @@ static int split_any(ptr p, ptr end, const char *want, Py_ssize_t want_len, cons
         from = cuts[i].end;
     }
     memcpy(out, from, (size_t)(end - from));
-    vd = PyBytes_FromStringAndSize(NULL, 8 + ver_len);
+    vd = pack_vd((uint64_t)_Py_HashBytes(value, (Py_ssize_t)vlen), (ptr)ver, (uint64_t)ver_len);
     if (vd == NULL)
         goto fail;
-    uint64_t h = (uint64_t)_Py_HashBytes(value, (Py_ssize_t)vlen);
-    unsigned char *v = (unsigned char *)PyBytes_AS_STRING(vd);
-    for (int i = 0; i < 8; i++)
-        v[i] = (unsigned char)(h >> (8 * i));
-    memcpy(v + 8, ver, (size_t)ver_len);
     parts[0] = uid_s;
     parts[1] = name_s;
     parts[2] = addr;
@@ -510,7 +538,8 @@ static PyObject *one_service(ptr any, uint64_t any_len, ptr name, uint64_t name_
         return NULL;
     }
     PyObject *rec = NULL;
-    int same = unchanged_held(held, parts[0], (long long)_Py_HashBytes(value, (Py_ssize_t)vlen), ver, ver_len);
+    int same = unchanged_held(held, parts[0], (long long)((uint64_t)_Py_HashBytes(value, (Py_ssize_t)vlen) & DIGEST_MASK),
+                              ver, ver_len);
     if (same == 1) {
         ++*unchanged;
         rec = Py_None;
@@ -533,9 +562,9 @@ static long long vd_digest(PyObject *vd)
 {
     const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(vd);
     uint64_t h = 0;
-    for (int i = 7; i >= 0; i--)
+    for (int i = 6; i >= 0; i--)
         h = h << 8 | b[i];
-    return (long long)(int64_t)h;
+    return (long long)(h & DIGEST_MASK);
 }
 
 /* One plain Workload resource (envoy Resource bytes: version 1, resource 2, name 3, nothing

@@ -38,7 +38,8 @@ def test_native_record_is_small_and_untracked() -> None:
     with pytest.raises(AttributeError):
         rec.other = 1  # type: ignore[attr-defined]
     refs = sys.getrefcount(st.WorkloadRecord)
-    many = [st.make_workload_record(f"u{i}", "", b"\x01\x02\x03\x04", rec.profile, b"\x00" * 8) for i in range(1000)]
+    many = [st.make_workload_record(f"u{i}", "", b"\x01\x02\x03\x04", rec.profile, b"\x00" * 8)
+            for i in range(1000)]
     del many
     assert abs(sys.getrefcount(st.WorkloadRecord) - refs) < 10  # each instance's type reference released
 
@@ -53,3 +54,37 @@ def test_same_behaviour_as_the_python_class() -> None:
     a, b, c = _records(st.WorkloadRecord)
     a2, _, _ = _records(st.WorkloadRecord)
     assert a == a2 and a != b and a != c and {a: 1}[a2] == 1
+
+
+@pytest.mark.parametrize("version", ["", "v1", "0123456789abcdef", "0123456789ABCDEF", "0123456789abcdeg",
+                                     "0123456789abcd ef", "01234567 9abcdef", "ffffffffffffffff", "é" * 8,
+                                     "0000000000000000", "abc", "1" * 17, "1" * 15])
+@pytest.mark.parametrize("digest", [0, 1, -1, 2**63 - 1, -(2**63), 0x7F_FFFF_FFFF_FFFF])
+def test_version_and_digest_round_trip(version: str, digest: int) -> None:
+    vd = st._pack(digest, version)
+    assert st._vd_version(vd) == version and st._vd_digest(vd) == st.fold(digest)
+    packed = len(version) == 16 and all(c in "0123456789abcdef" for c in version)
+    assert len(vd) == 7 + (8 if packed else len(version.encode()))
+    rec = st.WorkloadRecord("Kubernetes//Pod/ns/p", "q", (b"\x01\x02\x03\x04",), st.WorkloadProfile("ns"),
+                            digest, version)
+    assert (rec.version, rec.digest, rec.name) == (version, st.fold(digest), "q")
+    rec.set_version("v2")
+    assert (rec.version, rec.digest, rec.name) == ("v2", st.fold(digest), "q")
+    rec.set_version(version)
+    assert rec._vd == (vd, "q")
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C helper")
+@pytest.mark.parametrize("version", ["", "v1", "0123456789abcdef", "0123456789abcdeF", "ffffffffffffffff",
+                                     "0123456789abcde", "é" * 8])
+def test_c_helper_packs_as_python(version: str) -> None:
+    from google.protobuf import any_pb2
+
+    from daemon.xds.gen.istio.workload import workload_pb2 as wl
+
+    w = wl.Workload(uid="Kubernetes//Pod/ns/p", name="p", namespace="ns", addresses=[b"\x01\x02\x03\x04"])
+    value = wl.Address(workload=w).SerializeToString()
+    raw = any_pb2.Any(type_url="type.googleapis.com/istio.workload.Address", value=value).SerializeToString()
+    got = native.load().workload(raw, "Kubernetes//Pod/ns/p", version)  # type: ignore[union-attr]
+    assert got is not None
+    assert got[4] == st._pack(hash(value), version)
