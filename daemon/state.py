@@ -293,7 +293,7 @@ class WorkloadRecord:
     @property
     def digest(self) -> int:
         vd = self._vd
-        return _vd_digest(vd[0] if vd.__class__ is tuple else vd)
+        return int.from_bytes((vd[0] if vd.__class__ is tuple else vd)[:7], "little") & DIGEST_MASK
 
     @property
     def version(self) -> str:
