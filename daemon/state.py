@@ -329,9 +329,10 @@ class WorkloadRecord:
 
 
 def _untracked(cls: type) -> type:
-    """``cls`` rebuilt on the C helper's ``Record`` storage (not tracked by the cyclic GC: 16
-    bytes less a record, see daemon/xds/wiresplit.c), with the same methods; ``cls`` itself
-    when the helper cannot be built (the daemon then runs its Python paths anyway)."""
+    """``cls`` rebuilt on the C helper's ``Record`` storage (digest and version inline, not
+    tracked by the cyclic GC: 64 bytes a record where the Python class takes 64 + 48, see
+    daemon/xds/wiresplit.c), with the same methods; ``cls`` itself when the helper cannot be
+    built (the daemon then runs its Python paths anyway)."""
     from daemon.xds import native
 
     mod = native.load()
@@ -339,11 +340,13 @@ def _untracked(cls: type) -> type:
         return cls
     rec = mod.Record
     for key, value in cls.__dict__.items():
-        if key in ("__slots__", "__dict__", "__weakref__") or key in cls.__slots__:  # type: ignore[attr-defined]
-            continue  # the storage (uid, _addr, profile, _vd) is Record's own
+        if key in ("__slots__", "__dict__", "__weakref__") or key in rec.__dict__:
+            continue  # the storage (uid, _addr, profile, _vd) and its accessors are Record's own
         setattr(rec, key, value)
     rec.__name__ = cls.__name__
     rec.__qualname__ = cls.__qualname__
+    rec.__module__ = cls.__module__
+    rec.__doc__ = cls.__doc__
     return rec
 
 

@@ -729,15 +729,23 @@ fail:
     return NULL;
 }
 
-/* Record: the storage of daemon.state.WorkloadRecord (four references, as its __slots__ were)
- * without the garbage collector's header. A record refers to str/bytes/tuples and a shared
- * WorkloadProfile, never back to a record, so it can be in no cycle and need not be tracked:
- * 48 bytes a record instead of 64, ~1.5 MiB at 100k workloads. A heap type made here (a
- * Python subclass would be tracked again); daemon.state copies WorkloadRecord's methods onto
- * it and uses it as WorkloadRecord. */
+/* Record: the storage of daemon.state.WorkloadRecord, 64 bytes with its digest and version.
+ *
+ * Why: at 100k workloads every object a record owns costs ~5 MiB. A Python class with four
+ * slots is 64 bytes (16 of them the cyclic GC's header) plus a 48-byte object packing the
+ * content digest and the xDS version (daemon.state._pack). Here the digest (55 bits) and a
+ * version of 16 lowercase hex digits (a content hash, what the sandbox pilot sends) are stored
+ * inline, and a record is not tracked by the GC: it refers to str/bytes/tuples and a shared
+ * WorkloadProfile, never back to a record, so it can be in no cycle. ``extra`` is NULL in the
+ * common case, else (name or None, version or None): a name that is not the uid's last
+ * segment, a version that does not pack. A heap type made here (a Python subclass would be
+ * GC-tracked again); daemon.state copies WorkloadRecord's other methods onto it. ``_vd`` reads
+ * and writes the packed form, so records compare and rebuild as the Python class's do. */
 typedef struct {
     PyObject_HEAD
-    PyObject *uid, *addr, *profile, *vd;
+    PyObject *uid, *addr, *profile, *extra;
+    uint64_t digest;      /* 55 bits */
+    unsigned char ver[8]; /* the version's 8 bytes when extra's version is None */
 } Record;
 
 static void record_dealloc(PyObject *self)
@@ -747,44 +755,226 @@ static void record_dealloc(PyObject *self)
     Py_CLEAR(r->uid);
     Py_CLEAR(r->addr);
     Py_CLEAR(r->profile);
-    Py_CLEAR(r->vd);
+    Py_CLEAR(r->extra);
     tp->tp_free(self);
     Py_DECREF(tp); /* instances of a heap type hold a reference to it */
+}
+
+static PyObject *extra_name(Record *r) /* borrowed, NULL: the uid's last segment */
+{
+    if (r->extra == NULL)
+        return NULL;
+    PyObject *n = PyTuple_GET_ITEM(r->extra, 0);
+    return n == Py_None ? NULL : n;
+}
+
+static PyObject *extra_version(Record *r) /* borrowed, NULL: packed in ver */
+{
+    if (r->extra == NULL)
+        return NULL;
+    PyObject *v = PyTuple_GET_ITEM(r->extra, 1);
+    return v == Py_None ? NULL : v;
+}
+
+/* Store (name or NULL, version str or NULL: packed) as extra. 0 ok, -1 error. */
+static int set_extra(Record *r, PyObject *name, PyObject *version)
+{
+    PyObject *e = NULL;
+    if (name != NULL || version != NULL) {
+        e = PyTuple_Pack(2, name ? name : Py_None, version ? version : Py_None);
+        if (e == NULL)
+            return -1;
+    }
+    Py_XSETREF(r->extra, e);
+    return 0;
+}
+
+/* Set the version from UTF-8 bytes: packed when 16 lowercase hex digits. */
+static int record_set_version_utf8(Record *r, ptr ver, uint64_t ver_len)
+{
+    int packed = ver_len == 16;
+    for (uint64_t i = 0; packed && i < 16; i++)
+        packed = hexval(ver[i]) >= 0;
+    PyObject *name = extra_name(r);
+    Py_XINCREF(name);
+    int rc;
+    if (packed) {
+        for (int i = 0; i < 8; i++)
+            r->ver[i] = (unsigned char)(hexval(ver[2 * i]) << 4 | hexval(ver[2 * i + 1]));
+        rc = set_extra(r, name, NULL);
+    } else {
+        PyObject *v = PyUnicode_DecodeUTF8(ver ? (const char *)ver : "", (Py_ssize_t)ver_len, NULL);
+        rc = v == NULL ? -1 : set_extra(r, name, v);
+        Py_XDECREF(v);
+    }
+    Py_XDECREF(name);
+    return rc;
+}
+
+static PyObject *record_version(PyObject *self, void *closure)
+{
+    (void)closure;
+    Record *r = (Record *)self;
+    PyObject *v = extra_version(r);
+    if (v != NULL)
+        return Py_NewRef(v);
+    static const char hex[] = "0123456789abcdef";
+    char out[16];
+    for (int i = 0; i < 8; i++) {
+        out[2 * i] = hex[r->ver[i] >> 4];
+        out[2 * i + 1] = hex[r->ver[i] & 15];
+    }
+    return PyUnicode_FromStringAndSize(out, 16);
+}
+
+static PyObject *record_set_version(PyObject *self, PyObject *value)
+{
+    if (!PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "set_version(value: str)");
+        return NULL;
+    }
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(value, &n);
+    if (u == NULL || record_set_version_utf8((Record *)self, (ptr)u, (uint64_t)n) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *record_digest(PyObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(((Record *)self)->digest);
+}
+
+static PyObject *record_name(PyObject *self, void *closure)
+{
+    (void)closure;
+    Record *r = (Record *)self;
+    PyObject *n = extra_name(r);
+    if (n != NULL)
+        return Py_NewRef(n);
+    if (r->uid == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "uid");
+        return NULL;
+    }
+    Py_ssize_t len = PyUnicode_GET_LENGTH(r->uid);
+    Py_ssize_t at = PyUnicode_FindChar(r->uid, '/', 0, len, -1);
+    if (at == -2)
+        return NULL;
+    return PyUnicode_Substring(r->uid, at + 1, len);
+}
+
+static PyObject *record__name(PyObject *self, void *closure)
+{
+    (void)closure;
+    PyObject *n = extra_name((Record *)self);
+    return Py_NewRef(n ? n : Py_None);
+}
+
+/* _vd: daemon.state._pack(digest, version), or (that, name) when the name is kept. */
+static PyObject *record_get_vd(PyObject *self, void *closure)
+{
+    (void)closure;
+    Record *r = (Record *)self;
+    PyObject *v = extra_version(r), *vd;
+    if (v == NULL) {
+        vd = PyBytes_FromStringAndSize(NULL, 15);
+        if (vd == NULL)
+            return NULL;
+        unsigned char *b = (unsigned char *)PyBytes_AS_STRING(vd);
+        uint64_t d = r->digest | VD_PACKED;
+        for (int i = 0; i < 7; i++)
+            b[i] = (unsigned char)(d >> (8 * i));
+        memcpy(b + 7, r->ver, 8);
+    } else {
+        Py_ssize_t n;
+        const char *u = PyUnicode_AsUTF8AndSize(v, &n);
+        if (u == NULL)
+            return NULL;
+        vd = pack_vd(r->digest, (ptr)u, (uint64_t)n);
+        if (vd == NULL)
+            return NULL;
+    }
+    PyObject *name = extra_name(r);
+    if (name == NULL)
+        return vd;
+    PyObject *t = PyTuple_Pack(2, vd, name);
+    Py_DECREF(vd);
+    return t;
+}
+
+static int record_set_vd(PyObject *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    Record *r = (Record *)self;
+    PyObject *vd = value, *name = NULL;
+    if (value != NULL && PyTuple_CheckExact(value) && PyTuple_GET_SIZE(value) == 2) {
+        vd = PyTuple_GET_ITEM(value, 0);
+        name = PyTuple_GET_ITEM(value, 1);
+        if (!PyUnicode_Check(name))
+            vd = NULL;
+    }
+    if (vd == NULL || !PyBytes_CheckExact(vd) || PyBytes_GET_SIZE(vd) < 7) {
+        PyErr_SetString(PyExc_TypeError, "_vd: daemon.state._pack(...) bytes, or (those, name)");
+        return -1;
+    }
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(vd);
+    Py_ssize_t n = PyBytes_GET_SIZE(vd);
+    uint64_t d = 0;
+    for (int i = 6; i >= 0; i--)
+        d = d << 8 | b[i];
+    if (d & VD_PACKED) {
+        if (n != 15) {
+            PyErr_SetString(PyExc_ValueError, "_vd: a packed version is 8 bytes");
+            return -1;
+        }
+        memcpy(r->ver, b + 7, 8);
+        r->digest = d & DIGEST_MASK;
+        return set_extra(r, name, NULL);
+    }
+    PyObject *v = PyUnicode_DecodeUTF8((const char *)b + 7, n - 7, NULL);
+    if (v == NULL)
+        return -1;
+    r->digest = d & DIGEST_MASK;
+    int rc = set_extra(r, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static int unchanged_record(PyObject *old, long long digest, ptr ver, uint64_t ver_len)
+{
+    Record *r = (Record *)old;
+    if (r->digest != ((uint64_t)digest & DIGEST_MASK))
+        return 0;
+    return record_set_version_utf8(r, ver, ver_len) < 0 ? -1 : 1;
 }
 
 static PyMemberDef record_members[] = {
     {"uid", T_OBJECT_EX, offsetof(Record, uid), 0, NULL},
     {"_addr", T_OBJECT_EX, offsetof(Record, addr), 0, NULL},
     {"profile", T_OBJECT_EX, offsetof(Record, profile), 0, NULL},
-    {"_vd", T_OBJECT_EX, offsetof(Record, vd), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
-static int unchanged_record(PyObject *old, long long digest, ptr ver, uint64_t ver_len)
-{
-    Record *r = (Record *)old;
-    PyObject *vd = r->vd, *name = NULL;
-    if (vd != NULL && PyTuple_CheckExact(vd) && PyTuple_GET_SIZE(vd) == 2) {
-        name = PyTuple_GET_ITEM(vd, 1);
-        vd = PyTuple_GET_ITEM(vd, 0);
-    }
-    if (vd == NULL || !PyBytes_CheckExact(vd) || PyBytes_GET_SIZE(vd) < 7 || vd_digest(vd) != digest)
-        return 0;
-    PyObject *nvd = pack_vd((uint64_t)digest, ver, ver_len);
-    if (nvd != NULL && name != NULL) {
-        PyObject *t = PyTuple_Pack(2, nvd, name);
-        Py_DECREF(nvd);
-        nvd = t;
-    }
-    if (nvd == NULL)
-        return -1;
-    Py_SETREF(r->vd, nvd);
-    return 1;
-}
+static PyGetSetDef record_getset[] = {
+    {"_vd", record_get_vd, record_set_vd, NULL, NULL},
+    {"version", record_version, NULL, NULL, NULL},
+    {"digest", record_digest, NULL, NULL, NULL},
+    {"name", record_name, NULL, NULL, NULL},
+    {"_name", record__name, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef record_methods[] = {
+    {"set_version", record_set_version, METH_O, "set_version(value): the xDS version"},
+    {NULL, NULL, 0, NULL},
+};
 
 static PyType_Slot record_slots[] = {
     {Py_tp_dealloc, record_dealloc},
     {Py_tp_members, record_members},
+    {Py_tp_getset, record_getset},
+    {Py_tp_methods, record_methods},
     {Py_tp_new, PyType_GenericNew},
     {0, NULL},
 };

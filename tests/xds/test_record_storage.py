@@ -1,5 +1,6 @@
-"""WorkloadRecord's storage: on the C helper's ``Record`` (not tracked by the cyclic GC, 48
-bytes) it must behave exactly as the pure-Python class it replaces (daemon.state._untracked)."""
+"""WorkloadRecord's storage: on the C helper's ``Record`` (digest and version inline, not
+tracked by the cyclic GC) it must behave exactly as the pure-Python class it replaces
+(daemon.state._untracked), and the digest/version packing must round-trip."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def test_native_record_is_small_and_untracked() -> None:
                                   st.WorkloadProfile("ns"), st._pack(1, "v"))
     assert type(rec) is st.WorkloadRecord and isinstance(rec, st.WorkloadRecord)
     assert not gc.is_tracked(rec)
-    assert sys.getsizeof(rec) == 48
+    assert sys.getsizeof(rec) == 64  # digest and version inline: no other object
+    assert rec._vd == st._pack(1, "v") and rec.version == "v" and rec.digest == 1
     assert type(rec).__name__ == "WorkloadRecord" and type(rec).__module__ == "daemon.state"
     with pytest.raises(AttributeError):
         rec.other = 1  # type: ignore[attr-defined]
@@ -65,13 +67,17 @@ def test_version_and_digest_round_trip(version: str, digest: int) -> None:
     assert st._vd_version(vd) == version and st._vd_digest(vd) == st.fold(digest)
     packed = len(version) == 16 and all(c in "0123456789abcdef" for c in version)
     assert len(vd) == 7 + (8 if packed else len(version.encode()))
-    rec = st.WorkloadRecord("Kubernetes//Pod/ns/p", "q", (b"\x01\x02\x03\x04",), st.WorkloadProfile("ns"),
-                            digest, version)
-    assert (rec.version, rec.digest, rec.name) == (version, st.fold(digest), "q")
-    rec.set_version("v2")
-    assert (rec.version, rec.digest, rec.name) == ("v2", st.fold(digest), "q")
-    rec.set_version(version)
-    assert rec._vd == (vd, "q")
+    for cls in (st.WorkloadRecord, st._PyWorkloadRecord):
+        for name in ("q", "p"):  # kept apart / the uid's last segment
+            rec = cls("Kubernetes//Pod/ns/p", name, (b"\x01\x02\x03\x04",), st.WorkloadProfile("ns"),
+                      digest, version)
+            assert (rec.version, rec.digest, rec.name) == (version, st.fold(digest), name)
+            for v in ("v2", "fedcba9876543210", version):
+                rec.set_version(v)
+                assert (rec.version, rec.digest, rec.name) == (v, st.fold(digest), name)
+            assert rec._vd == ((vd, "q") if name == "q" else vd)
+            rec._vd = st._pack(7, "abc")
+            assert (rec.version, rec.digest, rec.name, rec._name) == ("abc", 7, "p", None)
 
 
 @pytest.mark.skipif(not NATIVE, reason="no C helper")
