@@ -80,7 +80,12 @@ class DataplaneSync:
         return self._full or (self._synced_once and bool(self._services or self._backends))
 
     def _run(self) -> None:
+        services: set[str] = set()
+        backends: set[str] = set()
         while True:
+            # drop the last pass's sets before waiting: after a full push they hold every uid
+            # (~4.5 MiB at 100k workloads) until the next change otherwise
+            del services, backends
             with self._cond:
                 while not self._stop and not self._pending():
                     if not self._synced_once:  # before the first sync, changes are covered by it
