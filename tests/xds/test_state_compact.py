@@ -62,3 +62,25 @@ def test_incremental_projection_equals_a_fresh_one(seed: int) -> None:
             for sp in got.services[key].ports:  # every reader's view agrees with the columns
                 assert sp.endpoints == tuple(Endpoint(*r) for r in sp.rows())
     assert most > 32  # the dict form was exercised
+
+
+def test_a_big_push_leaves_member_lists_exact() -> None:
+    """A push of >= 1024 workloads copies the member lists it grew by append to their exact size
+    (10 in 16 slots otherwise), keeping members and the projection as they were."""
+    import sys
+
+    st = State()
+    n_svc, per = 150, 10
+    svcs = [service(f"s{s}", vip=f"10.96.{s // 250}.{s % 250 + 1}", ports=[(80, 8080)]) for s in range(n_svc)]
+    held = {name_of(a): a.SerializeToString() for a in svcs}
+    apply(st, *[wl.Address.FromString(v) for v in held.values()])
+    pods = [workload(f"w{i}", f"10.1.{i // 250}.{i % 250 + 1}", services={svc_key(f"s{i // per}"): []})
+            for i in range(n_svc * per)]
+    held.update((name_of(a), a.SerializeToString()) for a in pods)
+    apply(st, *pods)
+    for s in range(n_svc):
+        m = st._members[svc_key(f"s{s}")]
+        assert isinstance(m, list) and sys.getsizeof(m) == sys.getsizeof(list(range(per)))
+        assert st.members(svc_key(f"s{s}")) == sorted(f"Kubernetes//Pod/default/w{i}"
+                                                      for i in range(s * per, (s + 1) * per))
+    assert st.projection() == projection_of(held)
