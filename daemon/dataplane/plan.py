@@ -25,14 +25,16 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate, chain, repeat
 from operator import attrgetter
 
 from daemon.dataplane import layout as L
 from daemon.dataplane.mirror import IdPool, Mirror, Port, fe_token, pod_tokens, token_key
-from daemon.dataplane.model import Backend, Projection, Service
+from daemon.dataplane.model import Backend, LbMode, Projection, Service
 from daemon.dataplane.render import (
     BE_TAIL_PLAIN,
     EMPTY_VALS,
+    EPV,
     SVC_HEAD,
     ZERO4,
     ZERO16,
@@ -42,7 +44,9 @@ from daemon.dataplane.render import (
     encode_name,
     fe_key,
     fmt_fe,
+    htons,
     port_name,
+    random_header,
     render_backend,
     render_slots,
     render_wp,
@@ -68,7 +72,8 @@ assert _EPK[1][:3].tobytes() == L.EP_KEY.pack(0, 1, 0)  # km_ep_key is three nat
 # km_service values kept by the mirror, one object per distinct value: it depends on the lb mode,
 # the slot counts and the waypoint only, so 10,000 ports of 10 endpoints share one
 _VALUES: dict[bytes, bytes] = {}
-_IP4, _IP6, _WP, _HANDOFF = (attrgetter(a) for a in ("ipv4", "ipv6", "waypoint", "handoff_port"))
+_IP4, _IP6, _WP, _HANDOFF, _UID, _NAME, _NS = (attrgetter(a) for a in (
+    "ipv4", "ipv6", "waypoint", "handoff_port", "uid", "name", "namespace"))
 
 
 def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room: tuple[int, int, int],
@@ -128,17 +133,133 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     fv[0::2] = array("I", [L.FE_BACKEND]) * n
     fv[1::2] = idarr
     fw.vals += fv.tobytes()
-    top, size = L.NAME_LEN - 1, L.NAME_LEN
-    nv = bytearray(size * n)
+    nv = bytearray(L.NAME_LEN * n)
     for i in range(0, n, _CHUNK):  # a chunk of names at a time, not 100k objects at once
-        raw = [f"{b.uid}\0{b.name}\0{b.namespace}".encode() for b in bs[i:i + _CHUNK]]
-        if max(map(len, raw)) > top:
-            raw = [r[:top] for r in raw]  # as encode_name(): the last byte stays NUL
-        names = _NAMES if len(raw) == _CHUNK else struct.Struct(f"={len(raw) * L.NAME_VAL.format[1:]}")
-        names.pack_into(nv, size * i, *raw)  # each padded with NULs to its 256 bytes, in C
+        part = bs[i:i + _CHUNK]
+        _pack_names(nv, i, list(map(str.encode, map("\0".join, zip(map(_UID, part), map(_NAME, part),
+                                                                     map(_NS, part), strict=True)))))
     nw.vals = nv
     bulk_src[:] = bs
     return True
+
+
+def _EPV_WORD(tp: int) -> int:  # noqa: N802 - a constant-like helper
+    """The second native u32 of a km_ep_val for this target port (port in network order, 0)."""
+    return array("I", EPV.pack(0, htons(tp), 0))[1]
+
+
+def _pack_names(buf: bytearray, at: int, raw: list[bytes]) -> None:
+    """km_names values of these encoded names into buf from element at: each cut as
+    encode_name() cuts it (the last byte stays NUL) and padded with NULs, in C."""
+    if max(map(len, raw), default=0) > L.NAME_LEN - 1:
+        raw = [r[:L.NAME_LEN - 1] for r in raw]
+    names = _NAMES if len(raw) == _CHUNK else struct.Struct(f"={len(raw) * L.NAME_VAL.format[1:]}")
+    names.pack_into(buf, L.NAME_LEN * at, *raw)
+
+
+def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]], ovget: Callable,
+                   usage: dict[str, int], limits: dict[str, int], alloc: IdView, ew: Writes, sw: Writes,
+                   nw: Writes, fw: Writes, pass_claims: dict[bytes, int], new_ports: dict[str, Port | None],
+                   new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]]) -> Counter[int] | None:
+    """The service stage of a first sync (the mirror holds no port, no frontend and no backend
+    id), for the common input: every wanted port is RANDOM, weight 1, one valid target port,
+    no waypoint, every endpoint's backend got an id in this pass, and everything fits with no
+    VIP:port claimed twice. Then the per-service loop would accept every port, in order, so
+    its writes are packed here in bulk (the same elements in the same order) and the backend
+    reference counts are returned. None (nothing done) when any of that does not hold."""
+    pnames: list[str] = []
+    snames: list[str] = []
+    cols: list[tuple[str, ...]] = []
+    tps: list[int] = []
+    fes_l: list[tuple[bytes, ...]] = []
+    srcs: list[tuple[str, Service]] = []
+    for sname, (svc, want, _same) in wanted.items():
+        if not want or svc is None:
+            continue
+        if svc.lb_mode != LbMode.RANDOM or svc.waypoint is not None or bad_service(svc):
+            return None
+        ports = svc.ports
+        srcs.append((sname, svc, len(cols) if len(ports) == 1 else -1))
+        for pname, i in (want.items() if len(want) == 1 else sorted(want.items())):
+            sp = ports[i]
+            u = sp.uniform
+            uids = sp.uids
+            if u is None or (uids and (u[1] != 1 or not 0 < u[0] < 65536)):
+                return None
+            pnames.append(pname)
+            snames.append(sname)
+            cols.append(uids)
+            tps.append(u[0] if uids else tps[-1] if tps else 1)  # an empty port renders no slot
+            port = sp.port
+            fes_l.append(tuple(sorted({fe_key(vip, port) for vip in svc.vips})))
+    if not pnames:
+        return None
+    counts = list(map(len, cols))
+    live = list(map(ovget, chain.from_iterable(cols)))  # in endpoint order, as the signatures
+    if None in live:
+        return None
+    srt = list(map(tuple, map(sorted, cols)))  # slots are in (uid, ...) order: nearly always already
+    ids = live if srt == cols else list(map(ovget, chain.from_iterable(srt)))
+    keys = list(chain.from_iterable(fes_l))
+    if len(set(keys)) != len(keys):  # a VIP:port wanted twice: the loop rejects the later one
+        return None
+    np_, ns, nf = len(pnames), len(ids), len(keys)
+    need = {"frontend": nf, "service": np_, "endpoint": ns, "names": np_}
+    if any(usage[k] + n > limits[k] for k, n in need.items()):
+        return None
+    sids = list(alloc.take_range(np_)) if alloc.pristine() else [alloc.take() for _ in range(np_)]
+    for k, n in need.items():
+        usage[k] += n
+    # km_endpoint: key (sid, 0, slot), value (backend id, htons(target port), 0)
+    ek = array("I", [0]) * (3 * ns)
+    ek[0::3] = array("I", chain.from_iterable(map(repeat, sids, counts)))
+    ek[2::3] = array("I", chain.from_iterable(map(range, counts)))
+    ev = array("I", [0]) * (2 * ns)
+    ev[0::2] = array("I", ids)
+    if len(set(tps)) == 1:
+        ev[1::2] = array("I", [_EPV_WORD(tps[0])]) * ns
+    else:
+        ev[1::2] = array("I", chain.from_iterable(map(repeat, map(_EPV_WORD, tps), counts)))
+    evb = ev.tobytes()
+    ends = list(accumulate(counts))
+    blobs = [evb[8 * (e - c):8 * e] for e, c in zip(ends, counts, strict=True)]
+    values = list(map(random_header, counts))
+    valss = zip(blobs, *[repeat(b"")] * (L.PRIOS - 1), strict=False)  # (slots of prio 0, b"", ...)
+    ports = list(map(Port, sids, pnames, snames, values, valss, fes_l))
+    new_ports.update(zip(pnames, ports, strict=True))
+    ew.keys += ek.tobytes()
+    ew.vals += evb
+    ew.n += ns
+    sida = array("I", sids)
+    sw.keys += sida.tobytes()
+    sw.vals += b"".join(values)
+    sw.n += np_
+    nk = array("I", [L.NAME_SERVICE]) * (2 * np_)
+    nk[1::2] = sida
+    nw.keys += nk.tobytes()
+    at = len(nw.vals) // L.NAME_LEN
+    nw.vals += bytes(L.NAME_LEN * np_)
+    for i in range(0, np_, _CHUNK):
+        _pack_names(nw.vals, at + i, [p.encode() for p in pnames[i:i + _CHUNK]])
+    nw.n += np_
+    owners = list(chain.from_iterable(map(repeat, sids, map(len, fes_l))))
+    fw.keys += b"".join(keys)
+    fv = array("I", [L.FE_SERVICE]) * (2 * nf)
+    fv[1::2] = array("I", owners)
+    fw.vals += fv.tobytes()
+    fw.n += nf
+    pass_claims.update(zip(keys, map(int.__neg__, owners), strict=True))
+    for sname, svc, j in srcs:
+        if j >= 0:  # one port: its signature is its column's ids
+            new_src[sname] = (svc, tuple(live[ends[j] - counts[j]:ends[j]]))
+        else:
+            new_src[sname] = (svc, tuple(map(ovget, [u for sp in svc.ports for u in sp.uids])))
+    if len(set(ids)) == ns:  # no backend in two slots: each is referenced by one port
+        return Counter(dict.fromkeys(ids, 1))
+    delta: Counter[int] = Counter()
+    delta.update(chain.from_iterable(map(set, map(ids.__getitem__, map(slice, map(int.__sub__, ends, counts),
+                                                                          ends)))))
+    return delta
 
 
 def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejected: dict[str, str],
@@ -567,7 +688,16 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     if len(_VALUES) > 4096:
         _VALUES.clear()
     intern = _VALUES.setdefault
-    for sname, (svc, want, same_input) in wanted.items():
+    bulk_delta = None
+    if no_ids and not m.ports and not m.src and not fe_owner:  # a first sync: try it in bulk
+        bulk_delta = _bulk_services(wanted, ovget, usage, limits, svc_alloc, ew, sw, nw, fw, pass_claims,
+                                    new_ports, new_src)
+        if bulk_delta is not None and stream is not None and ew.n >= early_min:
+            batch = [("endpoint", ew), ("service", sw), ("names", nw)]
+            early.extend(batch)
+            stream(batch)
+            ew, sw, nw = Writes(), Writes(), Writes()
+    for sname, (svc, want, same_input) in (wanted.items() if bulk_delta is None else ()):
         if not want or svc is None:
             continue
         if same_input and not override:
@@ -706,10 +836,10 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     w["endpoint"], w["service"], w["names"] = ew, sw, nw
 
     # --- backend reference counts after this pass
-    delta: Counter[int] = Counter()  # Counter.update/subtract count in C
+    delta: Counter[int] = Counter() if bulk_delta is None else bulk_delta  # counted in C
     gone: Counter[int] = Counter()
     ports_get = m.ports.get
-    for pname, p in new_ports.items():
+    for pname, p in (new_ports.items() if bulk_delta is None else ()):
         cur = ports_get(pname)
         if cur is not None:
             gone.update(slot_backend_ids(cur.vals))
