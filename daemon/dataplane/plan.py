@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from operator import attrgetter
@@ -118,29 +118,37 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     new_backs.update(zip(order, ids, strict=True))
     override.update(new_backs)
     idarr = array("I", ids)
-    bw.keys = bytearray(idarr.tobytes())
+    bw.keys = bytearray(idarr)
     vals = array("I", _BE_V4_TAIL_WORDS) * n  # 12 words a backend: ip4 first, the rest constant
     vals[0::_BE_WORDS] = array("I", packed)
-    bw.vals = bytearray(vals.tobytes())
-    nk = array("I", [0]) * (2 * n)
-    nk[0::2] = array("I", [L.NAME_BACKEND]) * n
-    nk[1::2] = idarr
-    nw.keys = bytearray(nk.tobytes())
+    bw.vals = bytearray(vals)
     fk = array("I", _FE4_WORDS) * n  # km_fe_key: ip4, zeros, port 0, AF_INET
     fk[0::_FE_WORDS] = vals[0::_BE_WORDS]
-    fw.keys += fk.tobytes()
+    fw.keys += fk
     fv = array("I", [0]) * (2 * n)
     fv[0::2] = array("I", [L.FE_BACKEND]) * n
     fv[1::2] = idarr
-    fw.vals += fv.tobytes()
-    nv = bytearray(L.NAME_LEN * n)
-    for i in range(0, n, _CHUNK):  # a chunk of names at a time, not 100k objects at once
-        part = bs[i:i + _CHUNK]
-        _pack_names(nv, i, list(map(str.encode, map("\0".join, zip(map(_UID, part), map(_NAME, part),
-                                                                     map(_NS, part), strict=True)))))
-    nw.vals = nv
-    bulk_src[:] = bs
+    fw.vals += fv
+    bulk_src[:] = bs  # their names: _backend_names(), in chunks
     return True
+
+
+def _backend_names(bs: list[Backend], first: int) -> Iterator[Writes]:
+    """km_names writes of backends with the consecutive ids first, first + 1, ... in chunks of
+    _CHUNK (1 MiB of values): a first sync's names are written a chunk at a time, never held at
+    once (256 MB at 1M backends)."""
+    for i in range(0, len(bs), _CHUNK):
+        part = bs[i:i + _CHUNK]
+        n = len(part)
+        wr = Writes()
+        nk = array("I", [L.NAME_BACKEND]) * (2 * n)
+        nk[1::2] = array("I", range(first + i, first + i + n))
+        wr.keys = bytearray(nk)
+        wr.vals = bytearray(L.NAME_LEN * n)
+        _pack_names(wr.vals, 0, list(map(str.encode, map("\0".join, zip(map(_UID, part), map(_NAME, part),
+                                                                          map(_NS, part), strict=True)))))
+        wr.n = n
+        yield wr
 
 
 def _EPV_WORD(tp: int) -> int:  # noqa: N802 - a constant-like helper
@@ -227,16 +235,16 @@ def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]
     valss = zip(blobs, *[repeat(b"")] * (L.PRIOS - 1), strict=False)  # (slots of prio 0, b"", ...)
     ports = list(map(Port, sids, pnames, snames, values, valss, fes_l))
     new_ports.update(zip(pnames, ports, strict=True))
-    ew.keys += ek.tobytes()
+    ew.keys += ek
     ew.vals += evb
     ew.n += ns
     sida = array("I", sids)
-    sw.keys += sida.tobytes()
+    sw.keys += sida
     sw.vals += b"".join(values)
     sw.n += np_
     nk = array("I", [L.NAME_SERVICE]) * (2 * np_)
     nk[1::2] = sida
-    nw.keys += nk.tobytes()
+    nw.keys += nk
     at = len(nw.vals) // L.NAME_LEN
     nw.vals += bytes(L.NAME_LEN * np_)
     for i in range(0, np_, _CHUNK):
@@ -246,7 +254,7 @@ def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]
     fw.keys += b"".join(keys)
     fv = array("I", [L.FE_SERVICE]) * (2 * nf)
     fv[1::2] = array("I", owners)
-    fw.vals += fv.tobytes()
+    fw.vals += fv
     fw.n += nf
     pass_claims.update(zip(keys, map(int.__neg__, owners), strict=True))
     for sname, svc, j in srcs:
@@ -657,10 +665,12 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     bw.n = len(bw.keys) // 4
     nw.n = len(nw.keys) // L.NAME_KEY.size
     fw.n = len(fw.keys) // L.FE_KEY.size
+    # a bulk first sync's backend names, packed a chunk at a time below
+    names = _backend_names(bulk_src, be_alloc.ranges[-1].start) if bulk_src else None
     early: list[tuple[str, Writes]] = []
     fresh = not m.ports and not any(m.orphans.values())  # with no backends before: a first sync
     stream = None
-    if on_early is not None and bw.n + nw.n >= early_min:
+    if on_early is not None and bw.n + nw.n + len(bulk_src) >= early_min:
         # A big batch (a first sync): let the kernel insert the backends and their names on a
         # second core while the services are rendered. Only ids nothing references yet or
         # in-place value changes, so writing them before phase 1 is as safe as in phase 2. With
@@ -674,8 +684,14 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             stream = on_early
         early.extend(first)
         on_early(first)
+        for chunk in names or ():  # each handed over as soon as it is packed
+            early.append(("names", chunk))
+            on_early([("names", chunk)])
         w["backend"], w["names"] = Writes(), Writes()
         nw, fw = w["names"], w["frontend"]
+    elif names is not None:
+        for chunk in names:
+            nw.add(chunk.keys, chunk.vals, chunk.n)
 
     # --- services: kept and new ports
     new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
