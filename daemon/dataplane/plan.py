@@ -262,9 +262,10 @@ def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]
             new_src[sname] = (svc, tuple(live[ends[j] - counts[j]:ends[j]]))
         else:
             new_src[sname] = (svc, tuple(map(ovget, [u for sp in svc.ports for u in sp.uids])))
-    if len(set(ids)) == ns:  # no backend in two slots: each is referenced by one port
-        return Counter(dict.fromkeys(ids, 1))
-    delta: Counter[int] = Counter()
+    delta: Counter[int] = Counter(ids)  # counted in C
+    if len(delta) == ns:  # no backend in two slots: each is referenced by one port
+        return delta
+    delta = Counter()
     delta.update(chain.from_iterable(map(set, map(ids.__getitem__, map(slice, map(int.__sub__, ends, counts),
                                                                           ends)))))
     return delta

@@ -15,7 +15,7 @@ from daemon.dataplane.apply import apply
 from daemon.dataplane.mirror import IdPool, Mirror, Port
 from daemon.dataplane.model import Backend, Endpoint, LbMode, Projection, Service, ServicePort, Waypoint
 from daemon.dataplane.plan import Plan, make_plan
-from daemon.dataplane.render import RECONCILED_MAPS
+from daemon.dataplane.render import RECONCILED_MAPS, slot_backend_ids
 from daemon.dataplane.types import ReconcileResult
 
 
@@ -219,6 +219,23 @@ def _random_first_sync_input(rng: random.Random, clean: bool) -> tuple[Projectio
     return Projection(svcs, bes), limits
 
 
+def _check_refs_and_wants(m: Mirror) -> None:
+    """Reference counts and the services naming each backend, recomputed from scratch."""
+    refs: dict[int, int] = {}
+    for p in m.ports.values():
+        for bid in slot_backend_ids(p.vals):
+            refs[bid] = refs.get(bid, 0) + 1
+    assert {i: n for i, n in enumerate(m.be_refs) if n} == refs
+    named: dict[str, set[str]] = {}
+    for sname, (svc, _sig) in m.src.items():
+        for sp in svc.ports:
+            for u in sp.uids:
+                named.setdefault(u, set()).add(sname)
+    for uid in set(named) | set(m.be_id) | set(m.wants):
+        w = m.wanted_by(uid)
+        assert (set() if w is None else {w} if isinstance(w, str) else set(w)) == named.get(uid, set()), uid
+
+
 def _world_state(m: Mirror, maps: dict[str, DictMap], plan: Plan) -> dict:
     used = bytes(m.svc_ids.used).rstrip(b"\0")  # how far the pool grew depends on the path
     return {"maps": {n: mp.d for n, mp in maps.items()}, "rejected": plan.rejected,
@@ -253,6 +270,7 @@ def test_bulk_services_first_sync_matches_the_loop(seed: int, monkeypatch: pytes
     fast, m1, maps1 = world(True)
     slow, m2, maps2 = world(False)
     assert fast == slow
+    _check_refs_and_wants(m1)
     # and a random change planned from either mirror writes the same
     svcs = dict(proj.services)
     for name in rng.sample(sorted(svcs), len(svcs) // 2):
@@ -275,5 +293,6 @@ def test_bulk_services_takes_the_common_first_sync() -> None:
     maps = {name: DictMap(n) for name, n in limits.items()}
     plan = run(m, maps, proj)
     assert plan.svc_ids[1] == [range(1, 11)]  # ids taken as one range: the bulk stage ran
+    _check_refs_and_wants(m)  # (the mirror's bulk commit: every backend named once, ids in order)
     assert not plan.rejected and len(maps["endpoint"].d) == 50 and len(maps["frontend"].d) == 60
     assert full_plan(m, proj).size() == 0
