@@ -123,22 +123,26 @@ class Reconciler:
         t0 = time.perf_counter()
         res = ReconcileResult()
         writer: Writer | None = None
-        namer: Writer | None = None  # early km_names writes: read by no program, so on their own thread
+        # early writes on a second thread: km_names (read by no program) and a first sync's new
+        # service ports' slots and headers, which name backends (so they wait for the writer's
+        # first batch, the pass's backends) and are reached only through VIP frontends (in the
+        # plan, which the writer applies once this thread is done: Writer.after)
+        namer: Writer | None = None
 
         def start_early(batches: list[tuple[str, Writes]]) -> None:
             nonlocal writer, namer
-            names = [b for b in batches if b[0] == "names"]
-            rest = [b for b in batches if b[0] != "names"]
-            if names:
-                if namer is None:
-                    namer = Writer(self.maps, names)
-                else:
-                    namer.add(names)
+            side = [b for b in batches if b[0] in _SIDE]
+            rest = [b for b in batches if b[0] not in _SIDE]
             if rest:
                 if writer is None:
                     writer = Writer(self.maps, rest)
                 else:
                     writer.add(rest)
+            if side:
+                if namer is None:
+                    namer = Writer(self.maps, side, slots_after=writer)
+                else:
+                    namer.add(side)
 
         try:
             try:
@@ -155,6 +159,11 @@ class Reconciler:
             for uid in plan.kept_now:
                 log.warning("backend %s removed but still used by a rejected service; kept", uid)
             try:
+                if namer is not None:
+                    namer.submit(None)  # nothing more for it: the plan waits for it
+                    if writer is None:
+                        writer = Writer(self.maps)
+                    writer.after = namer
                 self._execute(plan, proj, res, writer)
             finally:
                 if namer is not None:
@@ -202,6 +211,9 @@ class Reconciler:
         except BaseException:
             self.dirty = True
             raise
+
+
+_SIDE = ("names", "endpoint", "service")  # early writes for the second writer thread (_reconcile)
 
 
 def _malloc_trim() -> None:
