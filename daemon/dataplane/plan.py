@@ -168,7 +168,8 @@ def _pack_names(buf: bytearray, at: int, raw: list[bytes]) -> None:
 def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]], ovget: Callable,
                    usage: dict[str, int], limits: dict[str, int], alloc: IdView, ew: Writes, sw: Writes,
                    nw: Writes, fw: Writes, pass_claims: dict[bytes, int], new_ports: dict[str, Port | None],
-                   new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]]) -> Counter[int] | None:
+                   new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]]
+                   ) -> dict[int, int] | None:
     """The service stage of a first sync (the mirror holds no port, no frontend and no backend
     id), for the common input: every wanted port is RANDOM, weight 1, one valid target port,
     no waypoint, every endpoint's backend got an id in this pass, and everything fits with no
@@ -199,7 +200,9 @@ def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]
             cols.append(uids)
             tps.append(u[0] if uids else tps[-1] if tps else 1)  # an empty port renders no slot
             port = sp.port
-            fes_l.append(tuple(sorted({fe_key(vip, port) for vip in svc.vips})))
+            vips = svc.vips
+            fes_l.append((fe_key(vips[0], port),) if len(vips) == 1 else tuple(sorted({fe_key(vip, port)
+                                                                                      for vip in vips})))
     if not pnames:
         return None
     counts = list(map(len, cols))
@@ -262,10 +265,10 @@ def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]
             new_src[sname] = (svc, tuple(live[ends[j] - counts[j]:ends[j]]))
         else:
             new_src[sname] = (svc, tuple(map(ovget, [u for sp in svc.ports for u in sp.uids])))
-    delta: Counter[int] = Counter(ids)  # counted in C
-    if len(delta) == ns:  # no backend in two slots: each is referenced by one port
-        return delta
-    delta = Counter()
+    once = dict.fromkeys(ids, 1)
+    if len(once) == ns:  # no backend in two slots: each is referenced by one port
+        return once
+    delta: Counter[int] = Counter()
     delta.update(chain.from_iterable(map(set, map(ids.__getitem__, map(slice, map(int.__sub__, ends, counts),
                                                                           ends)))))
     return delta
@@ -853,7 +856,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     w["endpoint"], w["service"], w["names"] = ew, sw, nw
 
     # --- backend reference counts after this pass
-    delta: Counter[int] = Counter() if bulk_delta is None else bulk_delta  # counted in C
+    counted: Counter[int] = Counter()  # Counter.update/subtract count in C
     gone: Counter[int] = Counter()
     ports_get = m.ports.get
     for pname, p in (new_ports.items() if bulk_delta is None else ()):
@@ -861,9 +864,10 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
         if cur is not None:
             gone.update(slot_backend_ids(cur.vals))
         if p is not None:
-            delta.update(slot_backend_ids(p.vals))
+            counted.update(slot_backend_ids(p.vals))
     if gone:
-        delta.subtract(gone)
+        counted.subtract(gone)
+    delta: dict[int, int] = counted if bulk_delta is None else bulk_delta
 
     # --- backend removals: only once nothing references them any more
     kept_now: list[str] = []
