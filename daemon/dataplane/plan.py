@@ -519,7 +519,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
                 keep = {fe_key(v, port) for v in svc.vips if len(v) in (4, 16)}
                 released.update(k for k in cur.fes if k not in keep)
     pb = proj.backends
-    for uid in be_order:
+    for uid in (be_order if be_id else ()):  # (a first sync: no backend has an id to release)
         bid = be_id.get(uid)
         if bid is None:
             continue
