@@ -14,9 +14,11 @@ Value rendering (slots, weights, names, waypoints) lives in render.py.
 
 A first sync (10k services x 10 endpoints: 430k elements) overlaps the three: the planner hands
 the backends (with their pod-IP frontends) to a writer thread as soon as they are packed, then
-the new service ports' slots and headers in chunks while it plans the rest; km_names writes go to
-a second writer (no program reads that map). The map syscalls release the GIL, so the kernel
-inserts on one core while Python packs on the other.
+the new service ports' slots and headers while it plans the rest. Those and the km_names writes
+(no program reads that map) go to a second writer: the slots wait for the first writer's first
+batch (the backends they name) and the plan's VIP frontends wait for the second writer, so the
+maps' invariants hold at every step. The map syscalls release the GIL, so the kernel inserts
+on both cores while Python packs.
 """
 
 from __future__ import annotations
