@@ -10,8 +10,15 @@
  * Output: one line, "KMESH_CONNLOAD {json}", with exact percentiles in microseconds over the
  * successful requests, the request and error counts, and the wall time.
  *
+ * Lockstep (-i FD -o FD, with -c 1): before each request, wait for one byte on FD -i; after it
+ * (clock stopped), pass the byte on through FD -o. Two clients joined in a ring by two pipes
+ * (for instance one in a cgroup with our programs and one in a cgroup without) then alternate
+ * request by request on one CPU, so whatever the machine does meanwhile (other load, frequency
+ * changes) falls on both alike and their ratio is paired sample by sample, not run by run. The
+ * token passing is outside the timed cycle. End of file on -i (the peer exited) ends the run.
+ *
  * Usage: kmesh-connload -a ADDR -p PORT [-c CONC] [-n COUNT] [-d SECONDS] [-r REQUEST]
- *                       [-e EXPECT_PREFIX]
+ *                       [-e EXPECT_PREFIX] [-i TOKEN_IN_FD -o TOKEN_OUT_FD]
  * REQUEST may contain \r and \n escapes (default: an HTTP/1.1 GET with Connection: close).
  */
 #define _GNU_SOURCE
@@ -20,6 +27,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -40,6 +48,7 @@ static size_t expect_len;
 static long max_requests;
 static uint64_t deadline_ns;
 static atomic_long issued;
+static int token_in = -1, token_out = -1; /* lockstep pipes, -1 when off */
 
 struct worker {
     pthread_t thread;
@@ -91,7 +100,10 @@ out:
 
 static void *run_worker(void *arg) {
     struct worker *w = arg;
+    char token = 'k';
     for (;;) {
+        if (token_in >= 0 && read(token_in, &token, 1) != 1)
+            break; /* the peer is gone (or the pipe broke): stop with what we have */
         if (max_requests > 0 && atomic_fetch_add(&issued, 1) >= max_requests)
             break;
         uint64_t t0 = now_ns();
@@ -99,6 +111,8 @@ static void *run_worker(void *arg) {
             break;
         int rc = one_request();
         uint64_t dt = now_ns() - t0;
+        if (token_out >= 0 && write(token_out, &token, 1) != 1)
+            token_out = -1; /* the peer is gone: go on alone until the bound */
         if (rc != 0)
             w->errors++;
         else if (w->n < w->cap)
@@ -138,7 +152,7 @@ static void unescape(char *dst, size_t cap, const char *src, size_t *len) {
 
 static void usage(const char *msg) {
     fprintf(stderr, "kmesh-connload: %s\nusage: kmesh-connload -a ADDR -p PORT [-c CONC] [-n COUNT] "
-                    "[-d SECONDS] [-r REQUEST] [-e EXPECT_PREFIX]\n", msg);
+                    "[-d SECONDS] [-r REQUEST] [-e EXPECT_PREFIX] [-i TOKEN_IN_FD -o TOKEN_OUT_FD]\n", msg);
     exit(2);
 }
 
@@ -147,7 +161,7 @@ int main(int argc, char **argv) {
     const char *exp = "HTTP/1.1 200";
     int port = 0, conc = 1, opt;
     double duration = 0;
-    while ((opt = getopt(argc, argv, "a:p:c:n:d:r:e:")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:c:n:d:r:e:i:o:")) != -1) {
         switch (opt) {
         case 'a': addr = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -156,6 +170,8 @@ int main(int argc, char **argv) {
         case 'd': duration = atof(optarg); break;
         case 'r': req = optarg; break;
         case 'e': exp = optarg; break;
+        case 'i': token_in = atoi(optarg); break;
+        case 'o': token_out = atoi(optarg); break;
         default: usage("unknown option");
         }
     }
@@ -167,11 +183,16 @@ int main(int argc, char **argv) {
         usage("give -n COUNT or -d SECONDS (the run must be bounded)");
     if (duration > 600)
         usage("-d must be <= 600");
+    if ((token_in >= 0) != (token_out >= 0))
+        usage("lockstep needs both -i and -o");
+    if (token_in >= 0 && conc != 1)
+        usage("lockstep (-i/-o) runs one request at a time: use -c 1");
     memset(&target, 0, sizeof target);
     target.sin_family = AF_INET;
     target.sin_port = htons((uint16_t)port);
     if (inet_pton(AF_INET, addr, &target.sin_addr) != 1)
         usage("-a must be an IPv4 address");
+    signal(SIGPIPE, SIG_IGN); /* a closed peer (socket or lockstep pipe) is an error, not death */
     unescape(request, sizeof request, req, &request_len);
     unescape(expect, sizeof expect, exp, &expect_len);
 

@@ -90,6 +90,63 @@ def parse_line(stdout: str) -> ConnResult:
         cycle_ms=raw["concurrency"] / rps * 1000 if rps else 0.0)
 
 
+@dataclass
+class Side:
+    """One client of a lockstep pair: where it connects and from which cgroup (which decides
+    the BPF programs its sockets meet)."""
+
+    addr: str
+    port: int
+    cgroup: Path
+
+
+def _argv(addr: str, port: int, concurrency: int, duration_s: float, count: int, request: str,
+          expect: str) -> list[str]:
+    argv = [str(binary()), "-a", addr, "-p", str(port), "-c", str(concurrency), "-r", request, "-e", expect]
+    if duration_s > 0:
+        argv += ["-d", f"{duration_s:g}"]
+    if count > 0:
+        argv += ["-n", str(count)]
+    return argv
+
+
+def run_connload_lockstep(first: Side, second: Side, ns: str, *, duration_s: float = 0.0, count: int = 0,
+                          cpus: str | None = None, request: str = HTTP_REQUEST,
+                          expect: str = HTTP_EXPECT) -> tuple[ConnResult, ConnResult]:
+    """Two clients in `ns` that alternate request by request (kmesh-connload -i/-o): `first`
+    from its cgroup, then `second` from its own, and so on, each bound by count and duration.
+    Pinned to the same `cpus`, they see the same machine at the same moments, so the ratio of
+    their percentiles is paired sample by sample. Returns (first's result, second's result)."""
+    if duration_s <= 0 and count <= 0:
+        raise ValueError("run_connload_lockstep needs duration_s > 0 or count > 0 (bounded runs only)")
+    a_to_b, b_to_a = os.pipe(), os.pipe()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for side, tin, tout in ((first, b_to_a[0], a_to_b[1]), (second, a_to_b[0], b_to_a[1])):
+            argv = _argv(side.addr, side.port, 1, duration_s, count, request, expect) + \
+                ["-i", str(tin), "-o", str(tout)]
+            procs.append(subprocess.Popen(
+                netns.netns_argv(argv, ns, cpus), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdin=subprocess.DEVNULL, pass_fds=(tin, tout),
+                preexec_fn=lambda cg=side.cgroup: netns.enter_cgroup(cg)))
+        os.write(b_to_a[1], b"k")  # the first token: `first` starts
+    finally:
+        for fd in (*a_to_b, *b_to_a):
+            os.close(fd)  # only the clients hold the pipes now: one exiting ends the other
+    outs = []
+    try:
+        for proc, side in zip(procs, (first, second), strict=True):
+            out, err = proc.communicate(timeout=(duration_s or 60) + 30)
+            if proc.returncode != 0:
+                raise RuntimeError(f"kmesh-connload to {side.addr}:{side.port} (lockstep) exit "
+                                   f"{proc.returncode}: {(err or out).strip()[-300:]}")
+            outs.append(parse_line(out))
+    finally:
+        for proc in procs:
+            netns.stop(proc)  # type: ignore[arg-type]
+    return outs[0], outs[1]
+
+
 def run_connload(addr: str, port: int, ns: str, cgroup: Path, *, concurrency: int = 1,
                  duration_s: float = 0.0, count: int = 0, cpus: str | None = None,
                  request: str = HTTP_REQUEST, expect: str = HTTP_EXPECT) -> ConnResult:
@@ -97,11 +154,7 @@ def run_connload(addr: str, port: int, ns: str, cgroup: Path, *, concurrency: in
     connects). Raises when the client fails or nothing succeeded."""
     if duration_s <= 0 and count <= 0:
         raise ValueError("run_connload needs duration_s > 0 or count > 0 (bounded runs only)")
-    argv = [str(binary()), "-a", addr, "-p", str(port), "-c", str(concurrency), "-r", request, "-e", expect]
-    if duration_s > 0:
-        argv += ["-d", f"{duration_s:g}"]
-    if count > 0:
-        argv += ["-n", str(count)]
+    argv = _argv(addr, port, concurrency, duration_s, count, request, expect)
     res = netns.run(argv, ns, cgroup, cpus=cpus, timeout=(duration_s or 60) + 30)
     if res.returncode != 0:
         raise RuntimeError(f"kmesh-connload to {addr}:{port} exit {res.returncode}: "

@@ -20,9 +20,11 @@ every published figure the median over rounds with its min/max beside it:
   counted in the kernel, no ring-buffer event), off, and ``tracing`` (on, with a trace
   subscriber attached: events flow and the daemon's reader loop decodes and fans them out,
   a consumer thread formats them as a trace stream does).
-  ``monitoring_{on,off}.vip_over_direct_p50`` and ``tracing.vip_over_direct_p50``: the median
-  over rounds of the per-round ratio bpf_vip/direct (runs of one round are seconds apart, so
-  slow load drifts cancel).
+  ``monitoring_{on,off}.vip_over_direct_p50``: from the monitoring stage after the main rounds,
+  where a direct client and a bpf_vip client (each in its own cgroup) take turns request by
+  request (lockstep), once with monitoring on and once off per round; the median over rounds of
+  the per-round p50 ratio, with the main rounds' figure (separate runs) beside it as
+  ``main_rounds``. ``tracing.vip_over_direct_p50``: the main rounds' per-round ratio.
 - ``dataplane_request_only``: wrk with ``Connection: close``; wrk's clock starts after the
   handshake, so this is the request/response part alone (labelled ``_request_only``).
 - ``dataplane_keepalive``: wrk over kept-alive connections.
@@ -49,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import connload, envoy_proc, netns, nginx_proc
-from benchmarks.connload import ConnResult, run_connload
+from benchmarks.connload import ConnResult, Side, run_connload, run_connload_lockstep
 from benchmarks.wrk import WrkResult, run_wrk, write_script
 
 MODES = ("direct", "bpf_vip", "envoy_proxy")
@@ -80,12 +82,13 @@ class Settings:
     # path's cost and cannot hide behind queueing at whichever side is the bottleneck.
     conn_concurrency: int = 1
     monitoring_off: bool = True  # also run bpf_vip with monitoring off (when the switch exists)
-    # The monitoring ratios' own stage, after the main rounds: direct, bpf_vip (on) and bpf_vip
-    # with monitoring off only, in short runs rotated every round (21 = 7 x 3 orders), so each
-    # ratio pairs runs well under a second apart. The main rounds' 5 units x 2 s put ~10 s
-    # between the runs of a pair, and this 2-core VM drifts by 5-10 % over that (round IQR).
+    # The monitoring ratios' own stage, after the main rounds: each round runs direct and bpf_vip
+    # in lockstep (two clients, one per cgroup, alternating request by request on the client CPU)
+    # once with monitoring on and once off. Separate runs, even well under a second apart, left
+    # per-round ratios between 0.8 and 1.1 on this 2-core VM (its load drifts faster than that);
+    # alternating single requests puts both paths under the same conditions, sample by sample.
     mon_rounds: int = 21
-    mon_duration_s: float = 0.5
+    mon_duration_s: float = 1.0
     pin: bool = True
     modes: tuple[str, ...] = MODES
     backend: str = "auto"  # "nginx", "envoy", or "auto" (nginx when found, else Envoy)
@@ -493,15 +496,27 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                     progress(f"{tag} {mode:<22} wrk {'keepalive' if keepalive else 'close':<9} "
                              f"p50={res.p50_ms:.3f}ms p99={res.p99_ms:.3f}ms rps={res.rps:.0f} "
                              f"cpu/req={res.cpu_us_per_req}us err={res.errors}")
+        # The monitoring stage: direct and bpf_vip in lockstep (one client per cgroup, taking
+        # turns request by request on the client CPU), monitoring on and off rotated per round.
         mon_units = [u for u in ("direct", "bpf_vip", MON_OFF) if u in units] if not mon_note else []
-        mon_conn: dict[str, list[ConnResult]] = {u: [] for u in mon_units}
+        mon_conn: dict[str, list[ConnResult]] = {u: [] for u in ("direct_on", "bpf_vip", "direct_off",
+                                                                 MON_OFF)}
         if len(mon_units) == 3:
+            dhost, dport, dcg = url_of("direct")
+            vhost, vport, vcg = url_of("bpf_vip")
+            direct_side, vip_side = Side(dhost, dport, dcg), Side(vhost, vport, vcg)
             for rnd in range(settings.mon_rounds):
-                for unit in _rotate(mon_units, rnd):
+                for unit in _rotate(["bpf_vip", MON_OFF], rnd):
                     set_mon(unit)
-                    mon_conn[unit].append(one_conn(unit, settings.mon_duration_s))
-            progress(f"monitoring stage: {settings.mon_rounds} rounds x {len(mon_units)} units "
-                     f"x {settings.mon_duration_s}s")
+                    vip_first = rnd % 2 == 0  # who starts alternates too
+                    sides = (vip_side, direct_side) if vip_first else (direct_side, vip_side)
+                    a, b = run_connload_lockstep(*sides, topo.ns_client, duration_s=settings.mon_duration_s,
+                                                 cpus=env["cpus"]["client"])
+                    vip_res, direct_res = (a, b) if vip_first else (b, a)
+                    mon_conn[unit].append(vip_res)
+                    mon_conn["direct_on" if unit == "bpf_vip" else "direct_off"].append(direct_res)
+            progress(f"monitoring stage: {settings.mon_rounds} rounds x (on, off) x "
+                     f"{settings.mon_duration_s}s, direct and bpf_vip in lockstep")
         set_mon("bpf_vip")
         out: dict = {"dataplane": {}, "dataplane_request_only": {}, "dataplane_keepalive": {}}
         shown = [*MODES, *(m for m in EXTRA_MODES if m in settings.modes)]
@@ -530,10 +545,12 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
             pair = paired(conn[unit], conn["direct"]) if conn.get(unit) and conn.get("direct") else None  # type: ignore[arg-type]
             if pair is not None and mon_conn.get(unit):
                 # the published figure is the dedicated stage's; the main rounds' stays beside it
-                staged = paired(mon_conn[unit], mon_conn["direct"])
+                staged = paired(mon_conn[unit], mon_conn["direct_on" if unit == "bpf_vip" else "direct_off"])
                 if staged is not None:
                     pair = {**staged, "stage": f"{settings.mon_rounds} rounds x {settings.mon_duration_s}s, "
-                                               "direct/bpf_vip/monitor-off rotated",
+                                               "direct and bpf_vip in lockstep (request by request), "
+                                               "monitoring on/off rotated",
+                            "requests_per_round": [r.requests for r in mon_conn[unit]],
                             "main_rounds": {k: pair[k] for k in ("vip_over_direct_p50", "min", "max", "iqr",
                                                                  "rounds")}}
             out["dataplane"][key] = pair or note or env["unavailable"].get(
@@ -548,7 +565,8 @@ def run(settings: Settings | None = None, progress: Callable[[str], None] = _log
                        f"wrk -t1 -c{settings.connections} (Lua done() for exact percentiles)"),
             "rounds": settings.rounds, "duration_s": settings.duration_s, "cpus": env["cpus"],
             "monitoring_stage": {"rounds": settings.mon_rounds, "duration_s": settings.mon_duration_s,
-                                 "units": mon_units},
+                                 "units": mon_units, "method": "lockstep: direct and bpf_vip clients take "
+                                 "turns request by request (kmesh-connload -i/-o), pinned to the client CPU"},
             "monitoring": ("bpf_vip with monitoring on and nobody tracing (metrics counted in the kernel), "
                            "off, and on with a trace subscriber (events read by the daemon's reader loop "
                            "and a trace consumer thread, whose CPU is in that unit's CPU/req), each round"

@@ -213,7 +213,7 @@ def reap_stale() -> list[str]:
     return reaped
 
 
-def _enter_cgroup(cgroup: Path) -> None:
+def enter_cgroup(cgroup: Path) -> None:
     """preexec_fn: move the child into `cgroup` before it execs."""
     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
@@ -232,7 +232,7 @@ def spawn(argv: Sequence[str], netns: str, cgroup: Path, cpus: str | None = None
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     try:
         return subprocess.Popen(netns_argv(argv, netns, cpus), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=lambda: _enter_cgroup(cgroup))
+                                stdin=subprocess.DEVNULL, preexec_fn=lambda: enter_cgroup(cgroup))
     finally:
         if log:
             out.close()  # type: ignore[union-attr]
@@ -242,7 +242,7 @@ def run(argv: Sequence[str], netns: str, cgroup: Path, cpus: str | None = None,
         timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a command to completion inside `netns` and `cgroup`, capturing its output."""
     return subprocess.run(netns_argv(argv, netns, cpus), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, preexec_fn=lambda: _enter_cgroup(cgroup))
+                          stdin=subprocess.DEVNULL, preexec_fn=lambda: enter_cgroup(cgroup))
 
 
 def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 5) -> None:

@@ -11,23 +11,26 @@ Two ways, tried in this order:
    ``~/.kube/config``.
 
 Each HTTP request gets its own connection (one port-forward stream per request), so a
-daemon restart between two requests is harmless.
+daemon restart between two requests is harmless. http.client is imported where a request is
+made: every command module imports this one, and `kmeshctl --help` should not pay for it.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from kmeshctl.common import KmeshctlError, UsageError
+
+if TYPE_CHECKING:
+    import http.client
 
 ADMIN_PORT = 15200
 DAEMON_NAMESPACE = "kmesh-system"
@@ -70,6 +73,7 @@ class Daemon:
 
     # ----- transport ---------------------------------------------------------------------
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        import http.client
         conn = http.client.HTTPConnection(self.host or "127.0.0.1", self.port, timeout=timeout)
         if self.pod is not None:
             from kubernetes import client
@@ -90,6 +94,7 @@ class Daemon:
     def request(self, method: str, path: str, body: Any = None, timeout: float = 15.0
                 ) -> tuple[int, bytes]:
         """(status, body); KmeshctlError when the daemon cannot be reached."""
+        import http.client
         conn = self._connection(timeout)
         try:
             headers = {"Connection": "close"}
@@ -126,6 +131,7 @@ class Daemon:
 
     def stream_lines(self, path: str, idle_timeout: float = 10.0) -> Iterator[str]:
         """Lines of a chunked response (the trace stream); blank keep-alive lines skipped."""
+        import http.client
         conn = self._connection(idle_timeout)
         try:
             conn.request("GET", path, headers={"Accept": "application/x-ndjson"})
@@ -178,6 +184,7 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def _probe(host: str, port: int, timeout: float = 1.0) -> dict[str, Any] | None:
+    import http.client
     try:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
         conn.request("GET", "/version", headers={"Connection": "close"})

@@ -204,9 +204,12 @@ def test_dataplane_http_tiny_run(test_cgroup: Path, run_prefix: str, backend: st
         assert 2.5 <= out["dataplane"]["bpf_vip_tracing"]["events_per_request"][0] <= 3.5
         off = out["dataplane"]["monitoring_off"]
         if isinstance(off, dict):
-            # the dedicated stage: 3 rotated rounds of direct/on/off; the main rounds' figure beside
+            # the dedicated stage: 3 rounds of (on, off), each a lockstep pair of direct and bpf_vip
+            # clients with as many requests each; the main rounds' figure beside
             assert off["rounds"] == on["rounds"] == 3 and on["main_rounds"]["rounds"] == 1
             assert out["meta"]["monitoring_stage"]["units"] == ["direct", "bpf_vip", "bpf_vip_monitor_off"]
+            assert "lockstep" in on["stage"] and "lockstep" in out["meta"]["monitoring_stage"]["method"]
+            assert all(n > 0 for n in on["requests_per_round"] + off["requests_per_round"])
             assert out["dataplane"]["bpf_vip_monitor_off"]["events_per_request"] == [0.0]
             assert out["dataplane"]["bpf_vip_monitor_off"]["errors"] == 0
         else:

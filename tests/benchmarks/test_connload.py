@@ -7,6 +7,7 @@ that failures are counted and reported instead of timed.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -82,3 +83,54 @@ def test_binary_is_cached_by_source_hash(tmp_path) -> None:  # noqa: ANN001
     first = connload.binary(tmp_path)
     assert first.name.startswith("kmesh-connload-") and connload.binary(tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def _lockstep(a_args: tuple[str, ...], b_args: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+    """Two clients joined by two pipes, as run_connload_lockstep joins them (a starts)."""
+    a_to_b, b_to_a = os.pipe(), os.pipe()
+    procs = []
+    for args, tin, tout in ((a_args, b_to_a[0], a_to_b[1]), (b_args, a_to_b[0], b_to_a[1])):
+        procs.append(subprocess.Popen([str(connload.binary()), *args, "-i", str(tin), "-o", str(tout)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      pass_fds=(tin, tout)))
+    os.write(b_to_a[1], b"k")
+    for fd in (*a_to_b, *b_to_a):
+        os.close(fd)
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=60)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def test_lockstep_alternates_request_by_request() -> None:
+    order: list[str] = []
+
+    def tagged(tag: str):
+        def handle(conn: socket.socket) -> None:
+            order.append(tag)
+            _answer(conn)
+        return handle
+
+    with LoopbackServer(tagged("a")) as a, LoopbackServer(tagged("b")) as b:
+        pa, pb = _lockstep(("-a", "127.0.0.1", "-p", str(a.port), "-n", "20"),
+                           ("-a", "127.0.0.1", "-p", str(b.port), "-n", "20"))
+    assert pa.returncode == 0 and pb.returncode == 0, (pa.stderr, pb.stderr)
+    ra, rb = connload.parse_line(pa.stdout), connload.parse_line(pb.stdout)
+    assert ra.requests == rb.requests == 20
+    assert order == ["a", "b"] * 20  # strictly one after the other, a first
+
+
+def test_lockstep_ends_when_the_peer_ends(server: LoopbackServer) -> None:
+    """The peer's bound ends both: a client whose peer exited sees end of file, not a hang."""
+    pa, pb = _lockstep(("-a", "127.0.0.1", "-p", str(server.port), "-n", "3"),
+                       ("-a", "127.0.0.1", "-p", str(server.port), "-n", "1000", "-d", "30"))
+    ra, rb = connload.parse_line(pa.stdout), connload.parse_line(pb.stdout)
+    assert ra.requests == 3 and rb.requests == 3
+    assert rb.duration_s < 10
+
+
+def test_lockstep_needs_both_pipes_and_one_in_flight() -> None:
+    for args in (("-i", "0"), ("-i", "0", "-o", "1", "-c", "2")):
+        proc = _run("-a", "127.0.0.1", "-p", "80", "-n", "1", *args)
+        assert proc.returncode == 2 and "lockstep" in proc.stderr

@@ -26,6 +26,27 @@ def test_help_does_not_import_heavy_libraries(args: list[str]) -> None:
                 if line.startswith("import time:")}
     assert "typer" in imported  # guards the parsing of -X importtime output
     assert not imported & {"kubernetes", "grpc", "bcc", "urllib3"}, imported & {"kubernetes", "grpc", "bcc"}
+    # typer's rich help imports rich.markdown and rich.traceback; the stand-ins keep
+    # markdown-it and pygments out; http.client comes with the first admin request
+    assert not imported & {"markdown_it", "pygments", "http"}, imported & {"markdown_it", "pygments", "http"}
+
+
+def test_rich_stand_ins_build_the_real_objects() -> None:
+    """The stand-ins for rich.markdown and rich.traceback (kmeshctl.main) load the real modules
+    on first use: a Markdown renders, Traceback's classmethods work."""
+    code = ("import sys; from kmeshctl.main import _defer_rich_imports; _defer_rich_imports()\n"
+            "from rich.markdown import Markdown; from rich.traceback import Traceback\n"
+            "from rich.console import Console\n"
+            "c = Console(width=40, file=open('/dev/null', 'w'), record=True)\n"
+            "m = Markdown('# hi *there*'); c.print(m)\n"
+            "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n"
+            "    t = Traceback.from_exception(type(e), e, e.__traceback__)\n"
+            "print(type(m).__module__, type(t).__module__, 'markdown_it' in sys.modules,\n"
+            "      c.export_text().strip())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO),
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-500:]
+    assert p.stdout.split() == ["rich.markdown", "rich.traceback", "True", "hi", "there"]
 
 
 USAGE_ERRORS = [
