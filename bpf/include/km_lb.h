@@ -208,7 +208,7 @@ static __always_inline __u8 km_translate(struct km_fe_key *key, struct km_sock *
     return verdict;
 }
 
-/* TCP_BPF_SOCK_OPS_CB_FLAGS (kernel >= 6.12; the build's uapi headers may predate it) */
+/* TCP_BPF_SOCK_OPS_CB_FLAGS (recent kernels; the build's uapi headers may predate it) */
 #define KM_TCP_BPF_SOCK_OPS_CB_FLAGS 1008
 
 /* Store the socket record, then, unless access logs are off, emit the connect event. A
