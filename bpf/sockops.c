@@ -85,6 +85,12 @@ int sockops(struct bpf_sock_ops *skops)
         if (st != KM_TCP_CLOSE)
             return 1;
     }
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+        /* connect4/6 asked for the state callbacks already (km_record): nothing to do */
+        volatile __u32 cbf = skops->bpf_sock_ops_cb_flags;
+        if (cbf & BPF_SOCK_OPS_STATE_CB_FLAG)
+            return 1;
+    }
     __u32 off = km_mon_off();
     int events = !KM_EVENTS_OFF(off);
     int metrics = !(off & KM_MON_METRICS);
@@ -96,7 +102,8 @@ int sockops(struct bpf_sock_ops *skops)
     if (!s)
         return 1;
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-        /* ask for state callbacks now, so a connect that never establishes still closes */
+        /* ask for state callbacks now, so a connect that never establishes still closes
+         * (only when connect4/6 could not: a kernel without TCP_BPF_SOCK_OPS_CB_FLAGS) */
         volatile __u32 cbf = skops->bpf_sock_ops_cb_flags;
         bpf_sock_ops_cb_flags_set(skops, cbf | BPF_SOCK_OPS_STATE_CB_FLAG);
         return 1;

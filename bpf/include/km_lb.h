@@ -45,14 +45,12 @@ struct km_choice {
     struct km_backend *be;
 };
 
-/* One endpoint of service port svc_id: STRICT uses priority 0 only, FAILOVER the lowest
- * non-empty priority, RANDOM keeps everything in priority 0; a uniform random slot (weights
- * are expanded into slots). Returns 1 with backend_id/port/be filled, 0 when there is none. */
-static __always_inline int km_pick(__u32 svc_id, struct km_choice *c)
+/* One endpoint of service port svc_id (svc: its km_service value, already looked up): STRICT
+ * uses priority 0 only, FAILOVER the lowest non-empty priority, RANDOM keeps everything in
+ * priority 0; a uniform random slot (weights are expanded into slots). Returns 1 with
+ * backend_id/port/be filled, 0 when there is none. */
+static __always_inline int km_pick(__u32 svc_id, struct km_service *svc, struct km_choice *c)
 {
-    struct km_service *svc = km_service.lookup(&svc_id);
-    if (!svc)
-        return 0;
     __u32 prio = 0, count = 0;
     if (svc->lb_mode == KM_LB_FAILOVER) {
 #pragma unroll
@@ -109,7 +107,9 @@ static __always_inline void km_waypoint(struct km_wp *wp, struct km_choice *c)
     }
     struct km_choice w = {};
     if (fe->kind == KM_FE_SERVICE) {
-        if (!km_pick(fe->id, &w))
+        __u32 wid = fe->id;
+        struct km_service *wsvc = km_service.lookup(&wid);
+        if (!wsvc || !km_pick(wid, wsvc, &w))
             return;
     } else {
         __u32 bid = fe->id;
@@ -157,7 +157,7 @@ static __always_inline int km_choose(struct km_fe_key *key, struct km_choice *c)
         km_waypoint(&svc->wp, c);
         return 1;
     }
-    if (km_pick(id, c))
+    if (km_pick(id, svc, c)) /* svc: no second km_service lookup */
         c->verdict = KM_V_TRANSLATED;
     return 1;
 }
@@ -208,17 +208,33 @@ static __always_inline __u8 km_translate(struct km_fe_key *key, struct km_sock *
     return verdict;
 }
 
-/* Store the socket record (getpeername and sockops need it whatever monitoring says), then,
- * unless access logs are off, emit the connect event. */
-static __always_inline void km_record(void *ctx, __u64 netns, struct km_sock *s, __u8 verdict,
-                                      int store)
+/* TCP_BPF_SOCK_OPS_CB_FLAGS (recent kernels; the build's uapi headers may predate it) */
+#define KM_TCP_BPF_SOCK_OPS_CB_FLAGS 1008
+
+/* Store the socket record, then, unless access logs are off, emit the connect event. A
+ * translated socket is always stored (getpeername restores the VIP from it, sockops reads the
+ * waypoint hand-off); any other only while sockops counts or reports it (metrics or events on):
+ * with monitoring off a direct pod connection costs no map write. When sockops will want the
+ * close, the state callbacks are asked for here, in the same program, so that sockops needs no
+ * km_sock lookup at TCP_CONNECT_CB (it still asks itself if this setsockopt is refused). */
+static __always_inline void km_record(struct bpf_sock_addr *ctx, __u64 netns, struct km_sock *s,
+                                      __u8 verdict, int store)
 {
-    __u32 quiet = KM_EVENTS_OFF(km_mon_off());
+    __u32 off = km_mon_off();
+    __u32 quiet = KM_EVENTS_OFF(off);
+    int watched = !quiet || !(off & KM_MON_METRICS);
+    if (!(s->flags & KM_SK_TRANSLATED) && !watched)
+        store = 0;
     if (quiet && !store)
         return;
     __u64 ck = bpf_get_socket_cookie(ctx);
-    if (store)
+    if (store) {
         km_sock.update(&ck, s);
+        if (watched) {
+            int cbf = BPF_SOCK_OPS_STATE_CB_FLAG;
+            bpf_setsockopt(ctx, KM_IPPROTO_TCP, KM_TCP_BPF_SOCK_OPS_CB_FLAGS, &cbf, sizeof(cbf));
+        }
+    }
     if (quiet)
         return;
     struct km_event ev = {};

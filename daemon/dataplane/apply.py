@@ -51,11 +51,17 @@ class Writer(threading.Thread):
     while the rest of the plan is still being made, then the plan (submit()). finish() waits
     and re-raises; after a failure nothing further is written."""
 
-    def __init__(self, maps: Mapping[str, MapLike], early: list[tuple[str, Writes]] | None = None) -> None:
+    def __init__(self, maps: Mapping[str, MapLike], early: list[tuple[str, Writes]] | None = None,
+                 slots_after: Writer | None = None) -> None:
         super().__init__(name="reconcile-write", daemon=True)
         self.maps = maps
         self.res = ReconcileResult()
         self.error: BaseException | None = None
+        # set once the first batch handed over (a pass's new backends) is written, or failed
+        self.first_done = threading.Event()
+        self.first_ok = False
+        self.slots_after = slots_after  # endpoint/service writes wait for its first batch
+        self.after: Writer | None = None  # the plan waits for this writer (and not after its failure)
         self._queue: queue.SimpleQueue[list[tuple[str, Writes]] | Plan | None] = queue.SimpleQueue()
         if early:
             self._queue.put(early)
@@ -69,16 +75,31 @@ class Writer(threading.Thread):
                 if item is None:
                     return
                 if isinstance(item, Plan):
+                    after = self.after
+                    if after is not None:
+                        after.join()
+                        if after.error is not None:
+                            raise after.error  # its failure is this pass's: the plan is not applied
                     apply(self.maps, item, self.res)
                     return
+                dep = self.slots_after
+                if dep is not None and any(name in ("endpoint", "service") for name, _wr in item):
+                    dep.first_done.wait()  # slots name backends: those are written first
+                    if not dep.first_ok:  # the backends' failure is this pass's: no slot is written
+                        raise dep.error or RuntimeError("backend writes failed: slots not written")
                 t = time.perf_counter()
                 try:
                     write(self.maps, item, self.res)
                 finally:
                     self.res.write_seconds += time.perf_counter() - t
                     self.res.maps_written_monotonic = time.monotonic()
+                if not self.first_done.is_set():
+                    self.first_ok = True
+                    self.first_done.set()
         except BaseException as exc:  # noqa: BLE001 - re-raised by finish(); nothing queued after runs
             self.error = exc
+        finally:
+            self.first_done.set()  # (first_ok stays False when it failed or never came)
 
     def add(self, batches: list[tuple[str, Writes]]) -> None:
         """Write these after everything handed over before."""

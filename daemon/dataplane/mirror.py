@@ -21,6 +21,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Mapping
 from itertools import chain, repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING, Protocol
 
 from daemon.dataplane import layout as L
@@ -157,6 +158,9 @@ class Port:
 
     def nslots(self) -> int:
         return sum(map(len, self.vals)) // 8
+
+
+_ID, _NAME, _SERVICE, _VALUE, _VALS = (attrgetter(a) for a in ("id", "name", "service", "value", "vals"))
 
 
 class Mirror:
@@ -327,6 +331,21 @@ class Mirror:
         self._n_svc += 1 if p.value else 0
         self._n_ep += p.nslots()
 
+    def _add_ports(self, ps: list[Port]) -> None:
+        """_add_port of each of these ports (none in the mirror yet), with no statement per port
+        when each service has one port (a first sync)."""
+        names = list(map(_NAME, ps))
+        services = list(map(_SERVICE, ps))
+        if len(set(services)) != len(ps) or self.svc_ports.keys() & services:
+            for p in ps:
+                self._add_port(p)
+            return
+        self.ports.update(zip(names, ps, strict=True))
+        self.svc_ports.update(zip(services, names, strict=True))
+        self.port_by_id.update(zip(map(_ID, ps), ps, strict=True))
+        self._n_svc += len(ps) - list(map(_VALUE, ps)).count(b"")
+        self._n_ep += sum(map(len, chain.from_iterable(map(_VALS, ps)))) // 8
+
     def _drop_port(self, p: Port) -> None:
         self.ports.pop(p.name, None)
         names = tuple(n for n in self.port_names(p.service) if n != p.name)
@@ -418,6 +437,9 @@ class Mirror:
             for pool, i in self._held:
                 pool.release(i)
             self._held = []
+        if not self.ports and new_ports and None not in new_ports.values():  # a first sync: in bulk
+            self._add_ports(list(new_ports.values()))
+            new_ports = {}
         for pname, p in new_ports.items():
             cur = self.ports.get(pname)
             if cur is not None:
@@ -489,9 +511,17 @@ class Mirror:
             elif owner != code:
                 self._claim(k, code)
         refs = self.be_refs
-        for bid, dv in delta.items():
-            if bid < len(refs):
-                refs[bid] += dv
+        lo, hi = (min(delta), max(delta)) if delta else (0, -1)
+        if (hi - lo + 1 == len(delta) and hi < len(refs) and list(delta.values()).count(1) == len(delta)
+                and refs.count(0) == len(refs)):  # a first sync: ids lo..hi each used by one port
+            refs[lo:hi + 1] = array("i", [1]) * len(delta)
+        elif delta and hi < len(refs):  # with no statement per backend
+            bids = list(delta)
+            list(map(refs.__setitem__, bids, map(int.__add__, map(refs.__getitem__, bids), delta.values())))
+        else:
+            for bid, dv in delta.items():
+                if bid < len(refs):
+                    refs[bid] += dv
         for sname, (_svc, want, _same) in wanted.items():
             if not want:
                 self._forget_src(sname)
@@ -507,6 +537,11 @@ class Mirror:
             sigs = [sig[1] for sig in new_src.values()]
             if None not in sigs:
                 ids = list(chain.from_iterable(sigs))
+                if None not in ids and ids and ids == list(range(ids[0], ids[0] + len(ids))):
+                    # ids in signature order are consecutive (each backend named once): one slice
+                    be_want[ids[0]:ids[0] + len(ids)] = chain.from_iterable(
+                        map(repeat, new_src.keys(), map(len, sigs)))
+                    return
                 if None not in ids:
                     list(map(be_want.__setitem__, ids, chain.from_iterable(
                         map(repeat, new_src.keys(), map(len, sigs)))))

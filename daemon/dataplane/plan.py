@@ -23,16 +23,18 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate, chain, repeat
 from operator import attrgetter
 
 from daemon.dataplane import layout as L
 from daemon.dataplane.mirror import IdPool, Mirror, Port, fe_token, pod_tokens, token_key
-from daemon.dataplane.model import Backend, Projection, Service
+from daemon.dataplane.model import Backend, LbMode, Projection, Service
 from daemon.dataplane.render import (
     BE_TAIL_PLAIN,
     EMPTY_VALS,
+    EPV,
     SVC_HEAD,
     ZERO4,
     ZERO16,
@@ -42,7 +44,9 @@ from daemon.dataplane.render import (
     encode_name,
     fe_key,
     fmt_fe,
+    htons,
     port_name,
+    random_header,
     render_backend,
     render_slots,
     render_wp,
@@ -68,7 +72,8 @@ assert _EPK[1][:3].tobytes() == L.EP_KEY.pack(0, 1, 0)  # km_ep_key is three nat
 # km_service values kept by the mirror, one object per distinct value: it depends on the lb mode,
 # the slot counts and the waypoint only, so 10,000 ports of 10 endpoints share one
 _VALUES: dict[bytes, bytes] = {}
-_IP4, _IP6, _WP, _HANDOFF = (attrgetter(a) for a in ("ipv4", "ipv6", "waypoint", "handoff_port"))
+_IP4, _IP6, _WP, _HANDOFF, _UID, _NAME, _NS = (attrgetter(a) for a in (
+    "ipv4", "ipv6", "waypoint", "handoff_port", "uid", "name", "namespace"))
 
 
 def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room: tuple[int, int, int],
@@ -113,32 +118,160 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     new_backs.update(zip(order, ids, strict=True))
     override.update(new_backs)
     idarr = array("I", ids)
-    bw.keys = bytearray(idarr.tobytes())
+    bw.keys = bytearray(idarr)
     vals = array("I", _BE_V4_TAIL_WORDS) * n  # 12 words a backend: ip4 first, the rest constant
     vals[0::_BE_WORDS] = array("I", packed)
-    bw.vals = bytearray(vals.tobytes())
-    nk = array("I", [0]) * (2 * n)
-    nk[0::2] = array("I", [L.NAME_BACKEND]) * n
-    nk[1::2] = idarr
-    nw.keys = bytearray(nk.tobytes())
+    bw.vals = bytearray(vals)
     fk = array("I", _FE4_WORDS) * n  # km_fe_key: ip4, zeros, port 0, AF_INET
     fk[0::_FE_WORDS] = vals[0::_BE_WORDS]
-    fw.keys += fk.tobytes()
+    fw.keys += fk
     fv = array("I", [0]) * (2 * n)
     fv[0::2] = array("I", [L.FE_BACKEND]) * n
     fv[1::2] = idarr
-    fw.vals += fv.tobytes()
-    top, size = L.NAME_LEN - 1, L.NAME_LEN
-    nv = bytearray(size * n)
-    for i in range(0, n, _CHUNK):  # a chunk of names at a time, not 100k objects at once
-        raw = [f"{b.uid}\0{b.name}\0{b.namespace}".encode() for b in bs[i:i + _CHUNK]]
-        if max(map(len, raw)) > top:
-            raw = [r[:top] for r in raw]  # as encode_name(): the last byte stays NUL
-        names = _NAMES if len(raw) == _CHUNK else struct.Struct(f"={len(raw) * L.NAME_VAL.format[1:]}")
-        names.pack_into(nv, size * i, *raw)  # each padded with NULs to its 256 bytes, in C
-    nw.vals = nv
-    bulk_src[:] = bs
+    fw.vals += fv
+    bulk_src[:] = bs  # their names: _backend_names(), in chunks
     return True
+
+
+def _backend_names(bs: list[Backend], first: int) -> Iterator[Writes]:
+    """km_names writes of backends with the consecutive ids first, first + 1, ... in chunks of
+    _CHUNK (1 MiB of values): a first sync's names are written a chunk at a time, never held at
+    once (256 MB at 1M backends)."""
+    for i in range(0, len(bs), _CHUNK):
+        part = bs[i:i + _CHUNK]
+        n = len(part)
+        wr = Writes()
+        nk = array("I", [L.NAME_BACKEND]) * (2 * n)
+        nk[1::2] = array("I", range(first + i, first + i + n))
+        wr.keys = bytearray(nk)
+        wr.vals = bytearray(L.NAME_LEN * n)
+        _pack_names(wr.vals, 0, list(map(str.encode, map("\0".join, zip(map(_UID, part), map(_NAME, part),
+                                                                          map(_NS, part), strict=True)))))
+        wr.n = n
+        yield wr
+
+
+def _EPV_WORD(tp: int) -> int:  # noqa: N802 - a constant-like helper
+    """The second native u32 of a km_ep_val for this target port (port in network order, 0)."""
+    return array("I", EPV.pack(0, htons(tp), 0))[1]
+
+
+def _pack_names(buf: bytearray, at: int, raw: list[bytes]) -> None:
+    """km_names values of these encoded names into buf from element at: each cut as
+    encode_name() cuts it (the last byte stays NUL) and padded with NULs, in C."""
+    if max(map(len, raw), default=0) > L.NAME_LEN - 1:
+        raw = [r[:L.NAME_LEN - 1] for r in raw]
+    names = _NAMES if len(raw) == _CHUNK else struct.Struct(f"={len(raw) * L.NAME_VAL.format[1:]}")
+    names.pack_into(buf, L.NAME_LEN * at, *raw)
+
+
+def _bulk_services(wanted: dict[str, tuple[Service | None, dict[str, int], bool]], ovget: Callable,
+                   usage: dict[str, int], limits: dict[str, int], alloc: IdView, ew: Writes, sw: Writes,
+                   nw: Writes, fw: Writes, pass_claims: dict[bytes, int], new_ports: dict[str, Port | None],
+                   new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]]
+                   ) -> dict[int, int] | None:
+    """The service stage of a first sync (the mirror holds no port, no frontend and no backend
+    id), for the common input: every wanted port is RANDOM, weight 1, one valid target port,
+    no waypoint, every endpoint's backend got an id in this pass, and everything fits with no
+    VIP:port claimed twice. Then the per-service loop would accept every port, in order, so
+    its writes are packed here in bulk (the same elements in the same order) and the backend
+    reference counts are returned. None (nothing done) when any of that does not hold."""
+    pnames: list[str] = []
+    snames: list[str] = []
+    cols: list[tuple[str, ...]] = []
+    tps: list[int] = []
+    fes_l: list[tuple[bytes, ...]] = []
+    srcs: list[tuple[str, Service]] = []
+    for sname, (svc, want, _same) in wanted.items():
+        if not want or svc is None:
+            continue
+        if svc.lb_mode != LbMode.RANDOM or svc.waypoint is not None or bad_service(svc):
+            return None
+        ports = svc.ports
+        srcs.append((sname, svc, len(cols) if len(ports) == 1 else -1))
+        for pname, i in (want.items() if len(want) == 1 else sorted(want.items())):
+            sp = ports[i]
+            u = sp.uniform
+            uids = sp.uids
+            if u is None or (uids and (u[1] != 1 or not 0 < u[0] < 65536)):
+                return None
+            pnames.append(pname)
+            snames.append(sname)
+            cols.append(uids)
+            tps.append(u[0] if uids else tps[-1] if tps else 1)  # an empty port renders no slot
+            port = sp.port
+            vips = svc.vips
+            fes_l.append((fe_key(vips[0], port),) if len(vips) == 1 else tuple(sorted({fe_key(vip, port)
+                                                                                      for vip in vips})))
+    if not pnames:
+        return None
+    counts = list(map(len, cols))
+    live = list(map(ovget, chain.from_iterable(cols)))  # in endpoint order, as the signatures
+    if None in live:
+        return None
+    srt = list(map(tuple, map(sorted, cols)))  # slots are in (uid, ...) order: nearly always already
+    ids = live if srt == cols else list(map(ovget, chain.from_iterable(srt)))
+    keys = list(chain.from_iterable(fes_l))
+    if len(set(keys)) != len(keys):  # a VIP:port wanted twice: the loop rejects the later one
+        return None
+    np_, ns, nf = len(pnames), len(ids), len(keys)
+    need = {"frontend": nf, "service": np_, "endpoint": ns, "names": np_}
+    if any(usage[k] + n > limits[k] for k, n in need.items()):
+        return None
+    sids = list(alloc.take_range(np_)) if alloc.pristine() else [alloc.take() for _ in range(np_)]
+    for k, n in need.items():
+        usage[k] += n
+    # km_endpoint: key (sid, 0, slot), value (backend id, htons(target port), 0)
+    ek = array("I", [0]) * (3 * ns)
+    ek[0::3] = array("I", chain.from_iterable(map(repeat, sids, counts)))
+    ek[2::3] = array("I", chain.from_iterable(map(range, counts)))
+    ev = array("I", [0]) * (2 * ns)
+    ev[0::2] = array("I", ids)
+    if len(set(tps)) == 1:
+        ev[1::2] = array("I", [_EPV_WORD(tps[0])]) * ns
+    else:
+        ev[1::2] = array("I", chain.from_iterable(map(repeat, map(_EPV_WORD, tps), counts)))
+    evb = ev.tobytes()
+    ends = list(accumulate(counts))
+    blobs = [evb[8 * (e - c):8 * e] for e, c in zip(ends, counts, strict=True)]
+    values = list(map(random_header, counts))
+    valss = zip(blobs, *[repeat(b"")] * (L.PRIOS - 1), strict=False)  # (slots of prio 0, b"", ...)
+    ports = list(map(Port, sids, pnames, snames, values, valss, fes_l))
+    new_ports.update(zip(pnames, ports, strict=True))
+    ew.keys += ek
+    ew.vals += evb
+    ew.n += ns
+    sida = array("I", sids)
+    sw.keys += sida
+    sw.vals += b"".join(values)
+    sw.n += np_
+    nk = array("I", [L.NAME_SERVICE]) * (2 * np_)
+    nk[1::2] = sida
+    nw.keys += nk
+    at = len(nw.vals) // L.NAME_LEN
+    nw.vals += bytes(L.NAME_LEN * np_)
+    for i in range(0, np_, _CHUNK):
+        _pack_names(nw.vals, at + i, [p.encode() for p in pnames[i:i + _CHUNK]])
+    nw.n += np_
+    owners = list(chain.from_iterable(map(repeat, sids, map(len, fes_l))))
+    fw.keys += b"".join(keys)
+    fv = array("I", [L.FE_SERVICE]) * (2 * nf)
+    fv[1::2] = array("I", owners)
+    fw.vals += fv
+    fw.n += nf
+    pass_claims.update(zip(keys, map(int.__neg__, owners), strict=True))
+    for sname, svc, j in srcs:
+        if j >= 0:  # one port: its signature is its column's ids
+            new_src[sname] = (svc, tuple(live[ends[j] - counts[j]:ends[j]]))
+        else:
+            new_src[sname] = (svc, tuple(map(ovget, [u for sp in svc.ports for u in sp.uids])))
+    once = dict.fromkeys(ids, 1)
+    if len(once) == ns:  # no backend in two slots: each is referenced by one port
+        return once
+    delta: Counter[int] = Counter()
+    delta.update(chain.from_iterable(map(set, map(ids.__getitem__, map(slice, map(int.__sub__, ends, counts),
+                                                                          ends)))))
+    return delta
 
 
 def _new_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, rejected: dict[str, str],
@@ -386,7 +519,7 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
                 keep = {fe_key(v, port) for v in svc.vips if len(v) in (4, 16)}
                 released.update(k for k in cur.fes if k not in keep)
     pb = proj.backends
-    for uid in be_order:
+    for uid in (be_order if be_id else ()):  # (a first sync: no backend has an id to release)
         bid = be_id.get(uid)
         if bid is None:
             continue
@@ -536,10 +669,12 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     bw.n = len(bw.keys) // 4
     nw.n = len(nw.keys) // L.NAME_KEY.size
     fw.n = len(fw.keys) // L.FE_KEY.size
+    # a bulk first sync's backend names, packed a chunk at a time below
+    names = _backend_names(bulk_src, be_alloc.ranges[-1].start) if bulk_src else None
     early: list[tuple[str, Writes]] = []
     fresh = not m.ports and not any(m.orphans.values())  # with no backends before: a first sync
     stream = None
-    if on_early is not None and bw.n + nw.n >= early_min:
+    if on_early is not None and bw.n + nw.n + len(bulk_src) >= early_min:
         # A big batch (a first sync): let the kernel insert the backends and their names on a
         # second core while the services are rendered. Only ids nothing references yet or
         # in-place value changes, so writing them before phase 1 is as safe as in phase 2. With
@@ -553,8 +688,14 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
             stream = on_early
         early.extend(first)
         on_early(first)
+        for chunk in names or ():  # each handed over as soon as it is packed
+            early.append(("names", chunk))
+            on_early([("names", chunk)])
         w["backend"], w["names"] = Writes(), Writes()
         nw, fw = w["names"], w["frontend"]
+    elif names is not None:
+        for chunk in names:
+            nw.add(chunk.keys, chunk.vals, chunk.n)
 
     # --- services: kept and new ports
     new_src: dict[str, tuple[Service, tuple[int | None, ...] | None]] = {}
@@ -567,7 +708,16 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     if len(_VALUES) > 4096:
         _VALUES.clear()
     intern = _VALUES.setdefault
-    for sname, (svc, want, same_input) in wanted.items():
+    bulk_delta = None
+    if no_ids and not m.ports and not m.src and not fe_owner:  # a first sync: try it in bulk
+        bulk_delta = _bulk_services(wanted, ovget, usage, limits, svc_alloc, ew, sw, nw, fw, pass_claims,
+                                    new_ports, new_src)
+        if bulk_delta is not None and stream is not None and ew.n >= early_min:
+            batch = [("endpoint", ew), ("service", sw), ("names", nw)]
+            early.extend(batch)
+            stream(batch)
+            ew, sw, nw = Writes(), Writes(), Writes()
+    for sname, (svc, want, same_input) in (wanted.items() if bulk_delta is None else ()):
         if not want or svc is None:
             continue
         if same_input and not override:
@@ -706,17 +856,18 @@ def make_plan(m: Mirror, proj: Projection, svc_scope: set[str], be_order: list[s
     w["endpoint"], w["service"], w["names"] = ew, sw, nw
 
     # --- backend reference counts after this pass
-    delta: Counter[int] = Counter()  # Counter.update/subtract count in C
+    counted: Counter[int] = Counter()  # Counter.update/subtract count in C
     gone: Counter[int] = Counter()
     ports_get = m.ports.get
-    for pname, p in new_ports.items():
+    for pname, p in (new_ports.items() if bulk_delta is None else ()):
         cur = ports_get(pname)
         if cur is not None:
             gone.update(slot_backend_ids(cur.vals))
         if p is not None:
-            delta.update(slot_backend_ids(p.vals))
+            counted.update(slot_backend_ids(p.vals))
     if gone:
-        delta.subtract(gone)
+        counted.subtract(gone)
+    delta: dict[int, int] = counted if bulk_delta is None else bulk_delta
 
     # --- backend removals: only once nothing references them any more
     kept_now: list[str] = []

@@ -14,9 +14,11 @@ Value rendering (slots, weights, names, waypoints) lives in render.py.
 
 A first sync (10k services x 10 endpoints: 430k elements) overlaps the three: the planner hands
 the backends (with their pod-IP frontends) to a writer thread as soon as they are packed, then
-the new service ports' slots and headers in chunks while it plans the rest; km_names writes go to
-a second writer (no program reads that map). The map syscalls release the GIL, so the kernel
-inserts on one core while Python packs on the other.
+the new service ports' slots and headers while it plans the rest. Those and the km_names writes
+(no program reads that map) go to a second writer: the slots wait for the first writer's first
+batch (the backends they name) and the plan's VIP frontends wait for the second writer, so the
+maps' invariants hold at every step. The map syscalls release the GIL, so the kernel inserts
+on both cores while Python packs.
 """
 
 from __future__ import annotations
@@ -123,22 +125,26 @@ class Reconciler:
         t0 = time.perf_counter()
         res = ReconcileResult()
         writer: Writer | None = None
-        namer: Writer | None = None  # early km_names writes: read by no program, so on their own thread
+        # early writes on a second thread: km_names (read by no program) and a first sync's new
+        # service ports' slots and headers, which name backends (so they wait for the writer's
+        # first batch, the pass's backends) and are reached only through VIP frontends (in the
+        # plan, which the writer applies once this thread is done: Writer.after)
+        namer: Writer | None = None
 
         def start_early(batches: list[tuple[str, Writes]]) -> None:
             nonlocal writer, namer
-            names = [b for b in batches if b[0] == "names"]
-            rest = [b for b in batches if b[0] != "names"]
-            if names:
-                if namer is None:
-                    namer = Writer(self.maps, names)
-                else:
-                    namer.add(names)
+            side = [b for b in batches if b[0] in _SIDE]
+            rest = [b for b in batches if b[0] not in _SIDE]
             if rest:
                 if writer is None:
                     writer = Writer(self.maps, rest)
                 else:
                     writer.add(rest)
+            if side:
+                if namer is None:
+                    namer = Writer(self.maps, side, slots_after=writer)
+                else:
+                    namer.add(side)
 
         try:
             try:
@@ -155,6 +161,11 @@ class Reconciler:
             for uid in plan.kept_now:
                 log.warning("backend %s removed but still used by a rejected service; kept", uid)
             try:
+                if namer is not None:
+                    namer.submit(None)  # nothing more for it: the plan waits for it
+                    if writer is None:
+                        writer = Writer(self.maps)
+                    writer.after = namer
                 self._execute(plan, proj, res, writer)
             finally:
                 if namer is not None:
@@ -202,6 +213,9 @@ class Reconciler:
         except BaseException:
             self.dirty = True
             raise
+
+
+_SIDE = ("names", "endpoint", "service")  # early writes for the second writer thread (_reconcile)
 
 
 def _malloc_trim() -> None:

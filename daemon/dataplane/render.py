@@ -165,11 +165,7 @@ def render_slots(lb: LbMode, endpoints: list[tuple[str, int, int, int, int]]
     if lb == LbMode.RANDOM and all(e[2] == 1 for e in endpoints):  # the common case
         endpoints.sort()
         blob = b"".join([pack(e[4], htons(e[1]), 0) for e in endpoints])
-        n = len(endpoints)
-        head = _HEADERS.get(n)
-        if head is None:
-            head = _header(n, SVC_VAL_PACK(0, n, 0, 0, 0, 0, 0, 0, 0, ZERO16, b"\0\0", 0, 0))
-        return head, (blob, *EMPTY_VALS[1:])
+        return random_header(len(endpoints)), (blob, *EMPTY_VALS[1:])
     counts = [0] * L.PRIOS
     vals = [b""] * L.PRIOS
     for prio, eps in groups.items():
@@ -198,6 +194,14 @@ def _header(key: int | tuple[int, ...], value: bytes) -> bytes:
     if len(_HEADERS) < 4096:  # bounded: a pathological variety of counts just stops sharing
         _HEADERS[key] = value
     return value
+
+
+def random_header(n: int) -> bytes:
+    """km_service header (no waypoint) of a RANDOM port with n weight-1 slots, shared per n."""
+    head = _HEADERS.get(n)
+    if head is None:
+        head = _header(n, SVC_VAL_PACK(0, n, 0, 0, 0, 0, 0, 0, 0, ZERO16, b"\0\0", 0, 0))
+    return head
 
 
 def render_port(lb: LbMode, sp: ServicePort, bids: list[int | None] | tuple[int | None, ...]

@@ -4,6 +4,8 @@ order, and that planning never changes the mirror it reads."""
 from __future__ import annotations
 
 import copy
+import os
+import random
 
 import pytest
 
@@ -11,9 +13,9 @@ from daemon.dataplane import layout as L
 from daemon.dataplane import plan as plan_mod
 from daemon.dataplane.apply import apply
 from daemon.dataplane.mirror import IdPool, Mirror, Port
-from daemon.dataplane.model import Backend, Endpoint, Projection, Service, ServicePort
+from daemon.dataplane.model import Backend, Endpoint, LbMode, Projection, Service, ServicePort, Waypoint
 from daemon.dataplane.plan import Plan, make_plan
-from daemon.dataplane.render import RECONCILED_MAPS
+from daemon.dataplane.render import RECONCILED_MAPS, slot_backend_ids
 from daemon.dataplane.types import ReconcileResult
 
 
@@ -179,3 +181,118 @@ def test_bulk_first_sync_writes_exactly_what_the_loop_writes(monkeypatch: pytest
     assert not plan.be_ids[1] and len(plan.be_ids[0]) == 1500
     assert bulk == loop
     assert len(bulk["backend"]) == 1500 and len(bulk["names"]) == 1550 and len(bulk["frontend"]) == 1550
+
+
+def _random_first_sync_input(rng: random.Random, clean: bool) -> tuple[Projection, dict[str, int]]:
+    """Services over a few VIPs (collisions between services happen), several ports, endpoint
+    columns sorted or not, weights, waypoints, missing backends; limits from roomy to tight.
+    clean: none of what makes the bulk stage give up (every VIP distinct, RANDOM, weight 1)."""
+    bes = {}
+    for i in range(rng.randint(0, 60)):
+        uid = f"uid/p{rng.randint(0, 80)}"
+        bes[uid] = Backend(uid, f"p{i}", "ns", bytes([10, 1, 0, rng.randint(1, 250)]))
+    pool = [*bes, "uid/missing"] if rng.random() < 0.2 and not clean else list(bes)
+    svcs = {}
+    for j in range(rng.randint(1, 25)):
+        name = f"ns/s{rng.randint(0, 40)}"
+        ports = []
+        for port in rng.sample([80, 443, 8080], rng.choice([1, 1, 1, 2, 3])):
+            uids = rng.sample(pool, min(len(pool), rng.randint(0, 12))) if pool else []
+            if rng.random() < 0.7:
+                uids.sort()
+            if rng.random() < 0.1 and not clean:
+                ports.append(ServicePort(port, tuple(Endpoint(u, 9000, rng.randint(1, 3)) for u in uids)))
+            else:
+                tp = rng.choice([8080, 8080, 9090, 0 if not clean else 1])
+                ports.append(ServicePort.of(port, tuple(uids), tp))
+        if clean:
+            vips = (bytes([10, 97, j, 1]), bytes(15) + bytes([j + 1]))[:rng.choice([1, 1, 2])]
+        else:
+            vips = tuple(bytes([10, 96, 0, rng.randint(1, 30)]) for _ in range(rng.choice([1, 1, 2])))
+        wp = Waypoint(bytes([10, 96, 1, 1]), 15008) if rng.random() < 0.05 and not clean else None
+        mode = LbMode.FAILOVER if rng.random() < 0.05 and not clean else LbMode.RANDOM
+        svcs[name] = Service(name, vips, tuple(ports), mode, wp)
+    tight = rng.random() < 0.4
+    limits = {"frontend": rng.randint(20, 90) if tight else 4096,
+              "service": rng.randint(5, 40) if tight else 4096,
+              "endpoint": rng.randint(30, 200) if tight else 4096, "backend": 4096, "names": 4096}
+    return Projection(svcs, bes), limits
+
+
+def _check_refs_and_wants(m: Mirror) -> None:
+    """Reference counts and the services naming each backend, recomputed from scratch."""
+    refs: dict[int, int] = {}
+    for p in m.ports.values():
+        for bid in slot_backend_ids(p.vals):
+            refs[bid] = refs.get(bid, 0) + 1
+    assert {i: n for i, n in enumerate(m.be_refs) if n} == refs
+    named: dict[str, set[str]] = {}
+    for sname, (svc, _sig) in m.src.items():
+        for sp in svc.ports:
+            for u in sp.uids:
+                named.setdefault(u, set()).add(sname)
+    for uid in set(named) | set(m.be_id) | set(m.wants):
+        w = m.wanted_by(uid)
+        assert (set() if w is None else {w} if isinstance(w, str) else set(w)) == named.get(uid, set()), uid
+
+
+def _world_state(m: Mirror, maps: dict[str, DictMap], plan: Plan) -> dict:
+    used = bytes(m.svc_ids.used).rstrip(b"\0")  # how far the pool grew depends on the path
+    return {"maps": {n: mp.d for n, mp in maps.items()}, "rejected": plan.rejected,
+            "ports": plain(m.ports), "src": m.src, "fe_owner": m.fe_owner, "be_id": m.be_id,
+            "be_refs": list(m.be_refs), "be_want": m.be_want, "wants": m.wants, "counts": m.counts(),
+            "svc_used": used, "svc_next": m.svc_ids.next, "svc_free": list(m.svc_ids.free)}
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("DP_SEEDS", "5")) * 40))
+def test_bulk_services_first_sync_matches_the_loop(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first sync's bulk service stage (plan._bulk_services) leaves exactly what the
+    per-service loop leaves: maps, rejections (map full, a VIP:port claimed by two services)
+    and mirror bookkeeping, and the next pass from either plans the same."""
+    rng = random.Random(seed)
+    clean = seed % 2 == 0
+    proj, limits = _random_first_sync_input(rng, clean)
+    used: list[bool] = []
+    real = plan_mod._bulk_services
+
+    def spy(*a: object) -> object:
+        out = real(*a)  # type: ignore[arg-type]
+        used.append(out is not None)
+        return out
+
+    def world(bulk: bool) -> tuple[dict, Mirror, dict[str, DictMap]]:
+        monkeypatch.setattr(plan_mod, "_bulk_services", spy if bulk else lambda *a: None)
+        m = Mirror(dict(limits))
+        maps = {name: DictMap(n) for name, n in limits.items()}
+        plan = run(m, maps, proj)
+        return _world_state(m, maps, plan), m, maps
+
+    fast, m1, maps1 = world(True)
+    slow, m2, maps2 = world(False)
+    assert fast == slow
+    _check_refs_and_wants(m1)
+    # and a random change planned from either mirror writes the same
+    svcs = dict(proj.services)
+    for name in rng.sample(sorted(svcs), len(svcs) // 2):
+        del svcs[name]
+    nxt = Projection(svcs, dict(list(proj.backends.items())[: len(proj.backends) // 2]))
+    p1, p2 = run(m1, maps1, nxt), run(m2, maps2, nxt)
+    assert _world_state(m1, maps1, p1) == _world_state(m2, maps2, p2)
+    if clean and max(limits.values()) == min(limits.values()):  # roomy: the bulk stage must have run
+        assert used == [True]
+
+
+def test_bulk_services_takes_the_common_first_sync() -> None:
+    """10 services x 5 endpoints, sorted columns, RANDOM, weight 1: the bulk stage plans it."""
+    bes = backends(50)
+    uids = list(bes)
+    proj = Projection({f"ns/s{j}": service(f"ns/s{j}", j + 1, sorted(uids[j * 5:(j + 1) * 5]))
+                       for j in range(10)}, bes)
+    limits = {"frontend": 4096, "service": 64, "endpoint": 4096, "backend": 2048, "names": 4096}
+    m = Mirror(dict(limits))
+    maps = {name: DictMap(n) for name, n in limits.items()}
+    plan = run(m, maps, proj)
+    assert plan.svc_ids[1] == [range(1, 11)]  # ids taken as one range: the bulk stage ran
+    _check_refs_and_wants(m)  # (the mirror's bulk commit: every backend named once, ids in order)
+    assert not plan.rejected and len(maps["endpoint"].d) == 50 and len(maps["frontend"].d) == 60
+    assert full_plan(m, proj).size() == 0
