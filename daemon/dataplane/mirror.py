@@ -19,6 +19,7 @@ whose backends kept their ids are skipped by the planner without any per-endpoin
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from collections.abc import Mapping
 from itertools import chain, repeat
 from operator import attrgetter
@@ -511,6 +512,12 @@ class Mirror:
             elif owner != code:
                 self._claim(k, code)
         refs = self.be_refs
+        once = plan.refs_once  # ids each named by one more slot (a bulk first sync: delta is empty)
+        if once and not delta and once.stop <= len(refs) and refs.count(0) == len(refs):
+            refs[once.start:once.stop] = array("i", [1]) * len(once)
+        elif once:
+            delta = Counter(delta)
+            delta.update(once)
         lo, hi = (min(delta), max(delta)) if delta else (0, -1)
         if (hi - lo + 1 == len(delta) and hi < len(refs) and list(delta.values()).count(1) == len(delta)
                 and refs.count(0) == len(refs)):  # a first sync: ids lo..hi each used by one port

@@ -293,6 +293,44 @@ def test_bulk_services_takes_the_common_first_sync() -> None:
     maps = {name: DictMap(n) for name, n in limits.items()}
     plan = run(m, maps, proj)
     assert plan.svc_ids[1] == [range(1, 11)]  # ids taken as one range: the bulk stage ran
+    assert plan.refs_once == range(1, 51) and not plan.refs  # columns are runs of the backends
     _check_refs_and_wants(m)  # (the mirror's bulk commit: every backend named once, ids in order)
     assert not plan.rejected and len(maps["endpoint"].d) == 50 and len(maps["frontend"].d) == 60
     assert full_plan(m, proj).size() == 0
+
+
+@pytest.mark.parametrize("case", ["runs", "shared", "unnamed", "split"])
+def test_bulk_services_runs_of_the_backend_order_match_the_loop(case: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Columns that are runs of the backends' order (services planned in name order, not in
+    that order) take the run path: ids without a lookup an endpoint, reference counts as a
+    range. A backend named twice, one named by none, or a column that is not one run go the
+    lookup way; every case leaves what the per-service loop leaves."""
+    bes = backends(60)
+    uids = list(bes)
+    cols = [uids[j * 5:(j + 1) * 5] for j in range(12)]
+    if case == "shared":
+        cols[3] = cols[3][:4] + [uids[0]]  # p0 twice, p19 never
+    elif case == "unnamed":
+        cols[11] = cols[11][:4]  # p59 in no service
+    elif case == "split":
+        cols[2], cols[3] = cols[2][:3] + cols[3][:2], cols[2][3:] + cols[3][2:]  # same uids, not runs
+    names = [f"ns/s{11 - j}" for j in range(12)]  # planned in name order: not the backends' order
+    svcs = {n: service(n, j + 1, sorted(c)) for j, (n, c) in enumerate(zip(names, cols, strict=True))}
+    proj = Projection(svcs, bes)
+    limits = {"frontend": 4096, "service": 64, "endpoint": 4096, "backend": 2048, "names": 4096}
+
+    def world(bulk: bool) -> tuple[dict, Plan]:
+        if not bulk:
+            monkeypatch.setattr(plan_mod, "_bulk_services", lambda *a: None)
+        m = Mirror(dict(limits))
+        maps = {name: DictMap(n) for name, n in limits.items()}
+        plan = run(m, maps, proj)
+        _check_refs_and_wants(m)
+        return _world_state(m, maps, plan), plan
+
+    fast, plan = world(True)
+    assert plan.svc_ids[1] == [range(1, 13)]  # the bulk stage ran
+    assert (plan.refs_once == range(1, 61)) == (case == "runs")
+    slow, _ = world(False)
+    assert fast == slow
