@@ -63,6 +63,7 @@ _V4_FLAGS = L.U32.pack(L.BE_HAS_V4)
 _BE_WORDS = L.BE_VAL.size // 4
 _FE_WORDS = L.FE_KEY.size // 4
 _FE4_WORDS = array("I", _FE4.pack(ZERO4, L.AF_INET, 0))
+_FE_BACKEND_WORDS = array("I", [L.FE_BACKEND, 0])
 _BE_V4_TAIL_WORDS = array("I", bytes(4) + _BE_PLAIN[4:20] + _V4_FLAGS + _BE_PLAIN[24:])  # ip4 first
 _CHUNK = 4096
 _NAMES = struct.Struct(f"={_CHUNK * L.NAME_VAL.format[1:]}")  # a chunk of km_names values
@@ -123,18 +124,27 @@ def _bulk_backends(order: list[str], pb: dict[str, Backend], alloc: IdView, room
     new_backs.update(zip(order, ids, strict=True))
     idarr = array("I", ids)
     bw.keys = bytearray(idarr)
-    vals = array("I", _BE_V4_TAIL_WORDS) * n  # 12 words a backend: ip4 first, the rest constant
-    vals[0::_BE_WORDS] = array("I", packed)
-    bw.vals = bytearray(vals)
-    fk = array("I", _FE4_WORDS) * n  # km_fe_key: ip4, zeros, port 0, AF_INET
-    fk[0::_FE_WORDS] = vals[0::_BE_WORDS]
-    fw.keys += fk
-    fv = array("I", [0]) * (2 * n)
-    fv[0::2] = array("I", [L.FE_BACKEND]) * n
-    fv[1::2] = idarr
-    fw.vals += fv
+    ip4w = array("I", packed)
+    bw.vals = _tiled(_BE_V4_TAIL_WORDS, n, 0, ip4w)  # 12 words a backend: ip4 first, the rest constant
+    fk = _tiled(_FE4_WORDS, n, 0, ip4w)  # km_fe_key: ip4, zeros, port 0, AF_INET
+    fv = _tiled(_FE_BACKEND_WORDS, n, 1, idarr)  # km_fe_val: FE_BACKEND, backend id
+    if fw.n or fw.keys:
+        fw.keys += fk
+        fw.vals += fv
+    else:
+        fw.keys, fw.vals = fk, fv
     bulk_src[:] = bs  # their names: _backend_names(), in chunks
     return True
+
+
+def _tiled(template: array, n: int, at: int, column: array) -> bytearray:
+    """n copies of template's words with word `at` of each taken from column, built in place: a
+    first sync's buffers are tens of MB at 1M backends, and every copy of one is fresh memory
+    to fault in (the array-then-bytearray way touched twice the pages)."""
+    buf = bytearray(template.tobytes()) * n
+    with memoryview(buf) as mv, mv.cast("I") as words:
+        words[at::len(template)] = column
+    return buf
 
 
 def _backend_names(bs: list[Backend], first: int) -> Iterator[Writes]:
