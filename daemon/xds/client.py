@@ -37,6 +37,7 @@ ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggreg
 TYPES = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
 _SHORT = {ADDRESS_TYPE: "address", AUTHORIZATION_TYPE: "authorization"}
 INVALID_ARGUMENT = 3  # google.rpc.Code
+DECODE_SLICE = 16384  # resources of a big Address response decoded and applied at a time (~5 MB of records)
 
 
 @dataclass
@@ -314,13 +315,29 @@ class XdsClient:
         if bulk:  # a full push allocates ~1M objects: cyclic GC passes would cost seconds
             gc.disable()
         try:
-            records, errors, unchanged = decode_batch(resources, type_url,
-                                                      self.state.held(type_url == ADDRESS_TYPE))
-            if type_url == ADDRESS_TYPE:
-                self.state.apply_addresses(records, removed)
+            held = self.state.held(type_url == ADDRESS_TYPE)
+            if type_url == ADDRESS_TYPE and len(resources) > DECODE_SLICE:
+                # decoded a slice at a time, each applied while its records are still cached
+                # (State.apply_address_batches): ~10% of a 1M push's decode + apply
+                errors: list[str] = []
+                unchanged = 0
+
+                def slices() -> Iterator[list[Any]]:
+                    nonlocal unchanged
+                    for i in range(0, len(resources), DECODE_SLICE):
+                        recs, errs, unch = decode_batch(resources[i:i + DECODE_SLICE], type_url, held)
+                        errors.extend(errs)
+                        unchanged += unch
+                        yield recs
+
+                self.state.apply_address_batches(slices(), removed)
             else:
-                self.state.apply_policies(records, removed)
-            del records
+                records, errors, unchanged = decode_batch(resources, type_url, held)
+                if type_url == ADDRESS_TYPE:
+                    self.state.apply_addresses(records, removed)
+                else:
+                    self.state.apply_policies(records, removed)
+                del records
         finally:
             if bulk:
                 gc.enable()

@@ -111,3 +111,44 @@ def test_batch_skips_unchanged_and_names_bad_resources() -> None:
     resp.resources[0].version = "2"
     records, errors, unchanged = decode_batch(resp.resources[:1], ADDRESS_TYPE, st.held(True))
     assert records == [] and unchanged == 1 and st.workloads[good.workload.uid].version == "2"
+
+
+def test_a_big_response_applied_in_slices_equals_one_batch(monkeypatch) -> None:  # noqa: ANN001
+    """The client decodes a big Address response a slice at a time and applies each slice as it
+    comes (State.apply_address_batches): the state, the one change and the NACK reasons are those
+    of applying it whole, including a workload whose Service comes in a later slice."""
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from daemon.xds import client as client_mod
+    from daemon.xds.client import XdsClient, XdsConfig
+
+    resp = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE)
+    items = [(f"Kubernetes//Pod/default/w{i}", workload(f"w{i}", f"10.1.{i // 200}.{i % 200 + 1}",
+                                        services={svc_key(f"s{i % 7}"): [(80, 8080)]}).SerializeToString())
+             for i in range(60)]
+    items.insert(5, ("bad", b"\x0a\x02\xff\xff"))
+    items += [(svc_key(f"s{j}"), service(f"s{j}", vip=f"10.96.0.{j + 1}").SerializeToString())
+              for j in range(7)]
+    for name, value in items:
+        r = resp.resources.add(name=name, version="1")
+        r.resource.type_url, r.resource.value = ADDRESS_TYPE, value
+
+    def run(slice_size: int) -> tuple[State, list, str]:
+        monkeypatch.setattr(client_mod, "DECODE_SLICE", slice_size)
+        st = State()
+        seen: list = []
+        st.subscribe(seen.append)
+        nack = XdsClient(XdsConfig(address="127.0.0.1:1", plaintext=True), st)._handle(resp)
+        return st, seen, nack
+
+    whole, seen1, nack1 = run(100_000)
+    sliced, seen2, nack2 = run(8)
+    assert nack1 == nack2 and nack1.startswith("bad: cannot decode Address")
+    assert len(seen1) == len(seen2) == 1
+    c1, c2 = seen1[0], seen2[0]
+    assert (c1.services, c1.backends, c1.workloads) == (c2.services, c2.backends, c2.workloads)
+    assert whole.workloads.keys() == sliced.workloads.keys() and len(whole.workloads) == 60
+    assert whole.services.keys() == sliced.services.keys()
+    p1, p2 = whole.projection(), sliced.projection()
+    assert p1.services == p2.services and p1.backends == p2.backends
+    assert all(len(s.ports[0].uids) in (8, 9) for s in p1.services.values())
