@@ -101,6 +101,7 @@ def _rss_mib() -> float:
 def bench_maps(services: int = SERVICES, per_service: int = ENDPOINTS_PER_SERVICE) -> dict:
     import gc
 
+    from daemon.dataplane import socks
     from daemon.dataplane.loader import load_in_child
     from daemon.dataplane.model import ServicePort
     from daemon.dataplane.reconciler import Reconciler
@@ -132,7 +133,7 @@ def bench_maps(services: int = SERVICES, per_service: int = ENDPOINTS_PER_SERVIC
             t = time.perf_counter()
             for _ in range(10):
                 counts = rec.counts()
-                counts["sock"] = loaded.maps["sock"].count()
+                counts["sock"] = socks.live_count(loaded.maps["sock"])
                 counts["manage"] = loaded.maps["manage"].count()
             out["map_pressure_ms"] = round((time.perf_counter() - t) * 100, 3)
             # single endpoint change on one service, alternating remove / restore

@@ -37,7 +37,6 @@ int connect4(struct bpf_sock_addr *ctx)
     s.backend_addr[0] = dst;
     s.backend_port = dport;
     s.family = KM_AF_INET;
-    s.connect_ns = bpf_ktime_get_ns();
     __u8 verdict = km_translate(&key, &s, 0);
     if (!verdict) {
         km_record(ctx, netns, &s, KM_V_PASSTHROUGH, 0);

@@ -51,7 +51,6 @@ int connect6(struct bpf_sock_addr *ctx)
     __builtin_memcpy(s.backend_addr, s.orig_addr, 16);
     s.backend_port = dport;
     s.family = KM_AF_INET6;
-    s.connect_ns = bpf_ktime_get_ns();
     __u8 verdict = km_translate(&key, &s, mapped);
     if (!verdict) {
         km_record(ctx, netns, &s, KM_V_PASSTHROUGH, 0);

@@ -1,11 +1,11 @@
 /* cgroup/getpeername4 and getpeername6: a translated socket reports the VIP:port the
- * application connected to, not the backend (km_sock is keyed by socket cookie). */
+ * application connected to, not the backend (km_sock: the record in the slot of the socket cookie). */
 #include "km_maps.h"
 
 int getpeername4(struct bpf_sock_addr *ctx)
 {
     __u64 ck = bpf_get_socket_cookie(ctx);
-    struct km_sock *s = km_sock.lookup(&ck);
+    struct km_sock *s = km_sock_find(ck);
     if (!s || !(s->flags & KM_SK_TRANSLATED) || s->family != KM_AF_INET)
         return 1;
     __u32 ip = s->orig_addr[0];
@@ -18,7 +18,7 @@ int getpeername4(struct bpf_sock_addr *ctx)
 int getpeername6(struct bpf_sock_addr *ctx)
 {
     __u64 ck = bpf_get_socket_cookie(ctx);
-    struct km_sock *s = km_sock.lookup(&ck);
+    struct km_sock *s = km_sock_find(ck);
     if (!s || !(s->flags & KM_SK_TRANSLATED) || s->family != KM_AF_INET6)
         return 1;
     __u32 a0 = s->orig_addr[0], a1 = s->orig_addr[1], a2 = s->orig_addr[2], a3 = s->orig_addr[3];

@@ -4,7 +4,7 @@
  * Metrics on: opened/closed/bytes are added in km_conn_stats (no event needed). Events only
  * with access logs on and a consumer present (km_config.trace_on). With neither, no state
  * callbacks are asked for; the waypoint hand-off works the same (its RTT callback is its own).
- * Records then leave km_sock by LRU eviction instead of at close. */
+ * Records then stay in their km_sock slot until a newer socket takes it. */
 #include "km_maps.h"
 
 #define KM_TCP_CLOSE 7
@@ -98,7 +98,7 @@ int sockops(struct bpf_sock_ops *skops)
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB && !events && !metrics)
         return 1;
     __u64 ck = bpf_get_socket_cookie(skops);
-    struct km_sock *s = km_sock.lookup(&ck);
+    struct km_sock *s = km_sock_find(ck);
     if (!s)
         return 1;
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
@@ -160,6 +160,6 @@ int sockops(struct bpf_sock_ops *skops)
         km_count(skops, s, 1);
     if (events)
         km_sock_event(skops, s, ck, KM_EV_CLOSE);
-    km_sock.delete(&ck);
+    s->cookie = 0; /* free the slot */
     return 1;
 }

@@ -228,8 +228,14 @@ static __always_inline void km_record(struct bpf_sock_addr *ctx, __u64 netns, st
     if (quiet && !store)
         return;
     __u64 ck = bpf_get_socket_cookie(ctx);
+    if (watched || !quiet)
+        s->connect_ns = bpf_ktime_get_ns(); /* only events and their durations use it */
     if (store) {
-        km_sock.update(&ck, s);
+        struct km_sock *slot = km_sock_slot(ck);
+        if (slot) {
+            s->cookie = ck;
+            __builtin_memcpy(slot, s, sizeof(*s));
+        }
         if (watched) {
             int cbf = BPF_SOCK_OPS_STATE_CB_FLAG;
             bpf_setsockopt(ctx, KM_IPPROTO_TCP, KM_TCP_BPF_SOCK_OPS_CB_FLAGS, &cbf, sizeof(cbf));

@@ -6,7 +6,7 @@ Pin layout (everything under ``pin_dir``)::
         frontend service endpoint backend    reconciled maps (see bpf/include/km_maps.h)
         names                                ids -> names, so any process can decode the maps
         manage                               enrolled netns cookies (written by the programs)
-        sock                                 LRU: socket cookie -> original destination
+        sock                                 array: slot (socket cookie % size) -> original destination
         layout                               array[1]: the layout version these maps are for
         config                               array[1]: runtime switches (monitoring, trace consumers)
         conn_stats                           LRU: connection counters (connection metrics)
@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from daemon.dataplane import bpfsys, events, layout, readback
+from daemon.dataplane import bpfsys, events, layout, readback, socks
 from daemon.dataplane.loader import ATTACH_TYPES, Programs, check_cgroup, load_in_child
 from daemon.dataplane.mapio import MapIO
 from daemon.dataplane.model import Projection
@@ -85,6 +85,11 @@ class Dataplane:
         self._ring: RingBuffer | None = None
         self._callback: Callable[[ConnEvent], None] | None = None
         self.mon_off = self._read_mon_off()  # cached KM_MON_* bits: the event hub reads it per event
+        # sockops is attached only while something needs it (see _sockops_wanted). None: not
+        # known yet (an earlier process may have left it attached).
+        self.sockops_attached: bool | None = None
+        # services ("s", name) and pods ("b", uid) with a waypoint; None until the first sync
+        self._waypoint_owners: set[tuple[str, str]] | None = None
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -120,7 +125,7 @@ class Dataplane:
     def _carry_over(self) -> None:
         """Copy enrolled netns cookies, the monitoring switch and (when km_sock still means the
         same) the socket records getpeername needs from older generations into ours."""
-        for name, sizes in (("manage", (8, 4)), ("sock", (8, ctypes.sizeof(layout.SockVal))),
+        for name, sizes in (("manage", (8, 4)), ("sock", (4, ctypes.sizeof(layout.SockVal))),
                             ("config", (4, ctypes.sizeof(layout.ConfigVal)))):
             keys, vals = [], []
             for gen in self._old:
@@ -131,7 +136,14 @@ class Dataplane:
                 except OSError:
                     continue
                 try:
-                    if (m.key_size, m.value_size) == sizes:
+                    if (m.key_size, m.value_size) != sizes:
+                        continue
+                    if name == "sock":  # slots move: the index is the cookie modulo the size
+                        n = self._loaded.maps["sock"].max_entries
+                        for cookie, v in socks.live_records(m):
+                            keys.append(socks.slot_key(cookie, n))
+                            vals.append(v)
+                    else:
                         for k, v in m.dump():
                             keys.append(k)
                             vals.append(v)
@@ -149,8 +161,13 @@ class Dataplane:
                 target.update_batch(keys[: target.max_entries], vals[: target.max_entries])
 
     def _attach(self) -> None:
-        self._loaded.attach(self._cgroup_fd)
+        wanted = self._sockops_wanted()
+        self._loaded.attach(self._cgroup_fd, sockops=wanted)
         self.attached = True
+        if wanted:
+            self.sockops_attached = True
+        else:
+            self._set_sockops(False)  # an earlier process's sockops may still be attached
         if self._old:
             self._carry_over()  # control connects the old programs took since open()
             for gen in self._old:
@@ -160,28 +177,78 @@ class Dataplane:
     # ------------------------------------------------------------- reconcile
     def sync(self, projection: Projection) -> ReconcileResult:
         with self._lock:
+            owners = _waypoint_owners(projection)
+            if owners and self.attached:
+                self._set_sockops(True)  # before any waypoint frontend is written
             res = self.reconciler.sync(projection)
+            self._waypoint_owners = owners
             if not self.attached:
                 self._attach()
+            else:
+                self._refresh_sockops()
             return res
 
     def update(self, projection: Projection, services: Iterable[str], backends: Iterable[str]
                ) -> ReconcileResult:
         with self._lock:
-            return self.reconciler.update(projection, services, backends)
+            services, backends = list(services), list(backends)
+            changes = [((kind, name), item is not None and item.waypoint is not None)
+                       for kind, names, table in (("s", services, projection.services),
+                                                  ("b", backends, projection.backends))
+                       for name in names for item in (table.get(name),)]
+            if self.attached and any(w for _, w in changes):
+                self._set_sockops(True)  # before any waypoint frontend is written
+            res = self.reconciler.update(projection, services, backends)
+            owners = self._waypoint_owners
+            if owners is not None:
+                for key, w in changes:
+                    if w:
+                        owners.add(key)
+                    else:
+                        owners.discard(key)
+            if self.attached:
+                self._refresh_sockops()
+            return res
+
+    # ------------------------------------------------------- sockops on demand
+    def _sockops_wanted(self) -> bool:
+        """Why on demand: an attached sockops program costs every connection of the cgroup
+        ~1.4 us (about 1 % of a new HTTP connection here) even when it returns at once, because
+        the kernel calls it 5-6 times per connection (timeout/rwnd init, ECN, connect,
+        established). Only connection metrics and access logs (established/close) and the
+        waypoint hand-off (sockets into km_wpsock at established) need it."""
+        return ((self.mon_off & layout.MON_ALL) != layout.MON_ALL or self._waypoint_owners is None
+                or bool(self._waypoint_owners))
+
+    def _refresh_sockops(self) -> None:
+        self._set_sockops(self._sockops_wanted())
+
+    def _set_sockops(self, on: bool) -> None:
+        """Attach ours, or detach whatever sockops program of ours is attached (callers hold
+        self._lock). Sockets connected while it was detached get no established/close
+        callbacks: with monitoring off there is nothing to count for them."""
+        if on == self.sockops_attached or self._cgroup_fd < 0:
+            return
+        if on:
+            self._loaded.attach_one(self._cgroup_fd, "sockops")
+        else:
+            _detach_ours(self._cgroup_fd, ("sockops",))
+        self.sockops_attached = on
 
     # --------------------------------------------------------------- inspect
     def read_back(self) -> dict:
         return readback.decode(self._loaded.maps)
 
     def raw_maps(self) -> dict[str, list[tuple[str, str]]]:
-        return {name: sorted((k.hex(), v.hex()) for k, v in m.dump())
+        """Every map's (key, value) in hex; km_sock only its slots that hold a record."""
+        return {name: sorted((k.hex(), v.hex()) for k, v in m.dump()
+                             if name != "sock" or v[:8] != bytes(8))
                 for name, m in self._loaded.maps.items()}
 
     def map_pressure(self) -> dict[str, dict]:
         counts = self.reconciler.counts()  # no lock: a metrics scrape must not wait for a sync
-        for name in ("manage", "sock"):
-            counts[name] = self._loaded.maps[name].count()
+        counts["manage"] = self._loaded.maps["manage"].count()
+        counts["sock"] = socks.live_count(self._loaded.maps["sock"])
         out = {}
         for name, n in counts.items():
             mx = self._loaded.maps[name].max_entries
@@ -229,7 +296,10 @@ class Dataplane:
                     off = (off & ~bit) if flag else (off | bit)
             self._write_config(mon_off=off)
             self._config_set = True
-            return self.monitoring()
+            state = self.monitoring()
+            if self.attached:
+                self._refresh_sockops()
+            return state
 
     def set_trace(self, on: bool) -> None:
         """Say whether anyone consumes ring-buffer events (a trace stream, the event debug log).
@@ -307,32 +377,45 @@ class Dataplane:
         self.attached = False
 
 
-def detach(cgroup: Path) -> list[str]:
-    """Detach the programs attached to this cgroup whose names are ours; returns what was detached."""
+def _waypoint_owners(projection: Projection) -> set[tuple[str, str]]:
+    """Services ("s", name) and pods ("b", uid) whose connections go through a waypoint."""
+    owners = {("s", n) for n, s in projection.services.items() if s.waypoint is not None}
+    owners.update(("b", u) for u, b in projection.backends.items() if b.waypoint is not None)
+    return owners
+
+
+def _detach_ours(fd: int, names: Iterable[str]) -> list[str]:
+    """Detach the programs attached to the cgroup `fd` whose names are ours (of `names`)."""
     done = []
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for name, attach_type in ATTACH_TYPES.items():
+    for name in names:
+        attach_type = ATTACH_TYPES[name]
+        try:
+            ids = bpfsys.prog_query(fd, attach_type)
+        except OSError:
+            continue
+        for prog_id in ids:
             try:
-                ids = bpfsys.prog_query(fd, attach_type)
+                pfd = bpfsys.prog_fd_by_id(prog_id)
             except OSError:
                 continue
-            for prog_id in ids:
-                try:
-                    pfd = bpfsys.prog_fd_by_id(prog_id)
-                except OSError:
-                    continue
-                try:
-                    if bpfsys.prog_name(pfd) == name:
-                        bpfsys.prog_detach(fd, attach_type, pfd)
-                        done.append(name)
-                except OSError as exc:
-                    log.warning("detach %s (id %d): %s", name, prog_id, exc)
-                finally:
-                    os.close(pfd)
+            try:
+                if bpfsys.prog_name(pfd) == name:
+                    bpfsys.prog_detach(fd, attach_type, pfd)
+                    done.append(name)
+            except OSError as exc:
+                log.warning("detach %s (id %d): %s", name, prog_id, exc)
+            finally:
+                os.close(pfd)
+    return done
+
+
+def detach(cgroup: Path) -> list[str]:
+    """Detach the programs attached to this cgroup whose names are ours; returns what was detached."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return _detach_ours(fd, ATTACH_TYPES)
     finally:
         os.close(fd)
-    return done
 
 
 def uninstall(cgroup: Path, pin_dir: Path, allow_root: bool = False) -> None:

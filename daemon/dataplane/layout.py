@@ -12,9 +12,9 @@ import struct
 
 # 2: waypoint fields (km_wp in service/backend, sock handoff, wpsock); 3: km_config;
 # 4: the reconciled maps are preallocated; 5: km_conn_stats (connection counters in the kernel),
-# km_config.trace_on
-LAYOUT_VERSION = 5
-SOCK_SAME_SINCE = 2  # km_sock means the same since this version: its records carry over
+# km_config.trace_on; 6: km_sock is an array of slots (cookie % size) whose records carry the cookie
+LAYOUT_VERSION = 6
+SOCK_SAME_SINCE = 6  # km_sock means the same since this version: its records carry over
 
 AF_INET = 2
 AF_INET6 = 10
@@ -83,6 +83,7 @@ class BackendVal(ct.Structure):
 
 class SockVal(ct.Structure):
     _fields_ = [
+        ("cookie", ct.c_uint64),  # the socket owning this km_sock slot; 0 = free
         ("orig_addr", ct.c_uint8 * 16),
         ("backend_addr", ct.c_uint8 * 16),
         ("orig_port", ct.c_uint16),
@@ -165,7 +166,7 @@ MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     "endpoint": (EpKey, EpVal),
     "backend": (ct.c_uint32, BackendVal),
     "manage": (ct.c_uint64, ct.c_uint32),
-    "sock": (ct.c_uint64, SockVal),
+    "sock": (ct.c_uint32, SockVal),  # slot = socket cookie % max_entries
     "names": (NameKey, NameVal),
     "layout": (ct.c_uint32, LayoutVal),
     "config": (ct.c_uint32, ConfigVal),
@@ -197,5 +198,5 @@ for _s, _c in [(FE_KEY, FeKey), (FE_VAL, FeVal), (SVC_VAL, ServiceVal), (EP_KEY,
                (BE_VAL, BackendVal), (NAME_KEY, NameKey), (NAME_VAL, NameVal), (CONFIG_VAL, ConfigVal),
                (CONN_KEY, ConnKey), (CONN_VAL, ConnVal), (EVENT, Event)]:
     assert _s.size == ct.sizeof(_c), (_c.__name__, _s.size, ct.sizeof(_c))
-assert ct.sizeof(Event) == 104 and ct.sizeof(SockVal) == 56 and WP.size == ct.sizeof(Wp)
+assert ct.sizeof(Event) == 104 and ct.sizeof(SockVal) == 64 and WP.size == ct.sizeof(Wp)
 assert ct.sizeof(ConnKey) == 40

@@ -183,10 +183,15 @@ class Programs:
     ring_fd: int
     maps: dict[str, MapIO]
 
-    def attach(self, cgroup_fd: int) -> None:
-        """Attach every program (flags 0: replaces our previous program of each type in place)."""
+    def attach(self, cgroup_fd: int, sockops: bool = True) -> None:
+        """Attach the connect/getpeername programs and, when `sockops`, the sockops program
+        (flags 0: replaces our previous program of each type in place)."""
         for name, attach_type in ATTACH_TYPES.items():
-            bpfsys.prog_attach(cgroup_fd, self.prog_fds[name], attach_type)
+            if sockops or name not in SOCKOPS_PROGRAMS:
+                bpfsys.prog_attach(cgroup_fd, self.prog_fds[name], attach_type)
+
+    def attach_one(self, cgroup_fd: int, name: str) -> None:
+        bpfsys.prog_attach(cgroup_fd, self.prog_fds[name], ATTACH_TYPES[name])
 
     def prog_ids(self) -> dict[str, int]:
         return {name: bpfsys.obj_id(fd) for name, fd in self.prog_fds.items()}

@@ -19,8 +19,8 @@ class Capacity:
     endpoints: int = 262144
     backends: int = 131072
     manage: int = 16384
-    # LRU socket cookie -> original destination (getpeername, events); LRU maps are preallocated
-    # (~120 bytes an entry), so this one is sized for live connections, not for the service count
+    # socket slots (cookie % size) -> original destination (getpeername, events): an array of
+    # 64-byte records, sized for live connections, not for the service count
     sockets: int = 65536
 
     def names(self) -> int:

@@ -39,10 +39,13 @@ def _collect(dp, seconds: float, until=None) -> list[ConnEvent]:
     return seen
 
 
-def _sock_keys(dp) -> set[bytes]:
+def _sock_keys(dp) -> set[int]:
+    """Cookies of the sockets that have a km_sock record (the slots in use)."""
+    from daemon.dataplane import socks
+
     m = MapIO.open_pinned("sock", str(dp.gen_dir / "sock"))
     try:
-        return {k for k, _ in m.dump()}
+        return {cookie for cookie, _ in socks.live_records(m)}
     finally:
         m.close()
 
@@ -151,16 +154,19 @@ def test_no_consumer_no_events_counters_still_move(mdp, topology) -> None:
     assert sorted({e.kind for e in seen if e.netns_cookie == cookie}) == ["close", "connect", "established"]
 
 
-def test_upgrade_from_layout_2_keeps_switch_enrolment_and_sockets(topology, pin_root, make_cgroup) -> None:
-    """A layout-2 generation (before km_config) left by an older daemon: the new generation
-    carries over enrolment and the km_sock records (same meaning since 2), and the switch of a
-    generation that has one. Simulated by renaming our own generation to v2-<digest>."""
+@pytest.mark.parametrize("older", ["v2", "same-layout"])
+def test_upgrade_keeps_switch_enrolment_and_sockets(topology, pin_root, make_cgroup, older: str) -> None:
+    """An older generation left by an older daemon: the new one carries over enrolment and the
+    switch, and the km_sock records only from a generation whose km_sock means the same
+    (layout >= SOCK_SAME_SINCE; slots re-indexed for the new size), never a layout-2 hash.
+    Simulated by renaming our own generation."""
     from dp_topo import base_projection
 
     from daemon.dataplane import Dataplane, control_connect
+    from daemon.dataplane.layout import SOCK_SAME_SINCE
 
-    cg = make_cgroup("dp-mon-upgrade")
-    pins = pin_root / "mon-upgrade"
+    cg = make_cgroup(f"dp-mon-upgrade-{older}")
+    pins = pin_root / f"mon-upgrade-{older}"
     old = Dataplane.open(cg, pins)
     new = None
     try:
@@ -172,12 +178,16 @@ def test_upgrade_from_layout_2_keeps_switch_enrolment_and_sockets(topology, pin_
         assert len(socks) >= 2
         old_gen = old.gen_dir
         old.close()
-        renamed = old_gen.with_name("v2-" + old_gen.name.split("-", 1)[1])
+        version = "v2" if older == "v2" else f"v{SOCK_SAME_SINCE}"
+        renamed = old_gen.with_name(f"{version}-00000000")
         old_gen.rename(renamed)
         new = Dataplane.open(cg, pins)
         assert new.gen_dir.name.startswith(f"v{LAYOUT_VERSION}-") and not new.attached
         assert new.monitoring() == {"access_log": False, "metrics": False, "enabled": False}
-        assert socks <= _sock_keys(new)
+        if older == "v2":
+            assert not _sock_keys(new)  # km_sock meant something else then
+        else:
+            assert socks <= _sock_keys(new)
         assert not new.sync(base_projection()).rejected and new.attached
         assert not renamed.exists()
         r = topology.client("c1", f"{VIP4}:80", n=2, cgroup=cg)  # enrolment carried over
@@ -186,3 +196,58 @@ def test_upgrade_from_layout_2_keeps_switch_enrolment_and_sockets(topology, pin_
         (new or old).uninstall()
         if new is not None:
             old.close()
+
+
+def _sockops_ids(cgroup) -> list[int]:
+    """Program ids attached as sock_ops to the cgroup, as the kernel reports them."""
+    import os
+
+    from daemon.dataplane import bpfsys
+
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return bpfsys.prog_query(fd, bpfsys.CGROUP_SOCK_OPS)
+    finally:
+        os.close(fd)
+
+
+def test_sockops_attached_only_while_needed(mdp, topology) -> None:
+    """sockops costs every connection even when it returns at once: it is detached while
+    monitoring is off and no waypoint exists, attached again before a waypoint frontend is
+    written or monitoring comes back; translation and getpeername never depend on it."""
+    from dataclasses import replace
+
+    from dp_topo import base_projection
+
+    from daemon.dataplane.model import Waypoint
+
+    ours = mdp.prog_ids()["sockops"]
+    assert _sockops_ids(topology.cgroup) == [ours] and mdp.sockops_attached
+    mdp.set_monitoring(access_log=False)
+    assert _sockops_ids(topology.cgroup) == [ours]  # metrics still on
+    mdp.set_monitoring(metrics=False)
+    assert _sockops_ids(topology.cgroup) == [] and mdp.sockops_attached is False
+    r = topology.client("c1", f"{VIP4}:80", n=2)
+    assert r["ok"] == 2 and r["peers"] == [f"{VIP4}:80"], r
+
+    base = base_projection()
+    web = base.services["default/web"]
+    with_wp = replace(base, services={web.name: replace(web, waypoint=Waypoint(b"", 15008, "default/wp"))})
+    mdp.sync(with_wp)  # a waypoint service: the hand-off needs sockops, monitoring or not
+    assert _sockops_ids(topology.cgroup) == [ours]
+    mdp.update(base, [web.name], [])  # the last waypoint gone: detached again
+    assert _sockops_ids(topology.cgroup) == []
+    pod = next(iter(base.backends.values()))
+    mdp.update(replace(base, backends={**base.backends, pod.uid: replace(pod, waypoint=Waypoint(b"", 15008))}),
+               [], [pod.uid])  # a pod-level waypoint counts too
+    assert _sockops_ids(topology.cgroup) == [ours]
+    mdp.sync(base)
+    assert _sockops_ids(topology.cgroup) == []
+
+    mdp.set_monitoring(metrics=True)
+    assert _sockops_ids(topology.cgroup) == [ours] and mdp.sockops_attached
+    cookie = netns_cookie(topology.ns_path("c1"))
+    before = _stats(mdp, cookie)
+    r = topology.client("c1", f"{VIP4}:80", n=2)
+    assert r["ok"] == 2, r
+    assert sum(v[1] for v in _wait_delta(mdp, cookie, before, closed=2).values()) >= 2  # counted again
