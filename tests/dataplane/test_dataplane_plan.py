@@ -334,3 +334,32 @@ def test_bulk_services_runs_of_the_backend_order_match_the_loop(case: str,
     assert (plan.refs_once == range(1, 61)) == (case == "runs")
     slow, _ = world(False)
     assert fast == slow
+
+
+def test_records_v4_agrees_with_the_backend_fields() -> None:
+    """_records_v4 (the bulk first sync's check on records' raw slots and shared profiles)
+    accepts exactly the workload records that the per-field check accepts, and gives their
+    IPv4 addresses; anything that is not a record is left to the per-field check."""
+    from daemon.state import WorkloadProfile, WorkloadRecord
+
+    plain = WorkloadProfile("ns", node="n1")
+    wp = WorkloadProfile("ns", waypoint=("addr", bytes([10, 1, 1, 1]), 15008))
+    proxy = WorkloadProfile("ns", proxy_port=15088)
+    v4, v6 = bytes([10, 0, 0, 1]), bytes(range(16))
+
+    def rec(i: int, addrs: tuple[bytes, ...], prof: WorkloadProfile = plain) -> WorkloadRecord:
+        return WorkloadRecord(f"Kubernetes//Pod/ns/p{i}", f"p{i}", addrs, prof)
+
+    def by_fields(bs: list) -> list[bytes] | None:
+        if any(b.ipv6 is not None or b.waypoint is not None or b.handoff_port for b in bs):
+            return None
+        return [b.ipv4 for b in bs]
+
+    good = [rec(i, (bytes([10, 0, 1, i]),)) for i in range(5)]
+    assert plan_mod._records_v4(good) == by_fields(good) == [b.ipv4 for b in good]
+    for odd in (rec(9, (v6,)), rec(9, (v4, v6)), rec(9, ()), rec(9, (v4,), wp), rec(9, (v4,), proxy)):
+        bs = [*good, odd]
+        assert plan_mod._records_v4(bs) is None
+        got = by_fields(bs)
+        assert got is None or None in got  # the per-field check refuses it too (or has no IPv4)
+    assert plan_mod._records_v4([*good, Backend("u", "p", "ns", v4)]) is None  # not a record
