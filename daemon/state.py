@@ -491,9 +491,13 @@ class State:
         change = Change()
         try:
             with self._lock:
+                # exact: every member list touched is at its exact size (no removal, and every
+                # batch of workloads went in bulk, which builds lists exact): no trim pass then
+                exact = True
                 for name in removed:
                     if name in self.workloads:
                         self._remove_workload(name, change)
+                        exact = False
                     elif name in self.services:
                         self._remove_service(name, change)
                     # unknown names are legal (removal of something we never had): ignore
@@ -506,10 +510,11 @@ class State:
                                 workloads.append(rec)
                             else:
                                 self._put_service(rec, change)
-                        self._put_workloads(workloads, change)
+                        if workloads:
+                            exact = self._put_workloads(workloads, change) and exact
                         total += len(workloads)
                 finally:
-                    if total >= _TRIM_FROM:
+                    if total >= _TRIM_FROM and not exact:
                         self._trim_members(change.services)
                     self._dirty |= change.services
         finally:
@@ -634,11 +639,14 @@ class State:
             return None
         return wp
 
-    def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> None:
+    def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> bool:
         """Insert or replace workloads. Hot path (100k per initial push): a batch of new
-        workloads only (a first push) goes in bulk, anything else through the loop."""
-        if not self._put_new_workloads(recs, change):
-            self._put_each_workload(recs, change)
+        workloads only (a first push) goes in bulk, anything else through the loop. True when
+        it went in bulk (then every member list it touched is at its exact size)."""
+        if self._put_new_workloads(recs, change):
+            return True
+        self._put_each_workload(recs, change)
+        return False
 
     def _put_new_workloads(self, recs: list[WorkloadRecord], change: Change) -> bool:
         """_put_each_workload for a batch whose uids are all distinct and none held, each with
@@ -673,7 +681,7 @@ class State:
                 elif m.__class__ is not list:
                     m.update(zip(map(_uid_of, group), group, strict=True))  # type: ignore[union-attr]
                 elif len(m) + len(group) <= _SMALL_MEMBERS:
-                    m.extend(group)  # type: ignore[union-attr]
+                    members[svc] = m + group  # type: ignore[operator]  # a new list, exact size
                 else:  # as the loop: a list up to _SMALL_MEMBERS, then a dict in member order
                     big = members[svc] = dict(zip(map(_uid_of, m), m, strict=True))  # type: ignore[arg-type]
                     big.update(zip(map(_uid_of, group), group, strict=True))

@@ -97,3 +97,26 @@ def test_a_first_push_takes_the_bulk_path() -> None:
     members = st._members["ns/a.svc"]
     assert isinstance(members, dict) and list(members) == [r.uid for r in recs]
     assert not st._put_new_workloads(recs, Change())  # known uids: the loop's case
+
+
+def test_a_bulk_push_leaves_member_lists_exact_without_a_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lists built by the bulk path are at their exact size (the trim pass is skipped then), also
+    when a later batch of the same response extends them; a removal brings the trim back."""
+    import sys
+
+    profs = [WorkloadProfile("ns", services=((f"ns/s{i}.svc", ((80, 8080),)),)) for i in range(300)]
+    recs = [WorkloadRecord(f"Kubernetes//Pod/ns/p{i}", f"p{i}", (bytes([10, 1, i >> 8, i & 255]),),
+                           profs[(i // 5) % 300]) for i in range(3000)]  # each service: runs of 5, twice
+    trims: list[int] = []
+    real = State._trim_members
+    monkeypatch.setattr(State, "_trim_members", lambda self, t: (trims.append(len(t)), real(self, t))[1])
+    st = State()
+    st.apply_address_batches([recs[:1500], recs[1500:]])
+    assert trims == []
+    lists = [m for m in st._members.values() if isinstance(m, list)]
+    assert len(lists) == 300 and all(len(m) == 10 for m in lists)
+    assert all(sys.getsizeof(m) == sys.getsizeof(m[:]) for m in lists)
+    more = [WorkloadRecord(f"Kubernetes//Pod/ns/q{i}", f"q{i}", (bytes([10, 2, i >> 8, i & 255]),), profs[0])
+            for i in range(1100)]
+    st.apply_address_batches([more], removed=[recs[0].uid])
+    assert trims == [1]  # the one service touched (the removed pod's and the new ones' share it)
