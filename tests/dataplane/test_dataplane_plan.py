@@ -363,3 +363,33 @@ def test_records_v4_agrees_with_the_backend_fields() -> None:
         got = by_fields(bs)
         assert got is None or None in got  # the per-field check refuses it too (or has no IPv4)
     assert plan_mod._records_v4([*good, Backend("u", "p", "ns", v4)]) is None  # not a record
+
+
+def test_a_pass_shortens_the_gil_switch_interval_and_restores_it() -> None:
+    """Writer threads back from a map syscall wait for the GIL at most the switch interval: a
+    pass runs with SWITCH_INTERVAL_S and gives the process's own value back, also on failure."""
+    import sys
+
+    from daemon.dataplane import reconciler as rmod
+    from daemon.dataplane.types import Capacity
+
+    seen: list[float] = []
+    fail = []
+
+    class Spy(DictMap):
+        def update_raw(self, keys: bytes, values: bytes, n: int) -> None:
+            seen.append(sys.getswitchinterval())
+            if fail:
+                raise OSError(28, "no space")
+            super().update_raw(keys, values, n)
+
+    before = sys.getswitchinterval()
+    maps = {n: Spy(v) for n, v in LIMITS.items()}
+    r = rmod.Reconciler(maps, Capacity())  # type: ignore[arg-type]
+    r.sync(Projection(services={"s": service("s", 1, ["uid/p0"])}, backends=backends(1)))
+    assert seen and set(seen) == {min(before, rmod.SWITCH_INTERVAL_S)}
+    assert sys.getswitchinterval() == before
+    fail.append(1)
+    with pytest.raises(OSError):
+        r.sync(Projection(services={"s": service("s", 1, ["uid/p1"])}, backends=backends(2)))
+    assert sys.getswitchinterval() == before
