@@ -28,6 +28,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 from typing import NamedTuple
 
 from daemon.dataplane.model import (
@@ -489,9 +491,13 @@ class State:
         change = Change()
         try:
             with self._lock:
+                # exact: every member list touched is at its exact size (no removal, and every
+                # batch of workloads went in bulk, which builds lists exact): no trim pass then
+                exact = True
                 for name in removed:
                     if name in self.workloads:
                         self._remove_workload(name, change)
+                        exact = False
                     elif name in self.services:
                         self._remove_service(name, change)
                     # unknown names are legal (removal of something we never had): ignore
@@ -504,10 +510,11 @@ class State:
                                 workloads.append(rec)
                             else:
                                 self._put_service(rec, change)
-                        self._put_workloads(workloads, change)
+                        if workloads:
+                            exact = self._put_workloads(workloads, change) and exact
                         total += len(workloads)
                 finally:
-                    if total >= _TRIM_FROM:
+                    if total >= _TRIM_FROM and not exact:
                         self._trim_members(change.services)
                     self._dirty |= change.services
         finally:
@@ -632,9 +639,67 @@ class State:
             return None
         return wp
 
-    def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> None:
-        """Insert or replace workloads. Hot path (100k per initial push): locals, few calls per
-        record; a new record (the whole first push) takes a shorter path than a replacement."""
+    def _put_workloads(self, recs: list[WorkloadRecord], change: Change) -> bool:
+        """Insert or replace workloads. Hot path (100k per initial push): a batch of new
+        workloads only (a first push) goes in bulk, anything else through the loop. True when
+        it went in bulk (then every member list it touched is at its exact size)."""
+        if self._put_new_workloads(recs, change):
+            return True
+        self._put_each_workload(recs, change)
+        return False
+
+    def _put_new_workloads(self, recs: list[WorkloadRecord], change: Change) -> bool:
+        """_put_each_workload for a batch whose uids are all distinct and none held, each with
+        its one address as bytes (the records of a first push): the stores are updated by
+        C-level passes (dict updates, groupby), with Python statements per run of records
+        sharing a profile (the replicas of a deployment arrive together), not per record.
+        False (nothing done) when the batch is not so."""
+        n = len(recs)
+        if n < _BULK_FROM:
+            return False
+        workloads = self.workloads
+        uids = list(map(_uid_of, recs))
+        new = dict(zip(uids, recs, strict=True))
+        if len(new) != n or not workloads.keys().isdisjoint(new):
+            return False
+        if set(map(type, map(_addr_of, recs))) != {bytes}:
+            return False  # an address-less or multi-address workload: the loop's cases
+        workloads.update(new)
+        del new
+        addressless = self._addressless
+        if addressless:
+            addressless.difference_update(uids)
+        members, touched = self._members, change.services
+        node_name = self.node_name if not self._explicit_locality else ""
+        for prof, run in groupby(recs, _profile_of):  # profiles compare by identity
+            group = list(run)
+            for svc, _ in prof.services:
+                m = members.get(svc)
+                if m is None:
+                    members[svc] = group[:] if len(group) <= _SMALL_MEMBERS else dict(
+                        zip(map(_uid_of, group), group, strict=True))
+                elif m.__class__ is not list:
+                    m.update(zip(map(_uid_of, group), group, strict=True))  # type: ignore[union-attr]
+                elif len(m) + len(group) <= _SMALL_MEMBERS:
+                    members[svc] = m + group  # type: ignore[operator]  # a new list, exact size
+                else:  # as the loop: a list up to _SMALL_MEMBERS, then a dict in member order
+                    big = members[svc] = dict(zip(map(_uid_of, m), m, strict=True))  # type: ignore[arg-type]
+                    big.update(zip(map(_uid_of, group), group, strict=True))
+                touched.add(svc)
+            if prof.waypoint is not None:
+                for rec in group:
+                    self._link_workload_waypoint(rec.uid, None, rec)
+            if node_name and prof.node == node_name:
+                for rec in group:
+                    if self._locality is None or self._locality_uid == rec.uid:
+                        self._set_node_locality(rec, change)
+        change.workloads.update(uids)
+        change.backends.update(uids)
+        return True
+
+    def _put_each_workload(self, recs: list[WorkloadRecord], change: Change) -> None:
+        """Insert or replace workloads one by one: locals, few calls per record; a new record
+        takes a shorter path than a replacement."""
         workloads, members, addressless = self.workloads, self._members, self._addressless
         touched, touched_backends, touched_workloads = change.services, change.backends, change.workloads
         node_name = self.node_name if not self._explicit_locality else ""
@@ -851,8 +916,10 @@ _SMALL_MEMBERS = 32  # a service's members: a list up to this many, then a {uid:
 _TRIM_FROM = 1024  # workloads in one batch from which the touched member lists are trimmed
 
 
-def _uid_of(w: WorkloadRecord) -> str:
-    return w.uid
+_BULK_FROM = 64  # new workloads in one batch from which _put_new_workloads takes them
+_uid_of = attrgetter("uid")  # C-level getters: map() over 100k records runs no Python frame
+_profile_of = attrgetter("profile")
+_addr_of = attrgetter("_addr")
 
 
 def _records(m: Members | None) -> Iterable[WorkloadRecord]:

@@ -492,8 +492,10 @@ def _decode_addresses(resources: Sequence[bytes], held: Callable[[str], Any] | N
     fast = native_mod.workload if native_mod is not None else None
     todo: Iterable[int]
     if native_mod is not None:
-        out, todo, unchanged = native_mod.batch(resources, profiles, _profile_of_whole, make, _plain_service,
-                                                held)
+        # None: the helper makes the records itself when they are its Record (daemon.state)
+        native_make = None if WorkloadRecord is native_mod.Record else make
+        out, todo, unchanged = native_mod.batch(resources, profiles, _profile_of_whole, native_make,
+                                                _plain_service, held)
     else:
         out, todo = [None] * len(resources), range(len(resources))
     pack, vd_digest = _pack, _vd_digest

@@ -334,3 +334,62 @@ def test_bulk_services_runs_of_the_backend_order_match_the_loop(case: str,
     assert (plan.refs_once == range(1, 61)) == (case == "runs")
     slow, _ = world(False)
     assert fast == slow
+
+
+def test_records_v4_agrees_with_the_backend_fields() -> None:
+    """_records_v4 (the bulk first sync's check on records' raw slots and shared profiles)
+    accepts exactly the workload records that the per-field check accepts, and gives their
+    IPv4 addresses; anything that is not a record is left to the per-field check."""
+    from daemon.state import WorkloadProfile, WorkloadRecord
+
+    plain = WorkloadProfile("ns", node="n1")
+    wp = WorkloadProfile("ns", waypoint=("addr", bytes([10, 1, 1, 1]), 15008))
+    proxy = WorkloadProfile("ns", proxy_port=15088)
+    v4, v6 = bytes([10, 0, 0, 1]), bytes(range(16))
+
+    def rec(i: int, addrs: tuple[bytes, ...], prof: WorkloadProfile = plain) -> WorkloadRecord:
+        return WorkloadRecord(f"Kubernetes//Pod/ns/p{i}", f"p{i}", addrs, prof)
+
+    def by_fields(bs: list) -> list[bytes] | None:
+        if any(b.ipv6 is not None or b.waypoint is not None or b.handoff_port for b in bs):
+            return None
+        return [b.ipv4 for b in bs]
+
+    good = [rec(i, (bytes([10, 0, 1, i]),)) for i in range(5)]
+    assert plan_mod._records_v4(good) == by_fields(good) == [b.ipv4 for b in good]
+    for odd in (rec(9, (v6,)), rec(9, (v4, v6)), rec(9, ()), rec(9, (v4,), wp), rec(9, (v4,), proxy)):
+        bs = [*good, odd]
+        assert plan_mod._records_v4(bs) is None
+        got = by_fields(bs)
+        assert got is None or None in got  # the per-field check refuses it too (or has no IPv4)
+    assert plan_mod._records_v4([*good, Backend("u", "p", "ns", v4)]) is None  # not a record
+
+
+def test_a_pass_shortens_the_gil_switch_interval_and_restores_it() -> None:
+    """Writer threads back from a map syscall wait for the GIL at most the switch interval: a
+    pass runs with SWITCH_INTERVAL_S and gives the process's own value back, also on failure."""
+    import sys
+
+    from daemon.dataplane import reconciler as rmod
+    from daemon.dataplane.types import Capacity
+
+    seen: list[float] = []
+    fail = []
+
+    class Spy(DictMap):
+        def update_raw(self, keys: bytes, values: bytes, n: int) -> None:
+            seen.append(sys.getswitchinterval())
+            if fail:
+                raise OSError(28, "no space")
+            super().update_raw(keys, values, n)
+
+    before = sys.getswitchinterval()
+    maps = {n: Spy(v) for n, v in LIMITS.items()}
+    r = rmod.Reconciler(maps, Capacity())  # type: ignore[arg-type]
+    r.sync(Projection(services={"s": service("s", 1, ["uid/p0"])}, backends=backends(1)))
+    assert seen and set(seen) == {min(before, rmod.SWITCH_INTERVAL_S)}
+    assert sys.getswitchinterval() == before
+    fail.append(1)
+    with pytest.raises(OSError):
+        r.sync(Projection(services={"s": service("s", 1, ["uid/p1"])}, backends=backends(2)))
+    assert sys.getswitchinterval() == before

@@ -94,3 +94,33 @@ def test_c_helper_packs_as_python(version: str) -> None:
     got = native.load().workload(raw, "Kubernetes//Pod/ns/p", version)  # type: ignore[union-attr]
     assert got is not None
     assert got[4] == st._pack(hash(value), version)
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C helper: WorkloadRecord is the Python class")
+@pytest.mark.parametrize("name", ["p1", "", "other", "Pod/ns/p1", "Kubernetes//Pod/ns/p1", "1"])
+@pytest.mark.parametrize("version", ["0123456789abcdef", "", "v1", "0123456789ABCDEF", "ver-ü"])
+def test_records_made_by_the_c_helper_equal_make_workload_record(name: str, version: str) -> None:
+    """batch(make=None) builds each record in C; it must be the record that
+    make_workload_record builds from the same parts (name kept only when it is not the uid's
+    last segment, version packed only when it is 16 lowercase hex digits)."""
+    from daemon.xds import resources
+    from daemon.xds.gen.istio.workload import workload_pb2 as wl
+    from daemon.xds.gen.kmesh import ads_pb2
+
+    mod = native.load()
+    assert mod is not None
+    w = wl.Workload(uid="Kubernetes//Pod/ns/p1", name=name, namespace="ns", addresses=[b"\x0a\x00\x00\x01"])
+    r = ads_pb2.Resource(name=w.uid, version=version)
+    r.resource.type_url = resources.ADDRESS_TYPE
+    r.resource.value = wl.Address(workload=w).SerializeToString()
+    raw = [r.SerializeToString()]
+    got = mod.batch(raw, {}, resources._profile_of_whole, None, resources._plain_service, None)[0]
+    want = mod.batch(raw, {}, resources._profile_of_whole, resources.make_workload_record,
+                     resources._plain_service, None)[0]
+    assert len(got) == len(want) == 1 and got[0] is not None
+    a, b = got[0], want[0]
+    assert type(a) is type(b) is st.WorkloadRecord
+    assert a._vd == b._vd and a == b
+    assert _view(a) == _view(b) and a.version == version
+    assert sys.getrefcount(a) == sys.getrefcount(b)
+    assert not gc.is_tracked(a)
