@@ -238,8 +238,8 @@ def test_sockops_attached_only_while_needed(mdp, topology) -> None:
     mdp.update(base, [web.name], [])  # the last waypoint gone: detached again
     assert _sockops_ids(topology.cgroup) == []
     pod = next(iter(base.backends.values()))
-    mdp.update(replace(base, backends={**base.backends, pod.uid: replace(pod, waypoint=Waypoint(b"", 15008))}),
-               [], [pod.uid])  # a pod-level waypoint counts too
+    pod_wp = replace(pod, waypoint=Waypoint(b"", 15008))
+    mdp.update(replace(base, backends={**base.backends, pod.uid: pod_wp}), [], [pod.uid])  # pod-level too
     assert _sockops_ids(topology.cgroup) == [ours]
     mdp.sync(base)
     assert _sockops_ids(topology.cgroup) == []
